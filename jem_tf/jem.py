@@ -1,0 +1,502 @@
+"""The Joint Energy-based Model: any Keras classifier, trained as a classifier and as an EBM."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from jem_tf import energy as energy_lib
+from jem_tf.replay_buffer import ReplayBuffer
+from jem_tf.sgld import SGLDSampler, as_stateless_seed
+
+# Salts that make the per-step random streams independent of each other.
+_SALT_DATA_NOISE, _SALT_DRAW, _SALT_SGLD, _SALT_DRAW_COND, _SALT_SGLD_COND = 1, 2, 3, 4, 5
+# Inputs may exceed the documented value range by this fraction of its width (rounding).
+_RANGE_TOLERANCE = 1e-3
+
+
+def _static_shape_tuple(shape) -> Optional[tuple]:
+    if shape is None:
+        return None
+    shape = tuple(shape)
+    if any(d is None for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+@keras.saving.register_keras_serializable(package="jem_tf")
+class JEM(keras.Model):
+    """Joint Energy-based Model around a classifier ``backbone`` that outputs logits.
+
+    ``p(y|x) = softmax(f(x))`` and ``E(x) = -logsumexp_y f(x)[y]``. Each training step minimises::
+
+        pyx_weight * CE(f(x_data), y)
+      + px_weight  * (mean E(x_data) - mean E(x_sample))              # contrastive log p(x)
+      + pxy_weight * (mean E(x_data, y) - mean E(x_sample|y, y))       # optional log p(x|y)
+      + energy_l2_weight * (mean E(x_data)^2 + mean E(x_sample)^2)     # optional regulariser
+
+    where ``x_data`` is the batch plus Gaussian noise ``data_noise_std`` and ``x_sample`` comes from
+    SGLD (``sampler``, run with ``training=False``) started from a persistent :class:`ReplayBuffer`.
+    With ``px_weight=0`` and ``pxy_weight=0`` no sampling runs: a plain classifier, for baselines.
+
+    Images are ``[batch, height, width, channels]`` floats in ``value_range`` (default [-1, 1]);
+    labels are class ids in ``[0, num_classes)``. Learning-rate warm-up belongs to the optimizer
+    (see :class:`jem_tf.schedules.WarmupPiecewiseSchedule`).
+
+    Args:
+        backbone: A Keras model mapping images to ``[batch, num_classes]`` logits.
+        sampler: An :class:`SGLDSampler` (default: step 1.0, noise 0.01, 20 steps).
+        buffer_size: Replay-buffer chains. Default 10,000.
+        restart_prob: Probability a drawn chain restarts from uniform noise. Default 0.05.
+        class_conditional_buffer: Keep per-class buffer slots. Default: ``pxy_weight > 0``.
+        pyx_weight: Weight of the cross-entropy term. Default 1.0.
+        px_weight: Weight of the contrastive ``log p(x)`` term. Default 1.0.
+        pxy_weight: Weight of the contrastive ``log p(x|y)`` term. Default 0.0.
+        energy_l2_weight: Weight of the L2 energy regulariser. Default 0.0.
+        data_noise_std: Std of Gaussian noise added to training images. Default 0.03.
+        value_range: ``(low, high)`` of images. Default (-1.0, 1.0).
+        validate_inputs: Check image range and label ids in every step. Default True.
+        seed: Base seed of all training randomness (noise, buffer draws, SGLD). Default 0.
+        image_shape, num_classes: Needed only when the backbone has no static input/output shape.
+
+    Example:
+        >>> backbone = jem_tf.networks.small_cnn(num_classes=10, input_shape=(8, 8, 1))
+        >>> model = JEM(backbone, buffer_size=1000, seed=0)
+        >>> model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        >>> model.fit(x_train, y_train, batch_size=64, epochs=1)
+
+    Reference:
+        Grathwohl et al., "Your Classifier is Secretly an Energy Based Model and You Should Treat
+        it Like One", ICLR 2020.
+    """
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        *,
+        sampler: Optional[SGLDSampler] = None,
+        buffer_size: int = 10_000,
+        restart_prob: float = 0.05,
+        class_conditional_buffer: Optional[bool] = None,
+        pyx_weight: float = 1.0,
+        px_weight: float = 1.0,
+        pxy_weight: float = 0.0,
+        energy_l2_weight: float = 0.0,
+        data_noise_std: float = 0.03,
+        value_range: Sequence[float] = (-1.0, 1.0),
+        validate_inputs: bool = True,
+        seed: int = 0,
+        image_shape: Optional[Sequence[int]] = None,
+        num_classes: Optional[int] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(backbone, keras.Model):
+            raise ValueError(f"`backbone` must be a keras.Model returning logits; received {backbone!r}")
+        if image_shape is None:
+            image_shape = _static_shape_tuple(getattr(backbone, "input_shape", None) and backbone.input_shape[1:])
+        if num_classes is None and getattr(backbone, "output_shape", None) is not None:
+            num_classes = backbone.output_shape[-1]
+        if image_shape is None or num_classes is None:
+            raise ValueError(
+                "Could not infer `image_shape`/`num_classes` from the backbone; pass them explicitly "
+                f"(received image_shape={image_shape!r}, num_classes={num_classes!r})."
+            )
+        for name, weight in [("pyx_weight", pyx_weight), ("px_weight", px_weight),
+                             ("pxy_weight", pxy_weight), ("energy_l2_weight", energy_l2_weight),
+                             ("data_noise_std", data_noise_std)]:
+            if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0; received {name}={weight!r}")
+        if sampler is None:
+            sampler = SGLDSampler()
+        elif isinstance(sampler, dict):
+            sampler = keras.saving.deserialize_keras_object(sampler)
+        if not isinstance(sampler, SGLDSampler):
+            raise ValueError(f"`sampler` must be an SGLDSampler; received {sampler!r}")
+        value_range = tuple(float(v) for v in value_range)
+        if len(value_range) != 2 or not value_range[0] < value_range[1]:
+            raise ValueError(f"`value_range` must be (low, high) with low < high; received {value_range!r}")
+        if not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int; received seed={seed!r}")
+        if class_conditional_buffer is None:
+            class_conditional_buffer = pxy_weight > 0
+        if pxy_weight > 0 and not class_conditional_buffer:
+            raise ValueError("`pxy_weight` > 0 needs `class_conditional_buffer=True`.")
+
+        self.backbone = backbone
+        self.sampler = sampler
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.num_classes = int(num_classes)
+        self.buffer_size = buffer_size
+        self.restart_prob = float(restart_prob)
+        self.class_conditional_buffer = bool(class_conditional_buffer)
+        self.pyx_weight = float(pyx_weight)
+        self.px_weight = float(px_weight)
+        self.pxy_weight = float(pxy_weight)
+        self.energy_l2_weight = float(energy_l2_weight)
+        self.data_noise_std = float(data_noise_std)
+        self.value_range = value_range
+        self.validate_inputs = bool(validate_inputs)
+        self.seed = seed
+        self.replay_buffer = ReplayBuffer(
+            image_shape=self.image_shape,
+            size=buffer_size,
+            restart_prob=restart_prob,
+            num_classes=self.num_classes if self.class_conditional_buffer else None,
+            value_range=value_range,
+            seed=seed,
+            name="replay_buffer",
+        )
+        # Batch norm statistics must never see SGLD samples, so with batch norm the data and the
+        # samples take separate forward passes; without it one concatenated pass is cheaper.
+        self._has_batch_norm = any(
+            isinstance(layer, keras.layers.BatchNormalization) for layer in backbone._flatten_layers()
+        )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.ce_tracker = keras.metrics.Mean(name="ce")
+        self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.e_data_tracker = keras.metrics.Mean(name="e_data")
+        self.e_sample_tracker = keras.metrics.Mean(name="e_sample")
+        self.energy_gap_tracker = keras.metrics.Mean(name="energy_gap")
+        self.sgld_grad_norm_tracker = keras.metrics.Mean(name="sgld_grad_norm")
+        self._sample_fn = None
+        self.build((None,) + self.image_shape)
+
+    # ----------------------------------------------------------------------------- model API
+    @property
+    def samples_contrastive(self) -> bool:
+        """Whether training runs SGLD (a JEM) or not (a plain classifier)."""
+        return self.px_weight > 0 or self.pxy_weight > 0
+
+    @property
+    def metrics(self):
+        metrics = [self.loss_tracker, self.ce_tracker, self.accuracy_metric, self.e_data_tracker]
+        if self.samples_contrastive:
+            metrics += [self.e_sample_tracker, self.energy_gap_tracker, self.sgld_grad_norm_tracker]
+        return metrics
+
+    def build(self, input_shape):
+        if not self.backbone.built:
+            self.backbone.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, training=False):
+        """Returns the backbone's logits ``f(x)``."""
+        return self.backbone(inputs, training=training)
+
+    def _logits(self, x, training=False):
+        # Mixed-precision backbones may return float16/bfloat16 logits; the energy is float32.
+        return tf.cast(self.backbone(x, training=training), tf.float32)
+
+    def energy(self, x, training=False):
+        """``E(x) = -logsumexp_y f(x)[y]`` for images ``x``; shape ``[batch]``."""
+        return energy_lib.energy(self._logits(x, training=training))
+
+    def log_px(self, x, training=False):
+        """Unnormalised ``log p(x) = logsumexp_y f(x)[y]``; shape ``[batch]``."""
+        return energy_lib.log_px(self._logits(x, training=training))
+
+    def _sgld_energy(self, x, labels=None):
+        # The sampler sees the network in inference mode (no dropout, no BN statistic updates).
+        logits = self._logits(x, training=False)
+        if labels is None:
+            return energy_lib.energy(logits)
+        return energy_lib.conditional_energy(logits, labels)
+
+    # ----------------------------------------------------------------------------- randomness
+    def _step_seed(self, salt: int) -> tf.Tensor:
+        """A stateless seed from (base seed, replica id, optimizer step, salt): reproducible,
+        resumable (the step is saved with the optimizer) and distinct on every replica."""
+        replica_id = tf.distribute.get_replica_context()
+        replica_id = 0 if replica_id is None else replica_id.replica_id_in_sync_group
+        seed = tf.constant([self.seed, 0], tf.int64)
+        for value in (tf.cast(replica_id, tf.int64), tf.cast(self.optimizer.iterations, tf.int64), salt):
+            seed = tf.random.experimental.stateless_fold_in(seed, value)
+        return seed
+
+    # ----------------------------------------------------------------------------- validation
+    def _prepare_batch(self, x, y):
+        """Checks shapes statically and values in-graph; returns float32 images, int32 labels."""
+        x = tf.convert_to_tensor(x)
+        if x.shape.rank != len(self.image_shape) + 1:
+            raise ValueError(
+                f"Images must have shape [batch, {', '.join(map(str, self.image_shape))}] (rank "
+                f"{len(self.image_shape) + 1}); received a batch of shape {x.shape}."
+            )
+        if any(s is not None and s != e for s, e in zip(x.shape[1:], self.image_shape)):
+            raise ValueError(f"Images must have shape [batch, {self.image_shape}]; received {x.shape}.")
+        if not (x.dtype.is_floating or x.dtype.is_integer):
+            raise ValueError(f"Images must be numeric; received dtype {x.dtype.name}.")
+        x = tf.cast(x, tf.float32)
+        if y is None:
+            raise ValueError("JEM training needs labels: pass (images, labels).")
+        y = tf.convert_to_tensor(y)
+        if y.shape.rank == 2 and y.shape[-1] == 1:
+            y = tf.squeeze(y, axis=-1)
+        if y.shape.rank != 1:
+            raise ValueError(f"Labels must be class ids of shape [batch]; received shape {y.shape}.")
+        if y.dtype.is_floating:
+            if self.validate_inputs:
+                tf.debugging.assert_equal(y, tf.round(y), message="Labels must be integer class ids.")
+        elif not y.dtype.is_integer:
+            raise ValueError(f"Labels must be integer class ids; received dtype {y.dtype.name}.")
+        y = tf.cast(y, tf.int32)
+        if self.validate_inputs:
+            low, high = self.value_range
+            tol = _RANGE_TOLERANCE * (high - low)
+            x_min, x_max = tf.reduce_min(x), tf.reduce_max(x)
+            checks = [
+                tf.debugging.assert_greater_equal(
+                    x_min, low - tol, message=f"Images must lie in [{low}, {high}]; found a minimum of"),
+                tf.debugging.assert_less_equal(
+                    x_max, high + tol, message=f"Images must lie in [{low}, {high}]; found a maximum of"),
+                tf.debugging.assert_greater_equal(
+                    tf.reduce_min(y), 0, message="Labels must be in [0, num_classes); found a label"),
+                tf.debugging.assert_less(
+                    tf.reduce_max(y), self.num_classes,
+                    message=f"Labels must be in [0, num_classes={self.num_classes}); found a label"),
+            ]
+            with tf.control_dependencies([c for c in checks if c is not None]):
+                x = tf.identity(x)
+        return x, y
+
+    def check_arrays(self, x, y=None) -> None:
+        """Eagerly checks numpy images/labels, raising ``ValueError`` naming the bad value."""
+        x = np.asarray(x)
+        if x.ndim != len(self.image_shape) + 1 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"Images must have shape [N, {', '.join(map(str, self.image_shape))}]; received {x.shape}."
+            )
+        if not np.issubdtype(x.dtype, np.number):
+            raise ValueError(f"Images must be numeric; received dtype {x.dtype}.")
+        if x.size:
+            low, high = self.value_range
+            tol = _RANGE_TOLERANCE * (high - low)
+            if not np.all(np.isfinite(x)):
+                raise ValueError("Images contain NaN or infinite values.")
+            x_min, x_max = float(x.min()), float(x.max())
+            if x_min < low - tol or x_max > high + tol:
+                raise ValueError(
+                    f"Images must lie in [{low}, {high}] (scale them first); received values in "
+                    f"[{x_min:g}, {x_max:g}]."
+                )
+        if y is not None:
+            y = np.asarray(y)
+            if y.ndim == 2 and y.shape[1] == 1:
+                y = y[:, 0]
+            if y.ndim != 1 or len(y) != len(x):
+                raise ValueError(f"Labels must have shape [{len(x)}]; received {y.shape}.")
+            if y.size and (np.any(y != np.round(y)) or y.min() < 0 or y.max() >= self.num_classes):
+                bad = y[(y != np.round(y)) | (y < 0) | (y >= self.num_classes)][0]
+                raise ValueError(
+                    f"Labels must be integer class ids in [0, {self.num_classes}); received label {bad!r}."
+                )
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """``keras.Model.fit``; numpy inputs are checked first (see :meth:`check_arrays`)."""
+        if isinstance(x, np.ndarray) and self.validate_inputs:
+            self.check_arrays(x, y)
+            validation_data = kwargs.get("validation_data")
+            if isinstance(validation_data, tuple) and isinstance(validation_data[0], np.ndarray):
+                self.check_arrays(validation_data[0], validation_data[1] if len(validation_data) > 1 else None)
+        return super().fit(x, y, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------- training
+    def _forward(self, inputs, sizes):
+        """Logits of several input groups, in one pass unless the backbone has batch norm."""
+        if self._has_batch_norm:
+            return [self._logits(inputs[0], training=True)] + [
+                self._logits(x, training=False) for x in inputs[1:]
+            ]
+        logits = self._logits(tf.concat(inputs, axis=0), training=True)
+        return tf.split(logits, sizes, axis=0)
+
+    def _run_chains(self, batch_size, draw_salt, sgld_salt, labels=None):
+        draw = self.replay_buffer.draw(batch_size, self._step_seed(draw_salt), labels=labels)
+        context = () if labels is None else (labels,)
+        samples, diagnostics = self.sampler.sample(
+            self._sgld_energy, draw.x, self._step_seed(sgld_salt), context=context
+        )
+        self.replay_buffer.update(draw.indices, samples)
+        return samples, diagnostics
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y = self._prepare_batch(x, y)
+        batch_size = tf.shape(x)[0]
+        # x_data = x + sigma * N(0, I): the paper's data noise.
+        if self.data_noise_std > 0:
+            x = x + self.data_noise_std * tf.random.stateless_normal(
+                tf.shape(x), seed=self._step_seed(_SALT_DATA_NOISE))
+        inputs, sizes = [x], [batch_size]
+        grad_norms = []
+        if self.px_weight > 0:
+            x_sample, diagnostics = self._run_chains(batch_size, _SALT_DRAW, _SALT_SGLD)
+            inputs.append(x_sample)
+            sizes.append(batch_size)
+            grad_norms.append(diagnostics.grad_norm_trace)
+        if self.pxy_weight > 0:
+            x_cond, diagnostics = self._run_chains(batch_size, _SALT_DRAW_COND, _SALT_SGLD_COND, labels=y)
+            inputs.append(x_cond)
+            sizes.append(batch_size)
+            grad_norms.append(diagnostics.grad_norm_trace)
+
+        with tf.GradientTape() as tape:
+            logits = self._forward(inputs, sizes)
+            logits_data = logits[0]
+            ce_per_example = keras.losses.sparse_categorical_crossentropy(y, logits_data, from_logits=True)
+            if sample_weight is not None:
+                sample_weight = tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
+                ce = tf.reduce_sum(ce_per_example * sample_weight) / tf.maximum(
+                    tf.reduce_sum(sample_weight), 1e-12)
+            else:
+                ce = tf.reduce_mean(ce_per_example)
+            e_data = energy_lib.energy(logits_data)
+            loss = self.pyx_weight * ce
+            energies_squared = tf.reduce_mean(tf.square(e_data))
+            if self.px_weight > 0:
+                e_sample = energy_lib.energy(logits[1])
+                # -log p(x) contrastive term: push data energy down, sample energy up.
+                energy_gap = tf.reduce_mean(e_data) - tf.reduce_mean(e_sample)
+                loss += self.px_weight * energy_gap
+                energies_squared += tf.reduce_mean(tf.square(e_sample))
+            if self.pxy_weight > 0:
+                # -log p(x|y) contrastive term on the joint energy E(x, y) = -f(x)[y].
+                e_cond_data = energy_lib.conditional_energy(logits_data, y)
+                e_cond_sample = energy_lib.conditional_energy(logits[-1], y)
+                loss += self.pxy_weight * (tf.reduce_mean(e_cond_data) - tf.reduce_mean(e_cond_sample))
+            if self.energy_l2_weight > 0:
+                loss += self.energy_l2_weight * energies_squared
+            if self.backbone.losses:
+                loss += tf.add_n([tf.cast(l, tf.float32) for l in self.backbone.losses])
+            # Gradients are summed over replicas, so each replica's loss is divided by their number,
+            # exactly as Keras scales its own losses for the global batch.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply(gradients, variables)
+
+        self.loss_tracker.update_state(loss)
+        self.ce_tracker.update_state(ce)
+        self.accuracy_metric.update_state(y, logits_data, sample_weight=sample_weight)
+        self.e_data_tracker.update_state(e_data)
+        if self.px_weight > 0:
+            self.e_sample_tracker.update_state(e_sample)
+            self.energy_gap_tracker.update_state(energy_gap)
+        if grad_norms:
+            self.sgld_grad_norm_tracker.update_state(tf.concat(grad_norms, axis=0))
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        """Cross-entropy, accuracy and mean energy of clean (noise-free) data."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y = self._prepare_batch(x, y)
+        logits = self._logits(x, training=False)
+        ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        self.loss_tracker.update_state(ce, sample_weight=sample_weight)
+        self.ce_tracker.update_state(ce, sample_weight=sample_weight)
+        self.accuracy_metric.update_state(y, logits, sample_weight=sample_weight)
+        self.e_data_tracker.update_state(energy_lib.energy(logits))
+        return {m.name: m.result() for m in (self.loss_tracker, self.ce_tracker, self.accuracy_metric,
+                                             self.e_data_tracker)}
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self._logits(x, training=False)
+
+    # ----------------------------------------------------------------------------- sampling
+    def sample(self, num_samples: int, *, seed: int = 0, n_steps: Optional[int] = None,
+               labels=None, init: str = "uniform", step_size: Optional[float] = None,
+               noise_std: Optional[float] = None) -> np.ndarray:
+        """Draws samples with SGLD, unconditionally or from ``p(x|y)`` when ``labels`` is given.
+
+        Args:
+            num_samples: Number of samples.
+            seed: Seed; the same seed gives the same samples.
+            n_steps: SGLD steps (default: the sampler's).
+            labels: Optional int class ids ``[num_samples]`` for conditional sampling.
+            init: ``"uniform"`` (fresh noise on ``value_range``) or ``"buffer"`` (replay-buffer
+                chains; does not modify the buffer).
+            step_size, noise_std: Optional overrides of the sampler's settings.
+
+        Returns:
+            A numpy array ``[num_samples, *image_shape]``.
+        """
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise ValueError(f"`num_samples` must be an int >= 1; received {num_samples!r}")
+        if init not in ("uniform", "buffer"):
+            raise ValueError(f"`init` must be 'uniform' or 'buffer'; received {init!r}")
+        if n_steps is not None and not (isinstance(n_steps, int) and n_steps >= 0):
+            raise ValueError(f"`n_steps` must be an int >= 0; received {n_steps!r}")
+        seed = as_stateless_seed(seed)
+        if init == "buffer":
+            draw_labels = None
+            if labels is not None and self.class_conditional_buffer:
+                draw_labels = tf.constant(labels, tf.int32)
+            x = self.replay_buffer.draw(num_samples, seed, labels=draw_labels).x
+            # Restarts are not wanted when showing the buffer itself.
+            if n_steps == 0:
+                indices = tf.random.stateless_uniform(
+                    [num_samples], seed=seed, minval=0, maxval=self.buffer_size, dtype=tf.int32)
+                return tf.gather(self.replay_buffer.samples.value, indices).numpy()
+        else:
+            low, high = self.value_range
+            x = tf.random.stateless_uniform([num_samples, *self.image_shape], seed=seed, minval=low, maxval=high)
+        if n_steps == 0:
+            return x.numpy()
+        context = ()
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (num_samples,) or labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(
+                    f"`labels` must be {num_samples} class ids in [0, {self.num_classes}); received {labels!r}")
+            context = (tf.constant(labels, tf.int32),)
+        if self._sample_fn is None:
+            self._sample_fn = tf.function(
+                lambda x, seed, n_steps, step_size, noise_std, *context: self.sampler.sample(
+                    self._sgld_energy, x, seed, context=context, n_steps=n_steps,
+                    step_size=step_size, noise_std=noise_std)[0],
+                reduce_retracing=True,
+            )
+        sgld_seed = tf.random.experimental.stateless_fold_in(seed, _SALT_SGLD)
+        n_steps = self.sampler.n_steps if n_steps is None else n_steps
+        step_size = self.sampler.step_size if step_size is None else step_size
+        noise_std = self.sampler.noise_std if noise_std is None else noise_std
+        return self._sample_fn(x, sgld_seed, tf.constant(n_steps, tf.int32), tf.constant(step_size, tf.float32),
+                               tf.constant(noise_std, tf.float32), *context).numpy()
+
+    # ----------------------------------------------------------------------------- config
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "backbone": keras.saving.serialize_keras_object(self.backbone),
+                "sampler": keras.saving.serialize_keras_object(self.sampler),
+                "buffer_size": self.buffer_size,
+                "restart_prob": self.restart_prob,
+                "class_conditional_buffer": self.class_conditional_buffer,
+                "pyx_weight": self.pyx_weight,
+                "px_weight": self.px_weight,
+                "pxy_weight": self.pxy_weight,
+                "energy_l2_weight": self.energy_l2_weight,
+                "data_noise_std": self.data_noise_std,
+                "value_range": list(self.value_range),
+                "validate_inputs": self.validate_inputs,
+                "seed": self.seed,
+                "image_shape": list(self.image_shape),
+                "num_classes": self.num_classes,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"], custom_objects=custom_objects)
+        config["sampler"] = keras.saving.deserialize_keras_object(config["sampler"], custom_objects=custom_objects)
+        return cls(**config)

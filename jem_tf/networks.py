@@ -1,0 +1,206 @@
+"""Backbones that output logits: the paper's Wide-ResNet and a small CNN for CPUs.
+
+Both are factories returning functional ``keras.Model`` s (serializable without custom
+classes). Keyword arguments only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import keras
+
+NORMALIZATIONS = ("none", "batch", "layer")
+
+
+def torch_default_initializer(seed: Optional[int] = None) -> keras.initializers.Initializer:
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: PyTorch's default conv/linear weight init, which
+    the JEM reference code trains with (Keras's default is Glorot uniform)."""
+    return keras.initializers.VarianceScaling(
+        scale=1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed
+    )
+
+
+def _check_common(num_classes, input_shape):
+    if not (isinstance(num_classes, int) and num_classes >= 2):
+        raise ValueError(f"`num_classes` must be an int >= 2; received num_classes={num_classes!r}")
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or any(not isinstance(d, int) or d < 1 for d in input_shape):
+        raise ValueError(
+            f"`input_shape` must be (height, width, channels) positive ints; received {input_shape!r}"
+        )
+    return input_shape
+
+
+def _normalization(kind: str, name: str):
+    if kind == "batch":
+        return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+    if kind == "layer":
+        return keras.layers.LayerNormalization(axis=(-3, -2, -1), epsilon=1e-5, name=name)
+    return keras.layers.Identity(name=name)
+
+
+def wide_resnet(
+    *,
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (32, 32, 3),
+    depth: int = 28,
+    width: int = 10,
+    normalization: str = "none",
+    dropout: float = 0.0,
+    leaky_relu_slope: float = 0.2,
+    seed: Optional[int] = None,
+    name: Optional[str] = None,
+) -> keras.Model:
+    """Pre-activation Wide-ResNet-``depth``-``width`` as in the JEM reference code.
+
+    Depth ``6n + 4``; three groups of ``n`` blocks with ``16k, 32k, 64k`` channels (``k`` =
+    width) and strides 1, 2, 2; leaky-ReLU everywhere; convolutions with biases; global average
+    pooling; a linear head to ``num_classes`` logits. The paper trains it without normalisation
+    (batch norm hurts sampling).
+
+    Args:
+        num_classes: Number of logits. Default 10.
+        input_shape: ``(height, width, channels)``. Default (32, 32, 3).
+        depth: ``6n + 4``: 10, 16, 22, 28, ... Default 28.
+        width: Widening factor ``k``. Default 10.
+        normalization: ``"none"`` (default), ``"batch"`` or ``"layer"``.
+        dropout: Dropout rate inside each block. Default 0.0.
+        leaky_relu_slope: Negative slope of the leaky ReLU. Default 0.2.
+        seed: Seed of the weight initialisation. Default ``None``.
+        name: Model name. Default ``"wrn_{depth}_{width}"``.
+
+    Example:
+        >>> net = wide_resnet(depth=10, width=1)   # WRN-10-1, 78k parameters
+        >>> net(keras.ops.ones((2, 32, 32, 3))).shape
+        TensorShape([2, 10])
+
+    Reference:
+        Zagoruyko & Komodakis, "Wide Residual Networks", 2016; Grathwohl et al., ICLR 2020.
+    """
+    input_shape = _check_common(num_classes, input_shape)
+    if not (isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0):
+        raise ValueError(f"`depth` must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...); received depth={depth!r}")
+    if not (isinstance(width, int) and width >= 1):
+        raise ValueError(f"`width` must be an int >= 1; received width={width!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}; received {normalization!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1); received dropout={dropout!r}")
+    blocks_per_group = (depth - 4) // 6
+    init_seed = iter(range(10**6)) if seed is None else iter(range(seed, seed + 10**6))
+
+    def conv(filters, kernel, strides, name):
+        return keras.layers.Conv2D(
+            filters, kernel, strides=strides, padding="same", use_bias=True,
+            kernel_initializer=torch_default_initializer(None if seed is None else next(init_seed)),
+            name=name,
+        )
+
+    def act(name):
+        return keras.layers.LeakyReLU(negative_slope=leaky_relu_slope, name=name)
+
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = conv(16, 3, 1, "stem_conv")(inputs)
+    in_filters = 16
+    for group, (filters, stride) in enumerate(zip((16 * width, 32 * width, 64 * width), (1, 2, 2))):
+        for block in range(blocks_per_group):
+            prefix = f"group{group}_block{block}"
+            block_stride = stride if block == 0 else 1
+            # Pre-activation block: norm -> act -> conv -> dropout -> norm -> act -> conv(stride).
+            h = act(f"{prefix}_act1")(_normalization(normalization, f"{prefix}_norm1")(x))
+            h = conv(filters, 3, 1, f"{prefix}_conv1")(h)
+            if dropout > 0:
+                h = keras.layers.Dropout(dropout, name=f"{prefix}_dropout")(h)
+            h = act(f"{prefix}_act2")(_normalization(normalization, f"{prefix}_norm2")(h))
+            h = conv(filters, 3, block_stride, f"{prefix}_conv2")(h)
+            shortcut = x
+            if block_stride != 1 or in_filters != filters:
+                shortcut = conv(filters, 1, block_stride, f"{prefix}_shortcut")(x)
+            x = keras.layers.Add(name=f"{prefix}_add")([h, shortcut])
+            in_filters = filters
+    x = act("head_act")(_normalization(normalization, "head_norm")(x))
+    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    logits = keras.layers.Dense(
+        num_classes, kernel_initializer=torch_default_initializer(seed), name="logits"
+    )(x)
+    return keras.Model(inputs, logits, name=name or f"wrn_{depth}_{width}")
+
+
+def small_cnn(
+    *,
+    num_classes: int = 10,
+    input_shape: Sequence[int] = (8, 8, 1),
+    width: int = 32,
+    stages: int = 2,
+    leaky_relu_slope: float = 0.2,
+    dropout: float = 0.0,
+    seed: Optional[int] = None,
+    name: str = "small_cnn",
+) -> keras.Model:
+    """A small, fast convolutional classifier for CPUs (no normalisation, leaky ReLU).
+
+    A 3x3 stem conv with ``width`` channels, then ``stages`` stages of (3x3 stride-2 conv,
+    3x3 conv) doubling the channels, global average pooling and a linear head.
+
+    Args:
+        num_classes: Number of logits. Default 10.
+        input_shape: ``(height, width, channels)``. Default (8, 8, 1) (scikit-learn digits).
+        width: Channels of the stem. Default 32.
+        stages: Number of downsampling stages. Default 2.
+        leaky_relu_slope: Negative slope of the leaky ReLU. Default 0.2.
+        dropout: Dropout rate before the head. Default 0.0.
+        seed: Seed of the weight initialisation. Default ``None``.
+        name: Model name.
+
+    Example:
+        >>> net = small_cnn(num_classes=10, input_shape=(8, 8, 1))
+        >>> net(keras.ops.ones((2, 8, 8, 1))).shape
+        TensorShape([2, 10])
+    """
+    input_shape = _check_common(num_classes, input_shape)
+    if not (isinstance(width, int) and width >= 1):
+        raise ValueError(f"`width` must be an int >= 1; received width={width!r}")
+    if not (isinstance(stages, int) and stages >= 0):
+        raise ValueError(f"`stages` must be an int >= 0; received stages={stages!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1); received dropout={dropout!r}")
+    seeds = iter(range(10**6)) if seed is None else iter(range(seed, seed + 10**6))
+
+    def conv_act(x, filters, strides, name):
+        x = keras.layers.Conv2D(
+            filters, 3, strides=strides, padding="same",
+            kernel_initializer=torch_default_initializer(None if seed is None else next(seeds)),
+            name=f"{name}_conv",
+        )(x)
+        return keras.layers.LeakyReLU(negative_slope=leaky_relu_slope, name=f"{name}_act")(x)
+
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = conv_act(inputs, width, 1, "stem")
+    for stage in range(stages):
+        filters = width * 2 ** (stage + 1)
+        x = conv_act(x, filters, 2, f"stage{stage}_down")
+        x = conv_act(x, filters, 1, f"stage{stage}_mix")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    logits = keras.layers.Dense(
+        num_classes, kernel_initializer=torch_default_initializer(None if seed is None else next(seeds)),
+        name="logits",
+    )(x)
+    return keras.Model(inputs, logits, name=name)
+
+
+def build_backbone(name: str, **kwargs) -> keras.Model:
+    """Builds a backbone by name: ``"small_cnn"``, ``"wrn"`` or ``"wrn-DEPTH-WIDTH"``."""
+    if name == "small_cnn":
+        return small_cnn(**kwargs)
+    if name == "wrn":
+        return wide_resnet(**kwargs)
+    if name.startswith("wrn-"):
+        parts = name.split("-")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            return wide_resnet(depth=int(parts[1]), width=int(parts[2]), **kwargs)
+    raise ValueError(
+        f"Unknown backbone {name!r}; expected 'small_cnn', 'wrn' or 'wrn-DEPTH-WIDTH' (e.g. 'wrn-28-10')."
+    )

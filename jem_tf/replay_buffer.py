@@ -1,0 +1,155 @@
+"""Persistent replay buffer of SGLD chains (persistent contrastive divergence)."""
+
+from __future__ import annotations
+
+import collections
+from typing import Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+BufferDraw = collections.namedtuple("BufferDraw", ["x", "indices", "restarted"])
+BufferDraw.__doc__ = """Chains drawn from a replay buffer: starting points ``x`` [batch, ...], the
+slot ``indices`` [batch] to write them back to, and the boolean ``restarted`` [batch] mask of
+chains restarted from uniform noise."""
+
+
+@keras.saving.register_keras_serializable(package="jem_tf")
+class ReplayBuffer(keras.layers.Layer):
+    """A non-trainable buffer of SGLD chain states, saved and restored with the model.
+
+    Each training step draws ``batch`` slots at random, restarts each drawn chain from uniform
+    noise on ``value_range`` with probability ``restart_prob``, runs SGLD on them and writes
+    the result back to the same slots with :meth:`update` (an in-place scatter; the buffer is
+    never copied as a whole).
+
+    With ``num_classes`` set the buffer is split into ``num_classes`` contiguous slots of
+    ``size // num_classes`` chains, one per class, for class-conditional sampling ``p(x|y)``;
+    unconditional draws then take chains from the whole buffer.
+
+    Args:
+        image_shape: Shape of one sample, e.g. ``(32, 32, 3)``.
+        size: Number of chains. Default 10,000.
+        restart_prob: Probability that a drawn chain restarts from noise. Default 0.05.
+        num_classes: If set, keep per-class slots (see above). Default ``None``.
+        value_range: ``(low, high)`` of the uniform initialisation and restarts. Default (-1, 1).
+        seed: Seed of the initial uniform fill. Default ``None`` (random).
+
+    Example:
+        >>> buffer = ReplayBuffer(image_shape=(8, 8, 1), size=100, seed=0)
+        >>> draw = buffer.draw(16, seed=[1, 2])
+        >>> buffer.update(draw.indices, draw.x * 0.5)
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        size: int = 10_000,
+        restart_prob: float = 0.05,
+        num_classes: Optional[int] = None,
+        value_range: Sequence[float] = (-1.0, 1.0),
+        seed: Optional[int] = None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")  # The chains stay float32 under mixed precision.
+        super().__init__(**kwargs)
+        image_shape = tuple(int(d) for d in image_shape)
+        if not image_shape or any(d < 1 for d in image_shape):
+            raise ValueError(f"`image_shape` must be positive dimensions; received {image_shape!r}")
+        if not (isinstance(size, int) and size >= 1):
+            raise ValueError(f"`size` must be an int >= 1; received size={size!r}")
+        if not 0.0 <= restart_prob <= 1.0:
+            raise ValueError(f"`restart_prob` must be in [0, 1]; received restart_prob={restart_prob!r}")
+        if num_classes is not None and not (isinstance(num_classes, int) and 1 <= num_classes <= size):
+            raise ValueError(
+                f"`num_classes` must be None or an int in [1, size={size}]; received {num_classes!r}"
+            )
+        value_range = tuple(float(v) for v in value_range)
+        if len(value_range) != 2 or not value_range[0] < value_range[1]:
+            raise ValueError(f"`value_range` must be (low, high) with low < high; received {value_range!r}")
+        self.image_shape = image_shape
+        self.size = size
+        self.restart_prob = float(restart_prob)
+        self.num_classes = num_classes
+        self.value_range = value_range
+        self.seed = seed
+        self.samples = self.add_weight(
+            name="samples",
+            shape=(size,) + image_shape,
+            initializer=keras.initializers.RandomUniform(value_range[0], value_range[1], seed=seed),
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+        )
+        self.built = True
+
+    @property
+    def slots_per_class(self) -> Optional[int]:
+        """Chains per class when the buffer is class-conditional, else ``None``."""
+        return None if self.num_classes is None else self.size // self.num_classes
+
+    def _uniform_noise(self, shape, seed):
+        low, high = self.value_range
+        return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
+
+    def draw(self, batch_size, seed, labels: Optional[tf.Tensor] = None) -> BufferDraw:
+        """Draws ``batch_size`` chains (with replacement) and applies random restarts.
+
+        Args:
+            batch_size: Number of chains (int or scalar tensor).
+            seed: Shape-[2] integer seed for the stateless RNG.
+            labels: Optional int tensor ``[batch]``: draw chain ``i`` from class ``labels[i]``'s
+                slots (needs ``num_classes``).
+
+        Returns:
+            A :class:`BufferDraw`.
+        """
+        seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+        index_seed, restart_seed, noise_seed = [
+            tf.random.experimental.stateless_fold_in(seed, salt) for salt in (11, 12, 13)
+        ]
+        if labels is None:
+            indices = tf.random.stateless_uniform(
+                [batch_size], seed=index_seed, minval=0, maxval=self.size, dtype=tf.int32
+            )
+        else:
+            if self.num_classes is None:
+                raise ValueError("Class-conditional draws need a ReplayBuffer built with `num_classes`.")
+            slot = self.slots_per_class
+            offsets = tf.random.stateless_uniform(
+                [batch_size], seed=index_seed, minval=0, maxval=slot, dtype=tf.int32
+            )
+            indices = tf.cast(labels, tf.int32) * slot + offsets
+        x = tf.gather(self.samples.value, indices)
+        restarted = tf.random.stateless_uniform([batch_size], seed=restart_seed) < self.restart_prob
+        noise = self._uniform_noise(tf.shape(x), noise_seed)
+        mask = tf.reshape(restarted, [-1] + [1] * len(self.image_shape))
+        x = tf.where(mask, noise, x)
+        return BufferDraw(x=x, indices=indices, restarted=restarted)
+
+    def update(self, indices: tf.Tensor, samples: tf.Tensor) -> None:
+        """Writes ``samples`` back to the slots ``indices`` in place (a scatter update)."""
+        samples = tf.cast(samples, tf.float32)
+        self.samples.value.scatter_update(tf.IndexedSlices(samples, tf.cast(indices, tf.int32)))
+
+    def reset(self, seed) -> None:
+        """Refills the whole buffer with uniform noise (e.g. after divergence)."""
+        seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+        self.samples.assign(self._uniform_noise(tf.shape(self.samples.value), seed))
+
+    def call(self, inputs=None):
+        raise NotImplementedError("ReplayBuffer is not called; use `draw` and `update`.")
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "image_shape": list(self.image_shape),
+                "size": self.size,
+                "restart_prob": self.restart_prob,
+                "num_classes": self.num_classes,
+                "value_range": list(self.value_range),
+                "seed": self.seed,
+            }
+        )
+        return config
