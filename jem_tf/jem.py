@@ -290,7 +290,7 @@ class JEM(keras.Model):
             if y.ndim != 1 or len(y) != len(x):
                 raise ValueError(f"Labels must have shape [{len(x)}]; received {y.shape}.")
             if y.size and (np.any(y != np.round(y)) or y.min() < 0 or y.max() >= self.num_classes):
-                bad = y[(y != np.round(y)) | (y < 0) | (y >= self.num_classes)][0]
+                bad = y[(y != np.round(y)) | (y < 0) | (y >= self.num_classes)][0].item()
                 raise ValueError(
                     f"Labels must be integer class ids in [0, {self.num_classes}); received label {bad!r}."
                 )

@@ -53,7 +53,9 @@ class SGLDSampler:
         clamp_range: If set, a ``(low, high)`` pair: clamp ``x`` to it after every step
             (the proximal variant of JEM++). Default ``None``.
         jit_compile: Compile the sampling loop alone with XLA. Default ``False``: on CPU
-            XLA made the JEM step slower (see ``bench/``).
+            XLA made the JEM step slower. XLA's random kernels differ from TensorFlow's, so a
+            compiled sampler draws different (equally valid) noise for a seed; each is
+            deterministic per seed.
 
     Example:
         >>> sampler = SGLDSampler(step_size=0.005, noise_std=0.1, n_steps=100)
@@ -114,7 +116,7 @@ class SGLDSampler:
             # Per-chain L2 clipping: grad * min(1, clip / ||grad||).
             scale = tf.minimum(1.0, self.grad_clip / tf.maximum(grad_norm, 1e-12))
             grad = grad * tf.reshape(scale, [-1] + [1] * len(reduce_axes))
-        noise = tf.random.stateless_normal(tf.shape(x), seed=seed, dtype=x.dtype)
+        noise = tf.random.stateless_normal(tf.shape(x), seed=seed, dtype=x.dtype, alg="philox")
         new_x = x - tf.cast(step_size, x.dtype) * grad + tf.cast(noise_std, x.dtype) * noise
         if self.clamp_range is not None:
             new_x = tf.clip_by_value(new_x, self.clamp_range[0], self.clamp_range[1])

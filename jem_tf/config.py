@@ -1,0 +1,176 @@
+"""Training configuration: one dataclass of defaults, recipes (JSON files in ``trainers/``) that
+override some fields, and command-line overrides of any field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from typing import List, Optional
+
+from jem_tf.data import AUGMENTATIONS, DATASETS
+from jem_tf.networks import NORMALIZATIONS
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run. Recipes and command-line flags override these defaults.
+
+    The defaults are the paper's JEM settings where they apply (SGLD step 1.0, noise 0.01,
+    20 steps, buffer 10,000, restarts 0.05, data noise 0.03, Adam, warm-up, batch 64).
+    """
+
+    description: str = ""
+    # Data.
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    download: bool = False
+    validation_fraction: float = 0.1
+    augment: str = "none"
+    # Backbone: "small_cnn", or "wrn-DEPTH-WIDTH" (e.g. "wrn-28-10").
+    backbone: str = "small_cnn"
+    width: int = 32  # small_cnn only: channels of the stem.
+    normalization: str = "none"  # wrn only: none | batch | layer.
+    dropout: float = 0.0
+    # Optimisation. `batch_size` is the global batch (split over replicas under a strategy).
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    decay_epochs: List[int] = dataclasses.field(default_factory=list)
+    decay_rate: float = 0.3
+    # JEM objective.
+    pyx_weight: float = 1.0
+    px_weight: float = 1.0
+    pxy_weight: float = 0.0
+    energy_l2_weight: float = 0.0
+    data_noise_std: float = 0.03
+    # SGLD and replay buffer.
+    sgld_steps: int = 20
+    sgld_step_size: float = 1.0
+    sgld_noise_std: float = 0.01
+    sgld_grad_clip: Optional[float] = None
+    sgld_clamp: bool = False
+    sgld_jit_compile: bool = False
+    buffer_size: int = 10_000
+    restart_prob: float = 0.05
+    # Run.
+    seed: int = 0
+    strategy: str = "default"
+    sample_every_epochs: int = 5
+    num_sample_images: int = 64
+    checkpoints_to_keep: int = 3
+
+    def validate(self) -> "TrainConfig":
+        """Raises ``ValueError`` naming the first bad field; returns ``self``."""
+
+        def fail(field, expected):
+            raise ValueError(f"{field} must be {expected}; received {getattr(self, field)!r}")
+
+        choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "normalization": NORMALIZATIONS,
+                   "optimizer": OPTIMIZERS, "strategy": STRATEGIES}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                fail(field, f"one of {', '.join(allowed)}")
+        if not (self.backbone == "small_cnn" or _is_wrn_name(self.backbone)):
+            fail("backbone", "'small_cnn' or 'wrn-DEPTH-WIDTH' with DEPTH = 6n+4 (e.g. wrn-28-10)")
+        for field in ("epochs", "batch_size", "width", "sgld_steps", "buffer_size", "num_sample_images",
+                      "checkpoints_to_keep", "sample_every_epochs"):
+            if getattr(self, field) < 1:
+                fail(field, "an integer >= 1")
+        for field in ("warmup_steps",):
+            if getattr(self, field) < 0:
+                fail(field, "an integer >= 0")
+        for field in ("learning_rate", "sgld_step_size", "decay_rate"):
+            if not getattr(self, field) > 0:
+                fail(field, "a number > 0")
+        for field in ("weight_decay", "pyx_weight", "px_weight", "pxy_weight", "energy_l2_weight",
+                      "data_noise_std", "sgld_noise_std"):
+            if not getattr(self, field) >= 0:
+                fail(field, "a number >= 0")
+        for field in ("dropout", "restart_prob"):
+            if not 0.0 <= getattr(self, field) <= 1.0 or (field == "dropout" and self.dropout == 1.0):
+                fail(field, "in [0, 1)" if field == "dropout" else "in [0, 1]")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            fail("validation_fraction", "in [0, 1)")
+        if self.sgld_grad_clip is not None and not self.sgld_grad_clip > 0:
+            fail("sgld_grad_clip", "a number > 0 or none")
+        if any(e < 1 for e in self.decay_epochs) or self.decay_epochs != sorted(self.decay_epochs):
+            fail("decay_epochs", "increasing epochs >= 1")
+        if self.pxy_weight > 0 and self.buffer_size < 10:
+            fail("buffer_size", "at least the number of classes when pxy_weight > 0")
+        return self
+
+    def replace(self, **overrides) -> "TrainConfig":
+        """A copy with ``overrides`` applied (unknown names raise ``ValueError``)."""
+        unknown = sorted(set(overrides) - set(field_names()))
+        if unknown:
+            raise ValueError(f"Unknown config field(s) {unknown}; known fields: {', '.join(field_names())}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_wrn_name(name: str) -> bool:
+    parts = name.split("-")
+    return (len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit()
+            and int(parts[1]) >= 10 and (int(parts[1]) - 4) % 6 == 0 and int(parts[2]) >= 1)
+
+
+def field_names() -> List[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def field_types() -> dict:
+    """Field name -> resolved type annotation."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def recipes_dir() -> str:
+    """The directory of the bundled recipes (the ``trainers`` package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("trainers")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("The `trainers` recipe package is not installed; pass --recipe as a path to a JSON file.")
+    return list(spec.submodule_search_locations)[0]
+
+
+def available_recipes() -> List[str]:
+    try:
+        return sorted(f[:-5] for f in os.listdir(recipes_dir()) if f.endswith(".json"))
+    except ValueError:
+        return []
+
+
+def load_recipe(name_or_path: str) -> TrainConfig:
+    """Loads a recipe by name (``trainers/NAME.json``) or from a JSON file path.
+
+    A recipe is a JSON object of ``TrainConfig`` fields; unknown fields are an error.
+    """
+    if name_or_path.endswith(".json") or os.sep in name_or_path:
+        path = name_or_path
+        if not os.path.isfile(path):
+            raise ValueError(f"Recipe file {path!r} does not exist.")
+    else:
+        if name_or_path not in available_recipes():
+            raise ValueError(
+                f"Unknown recipe {name_or_path!r}; bundled recipes: {', '.join(available_recipes())} "
+                "(or pass a path to a JSON file)."
+            )
+        path = os.path.join(recipes_dir(), name_or_path + ".json")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Recipe {path!r} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"Recipe {path!r} must be a JSON object of config fields.")
+    return TrainConfig().replace(**values).validate()

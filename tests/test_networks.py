@@ -1,0 +1,54 @@
+import keras
+import numpy as np
+import pytest
+
+from jem_tf import build_backbone, small_cnn, wide_resnet
+
+
+@pytest.mark.parametrize("depth, width, params", [(10, 1, 77_706), (28, 2, 1_466_026)])
+def test_wide_resnet_matches_the_papers_parameter_counts(depth, width, params):
+    # WRN-10-1 78k and WRN-28-2 1.47M parameters, as the JEM reference's network.
+    net = wide_resnet(depth=depth, width=width, num_classes=10, input_shape=(32, 32, 3))
+    assert net.count_params() == params
+    assert net(np.zeros((2, 32, 32, 3), "float32")).shape == (2, 10)
+
+
+def test_wide_resnet_is_pre_activation_leaky_relu_without_normalisation():
+    net = wide_resnet(depth=10, width=1, input_shape=(16, 16, 3))
+    layers = net.layers
+    assert not any(isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization))
+                   for layer in layers)
+    slopes = {layer.negative_slope for layer in layers if isinstance(layer, keras.layers.LeakyReLU)}
+    assert slopes == {0.2}
+    assert all(layer.use_bias for layer in layers if isinstance(layer, keras.layers.Conv2D))
+
+
+@pytest.mark.parametrize("normalization, layer_type", [("batch", keras.layers.BatchNormalization),
+                                                       ("layer", keras.layers.LayerNormalization)])
+def test_wide_resnet_normalisation_options(normalization, layer_type):
+    net = wide_resnet(depth=10, width=1, input_shape=(8, 8, 3), normalization=normalization, dropout=0.1)
+    assert sum(isinstance(layer, layer_type) for layer in net.layers) == 7  # 2 per block + head
+    assert any(isinstance(layer, keras.layers.Dropout) for layer in net.layers)
+
+
+def test_seeded_init_is_reproducible():
+    a = small_cnn(num_classes=10, input_shape=(8, 8, 1), seed=3).get_weights()
+    b = small_cnn(num_classes=10, input_shape=(8, 8, 1), seed=3).get_weights()
+    for wa, wb in zip(a, b):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_build_backbone_by_name():
+    assert build_backbone("wrn-10-1", input_shape=(8, 8, 3)).count_params() == 77_706
+    assert build_backbone("small_cnn", input_shape=(8, 8, 1), width=4)(np.zeros((1, 8, 8, 1))).shape == (1, 10)
+    with pytest.raises(ValueError, match="wrn-28"):
+        build_backbone("resnet50")
+
+
+@pytest.mark.parametrize("kwargs, match", [({"depth": 11}, "depth"), ({"width": 0}, "width"),
+                                           ({"normalization": "group"}, "normalization"),
+                                           ({"input_shape": (32, 32)}, "input_shape"),
+                                           ({"num_classes": 1}, "num_classes")])
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        wide_resnet(**kwargs)

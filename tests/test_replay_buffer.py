@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+
+from jem_tf import ReplayBuffer
+
+
+def test_initialised_uniform_in_value_range():
+    buffer = ReplayBuffer(image_shape=(4, 4, 1), size=500, seed=0)
+    values = buffer.samples.numpy()
+    assert values.shape == (500, 4, 4, 1) and values.dtype == np.float32
+    assert values.min() >= -1 and values.max() <= 1
+    assert abs(values.mean()) < 0.02 and abs(values.std() - 2 / np.sqrt(12)) < 0.01
+    assert not buffer.trainable_weights and len(buffer.non_trainable_weights) == 1
+
+
+def test_restart_frequency_is_restart_prob():
+    buffer = ReplayBuffer(image_shape=(2,), size=1000, restart_prob=0.05, seed=0)
+    buffer.samples.assign(tf.fill([1000, 2], 5.0))  # outside [-1, 1], so restarts are visible
+    restarted = 0
+    draws = 200
+    for i in range(draws):
+        draw = buffer.draw(100, seed=[i, 1])
+        fresh = np.all(np.abs(draw.x.numpy()) <= 1, axis=1)
+        np.testing.assert_array_equal(fresh, draw.restarted.numpy())
+        restarted += int(fresh.sum())
+    # 20,000 Bernoulli(0.05) draws: a two-sided binomial test must not reject at 1e-3.
+    assert stats.binomtest(restarted, draws * 100, 0.05).pvalue > 1e-3
+    assert 0.04 < restarted / (draws * 100) < 0.06
+
+
+def test_update_changes_only_drawn_slots_in_place():
+    buffer = ReplayBuffer(image_shape=(3, 3, 1), size=50, seed=1)
+    before = buffer.samples.numpy().copy()
+    variable = buffer.samples.value
+    draw = buffer.draw(8, seed=[3, 4])
+    buffer.update(draw.indices, tf.fill([8, 3, 3, 1], 0.5))
+    after = buffer.samples.numpy()
+    drawn = np.unique(draw.indices.numpy())
+    untouched = np.setdiff1d(np.arange(50), drawn)
+    np.testing.assert_array_equal(after[untouched], before[untouched])
+    np.testing.assert_array_equal(after[drawn], 0.5)
+    assert buffer.samples.value is variable  # same variable: updated in place, not replaced
+
+
+def test_draw_is_deterministic_per_seed():
+    buffer = ReplayBuffer(image_shape=(2,), size=100, seed=0)
+    a, b = buffer.draw(10, seed=[1, 2]), buffer.draw(10, seed=[1, 2])
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert not np.array_equal(buffer.draw(10, seed=[1, 3]).indices, a.indices)
+
+
+def test_class_conditional_slots():
+    buffer = ReplayBuffer(image_shape=(2,), size=100, num_classes=4, seed=0)
+    assert buffer.slots_per_class == 25
+    labels = tf.constant([0, 1, 2, 3] * 50)
+    draw = buffer.draw(200, seed=[0, 0], labels=labels)
+    np.testing.assert_array_equal(draw.indices.numpy() // 25, labels.numpy())
+    with pytest.raises(ValueError, match="num_classes"):
+        ReplayBuffer(image_shape=(2,), size=10).draw(2, seed=[0, 0], labels=tf.constant([0, 1]))
+
+
+def test_reset_refills_with_noise():
+    buffer = ReplayBuffer(image_shape=(2,), size=100, seed=0)
+    buffer.samples.assign(tf.fill([100, 2], 5.0))
+    buffer.reset(seed=[0, 9])
+    assert np.abs(buffer.samples.numpy()).max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"size": 0}, "size"), ({"restart_prob": 1.5}, "restart_prob"), ({"num_classes": 0}, "num_classes"),
+     ({"value_range": (1, -1)}, "value_range"), ({"image_shape": (0, 2)}, "image_shape")],
+)
+def test_bad_arguments_raise(kwargs, match):
+    args = {"image_shape": (2,), "size": 10}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ReplayBuffer(**args)

@@ -1,0 +1,5 @@
+"""Training recipes for ``python -m jem_tf.train --recipe NAME``.
+
+Each ``NAME.json`` is a JSON object of :class:`jem_tf.config.TrainConfig` fields that override
+the defaults; any field can be overridden again on the command line.
+"""
