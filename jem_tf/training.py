@@ -133,8 +133,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
                            seed=config.seed),
     ]
     start = time.time()
+    # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to datasets.
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                        verbose=verbose)
+                        verbose=verbose, shuffle=False)
     train_seconds = time.time() - start
     model.save(os.path.join(workdir, MODEL_FILE))
 

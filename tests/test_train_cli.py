@@ -1,0 +1,97 @@
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from jem_tf import JEM
+from jem_tf import config as config_lib
+from jem_tf import train
+
+TINY = ["--epochs", "1", "--buffer-size", "100", "--sgld-steps", "2", "--width", "4", "--batch-size", "128",
+        "--num-sample-images", "16", "--verbose", "0"]
+
+
+def test_cli_trains_one_tiny_epoch_and_writes_the_workdir(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    assert train.main(TINY + ["--workdir", workdir, "--seed", "3"]) == 0
+    assert "test_accuracy=" in capsys.readouterr().out
+    files = set(os.listdir(workdir))
+    assert {"model.keras", "metrics.json", "config.json", "samples.png", "checkpoints", "logs"} <= files
+    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["num_test"] == 360 and metrics["steps"] == 11
+    assert np.isfinite(metrics["buffer_energy_mean"]) and np.isfinite(metrics["test_energy_mean"])
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["seed"] == 3 and config["sgld_steps"] == 2 and config["dataset"] == "digits"
+    model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+    assert isinstance(model, JEM) and model.sampler.n_steps == 2 and model.buffer_size == 100
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["epoch_0001.keras"]
+    png = open(os.path.join(workdir, "samples.png"), "rb").read()
+    assert png.startswith(b"\x89PNG")
+    event_files = [f for _, _, fs in os.walk(os.path.join(workdir, "logs")) for f in fs if "tfevents" in f]
+    assert len(event_files) >= 2  # scalars (train/validation) and sample images
+
+
+def test_python_m_entry_point_and_recipe_file(tmp_path):
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(json.dumps({"epochs": 1, "buffer_size": 64, "sgld_steps": 1, "width": 4,
+                                  "batch_size": 256, "px_weight": 0.0, "num_sample_images": 4}))
+    workdir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "jem_tf.train", "--recipe", str(recipe), "--workdir", str(workdir), "--verbose", "0"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.load(open(workdir / "config.json"))["px_weight"] == 0.0
+    assert "buffer_energy_mean" not in json.load(open(workdir / "metrics.json"))  # plain classifier
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "epochs must be an integer >= 1; received 0"),
+        (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+        (["--dataset", "imagenet"], "dataset must be one of digits, mnist"),
+        (["--recipe", "nope"], "Unknown recipe 'nope'; bundled recipes: cifar10_wrn28_10, digits, fashion_mnist"),
+        (["--recipe", "/no/such/recipe.json"], "Recipe file '/no/such/recipe.json' does not exist"),
+        (["--strategy", "mirrored"], "--strategy mirrored is not available yet"),
+        (["--strategy", "gpu"], "argument --strategy: invalid choice: 'gpu'"),
+        (["--sgld-clamp", "maybe"], "expected true or false, got 'maybe'"),
+        (["--backbone", "wrn-27-2"], "backbone must be 'small_cnn' or 'wrn-DEPTH-WIDTH'"),
+        (["--restart-prob", "1.5"], "restart_prob must be in [0, 1]; received 1.5"),
+        (["--decay-epochs", "5,2"], "decay_epochs must be increasing"),
+        (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
+    ],
+)
+def test_bad_flags_give_one_line_errors_and_exit_code_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_config(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m jem_tf.train: error: ")
+    assert message in err
+
+
+def test_overrides_and_types():
+    config, workdir, verbose = train.parse_config(
+        ["--sgld-grad-clip", "none", "--decay-epochs", "3,6", "--sgld-clamp", "true", "--learning-rate", "2e-4"])
+    assert config.sgld_grad_clip is None and config.decay_epochs == [3, 6] and config.sgld_clamp is True
+    assert config.learning_rate == 2e-4 and workdir == "runs/digits" and verbose == "auto"
+
+
+def test_bundled_recipes_are_valid():
+    assert set(config_lib.available_recipes()) >= {"digits", "fashion_mnist", "cifar10_wrn28_10"}
+    cifar = config_lib.load_recipe("cifar10_wrn28_10")
+    assert (cifar.backbone, cifar.normalization, cifar.learning_rate, cifar.warmup_steps, cifar.batch_size) == \
+        ("wrn-28-10", "none", 1e-4, 1000, 64)
+    assert (cifar.sgld_steps, cifar.sgld_step_size, cifar.sgld_noise_std, cifar.buffer_size) == (20, 1.0, 0.01, 10000)
+    assert (cifar.restart_prob, cifar.data_noise_std, cifar.augment) == (0.05, 0.03, "crop_flip")
+
+
+def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
+    code = train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--workdir", str(tmp_path / "w")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Dataset 'cifar10' was not found" in err and "--data-dir" in err
