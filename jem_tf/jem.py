@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import energy as energy_lib
+from jem_tf.distribution import global_batch_position, global_shape, local_rows
 from jem_tf.replay_buffer import ReplayBuffer
 from jem_tf.sgld import SGLDSampler, as_stateless_seed
 
@@ -208,12 +209,11 @@ class JEM(keras.Model):
 
     # ----------------------------------------------------------------------------- randomness
     def _step_seed(self, salt: int) -> tf.Tensor:
-        """A stateless seed from (base seed, replica id, optimizer step, salt): reproducible,
-        resumable (the step is saved with the optimizer) and distinct on every replica."""
-        replica_id = tf.distribute.get_replica_context()
-        replica_id = 0 if replica_id is None else replica_id.replica_id_in_sync_group
+        """A stateless seed from (base seed, optimizer step, salt): reproducible and resumable (the
+        step is saved with the optimizer). It is the same on every replica: random numbers are drawn
+        for the global batch and each replica keeps its own rows (see :mod:`jem_tf.distribution`)."""
         seed = tf.constant([self.seed, 0], tf.int64)
-        for value in (tf.cast(replica_id, tf.int64), tf.cast(self.optimizer.iterations, tf.int64), salt):
+        for value in (tf.cast(self.optimizer.iterations, tf.int64), salt):
             seed = tf.random.experimental.stateless_fold_in(seed, value)
         return seed
 
@@ -314,11 +314,11 @@ class JEM(keras.Model):
         logits = self._logits(tf.concat(inputs, axis=0), training=True)
         return tf.split(logits, sizes, axis=0)
 
-    def _run_chains(self, batch_size, draw_salt, sgld_salt, labels=None):
-        draw = self.replay_buffer.draw(batch_size, self._step_seed(draw_salt), labels=labels)
+    def _run_chains(self, batch_size, position, draw_salt, sgld_salt, labels=None):
+        draw = self.replay_buffer.draw(batch_size, self._step_seed(draw_salt), labels=labels, position=position)
         context = () if labels is None else (labels,)
         samples, diagnostics = self.sampler.sample(
-            self._sgld_energy, draw.x, self._step_seed(sgld_salt), context=context
+            self._sgld_energy, draw.x, self._step_seed(sgld_salt), context=context, position=position
         )
         self.replay_buffer.update(draw.indices, samples)
         return samples, diagnostics
@@ -327,19 +327,23 @@ class JEM(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = self._prepare_batch(x, y)
         batch_size = tf.shape(x)[0]
+        # Where this replica's rows sit in the global batch: (0, batch_size) on one device.
+        position = global_batch_position(batch_size)
         # x_data = x + sigma * N(0, I): the paper's data noise.
         if self.data_noise_std > 0:
-            x = x + self.data_noise_std * tf.random.stateless_normal(
-                tf.shape(x), seed=self._step_seed(_SALT_DATA_NOISE))
+            noise = tf.random.stateless_normal(global_shape(tf.shape(x), position),
+                                               seed=self._step_seed(_SALT_DATA_NOISE))
+            x = x + self.data_noise_std * local_rows(noise, position, batch_size)
         inputs, sizes = [x], [batch_size]
         grad_norms = []
         if self.px_weight > 0:
-            x_sample, diagnostics = self._run_chains(batch_size, _SALT_DRAW, _SALT_SGLD)
+            x_sample, diagnostics = self._run_chains(batch_size, position, _SALT_DRAW, _SALT_SGLD)
             inputs.append(x_sample)
             sizes.append(batch_size)
             grad_norms.append(diagnostics.grad_norm_trace)
         if self.pxy_weight > 0:
-            x_cond, diagnostics = self._run_chains(batch_size, _SALT_DRAW_COND, _SALT_SGLD_COND, labels=y)
+            x_cond, diagnostics = self._run_chains(batch_size, position, _SALT_DRAW_COND, _SALT_SGLD_COND,
+                                              labels=y)
             inputs.append(x_cond)
             sizes.append(batch_size)
             grad_norms.append(diagnostics.grad_norm_trace)

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
+from jem_tf.distribution import BatchPosition, all_gather_rows, local_rows
+
 BufferDraw = collections.namedtuple("BufferDraw", ["x", "indices", "restarted"])
 BufferDraw.__doc__ = """Chains drawn from a replay buffer: starting points ``x`` [batch, ...], the
 slot ``indices`` [batch] to write them back to, and the boolean ``restarted`` [batch] mask of
@@ -26,6 +28,17 @@ class ReplayBuffer(keras.layers.Layer):
     With ``num_classes`` set the buffer is split into ``num_classes`` contiguous slots of
     ``size // num_classes`` chains, one per class, for class-conditional sampling ``p(x|y)``;
     unconditional draws then take chains from the whole buffer.
+
+    Under ``tf.distribute`` (mirrored, multi-worker) the buffer is one shared buffer, mirrored on every
+    replica, rather than per-replica shards: shards would change which chains a step can draw with the
+    number of replicas, while a shared buffer keeps training identical to single-device training. What
+    keeps the copies exact (measured; see the project's technical notes): the variable is created with
+    aggregation ``ONLY_FIRST_REPLICA`` (synchronised on write), and :meth:`update` all-gathers every
+    replica's ``(indices, samples)`` and applies the *same* in-place scatter on every replica. The
+    default settings let the copies silently diverge; ``MEAN`` aggregation silently averages new and
+    old rows; ``ONLY_FIRST_REPLICA`` without the all-gather silently drops the other replicas' chains.
+    Draws use the global batch's random numbers (see :mod:`jem_tf.distribution`), so replicas draw
+    different slots and restarts. The variable is saved once and restores onto every replica.
 
     Args:
         image_shape: Shape of one sample, e.g. ``(32, 32, 3)``.
@@ -80,6 +93,7 @@ class ReplayBuffer(keras.layers.Layer):
             trainable=False,
             dtype="float32",
             autocast=False,
+            aggregation="only_first_replica",
         )
         self.built = True
 
@@ -92,7 +106,8 @@ class ReplayBuffer(keras.layers.Layer):
         low, high = self.value_range
         return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
 
-    def draw(self, batch_size, seed, labels: Optional[tf.Tensor] = None) -> BufferDraw:
+    def draw(self, batch_size, seed, labels: Optional[tf.Tensor] = None,
+             position: Optional[BatchPosition] = None) -> BufferDraw:
         """Draws ``batch_size`` chains (with replacement) and applies random restarts.
 
         Args:
@@ -100,6 +115,8 @@ class ReplayBuffer(keras.layers.Layer):
             seed: Shape-[2] integer seed for the stateless RNG.
             labels: Optional int tensor ``[batch]``: draw chain ``i`` from class ``labels[i]``'s
                 slots (needs ``num_classes``).
+            position: Optional ``(offset, global_batch_size)``: draw the random numbers of the global
+                batch and keep this replica's rows (see :mod:`jem_tf.distribution`).
 
         Returns:
             A :class:`BufferDraw`.
@@ -108,29 +125,35 @@ class ReplayBuffer(keras.layers.Layer):
         index_seed, restart_seed, noise_seed = [
             tf.random.experimental.stateless_fold_in(seed, salt) for salt in (11, 12, 13)
         ]
+        rows = [batch_size] if position is None else [position[1]]
+
+        def uniform(seed, **kwargs):
+            return local_rows(tf.random.stateless_uniform(rows, seed=seed, **kwargs), position, batch_size)
+
         if labels is None:
-            indices = tf.random.stateless_uniform(
-                [batch_size], seed=index_seed, minval=0, maxval=self.size, dtype=tf.int32
-            )
+            indices = uniform(index_seed, minval=0, maxval=self.size, dtype=tf.int32)
         else:
             if self.num_classes is None:
                 raise ValueError("Class-conditional draws need a ReplayBuffer built with `num_classes`.")
             slot = self.slots_per_class
-            offsets = tf.random.stateless_uniform(
-                [batch_size], seed=index_seed, minval=0, maxval=slot, dtype=tf.int32
-            )
-            indices = tf.cast(labels, tf.int32) * slot + offsets
+            indices = tf.cast(labels, tf.int32) * slot + uniform(index_seed, minval=0, maxval=slot, dtype=tf.int32)
         x = tf.gather(self.samples.value, indices)
-        restarted = tf.random.stateless_uniform([batch_size], seed=restart_seed) < self.restart_prob
-        noise = self._uniform_noise(tf.shape(x), noise_seed)
+        restarted = uniform(restart_seed) < self.restart_prob
+        noise_shape = tf.concat([tf.reshape(tf.cast(rows[0], tf.int32), [1]), tf.constant(self.image_shape)], 0)
+        noise = local_rows(self._uniform_noise(noise_shape, noise_seed), position, batch_size)
         mask = tf.reshape(restarted, [-1] + [1] * len(self.image_shape))
         x = tf.where(mask, noise, x)
         return BufferDraw(x=x, indices=indices, restarted=restarted)
 
     def update(self, indices: tf.Tensor, samples: tf.Tensor) -> None:
-        """Writes ``samples`` back to the slots ``indices`` in place (a scatter update)."""
-        samples = tf.cast(samples, tf.float32)
-        self.samples.value.scatter_update(tf.IndexedSlices(samples, tf.cast(indices, tf.int32)))
+        """Writes ``samples`` back to the slots ``indices`` in place (a scatter update).
+
+        Under a ``tf.distribute`` strategy every replica all-gathers every replica's
+        ``(indices, samples)`` and applies the same scatter, so all copies stay identical and hold
+        every replica's chains (see the class docstring).
+        """
+        indices, samples = all_gather_rows(tf.cast(indices, tf.int32), tf.cast(samples, tf.float32))
+        self.samples.value.scatter_update(tf.IndexedSlices(samples, indices))
 
     def reset(self, seed) -> None:
         """Refills the whole buffer with uniform noise (e.g. after divergence)."""

@@ -19,6 +19,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from jem_tf.distribution import BatchPosition, global_shape, local_rows
+
 SGLDDiagnostics = collections.namedtuple(
     "SGLDDiagnostics",
     [
@@ -100,8 +102,12 @@ class SGLDSampler:
         self._compiled_loop = None
 
     def step(self, energy_fn: Callable, x: tf.Tensor, seed: tf.Tensor, context=(), step_size=None,
-             noise_std=None) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """One SGLD step. Returns ``(new_x, energy_at_x [batch], grad_norm [batch])``."""
+             noise_std=None, position: Optional[BatchPosition] = None) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """One SGLD step. Returns ``(new_x, energy_at_x [batch], grad_norm [batch])``.
+
+        ``position`` (``(offset, global_batch)``) makes the noise that of rows ``offset..`` of a
+        global batch (see :mod:`jem_tf.distribution`).
+        """
         step_size = self.step_size if step_size is None else step_size
         noise_std = self.noise_std if noise_std is None else noise_std
         with tf.GradientTape() as tape:
@@ -116,13 +122,15 @@ class SGLDSampler:
             # Per-chain L2 clipping: grad * min(1, clip / ||grad||).
             scale = tf.minimum(1.0, self.grad_clip / tf.maximum(grad_norm, 1e-12))
             grad = grad * tf.reshape(scale, [-1] + [1] * len(reduce_axes))
-        noise = tf.random.stateless_normal(tf.shape(x), seed=seed, dtype=x.dtype, alg="philox")
+        noise = tf.random.stateless_normal(global_shape(tf.shape(x), position), seed=seed, dtype=x.dtype,
+                                           alg="philox")
+        noise = local_rows(noise, position, tf.shape(x)[0])
         new_x = x - tf.cast(step_size, x.dtype) * grad + tf.cast(noise_std, x.dtype) * noise
         if self.clamp_range is not None:
             new_x = tf.clip_by_value(new_x, self.clamp_range[0], self.clamp_range[1])
         return new_x, energies, grad_norm
 
-    def _loop(self, energy_fn, x_init, seed, context, n_steps, step_size, noise_std):
+    def _loop(self, energy_fn, x_init, seed, context, n_steps, step_size, noise_std, position):
         batch_shape = tf.shape(x_init)[:1]
         trace_energy = tf.TensorArray(tf.float32, size=n_steps)
         trace_grad = tf.TensorArray(tf.float32, size=n_steps)
@@ -130,7 +138,7 @@ class SGLDSampler:
         def body(i, x, first_energy, last_energy, trace_energy, trace_grad):
             step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64))
             x, energies, grad_norm = self.step(
-                energy_fn, x, step_seed, context, step_size=step_size, noise_std=noise_std
+                energy_fn, x, step_seed, context, step_size=step_size, noise_std=noise_std, position=position
             )
             energies = tf.cast(energies, tf.float32)
             first_energy = tf.where(i == 0, energies, first_energy)
@@ -160,7 +168,8 @@ class SGLDSampler:
         )
 
     def sample(self, energy_fn: Callable, x_init: tf.Tensor, seed, context=(), n_steps=None,
-               step_size=None, noise_std=None) -> Tuple[tf.Tensor, SGLDDiagnostics]:
+               step_size=None, noise_std=None,
+               position: Optional[BatchPosition] = None) -> Tuple[tf.Tensor, SGLDDiagnostics]:
         """Runs ``n_steps`` of SGLD from ``x_init``.
 
         Args:
@@ -170,6 +179,9 @@ class SGLDSampler:
             context: Extra tensors passed to ``energy_fn`` (e.g. class labels for ``p(x|y)``).
             n_steps, step_size, noise_std: Optional per-call overrides (Python numbers or
                 scalar tensors, e.g. from a serving signature).
+            position: Optional ``(offset, global_batch_size)``: draw the noise of the global batch
+                and use this replica's rows, so that data-parallel sampling equals single-device
+                sampling (see :mod:`jem_tf.distribution`).
 
         Returns:
             ``(samples, SGLDDiagnostics)``; samples carry no gradient.
@@ -182,7 +194,7 @@ class SGLDSampler:
         step_size = self.step_size if step_size is None else step_size
         noise_std = self.noise_std if noise_std is None else noise_std
         args = (x_init, seed, tuple(context), tf.cast(n_steps, tf.int32),
-                tf.cast(step_size, tf.float32), tf.cast(noise_std, tf.float32))
+                tf.cast(step_size, tf.float32), tf.cast(noise_std, tf.float32), position)
         if not self.jit_compile:
             return self._loop(energy_fn, *args)
         if self._compiled_loop is None:
