@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from typing import Optional
@@ -93,3 +94,50 @@ class RotatingCheckpoint(keras.callbacks.Callback):
         os.replace(tmp, path)
         for old in self.checkpoints()[:-self.keep]:
             os.remove(old)
+
+
+class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``keras.callbacks.BackupAndRestore`` for single- and multi-worker training.
+
+    At the end of every epoch the chief writes the training state (weights, optimizer slots, replay
+    buffer, epoch) to ``backup_dir``, each file written to a temporary name and renamed into place;
+    on a restart every worker restores the same state from ``backup_dir`` (a directory all workers
+    can read, as for Keras's own multi-worker backups) and ``fit`` continues from the saved epoch.
+    Non-chief workers never write, so workers cannot overwrite each other's files. The backup is
+    deleted when training completes.
+
+    Args:
+        backup_dir: Directory of the backup.
+        is_chief: Whether this process writes the backup. Default True.
+        log: Callable used to report a resume (default ``print``).
+    """
+
+    def __init__(self, backup_dir: str, *, is_chief: bool = True, log=print):
+        super().__init__(backup_dir, save_freq="epoch", double_checkpoint=False, delete_checkpoint=True)
+        self.is_chief = is_chief
+        self.log = log
+        self.resumed_from_epoch = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        epoch = getattr(self.model, "_initial_epoch", None)
+        if epoch:
+            self.resumed_from_epoch = int(epoch)
+            self.log(f"Resuming from the backup in {self.backup_dir}: {epoch} epoch(s) done, optimizer "
+                     f"step {int(self.model.optimizer.iterations.numpy())}.")
+
+    def _save_model(self):
+        if not self.is_chief:
+            return
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp_weights = os.path.join(self.backup_dir, ".tmp.weights.h5")
+        self.model.save_weights(tmp_weights, overwrite=True)
+        tmp_metadata = os.path.join(self.backup_dir, ".tmp.training_metadata.json")
+        with open(tmp_metadata, "w") as f:
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
+        os.replace(tmp_weights, self._weights_path)
+        os.replace(tmp_metadata, self._training_metadata_path)
+
+    def on_train_end(self, logs=None):
+        if self.is_chief:
+            super().on_train_end(logs)

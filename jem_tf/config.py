@@ -10,9 +10,9 @@ import typing
 from typing import List, Optional
 
 from jem_tf.data import AUGMENTATIONS, DATASETS
+from jem_tf.distribution import STRATEGIES
 from jem_tf.networks import NORMALIZATIONS
 
-STRATEGIES = ("default", "mirrored", "multi_worker")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -60,9 +60,11 @@ class TrainConfig:
     sgld_jit_compile: bool = False
     buffer_size: int = 10_000
     restart_prob: float = 0.05
-    # Run.
+    # Run. strategy: default | mirrored | multi_worker (reads TF_CONFIG) | tpu (untested).
     seed: int = 0
     strategy: str = "default"
+    devices: List[str] = dataclasses.field(default_factory=list)  # mirrored: e.g. /gpu:0,/gpu:1
+    cpu_devices: int = 0  # > 0: split the CPU into this many logical devices (try mirrored without GPUs)
     sample_every_epochs: int = 5
     num_sample_images: int = 64
     checkpoints_to_keep: int = 3
@@ -84,7 +86,7 @@ class TrainConfig:
                       "checkpoints_to_keep", "sample_every_epochs"):
             if getattr(self, field) < 1:
                 fail(field, "an integer >= 1")
-        for field in ("warmup_steps",):
+        for field in ("warmup_steps", "cpu_devices"):
             if getattr(self, field) < 0:
                 fail(field, "an integer >= 0")
         for field in ("learning_rate", "sgld_step_size", "decay_rate"):
@@ -103,6 +105,8 @@ class TrainConfig:
             fail("sgld_grad_clip", "a number > 0 or none")
         if any(e < 1 for e in self.decay_epochs) or self.decay_epochs != sorted(self.decay_epochs):
             fail("decay_epochs", "increasing epochs >= 1")
+        if self.devices and self.strategy != "mirrored":
+            fail("devices", "empty unless strategy is 'mirrored'")
         if self.pxy_weight > 0 and self.buffer_size < 10:
             fail("buffer_size", "at least the number of classes when pxy_weight > 0")
         return self

@@ -240,4 +240,7 @@ def make_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool
                                              seed=tf.random.experimental.stateless_fold_in(base, i)), batch[1]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
         )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    # In-memory data has no files to shard: multi-worker training shards by element.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -8,6 +8,7 @@ exactly the randomness of a single-device step on the same global batch and seed
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Optional, Sequence, Tuple
@@ -88,6 +89,9 @@ def make_strategy(name: str = "default", *, devices: Optional[Sequence[str]] = N
             or ``"tpu"`` (``TPUStrategy``; same code path, untested here: no TPU in CI).
         devices: Device names for ``mirrored``, e.g. ``["/gpu:0", "/gpu:1"]``.
         cpu_devices: If > 0, first split the CPU into this many logical devices (see :func:`split_cpu`).
+
+    ``mirrored`` and ``multi_worker`` return the same instance for the same devices within a process
+    (see ``_mirrored_strategy`` for why).
     """
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}; expected one of {STRATEGIES}.")
@@ -98,15 +102,31 @@ def make_strategy(name: str = "default", *, devices: Optional[Sequence[str]] = N
     if name == "mirrored":
         if not devices and not tf.config.list_physical_devices("GPU"):
             devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=list(devices) if devices else None)
+        return _mirrored_strategy(tuple(devices) if devices else None)
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError("strategy 'multi_worker' needs the TF_CONFIG environment variable (see README).")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker_strategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
+
+
+# One strategy instance per device set and process. TensorFlow's collective executor is
+# process-wide and two MirroredStrategy instances over the same devices hand out the same collective
+# instance keys: once a second instance runs a program whose collectives differ from the first's, the
+# step fails with "Collective instance N expected type ... but got type ..." and every later
+# collective in the process is aborted (measured with TF 2.21). MultiWorkerMirroredStrategy may only
+# be created once per process anyway.
+@functools.lru_cache(maxsize=None)
+def _mirrored_strategy(devices: Optional[Tuple[str, ...]]) -> tf.distribute.MirroredStrategy:
+    return tf.distribute.MirroredStrategy(devices=list(devices) if devices else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
+    return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -305,6 +305,27 @@ class JEM(keras.Model):
         return super().fit(x, y, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- training
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Workaround for keras-team/keras#20585: under a strategy, Keras's TF trainer pulls a batch
+        # and reduces it across replicas to build the model symbolically; under
+        # MultiWorkerMirroredStrategy that fails on the `PerReplica` batch of a subclassed model.
+        # A JEM is fully built in `__init__` and compiles no losses or metrics, so the symbolic build
+        # has nothing to do but build the optimizer (and Keras's post-build hook).
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+        self._post_build()
+
+    @staticmethod
+    def _logs(metrics) -> dict:
+        logs = {m.name: m.result() for m in metrics}
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Workaround (keras-team/keras#20585 family): under MultiWorkerMirroredStrategy Keras
+            # reduces step logs with `strategy.reduce("MEAN", v, axis=0)`, which fails on scalars;
+            # shape-[1] logs reduce to the same scalar.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
     def _forward(self, inputs, sizes):
         """Logits of several input groups, in one pass unless the backbone has batch norm."""
         if self._has_batch_norm:
@@ -394,7 +415,7 @@ class JEM(keras.Model):
             self.energy_gap_tracker.update_state(energy_gap)
         if grad_norms:
             self.sgld_grad_norm_tracker.update_state(tf.concat(grad_norms, axis=0))
-        return {m.name: m.result() for m in self.metrics}
+        return self._logs(self.metrics)
 
     def test_step(self, data):
         """Cross-entropy, accuracy and mean energy of clean (noise-free) data."""
@@ -406,8 +427,7 @@ class JEM(keras.Model):
         self.ce_tracker.update_state(ce, sample_weight=sample_weight)
         self.accuracy_metric.update_state(y, logits, sample_weight=sample_weight)
         self.e_data_tracker.update_state(energy_lib.energy(logits))
-        return {m.name: m.result() for m in (self.loss_tracker, self.ce_tracker, self.accuracy_metric,
-                                             self.e_data_tracker)}
+        return self._logs([self.loss_tracker, self.ce_tracker, self.accuracy_metric, self.e_data_tracker])
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)

@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         help_text = f"(default from recipe; built-in default {getattr(defaults, name)!r})"
         if name == "batch_size":
-            help_text = "global batch size, split over replicas " + help_text
+            help_text = "global batch size, split over all replicas " + help_text
+        if name == "cpu_devices":
+            help_text = "split the CPU into N logical devices, e.g. to try --strategy mirrored " + help_text
+        if name == "devices":
+            help_text = "devices for --strategy mirrored, comma-separated (default: all GPUs) " + help_text
         if name == "strategy":
             overrides.add_argument(flag, dest=name, choices=config_lib.STRATEGIES, default=None, help=help_text)
             continue
@@ -97,11 +101,6 @@ def parse_config(argv: Optional[List[str]] = None):
         config = config.replace(**overrides).validate()
     except ValueError as error:
         parser.error(str(error))
-    if config.strategy != "default":
-        parser.error(
-            f"--strategy {config.strategy} is not available yet (distributed training is planned); "
-            "use --strategy default"
-        )
     recipe_name = args.recipe.rsplit("/", 1)[-1].removesuffix(".json")
     workdir = args.workdir or f"runs/{recipe_name}"
     return config, workdir, ("auto" if args.verbose is None else args.verbose)

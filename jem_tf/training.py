@@ -12,9 +12,10 @@ import keras
 import numpy as np
 
 from jem_tf import energy as energy_lib
-from jem_tf.callbacks import RotatingCheckpoint, SampleGridCallback
+from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
 from jem_tf.data import ImageDataset, load_dataset, make_dataset, split_validation
+from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.jem import JEM
 from jem_tf.networks import build_backbone
 from jem_tf.schedules import WarmupPiecewiseSchedule
@@ -89,7 +90,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     * ``checkpoints/epoch_NNNN.keras``: the last ``checkpoints_to_keep`` epochs;
     * ``logs/``: TensorBoard scalars and replay-buffer sample grids;
     * ``samples.png``: a grid of replay-buffer samples at the end;
-    * ``metrics.json``: test accuracy and the other final metrics; ``config.json``: the config.
+    * ``metrics.json``: test accuracy and the other final metrics; ``config.json``: the config;
+    * ``backup/``: the training state at the last finished epoch while training runs (deleted at the
+      end); rerunning the same command after a crash resumes from it.
+
+    Under ``multi_worker`` every worker runs this function with the same ``workdir`` (a directory
+    they share); only the chief writes files. ``config.batch_size`` is the global batch.
 
     Args:
         config: The run's settings (validated here).
@@ -101,14 +107,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         The metrics written to ``metrics.json``.
     """
     config.validate()
-    if config.strategy != "default":
-        raise ValueError(
-            f"strategy {config.strategy!r} is not available yet: distributed training (mirrored, "
-            "multi_worker) is planned; use --strategy default."
-        )
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
+    # First: splitting the CPU into logical devices must happen before TensorFlow initialises.
+    strategy = make_strategy(config.strategy, devices=config.devices, cpu_devices=config.cpu_devices)
+    chief = is_chief(strategy)
+    if chief:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
     keras.utils.set_random_seed(config.seed)
 
     if data is None:
@@ -121,24 +126,29 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     if validation is not None:
         val_ds = make_dataset(*validation, batch_size=max(config.batch_size, 256), shuffle=False)
 
-    model = build_jem(config, image_shape=data.image_shape, num_classes=data.num_classes)
-    model.compile(optimizer=build_optimizer(config, steps_per_epoch=steps_per_epoch))
+    with strategy.scope():
+        model = build_jem(config, image_shape=data.image_shape, num_classes=data.num_classes)
+        model.compile(optimizer=build_optimizer(config, steps_per_epoch=steps_per_epoch))
 
     log_dir = os.path.join(workdir, "logs")
-    callbacks = [
-        keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
-        RotatingCheckpoint(os.path.join(workdir, "checkpoints"), keep=config.checkpoints_to_keep),
-        SampleGridCallback(log_dir=log_dir, png_path=os.path.join(workdir, SAMPLES_FILE),
-                           num_images=config.num_sample_images, every_epochs=config.sample_every_epochs,
-                           seed=config.seed),
-    ]
+    callbacks = [ChiefBackupAndRestore(os.path.join(workdir, "backup"), is_chief=chief)]
+    if chief:
+        callbacks += [
+            keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
+            RotatingCheckpoint(os.path.join(workdir, "checkpoints"), keep=config.checkpoints_to_keep),
+            SampleGridCallback(log_dir=log_dir, png_path=os.path.join(workdir, SAMPLES_FILE),
+                               num_images=config.num_sample_images, every_epochs=config.sample_every_epochs,
+                               seed=config.seed),
+        ]
     start = time.time()
     # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to datasets.
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
                         verbose=verbose, shuffle=False)
     train_seconds = time.time() - start
-    model.save(os.path.join(workdir, MODEL_FILE))
+    if chief:
+        model.save(os.path.join(workdir, MODEL_FILE))
 
+    # Every worker evaluates (evaluation is a collective under multi_worker); only the chief writes.
     test = model.evaluate(make_dataset(data.x_test, data.y_test, batch_size=256, shuffle=False),
                           return_dict=True, verbose=0)
     metrics = {
@@ -149,6 +159,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         "num_train": int(len(x_train)),
         "num_test": int(len(data.x_test)),
         "epochs": config.epochs,
+        "strategy": config.strategy,
+        "num_replicas": int(strategy.num_replicas_in_sync),
         "steps": int(model.optimizer.iterations.numpy()),
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / max(1, int(model.optimizer.iterations.numpy())),
@@ -160,6 +172,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         chains = model.replay_buffer.samples.numpy()
         chain_logits = model.predict(chains, batch_size=1024, verbose=0)
         metrics["buffer_energy_mean"] = float(np.mean(energy_lib.energy(chain_logits)))
-    with open(os.path.join(workdir, METRICS_FILE), "w") as f:
-        json.dump(metrics, f, indent=2)
+    if chief:
+        with open(os.path.join(workdir, METRICS_FILE), "w") as f:
+            json.dump(metrics, f, indent=2)
     return metrics

@@ -5,6 +5,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# Distributed tests mirror over 2 logical CPU devices; the split must precede TensorFlow's device
+# initialisation, so it happens once for the whole session. Single-device tests use /cpu:0 as usual.
+NUM_LOGICAL_CPUS = 2
+
+
+def pytest_configure(config):
+    from jem_tf.distribution import split_cpu
+
+    split_cpu(NUM_LOGICAL_CPUS)
+
 
 @pytest.fixture
 def tiny_data():
