@@ -68,6 +68,8 @@ class TrainConfig:
     sample_every_epochs: int = 5
     num_sample_images: int = 64
     checkpoints_to_keep: int = 3
+    # If set, export a SavedModel for TensorFlow Serving to EXPORT_DIR/<next version>/ at the end.
+    export_dir: Optional[str] = None
 
     def validate(self) -> "TrainConfig":
         """Raises ``ValueError`` naming the first bad field; returns ``self``."""

@@ -29,6 +29,13 @@ _IDX_FILES = {
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+# How raw pixels map to the [-1, 1] inputs the models take (recorded in exports).
+PREPROCESSING = {
+    "digits": "scikit-learn digits pixels {0..16} -> x / 8 - 1, shape [N, 8, 8, 1]",
+    **{name: "uint8 pixels {0..255} -> x / 127.5 - 1" for name in TFDS_DATASETS},
+}
+
+
 class DataNotFoundError(ValueError):
     """Raised when a dataset is not on disk and downloading was not asked for."""
 

@@ -14,8 +14,9 @@ import numpy as np
 from jem_tf import energy as energy_lib
 from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
-from jem_tf.data import ImageDataset, load_dataset, make_dataset, split_validation
+from jem_tf.data import PREPROCESSING, ImageDataset, load_dataset, make_dataset, split_validation
 from jem_tf.distribution import is_chief, make_strategy
+from jem_tf.export import export_saved_model
 from jem_tf.jem import JEM
 from jem_tf.networks import build_backbone
 from jem_tf.schedules import WarmupPiecewiseSchedule
@@ -91,6 +92,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     * ``logs/``: TensorBoard scalars and replay-buffer sample grids;
     * ``samples.png``: a grid of replay-buffer samples at the end;
     * ``metrics.json``: test accuracy and the other final metrics; ``config.json``: the config;
+    * ``config.export_dir/<version>/``: a SavedModel for TensorFlow Serving, if ``export_dir`` is set;
     * ``backup/``: the training state at the last finished epoch while training runs (deleted at the
       end); rerunning the same command after a crash resumes from it.
 
@@ -172,6 +174,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         chains = model.replay_buffer.samples.numpy()
         chain_logits = model.predict(chains, batch_size=1024, verbose=0)
         metrics["buffer_energy_mean"] = float(np.mean(energy_lib.energy(chain_logits)))
+    if chief and config.export_dir:
+        # Calibrate the OOD threshold on held-out in-distribution data: the validation split.
+        calibration = validation[0] if validation is not None else data.x_test
+        metrics["export_path"] = export_saved_model(
+            model, config.export_dir, calibration_images=calibration,
+            preprocessing=PREPROCESSING.get(config.dataset, ""), dataset=config.dataset)
     if chief:
         with open(os.path.join(workdir, METRICS_FILE), "w") as f:
             json.dump(metrics, f, indent=2)

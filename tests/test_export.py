@@ -1,0 +1,288 @@
+"""SavedModel export: loaded the way TensorFlow Serving loads it, in a process without Keras or jem_tf."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_jem
+from jem_tf import energy as energy_lib
+from jem_tf.export import METADATA_FILE, export_saved_model, main as export_main, next_version
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(ROOT, "tests", "helpers", "serving_check.py")
+SAMPLE_REQUEST = {"num_samples": np.int32(6), "n_steps": np.int32(30), "seed": np.int64(11),
+                  "class_label": np.int32(-1), "step_size": np.float32(0.0), "noise_std": np.float32(-1.0)}
+
+
+def _load_client(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "export", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny JEM trained a few steps, its calibration images, and its export (version 1)."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (96, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 96).astype("int32")
+    model = tiny_jem()
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    base = str(tmp_path_factory.mktemp("export") / "jem")
+    path = export_saved_model(model, base, calibration_images=x, preprocessing="test", dataset="random",
+                              max_num_samples=32, max_n_steps=250)
+    return model, x, base, path
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    """Outputs of every signature from a separate process that cannot import Keras or jem_tf."""
+    model, x, base, path = trained
+    tmp = tmp_path_factory.mktemp("serving")
+    np.savez(tmp / "inputs.npz", images=x[:5], **SAMPLE_REQUEST)
+    result = subprocess.run([sys.executable, HELPER, path, str(tmp / "inputs.npz"), str(tmp / "outputs.npz")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IMPORTED: none" in result.stdout
+    return dict(np.load(tmp / "outputs.npz"))
+
+
+def test_layout_metadata_and_small_size(trained):
+    model, x, base, path = trained
+    assert path == os.path.join(base, "1") and sorted(os.listdir(base)) == ["1"]
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    metadata = json.load(open(os.path.join(path, METADATA_FILE)))
+    assert metadata["input"] == {"name": "images", "dtype": "float32", "shape": [None, 8, 8, 1],
+                                 "value_range": [-1.0, 1.0], "preprocessing": "test"}
+    assert metadata["sample"]["max_num_samples"] == 32 and metadata["sample"]["max_n_steps"] == 250
+    energies = model.energy(x).numpy()
+    assert metadata["ood"]["threshold"] == pytest.approx(np.quantile(energies, 0.95, method="higher"))
+    assert metadata["ood"]["achieved_tpr"] >= 0.95
+    # No replay buffer or optimizer state: only the backbone's variables.
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    assert size < 2_000_000
+
+
+@pytest.mark.parametrize("loader", ["object", "session"])
+def test_classify_and_energy_match_keras(trained, served, loader):
+    model, x, _, path = trained
+    logits = model.predict(x[:5], verbose=0)
+    np.testing.assert_allclose(served[f"{loader}/classify/logits"], logits, atol=1e-5)
+    np.testing.assert_allclose(served[f"{loader}/classify/probabilities"], tf.nn.softmax(logits), atol=1e-5)
+    np.testing.assert_array_equal(served[f"{loader}/classify/predicted_class"], logits.argmax(-1))
+    np.testing.assert_allclose(served[f"{loader}/serving_default/logits"], logits, atol=1e-5)
+    np.testing.assert_allclose(served[f"{loader}/energy/energy"], energy_lib.energy(logits), atol=1e-5)
+    np.testing.assert_allclose(served[f"{loader}/energy/log_px"], energy_lib.log_px(logits), atol=1e-5)
+    threshold = json.load(open(os.path.join(path, METADATA_FILE)))["ood"]["threshold"]
+    np.testing.assert_array_equal(served[f"{loader}/energy/is_in_distribution"],
+                                  energy_lib.energy(logits).numpy() <= threshold)
+
+
+@pytest.mark.parametrize("loader", ["object", "session"])
+def test_sample_is_deterministic_and_lowers_energy(served, loader):
+    samples = served[f"{loader}/sample/samples"]
+    assert samples.shape == (6, 8, 8, 1)
+    np.testing.assert_array_equal(samples, served[f"{loader}/sample_again/samples"])
+    start = served[f"{loader}/sample_start/samples"]
+    assert start.min() >= -1 and start.max() <= 1 and not np.array_equal(start, samples)
+    assert served[f"{loader}/sample/energy"].mean() < served[f"{loader}/sample_start/energy"].mean()
+    assert not np.array_equal(served[f"{loader}/sample_conditional/samples"], samples)
+
+
+def test_both_loaders_agree(served):
+    for key in [k for k in served if k.startswith("object/")]:
+        np.testing.assert_allclose(served[key], served["session/" + key[len("object/"):]], atol=1e-5, err_msg=key)
+
+
+def test_signature_rejects_bad_inputs_and_enforces_bounds(trained):
+    loaded = tf.saved_model.load(trained[3])
+    classify, sample = loaded.signatures["classify"], loaded.signatures["sample"]
+    rejected = (ValueError, TypeError, tf.errors.InvalidArgumentError)
+    with pytest.raises(rejected):
+        classify(images=tf.zeros([2, 8, 8, 3]))  # wrong shape
+    with pytest.raises(rejected):
+        classify(images=tf.zeros([2, 8, 8, 1], tf.int32))  # wrong dtype
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"images must lie in \[-1.0, 1.0\]"):
+        classify(images=tf.fill([2, 8, 8, 1], 255.0))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN"):
+        loaded.signatures["energy"](images=tf.fill([1, 8, 8, 1], np.nan))
+    ok = {k: tf.constant(v) for k, v in SAMPLE_REQUEST.items()}
+    for name, value, message in [("num_samples", 33, "num_samples must be <= 32"),
+                                 ("num_samples", 0, "num_samples must be >= 1"),
+                                 ("n_steps", 251, "n_steps must be <= 250"),
+                                 ("n_steps", -1, "n_steps must be >= 0"),
+                                 ("class_label", 3, "class_label must be < 3")]:
+        start = time.time()
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            sample(**{**ok, name: tf.constant(value, ok[name].dtype)})
+        assert time.time() - start < 5  # rejected before any sampling
+
+
+def test_versions_are_never_overwritten_and_increment(trained):
+    model, x, base, _ = trained
+    with pytest.raises(ValueError, match="already exists"):
+        export_saved_model(model, base, version=1, ood_threshold=0.0)
+    assert next_version(base) == 2
+    with pytest.raises(ValueError, match="exactly one"):
+        export_saved_model(model, base)
+
+
+def test_saved_model_cli_lists_the_signatures(trained):
+    result = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
+                             trained[3], "--all"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("classify", "energy", "sample", "serving_default"):
+        assert f"signature_def['{name}']" in result.stdout
+    assert "is_in_distribution" in result.stdout and "num_samples" in result.stdout
+
+
+def _signature_defs(path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString(open(os.path.join(path, "saved_model.pb"), "rb").read())
+    return proto.meta_graphs[0].signature_def
+
+
+def _run_session(path, signature, feeds):
+    """Runs `signature` on numpy `feeds` through the TF1 session loader (TF Serving's C++ path)."""
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        meta_graph = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+        signature_def = meta_graph.signature_def[signature]
+        fetches = {k: t.name for k, t in signature_def.outputs.items()}
+        return sess.run(fetches, {signature_def.inputs[k].name: v for k, v in feeds.items()})
+
+
+def _check_against_signature(signature_def, arrays):
+    assert set(arrays) == set(signature_def.inputs), (set(arrays), set(signature_def.inputs))
+    for name, array in arrays.items():
+        spec = signature_def.inputs[name]
+        assert tf.as_dtype(spec.dtype) == tf.as_dtype(array.dtype), name
+        dims = [d.size for d in spec.tensor_shape.dim]
+        assert len(dims) == array.ndim and all(d in (-1, a) for d, a in zip(dims, array.shape)), name
+
+
+def test_grpc_predict_requests_match_signature_defs(trained):
+    grpc_client = _load_client("grpc_client")
+    model, x, _, path = trained
+    signature_defs = _signature_defs(path)
+    requests = [grpc_client.images_request("classify", x[:3]), grpc_client.images_request("energy", x[:3]),
+                grpc_client.sample_request(4, 10, 5)]
+    for request in requests:
+        assert type(request).__name__ == "PredictRequest" and request.model_spec.name == "jem"
+        signature = request.model_spec.signature_name
+        arrays = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        _check_against_signature(signature_defs[signature], arrays)
+        outputs = _run_session(path, signature, arrays)
+        assert set(outputs) == set(signature_defs[signature].outputs)
+
+
+def _rest_to_arrays(body, signature_def):
+    """TF Serving's REST decoding: row ("instances") or columnar ("inputs") JSON -> typed arrays."""
+    if "instances" in body:
+        assert len(signature_def.inputs) == 1
+        (name,) = signature_def.inputs
+        values = {name: body["instances"]}
+    else:
+        values = body["inputs"]
+    return {k: np.asarray(v, dtype=tf.as_dtype(signature_def.inputs[k].dtype).as_numpy_dtype)
+            for k, v in values.items()}
+
+
+def test_readme_rest_examples_are_valid_for_their_signatures(trained):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Export and serve", 1)[1].split("\n## ", 1)[0]
+    bodies = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
+    assert {b["signature_name"] for b in bodies} >= {"classify", "sample"}
+    path = trained[3]
+    signature_defs = _signature_defs(path)
+    rest_client = _load_client("rest_client")
+    bodies += [rest_client.images_body("energy", trained[1][:2]), rest_client.sample_body(3, 5, 1, class_label=2)]
+    for body in bodies:
+        signature_def = signature_defs[body["signature_name"]]
+        arrays = _rest_to_arrays(body, signature_def)
+        _check_against_signature(signature_def, arrays)
+        outputs = _run_session(path, body["signature_name"], arrays)
+        assert all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f")
+
+
+def test_export_cli_from_a_training_workdir(tmp_path, capsys):
+    from jem_tf import train
+
+    workdir = str(tmp_path / "run")
+    assert train.main(["--epochs", "1", "--buffer-size", "100", "--sgld-steps", "1", "--width", "4",
+                       "--batch-size", "256", "--verbose", "0", "--workdir", workdir,
+                       "--export-dir", str(tmp_path / "served")]) == 0
+    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    assert metrics["export_path"] == str(tmp_path / "served" / "1")
+    assert export_main(["--model", workdir, "--export-dir", str(tmp_path / "served")]) == 0
+    assert "exported " + str(tmp_path / "served" / "2") in capsys.readouterr().out
+    metadata = json.load(open(tmp_path / "served" / "2" / METADATA_FILE))
+    # Calibrated on the run's validation split (10 % of the 1,437 digits training images).
+    assert metadata["dataset"] == "digits" and metadata["ood"]["num_calibration_images"] == 144
+    assert "x / 8 - 1" in metadata["input"]["preprocessing"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/no/such/dir", "--export-dir", "x"], "No model at '/no/such/dir'"),
+    (["--export-dir", "x"], "the following arguments are required: --model"),
+])
+def test_export_cli_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_export_cli_rejects_corrupt_model_file(tmp_path, capsys):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"PK\x03\x04 definitely not a keras archive")
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(bad), "--export-dir", str(tmp_path / "out"), "--dataset", "digits"])
+    assert "Cannot load" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("tensorflow_model_server") is None,
+                    reason="tensorflow_model_server is not on PATH (no Debian/PyPI package; install it or use "
+                           "the tensorflow/serving Docker image to run this test)")
+def test_tensorflow_serving_rest(trained):
+    model, x, base, _ = trained
+    port = _free_port()
+    server = subprocess.Popen(["tensorflow_model_server", f"--rest_api_port={port}", "--port=0",
+                               "--model_name=jem", f"--model_base_path={base}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rest_client = _load_client("rest_client")
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models/jem", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "server did not come up in 60 s"
+                time.sleep(0.5)
+        result = rest_client.predict(rest_client.images_body("classify", x[:2]), host="127.0.0.1", port=port)
+        np.testing.assert_allclose(result["predictions"][0]["logits"], model.predict(x[:1], verbose=0)[0], atol=1e-5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
