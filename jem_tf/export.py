@@ -82,9 +82,14 @@ def _image_checks(images, value_range):
         return tf.identity(images)
 
 
-def build_export_archive(model: JEM, *, ood_threshold: float, max_num_samples: int = 256,
-                         max_n_steps: int = 1000) -> keras.export.ExportArchive:
-    """The ``ExportArchive`` with the three signatures (see the module docstring)."""
+def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: int = 256,
+                         max_n_steps: int = 1000):
+    """``(module, signatures)`` for ``tf.saved_model.save``: a ``tf.Module`` that tracks the backbone's
+    variables only, and the three signatures (see the module docstring) plus ``serving_default``.
+
+    (``keras.export.ExportArchive`` would work too, but it checkpoints every variable twice, doubling
+    the export's size.)
+    """
     if not (isinstance(max_num_samples, int) and max_num_samples >= 1):
         raise ValueError(f"`max_num_samples` must be an int >= 1; received {max_num_samples!r}")
     if not (isinstance(max_n_steps, int) and max_n_steps >= 1):
@@ -143,20 +148,24 @@ def build_export_archive(model: JEM, *, ood_threshold: float, max_num_samples: i
             context=(labels,), n_steps=n_steps, step_size=step_size, noise_std=noise_std)
         return {"samples": samples, "energy": energy_lib.energy(logits_of(samples))}
 
-    archive = keras.export.ExportArchive()
-    archive.track(backbone)
-    # The first endpoint also becomes `serving_default`.
-    archive.add_endpoint("classify", classify, input_signature=[images_spec])
-    archive.add_endpoint("energy", energy, input_signature=[images_spec])
-    archive.add_endpoint("sample", sample, input_signature=[
-        tf.TensorSpec([], tf.int32, name="num_samples"),
-        tf.TensorSpec([], tf.int32, name="n_steps"),
-        tf.TensorSpec([], tf.int64, name="seed"),
-        tf.TensorSpec([], tf.int32, name="class_label"),
-        tf.TensorSpec([], tf.float32, name="step_size"),
-        tf.TensorSpec([], tf.float32, name="noise_std"),
-    ])
-    return archive
+    module = tf.Module(name="jem_serving")
+    # The tf.Variables behind the backbone's Keras variables: saved once, captured by the signatures.
+    module.backbone_variables = [variable.value for variable in backbone.variables]
+    classify_fn = tf.function(classify, input_signature=[images_spec]).get_concrete_function()
+    signatures = {
+        "serving_default": classify_fn,
+        "classify": classify_fn,
+        "energy": tf.function(energy, input_signature=[images_spec]).get_concrete_function(),
+        "sample": tf.function(sample, input_signature=[
+            tf.TensorSpec([], tf.int32, name="num_samples"),
+            tf.TensorSpec([], tf.int32, name="n_steps"),
+            tf.TensorSpec([], tf.int64, name="seed"),
+            tf.TensorSpec([], tf.int32, name="class_label"),
+            tf.TensorSpec([], tf.float32, name="step_size"),
+            tf.TensorSpec([], tf.float32, name="noise_std"),
+        ]).get_concrete_function(),
+    }
+    return module, signatures
 
 
 def export_saved_model(model: JEM, export_base: str, *, version: Optional[int] = None,
@@ -194,12 +203,12 @@ def export_saved_model(model: JEM, export_base: str, *, version: Optional[int] =
         ood = calibrate_ood_threshold(model, calibration_images, tpr=tpr)
     else:
         ood = {"threshold": float(ood_threshold), "tpr": None, "num_calibration_images": 0}
-    archive = build_export_archive(model, ood_threshold=ood["threshold"], max_num_samples=max_num_samples,
-                                   max_n_steps=max_n_steps)
+    module, signatures = build_serving_module(model, ood_threshold=ood["threshold"],
+                                              max_num_samples=max_num_samples, max_n_steps=max_n_steps)
     os.makedirs(export_base, exist_ok=True)
     tmp = os.path.join(export_base, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    archive.write_out(tmp, verbose=False)
+    tf.saved_model.save(module, tmp, signatures=signatures)
     low, high = model.value_range
     metadata = {
         "format": "jem-tf SavedModel for TensorFlow Serving",
