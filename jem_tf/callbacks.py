@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from typing import Optional
 
 import keras
@@ -97,47 +98,97 @@ class RotatingCheckpoint(keras.callbacks.Callback):
 
 
 class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``keras.callbacks.BackupAndRestore`` for single- and multi-worker training.
+    """``keras.callbacks.BackupAndRestore`` for single- and multi-worker training, with exact resume.
 
-    At the end of every epoch the chief writes the training state (weights, optimizer slots, replay
-    buffer, epoch) to ``backup_dir``, each file written to a temporary name and renamed into place;
-    on a restart every worker restores the same state from ``backup_dir`` (a directory all workers
-    can read, as for Keras's own multi-worker backups) and ``fit`` continues from the saved epoch.
-    Non-chief workers never write, so workers cannot overwrite each other's files. The backup is
-    deleted when training completes.
+    At the end of every epoch the chief writes the full training state (weights, optimizer slots and
+    step counter, replay buffer, seed state) to ``backup_dir/epoch_NNNN/`` (written under a temporary
+    name and renamed, so a kill never leaves a torn generation) and keeps the last ``keep``
+    generations. On a restart every worker restores the newest generation that loads (a truncated or
+    corrupt one is reported and skipped) from ``backup_dir``, a directory all workers can read, and
+    ``fit`` continues from the saved epoch. Non-chief workers never write. The backup is deleted
+    when training completes.
+
+    Call :meth:`restore` before ``fit`` to learn the epoch to resume from (e.g. to build that epoch's
+    data); otherwise ``on_train_begin`` restores.
 
     Args:
         backup_dir: Directory of the backup.
         is_chief: Whether this process writes the backup. Default True.
+        keep: Generations kept. Default 2.
         log: Callable used to report a resume (default ``print``).
     """
 
-    def __init__(self, backup_dir: str, *, is_chief: bool = True, log=print):
+    PATTERN = re.compile(r"^epoch_(\d+)$")
+    WEIGHTS = "state.weights.h5"
+    METADATA = "training_metadata.json"
+
+    def __init__(self, backup_dir: str, *, is_chief: bool = True, keep: int = 2, log=print):
         super().__init__(backup_dir, save_freq="epoch", double_checkpoint=False, delete_checkpoint=True)
+        if keep < 1:
+            raise ValueError(f"`keep` must be >= 1; received {keep!r}")
         self.is_chief = is_chief
+        self.keep = keep
         self.log = log
         self.resumed_from_epoch = None
+        self._restored = False
+
+    def generations(self):
+        """``(epoch, directory)`` of the complete generations, newest first."""
+        if not os.path.isdir(self.backup_dir):
+            return []
+        found = []
+        for name in os.listdir(self.backup_dir):
+            match = self.PATTERN.match(name)
+            if match:
+                found.append((int(match.group(1)), os.path.join(self.backup_dir, name)))
+        return sorted(found, reverse=True)
+
+    def restore(self, model: keras.Model) -> int:
+        """Loads the newest loadable generation into ``model``; returns its epoch (0: nothing to resume)."""
+        self._restored = True
+        if model.optimizer is not None and not model.optimizer.built:
+            with model.distribute_strategy.scope():
+                model.optimizer.build(model.trainable_variables)
+        for epoch, directory in self.generations():
+            try:
+                with open(os.path.join(directory, self.METADATA)) as f:
+                    metadata = json.load(f)
+                model.load_weights(os.path.join(directory, self.WEIGHTS))
+            except Exception as error:  # truncated/corrupt files raise OSError, ValueError, KeyError...
+                self.log(f"Backup {directory} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                         "trying the previous one.")
+                continue
+            self.resumed_from_epoch = int(metadata["epoch"])
+            model._initial_epoch = self.resumed_from_epoch  # what Keras's BackupAndRestore sets
+            self.log(f"Resuming from the backup in {directory}: {self.resumed_from_epoch} epoch(s) done, "
+                     f"optimizer step {int(model.optimizer.iterations.numpy())}.")
+            return self.resumed_from_epoch
+        return 0
 
     def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        epoch = getattr(self.model, "_initial_epoch", None)
-        if epoch:
-            self.resumed_from_epoch = int(epoch)
-            self.log(f"Resuming from the backup in {self.backup_dir}: {epoch} epoch(s) done, optimizer "
-                     f"step {int(self.model.optimizer.iterations.numpy())}.")
+        if not self._restored:
+            self.restore(self.model)
 
     def _save_model(self):
         if not self.is_chief:
             return
         os.makedirs(self.backup_dir, exist_ok=True)
-        tmp_weights = os.path.join(self.backup_dir, ".tmp.weights.h5")
-        self.model.save_weights(tmp_weights, overwrite=True)
-        tmp_metadata = os.path.join(self.backup_dir, ".tmp.training_metadata.json")
-        with open(tmp_metadata, "w") as f:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
-        os.replace(tmp_weights, self._weights_path)
-        os.replace(tmp_metadata, self._training_metadata_path)
+        name = f"epoch_{self._current_epoch:04d}"
+        tmp = os.path.join(self.backup_dir, f".tmp_{name}")
+        target = os.path.join(self.backup_dir, name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self.model.save_weights(os.path.join(tmp, self.WEIGHTS), overwrite=True)
+        with open(os.path.join(tmp, self.METADATA), "w") as f:
+            json.dump({"epoch": self._current_epoch,
+                       "optimizer_step": int(self.model.optimizer.iterations.numpy())}, f)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)  # atomic: a generation is complete or absent
+        for _, old in self.generations()[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def on_train_end(self, logs=None):
-        if self.is_chief:
-            super().on_train_end(logs)
+        # Kept when training stopped early (e.g. the stability guard gave up), so it can be resumed.
+        completed = self._current_epoch >= (self.params or {}).get("epochs", 0) and not self.model.stop_training
+        if self.is_chief and completed:
+            shutil.rmtree(self.backup_dir, ignore_errors=True)

@@ -68,6 +68,14 @@ class TrainConfig:
     sample_every_epochs: int = 5
     num_sample_images: int = 64
     checkpoints_to_keep: int = 3
+    # Stability guard (jem_tf.stability.StabilityGuard): detect divergence and roll back.
+    stability_guard: bool = True
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
+    rollback_extra_sgld_steps: int = 0
+    rollback_reset_buffer: bool = False
+    max_abs_energy: float = 1e4
+    max_energy_gap: float = 1e3
     # If set, export a SavedModel for TensorFlow Serving to EXPORT_DIR/<next version>/ at the end.
     export_dir: Optional[str] = None
 
@@ -88,10 +96,10 @@ class TrainConfig:
                       "checkpoints_to_keep", "sample_every_epochs"):
             if getattr(self, field) < 1:
                 fail(field, "an integer >= 1")
-        for field in ("warmup_steps", "cpu_devices"):
+        for field in ("warmup_steps", "cpu_devices", "max_rollbacks", "rollback_extra_sgld_steps"):
             if getattr(self, field) < 0:
                 fail(field, "an integer >= 0")
-        for field in ("learning_rate", "sgld_step_size", "decay_rate"):
+        for field in ("learning_rate", "sgld_step_size", "decay_rate", "max_abs_energy", "max_energy_gap"):
             if not getattr(self, field) > 0:
                 fail(field, "a number > 0")
         for field in ("weight_decay", "pyx_weight", "px_weight", "pxy_weight", "energy_l2_weight",
@@ -101,6 +109,8 @@ class TrainConfig:
         for field in ("dropout", "restart_prob"):
             if not 0.0 <= getattr(self, field) <= 1.0 or (field == "dropout" and self.dropout == 1.0):
                 fail(field, "in [0, 1)" if field == "dropout" else "in [0, 1]")
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            fail("rollback_lr_factor", "in (0, 1]")
         if not 0.0 <= self.validation_fraction < 1.0:
             fail("validation_fraction", "in [0, 1)")
         if self.sgld_grad_clip is not None and not self.sgld_grad_clip > 0:

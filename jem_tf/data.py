@@ -177,6 +177,8 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = 
         download: Let tfds download missing data. Default False.
         seed: Seed of the digits train/test split. Default 0.
     """
+    if data_dir is not None and not os.path.isdir(data_dir) and not download:
+        raise DataNotFoundError(f"--data-dir {data_dir!r} does not exist (or is not a directory).")
     if name == "digits":
         return load_digits(seed=seed)
     if name == "fashion_mnist":
@@ -225,6 +227,39 @@ def augment_images(images: tf.Tensor, *, kind: str, seed: tf.Tensor, pad: int = 
         flip = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 1], seed=flip_seed) < 0.5
         images = tf.where(flip, tf.reverse(images, axis=[2]), images)
     return images
+
+
+def make_epochs_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, first_epoch: int,
+                        num_epochs: int, augment: str = "none") -> tf.data.Dataset:
+    """The batches of epochs ``first_epoch .. num_epochs - 1`` in one dataset (use with ``fit(...,
+    initial_epoch=first_epoch, steps_per_epoch=ceil(len(x) / batch_size))``).
+
+    Epoch ``e``'s order is a stateless permutation seeded by ``(seed, e)`` and its augmentation is
+    seeded by ``(seed, e, batch)``, so a run resumed at any epoch sees exactly the data an
+    uninterrupted run sees.
+    """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"`batch_size` must be an int >= 1; received {batch_size!r}")
+    if not 0 <= first_epoch <= num_epochs:
+        raise ValueError(f"`first_epoch` must be in [0, num_epochs={num_epochs}]; received {first_epoch!r}")
+    images, labels, count = tf.constant(x), tf.constant(y), len(x)
+    base = tf.constant(seed, tf.int64)
+
+    def one_epoch(epoch):
+        order = tf.argsort(tf.random.stateless_uniform([count], seed=tf.stack([base, epoch])))
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+
+        def gather(index, batch):
+            batch_images = tf.gather(images, batch)
+            if augment != "none":
+                augment_seed = tf.random.experimental.stateless_fold_in(tf.stack([base, epoch]), index)
+                batch_images = augment_images(batch_images, kind=augment, seed=augment_seed)
+            return batch_images, tf.gather(labels, batch)
+
+        return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    dataset = tf.data.Dataset.range(first_epoch, num_epochs).flat_map(one_epoch)
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool, seed: int = 0,

@@ -29,6 +29,21 @@ def _static_shape_tuple(shape) -> Optional[tuple]:
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")
+class SeedState(keras.layers.Layer):
+    """Holds ``reseeds``, a saved counter folded into every training seed. Incrementing it (e.g. after a
+    divergence rollback) gives the run fresh random numbers while staying reproducible."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.reseeds = self.add_weight(name="reseeds", shape=(), dtype="int64", initializer="zeros",
+                                       trainable=False, aggregation="only_first_replica")
+        self.built = True
+
+    def call(self, inputs=None):
+        raise NotImplementedError("SeedState is not called.")
+
+
+@keras.saving.register_keras_serializable(package="jem_tf")
 class JEM(keras.Model):
     """Joint Energy-based Model around a classifier ``backbone`` that outputs logits.
 
@@ -163,6 +178,10 @@ class JEM(keras.Model):
         self.e_sample_tracker = keras.metrics.Mean(name="e_sample")
         self.energy_gap_tracker = keras.metrics.Mean(name="energy_gap")
         self.sgld_grad_norm_tracker = keras.metrics.Mean(name="sgld_grad_norm")
+        # Largest |x| of the SGLD samples, averaged over steps: samples leaving the data range signal
+        # a diverging sampler.
+        self.sample_abs_max_tracker = keras.metrics.Mean(name="sample_abs_max")
+        self.seed_state = SeedState(name="seed_state")
         self._sample_fn = None
         self.build((None,) + self.image_shape)
 
@@ -176,7 +195,8 @@ class JEM(keras.Model):
     def metrics(self):
         metrics = [self.loss_tracker, self.ce_tracker, self.accuracy_metric, self.e_data_tracker]
         if self.samples_contrastive:
-            metrics += [self.e_sample_tracker, self.energy_gap_tracker, self.sgld_grad_norm_tracker]
+            metrics += [self.e_sample_tracker, self.energy_gap_tracker, self.sgld_grad_norm_tracker,
+                        self.sample_abs_max_tracker]
         return metrics
 
     def build(self, input_shape):
@@ -209,13 +229,20 @@ class JEM(keras.Model):
 
     # ----------------------------------------------------------------------------- randomness
     def _step_seed(self, salt: int) -> tf.Tensor:
-        """A stateless seed from (base seed, optimizer step, salt): reproducible and resumable (the
-        step is saved with the optimizer). It is the same on every replica: random numbers are drawn
-        for the global batch and each replica keeps its own rows (see :mod:`jem_tf.distribution`)."""
+        """A stateless seed from (base seed, reseed count, optimizer step, salt): reproducible and
+        resumable (the step is saved with the optimizer, the reseed count with the model). It is the
+        same on every replica: random numbers are drawn for the global batch and each replica keeps its
+        own rows (see :mod:`jem_tf.distribution`)."""
         seed = tf.constant([self.seed, 0], tf.int64)
-        for value in (tf.cast(self.optimizer.iterations, tf.int64), salt):
+        for value in (self.seed_state.reseeds.value, tf.cast(self.optimizer.iterations, tf.int64), salt):
             seed = tf.random.experimental.stateless_fold_in(seed, value)
         return seed
+
+    def reseed(self) -> int:
+        """Moves training onto fresh random numbers (data noise, buffer draws, SGLD); returns the new
+        reseed count. Used after a divergence rollback."""
+        self.seed_state.reseeds.assign_add(1)
+        return int(self.seed_state.reseeds.numpy())
 
     # ----------------------------------------------------------------------------- validation
     def _prepare_batch(self, x, y):
@@ -249,6 +276,7 @@ class JEM(keras.Model):
             tol = _RANGE_TOLERANCE * (high - low)
             x_min, x_max = tf.reduce_min(x), tf.reduce_max(x)
             checks = [
+                tf.debugging.assert_all_finite(x, message="Images contain NaN or infinite values."),
                 tf.debugging.assert_greater_equal(
                     x_min, low - tol, message=f"Images must lie in [{low}, {high}]; found a minimum of"),
                 tf.debugging.assert_less_equal(
@@ -413,6 +441,8 @@ class JEM(keras.Model):
         if self.px_weight > 0:
             self.e_sample_tracker.update_state(e_sample)
             self.energy_gap_tracker.update_state(energy_gap)
+        if len(inputs) > 1:
+            self.sample_abs_max_tracker.update_state(tf.reduce_max(tf.abs(tf.concat(inputs[1:], axis=0))))
         if grad_norms:
             self.sgld_grad_norm_tracker.update_state(tf.concat(grad_norms, axis=0))
         return self._logs(self.metrics)

@@ -66,3 +66,33 @@ class WarmupPiecewiseSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "decay_boundaries": list(self.decay_boundaries),
             "decay_rate": self.decay_rate,
         }
+
+
+@keras.saving.register_keras_serializable(package="jem_tf")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """``factor * schedule(step)``: how :class:`jem_tf.stability.StabilityGuard` lowers the learning
+    rate of a scheduled optimizer after a divergence (saved with the optimizer, so a resumed run keeps
+    the lowered rate).
+
+    Args:
+        schedule: A ``LearningRateSchedule`` (or its serialized config).
+        factor: Multiplier, > 0.
+    """
+
+    def __init__(self, schedule, factor: float):
+        if isinstance(schedule, dict):
+            schedule = keras.saving.deserialize_keras_object(schedule)
+        if not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            raise ValueError(f"`schedule` must be a LearningRateSchedule; received {schedule!r}")
+        if not factor > 0:
+            raise ValueError(f"`factor` must be > 0; received {factor!r}")
+        if isinstance(schedule, ScaledSchedule):  # keep one level: scale the inner schedule
+            schedule, factor = schedule.schedule, schedule.factor * factor
+        self.schedule = schedule
+        self.factor = float(factor)
+
+    def __call__(self, step):
+        return self.factor * tf.cast(self.schedule(step), tf.float32)
+
+    def get_config(self) -> dict:
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "factor": self.factor}

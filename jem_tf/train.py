@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from jem_tf import config as config_lib
 from jem_tf.data import DataNotFoundError
+from jem_tf.stability import TrainingDiverged
 from jem_tf.training import train_and_evaluate
 
 DEFAULT_RECIPE = "digits"
@@ -113,6 +114,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DataNotFoundError as error:
         print(f"python -m jem_tf.train: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"python -m jem_tf.train: error: {error} The last good epoch is in {workdir}/backup; rerun "
+              "with changed settings to resume from it.", file=sys.stderr)
+        return 1
     print(f"test_accuracy={metrics['test_accuracy']:.4f} "
           f"({metrics['num_test']} test images); wrote {workdir}/")
     return 0

@@ -14,13 +14,15 @@ import numpy as np
 from jem_tf import energy as energy_lib
 from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
-from jem_tf.data import PREPROCESSING, ImageDataset, load_dataset, make_dataset, split_validation
+from jem_tf.data import (PREPROCESSING, ImageDataset, load_dataset, make_dataset, make_epochs_dataset,
+                         split_validation)
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.export import export_saved_model
 from jem_tf.jem import JEM
 from jem_tf.networks import build_backbone
 from jem_tf.schedules import WarmupPiecewiseSchedule
 from jem_tf.sgld import SGLDSampler
+from jem_tf.stability import StabilityGuard
 
 MODEL_FILE = "model.keras"
 METRICS_FILE = "metrics.json"
@@ -122,8 +124,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
     (x_train, y_train), validation = _prepare_splits(config, data)
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
-    train_ds = make_dataset(x_train, y_train, batch_size=config.batch_size, shuffle=True, seed=config.seed,
-                            augment=config.augment)
     val_ds = None
     if validation is not None:
         val_ds = make_dataset(*validation, batch_size=max(config.batch_size, 256), shuffle=False)
@@ -132,8 +132,30 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         model = build_jem(config, image_shape=data.image_shape, num_classes=data.num_classes)
         model.compile(optimizer=build_optimizer(config, steps_per_epoch=steps_per_epoch))
 
+    # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that
+    # the data pipeline can start at the right epoch.
+    backup = ChiefBackupAndRestore(os.path.join(workdir, "backup"), is_chief=chief)
+    initial_epoch = backup.restore(model)
+    if config.strategy == "multi_worker":
+        # Element-sharded across workers; on resume the model state is exact but the data order of the
+        # remaining epochs differs from an uninterrupted run.
+        train_ds = make_dataset(x_train, y_train, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                                augment=config.augment)
+        epoch_steps = None
+    else:
+        train_ds = make_epochs_dataset(x_train, y_train, batch_size=config.batch_size, seed=config.seed,
+                                       first_epoch=initial_epoch, num_epochs=config.epochs, augment=config.augment)
+        epoch_steps = steps_per_epoch
+
     log_dir = os.path.join(workdir, "logs")
-    callbacks = [ChiefBackupAndRestore(os.path.join(workdir, "backup"), is_chief=chief)]
+    callbacks = [backup]
+    guard = None
+    if config.stability_guard:
+        guard = StabilityGuard(max_abs_energy=config.max_abs_energy, max_energy_gap=config.max_energy_gap,
+                               max_rollbacks=config.max_rollbacks, lr_factor=config.rollback_lr_factor,
+                               extra_sgld_steps=config.rollback_extra_sgld_steps,
+                               reset_buffer=config.rollback_reset_buffer, log_dir=log_dir if chief else None)
+        callbacks.insert(0, guard)  # before the backup, so that a rolled-back epoch is what gets saved
     if chief:
         callbacks += [
             keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
@@ -144,9 +166,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         ]
     start = time.time()
     # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to datasets.
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                        verbose=verbose, shuffle=False)
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                        steps_per_epoch=epoch_steps, callbacks=callbacks, verbose=verbose, shuffle=False)
     train_seconds = time.time() - start
+    if guard is not None:
+        guard.raise_if_failed()  # the backup of the last good epoch stays in WORKDIR/backup
     if chief:
         model.save(os.path.join(workdir, MODEL_FILE))
 
@@ -166,8 +190,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         "steps": int(model.optimizer.iterations.numpy()),
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / max(1, int(model.optimizer.iterations.numpy())),
-        "final_train": {k: float(v[-1]) for k, v in history.history.items() if not k.startswith("val_")},
-        "final_validation": {k[4:]: float(v[-1]) for k, v in history.history.items() if k.startswith("val_")},
+        "resumed_from_epoch": initial_epoch,
+        "rollbacks": guard.rollbacks if guard is not None else [],
+        "final_train": {k: float(np.ravel(v[-1])[0]) for k, v in history.history.items()
+                        if v and not k.startswith("val_")},
+        "final_validation": {k[4:]: float(np.ravel(v[-1])[0]) for k, v in history.history.items()
+                             if v and k.startswith("val_")},
     }
     if model.samples_contrastive:
         # Mean energy of the replay buffer's chains vs. the test data: close when p(x) is fitted.

@@ -17,7 +17,8 @@ def test_fit_on_numpy_and_dataset_tracks_jem_metrics(tiny_data):
     x, y = tiny_data
     model = tiny_jem()
     history = model.fit(x, y, batch_size=32, epochs=2, verbose=0)
-    assert set(history.history) == {"loss", "ce", "accuracy", "e_data", "e_sample", "energy_gap", "sgld_grad_norm"}
+    assert set(history.history) == {"loss", "ce", "accuracy", "e_data", "e_sample", "energy_gap", "sgld_grad_norm",
+                                   "sample_abs_max"}
     assert history.history["ce"][-1] < history.history["ce"][0]
     assert int(model.optimizer.iterations) == 6
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
