@@ -114,14 +114,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     # First: splitting the CPU into logical devices must happen before TensorFlow initialises.
     strategy = make_strategy(config.strategy, devices=config.devices, cpu_devices=config.cpu_devices)
     chief = is_chief(strategy)
+    keras.utils.set_random_seed(config.seed)
+    if data is None:
+        data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
+    # Written once the inputs are known to be good, so a bad invocation never touches a run's files.
     if chief:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
-    keras.utils.set_random_seed(config.seed)
-
-    if data is None:
-        data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
     (x_train, y_train), validation = _prepare_splits(config, data)
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     val_ds = None
