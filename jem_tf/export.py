@@ -21,7 +21,6 @@ input spec, preprocessing, OOD calibration and sampling bounds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ import tensorflow as tf
 
 import jem_tf
 from jem_tf import energy as energy_lib
+from jem_tf.cli import OneLineErrorParser
 from jem_tf.jem import JEM
 from jem_tf.sgld import SGLDSampler
 
@@ -240,11 +240,6 @@ def export_saved_model(model: JEM, export_base: str, *, version: Optional[int] =
 
 
 # --------------------------------------------------------------------------------------------- CLI
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _load_for_export(model_path: str):
     """``(model, config or None)`` from a training work directory or a ``.keras`` file."""
     from jem_tf.config import TrainConfig
@@ -283,7 +278,7 @@ def calibration_split(dataset_name: str, *, data_dir=None, seed: int = 0, valida
 def main(argv: Optional[List[str]] = None) -> int:
     from jem_tf.data import DATASETS, PREPROCESSING, DataNotFoundError
 
-    parser = _OneLineErrorParser(prog="python -m jem_tf.export",
+    parser = OneLineErrorParser(prog="python -m jem_tf.export",
                                  description="Export a trained JEM as a SavedModel for TensorFlow Serving.")
     parser.add_argument("--model", required=True, help="training work directory or .keras file")
     parser.add_argument("--export-dir", required=True, help="TF Serving model base path; writes EXPORT_DIR/<version>/")

@@ -1,0 +1,91 @@
+"""Command-line helpers shared by ``jem_tf.train``, ``jem_tf.tune`` and ``jem_tf.export``: one-line
+errors with exit code 2, and one flag per :class:`jem_tf.config.TrainConfig` field."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import List
+
+from jem_tf import config as config_lib
+
+DEFAULT_RECIPE = "digits"
+_NONE_WORDS = ("none", "null")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports errors as one line on stderr and exits with code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parser_for(annotation):
+    """An argparse ``type`` for a config field's annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union and type(None) in args:  # Optional[X]
+        inner = _parser_for(next(a for a in args if a is not type(None)))
+
+        def parse_optional(text):
+            return None if text.lower() in _NONE_WORDS else inner(text)
+
+        parse_optional.__name__ = getattr(inner, "__name__", "value")
+        return parse_optional
+    if origin in (list, List):
+        item = _parser_for(args[0])
+
+        def parse_list(text):
+            return [item(t) for t in text.split(",") if t.strip()] if text.strip() else []
+
+        parse_list.__name__ = f"comma-separated {getattr(item, '__name__', 'value')} list"
+        return parse_list
+    if annotation is bool:
+        _parse_bool.__name__ = "bool"
+        return _parse_bool
+    return annotation
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--recipe`` and one override flag per :class:`TrainConfig` field (shared with ``jem_tf.tune``)."""
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"recipe name in trainers/ ({', '.join(config_lib.available_recipes())}) "
+                             "or path to a JSON recipe (default: %(default)s)")
+    overrides = parser.add_argument_group("recipe overrides (any config field)")
+    defaults = config_lib.TrainConfig()
+    for name, annotation in config_lib.field_types().items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"(default from recipe; built-in default {getattr(defaults, name)!r})"
+        if name == "batch_size":
+            help_text = "global batch size, split over all replicas " + help_text
+        if name == "cpu_devices":
+            help_text = "split the CPU into N logical devices, e.g. to try --strategy mirrored " + help_text
+        if name == "devices":
+            help_text = "devices for --strategy mirrored, comma-separated (default: all GPUs) " + help_text
+        if name == "strategy":
+            overrides.add_argument(flag, dest=name, choices=config_lib.STRATEGIES, default=None, help=help_text)
+            continue
+        overrides.add_argument(flag, dest=name, type=_parser_for(annotation), default=None, help=help_text)
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The recipe named by ``args.recipe`` with the override flags applied; bad values exit with code 2."""
+    try:
+        config = config_lib.load_recipe(args.recipe)
+        overrides = {name: getattr(args, name) for name in config_lib.field_names()
+                     if getattr(args, name) is not None}
+        return config.replace(**overrides).validate()
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def recipe_name(recipe: str) -> str:
+    return recipe.rsplit("/", 1)[-1].removesuffix(".json")

@@ -1,0 +1,56 @@
+"""Command line: ``python -m jem_tf.tune --recipe NAME [--tuner random|hyperband|bayesian|grid] [--max-trials N]
+[--directory DIR] [--FIELD VALUE ...]``: a keras-tuner search over JEM's sensitive settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name
+from jem_tf.data import DataNotFoundError, load_dataset
+from jem_tf.tuning import OBJECTIVES, TUNERS, run_search, search_space
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = OneLineErrorParser(prog="python -m jem_tf.tune",
+                                description="Hyperparameter search for a JEM recipe with keras-tuner.")
+    parser.add_argument("--tuner", choices=TUNERS, default="random")
+    parser.add_argument("--max-trials", type=int, default=10)
+    parser.add_argument("--directory", default=None, help="search directory (default: runs/tune-<recipe>)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="val_accuracy",
+                        help="val_accuracy, or combined = val_accuracy + OOD AUROC of log p(x) vs uniform noise")
+    parser.add_argument("--space", default=None,
+                        help="JSON file of search-space overrides: {name: {type, min, max[, sampling|step]} | "
+                             "{type: choice, values: [...]} | null}")
+    parser.add_argument("--fix", default="", help="comma-separated hyperparameters to keep at the recipe's value")
+    parser.add_argument("--save-buffers", action="store_true", help="keep each trial's replay buffer in its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming the search")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0)
+    add_recipe_arguments(parser)
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, args)
+    if args.max_trials < 1:
+        parser.error(f"--max-trials must be >= 1; received {args.max_trials}")
+    directory = args.directory or f"runs/tune-{recipe_name(args.recipe)}"
+    try:
+        overrides = None
+        if args.space:
+            with open(args.space) as f:
+                overrides = json.load(f)
+        space = search_space(overrides, fixed=[n.strip() for n in args.fix.split(",") if n.strip()])
+        data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
+        summary = run_search(config, data, directory=directory, kind=args.tuner, max_trials=args.max_trials,
+                             objective=args.objective, space=space, save_buffers=args.save_buffers,
+                             overwrite=args.overwrite, verbose=args.verbose)
+    except (ValueError, OSError, DataNotFoundError) as error:
+        parser.error(str(error))
+    best = summary["best"]
+    print(f"{summary['num_trials']} trials ({summary['num_failed']} failed) in {summary['wall_seconds']:.0f} s; "
+          + (f"best {summary['objective']} = {best['score']:.4f} with {best['hyperparameters']}; "
+             f"recipe: {directory}/best_recipe.json" if best else "no trial completed"))
+    return 0 if best else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Hyperparameter search with keras-tuner: ``build_hypermodel`` and ``run_search``.
+
+The search space covers what JEM is sensitive to (SGLD step size, noise and steps, buffer restart
+probability, learning rate, p(x) weight, L2 energy weight, warm-up). Every trial trains with the
+stability guard; a trial that diverges beyond its rollbacks is recorded as *failed* (keras-tuner's
+``FailedTrialError``) and the search goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Dict, Optional
+
+import keras
+import keras_tuner
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from jem_tf import energy as energy_lib
+from jem_tf.config import TrainConfig, field_names
+from jem_tf.data import ImageDataset, make_dataset, make_epochs_dataset, split_validation
+from jem_tf.distribution import make_strategy
+from jem_tf.stability import StabilityGuard
+from jem_tf.training import build_jem, build_optimizer
+
+TUNERS = ("random", "hyperband", "bayesian", "grid")
+OBJECTIVES = ("val_accuracy", "combined")
+
+# name -> spec. "float"/"int": a range (log sampling where marked); "choice": a list of values.
+DEFAULT_SEARCH_SPACE: Dict[str, dict] = {
+    "sgld_step_size": {"type": "float", "min": 0.1, "max": 3.0, "sampling": "log"},
+    "sgld_noise_std": {"type": "float", "min": 0.001, "max": 0.05, "sampling": "log"},
+    "sgld_steps": {"type": "int", "min": 5, "max": 40, "step": 5},
+    "restart_prob": {"type": "float", "min": 0.01, "max": 0.1, "sampling": "log"},
+    "learning_rate": {"type": "float", "min": 1e-4, "max": 3e-3, "sampling": "log"},
+    "px_weight": {"type": "float", "min": 0.1, "max": 1.0},
+    "energy_l2_weight": {"type": "choice", "values": [0.0, 0.01, 0.1]},
+    "warmup_steps": {"type": "choice", "values": [0, 100, 1000]},
+}
+
+
+def search_space(overrides: Optional[dict] = None, fixed=()) -> Dict[str, dict]:
+    """The default space with ``overrides`` (name -> spec, or ``None`` to drop a name) applied and the
+    names in ``fixed`` removed (they keep the recipe's value)."""
+    space = copy.deepcopy(DEFAULT_SEARCH_SPACE)
+    for name, spec in (overrides or {}).items():
+        if name not in field_names():
+            raise ValueError(f"Search space entry {name!r} is not a config field.")
+        if spec is None:
+            space.pop(name, None)
+            continue
+        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "choice"):
+            raise ValueError(f"Search space entry {name!r} must be a dict with type float, int or choice; "
+                             f"received {spec!r}")
+        space[name] = spec
+    for name in fixed:
+        if name not in space:
+            raise ValueError(f"Cannot fix {name!r}: it is not in the search space ({', '.join(space)}).")
+        space.pop(name)
+    return space
+
+
+def _hyperparameter(hp: keras_tuner.HyperParameters, name: str, spec: dict):
+    if spec["type"] == "choice":
+        return hp.Choice(name, spec["values"])
+    if spec["type"] == "int":
+        return hp.Int(name, spec["min"], spec["max"], step=spec.get("step", 1))
+    return hp.Float(name, spec["min"], spec["max"], sampling=spec.get("sampling", "linear"))
+
+
+def ood_auroc(model, in_distribution: np.ndarray, *, seed: int = 0) -> float:
+    """AUROC of ``log p(x)`` separating ``in_distribution`` (positive) from as many uniform-noise images."""
+    noise = np.random.default_rng(seed).uniform(*model.value_range, size=in_distribution.shape).astype("float32")
+    scores = [energy_lib.log_px(model.predict(x, batch_size=512, verbose=0)).numpy() for x in (in_distribution, noise)]
+    labels = np.concatenate([np.ones(len(in_distribution)), np.zeros(len(noise))])
+    return float(roc_auc_score(labels, np.concatenate(scores)))
+
+
+class BestEpochCheckpoint(keras.callbacks.Callback):
+    """Saves a trial's best epoch (by ``objective``): the backbone's weights only, or the whole JEM with
+    its replay buffer when ``include_buffer``."""
+
+    def __init__(self, filepath: str, objective: keras_tuner.Objective, include_buffer: bool = False):
+        super().__init__()
+        self.filepath, self.objective, self.include_buffer = filepath, objective, include_buffer
+        self.best = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.objective.name)
+        if value is None or not np.isfinite(value):
+            return
+        if self.best is None or self.objective.better_than(value, self.best):
+            self.best = value
+            target = self.model if self.include_buffer else self.model.backbone
+            target.save_weights(self.filepath)
+
+
+class JEMHyperModel(keras_tuner.HyperModel):
+    """A keras-tuner ``HyperModel`` of JEMs around a base :class:`TrainConfig`.
+
+    Args:
+        base_config: The recipe; hyperparameters override its fields.
+        data: The dataset (train split is split again into train/validation by the recipe).
+        space: Search space (see :func:`search_space`).
+        objective: ``"val_accuracy"`` or ``"combined"`` (validation accuracy + OOD AUROC of log p(x)
+            against uniform noise; for users who care about the density).
+        save_buffers: Keep each trial's replay buffer in its checkpoint. Default False (it is large).
+        verbose: Keras ``fit`` verbosity inside trials.
+    """
+
+    def __init__(self, base_config: TrainConfig, data: ImageDataset, *, space: Optional[Dict[str, dict]] = None,
+                 objective: str = "val_accuracy", save_buffers: bool = False, verbose=0):
+        super().__init__(name="jem")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {OBJECTIVES}; received {objective!r}")
+        if base_config.validation_fraction <= 0:
+            raise ValueError("Tuning needs a validation split: validation_fraction must be > 0.")
+        self.base_config = base_config.validate()
+        self.space = search_space() if space is None else space
+        self.objective = objective
+        self.save_buffers = save_buffers
+        self.verbose = verbose
+        self.data = data
+        (self.x_train, self.y_train), (self.x_val, self.y_val) = split_validation(
+            data.x_train, data.y_train, fraction=base_config.validation_fraction, seed=base_config.seed)
+
+    @property
+    def keras_objective(self) -> keras_tuner.Objective:
+        return keras_tuner.Objective("val_accuracy" if self.objective == "val_accuracy" else "score", "max")
+
+    def config_for(self, hp: keras_tuner.HyperParameters) -> TrainConfig:
+        """The base config with ``hp``'s values."""
+        values = {name: _hyperparameter(hp, name, spec) for name, spec in self.space.items()}
+        return self.base_config.replace(**values).validate()
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.x_train) / self.base_config.batch_size)
+
+    def build(self, hp):
+        config = self.config_for(hp)
+        model = build_jem(config, image_shape=self.data.image_shape, num_classes=self.data.num_classes)
+        model.compile(optimizer=build_optimizer(config, steps_per_epoch=self.steps_per_epoch()))
+        return model
+
+    def load_checkpoint(self, model, filepath: str):
+        (model if self.save_buffers else model.backbone).load_weights(filepath)
+        return model
+
+    def fit(self, hp, model, *args, callbacks=(), epochs=None, initial_epoch=0, **kwargs):
+        config = self.config_for(hp)
+        epochs = config.epochs if epochs is None else epochs
+        own_callbacks = []
+        for callback in callbacks:
+            # The tuner's best-epoch checkpoint would store the whole model; ours can leave out the buffer.
+            if type(callback).__name__ == "SaveBestEpoch":
+                callback = BestEpochCheckpoint(callback.filepath, self.keras_objective, self.save_buffers)
+            own_callbacks.append(callback)
+        messages = []
+        guard = StabilityGuard(max_abs_energy=config.max_abs_energy, max_energy_gap=config.max_energy_gap,
+                               max_rollbacks=config.max_rollbacks, lr_factor=config.rollback_lr_factor,
+                               extra_sgld_steps=config.rollback_extra_sgld_steps,
+                               reset_buffer=config.rollback_reset_buffer, log=messages.append)
+        if self.objective == "combined":
+            own_callbacks.insert(0, _CombinedScore(self))
+        train = make_epochs_dataset(self.x_train, self.y_train, batch_size=config.batch_size, seed=config.seed,
+                                    first_epoch=initial_epoch, num_epochs=epochs, augment=config.augment)
+        validation = make_dataset(self.x_val, self.y_val, batch_size=max(256, config.batch_size), shuffle=False)
+        history = model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
+                            steps_per_epoch=self.steps_per_epoch(), callbacks=[guard] + own_callbacks,
+                            verbose=self.verbose, shuffle=False)
+        if guard.failure is not None:
+            raise keras_tuner.errors.FailedTrialError(guard.failure)
+        results = {name: float(values[-1]) for name, values in history.history.items() if values}
+        if not np.isfinite(results.get(self.keras_objective.name, np.nan)):
+            raise keras_tuner.errors.FailedTrialError(f"non-finite objective: {results}")
+        results["rollbacks"] = float(len(guard.rollbacks))
+        return results
+
+
+class _CombinedScore(keras.callbacks.Callback):
+    """Adds ``val_ood_auroc`` and ``score = val_accuracy + val_ood_auroc`` to each epoch's logs."""
+
+    def __init__(self, hypermodel: JEMHyperModel):
+        super().__init__()
+        self.hypermodel = hypermodel
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or "val_accuracy" not in logs:
+            return
+        auroc = ood_auroc(self.model, self.hypermodel.x_val, seed=self.hypermodel.base_config.seed)
+        logs["val_ood_auroc"] = auroc
+        logs["score"] = float(logs["val_accuracy"]) + auroc
+
+
+def build_hypermodel(base_config: TrainConfig, data: ImageDataset, **kwargs) -> JEMHyperModel:
+    """A :class:`JEMHyperModel` (see there for the arguments).
+
+    Example:
+        >>> hypermodel = build_hypermodel(load_recipe("digits"), load_dataset("digits"))
+        >>> tuner = keras_tuner.RandomSearch(hypermodel, objective=hypermodel.keras_objective, max_trials=10)
+    """
+    return JEMHyperModel(base_config, data, **kwargs)
+
+
+def _tuner_class(kind: str):
+    base = {"random": keras_tuner.RandomSearch, "hyperband": keras_tuner.Hyperband,
+            "bayesian": keras_tuner.BayesianOptimization, "grid": keras_tuner.GridSearch}[kind]
+
+    class JEMTuner(base):
+        def load_model(self, trial):
+            model = self._try_build(trial.hyperparameters)
+            return self.hypermodel.load_checkpoint(model, self._get_checkpoint_fname(trial.trial_id))
+
+    JEMTuner.__name__ = f"JEM{base.__name__}"
+    return JEMTuner
+
+
+def make_tuner(hypermodel: JEMHyperModel, *, kind: str = "random", max_trials: int = 10, directory: str,
+               project_name: str = "jem", seed: int = 0, strategy=None, overwrite: bool = False):
+    """A keras-tuner tuner of ``kind`` (random, hyperband, bayesian, grid) that can resume a search
+    in ``directory`` (``overwrite=False``) and reloads trial models from their (buffer-less) checkpoints."""
+    if kind not in TUNERS:
+        raise ValueError(f"Unknown tuner {kind!r}; expected one of {TUNERS}.")
+    if not (isinstance(max_trials, int) and max_trials >= 1):
+        raise ValueError(f"`max_trials` must be an int >= 1; received {max_trials!r}")
+    kwargs = dict(objective=hypermodel.keras_objective, directory=directory, project_name=project_name, seed=seed,
+                  overwrite=overwrite, distribution_strategy=strategy, max_consecutive_failed_trials=max_trials)
+    if kind == "hyperband":
+        kwargs.update(max_epochs=hypermodel.base_config.epochs, factor=3)
+    else:
+        kwargs.update(max_trials=max_trials)
+    return _tuner_class(kind)(hypermodel, **kwargs)
+
+
+def summarize(tuner, hypermodel: JEMHyperModel, directory: str, *, wall_seconds: float) -> dict:
+    """Writes ``summary.json`` (per-trial table, best hyperparameters) and ``best_recipe.json`` (the base
+    recipe with the best values, for ``python -m jem_tf.train --recipe``); returns the summary."""
+    objective = hypermodel.keras_objective.name
+    trials = []
+    for trial in tuner.oracle.trials.values():
+        metrics = {name: trial.metrics.get_last_value(name) for name in trial.metrics.metrics}
+        trials.append({"trial_id": trial.trial_id, "status": trial.status, "score": trial.score,
+                       "hyperparameters": trial.hyperparameters.values, "metrics": metrics,
+                       "message": getattr(trial, "message", None)})
+    completed = [t for t in trials if t["status"] == "COMPLETED" and t["score"] is not None]
+    best = max(completed, key=lambda t: t["score"]) if completed else None
+    summary = {"objective": objective, "tuner": type(tuner).__name__, "wall_seconds": wall_seconds,
+               "num_trials": len(trials), "num_failed": sum(t["status"] == "FAILED" for t in trials),
+               "best": best, "search_space": hypermodel.space, "trials": trials}
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    if best is not None:
+        recipe = dataclasses.asdict(hypermodel.base_config)
+        recipe.update(best["hyperparameters"])
+        recipe["description"] = (f"Best of {len(trials)} {type(tuner).__name__} trials "
+                                 f"({objective} = {best['score']:.4f}); base: {hypermodel.base_config.description}")
+        with open(os.path.join(directory, "best_recipe.json"), "w") as f:
+            json.dump(recipe, f, indent=2)
+    return summary
+
+
+def run_search(base_config: TrainConfig, data: ImageDataset, *, directory: str, kind: str = "random",
+               max_trials: int = 10, objective: str = "val_accuracy", space=None, save_buffers: bool = False,
+               overwrite: bool = False, verbose=0) -> dict:
+    """Runs (or resumes) a search and writes its summary; see :func:`summarize`."""
+    strategy = make_strategy(base_config.strategy, devices=base_config.devices, cpu_devices=base_config.cpu_devices)
+    hypermodel = build_hypermodel(base_config, data, space=space, objective=objective, save_buffers=save_buffers,
+                                  verbose=verbose)
+    tuner = make_tuner(hypermodel, kind=kind, max_trials=max_trials, directory=directory, seed=base_config.seed,
+                       strategy=None if base_config.strategy == "default" else strategy, overwrite=overwrite)
+    start = time.time()
+    tuner.search()
+    return summarize(tuner, hypermodel, directory, wall_seconds=time.time() - start)

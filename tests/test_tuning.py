@@ -1,0 +1,122 @@
+"""keras-tuner search over JEM settings: tiny searches on a digits subset."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jem_tf.config import TrainConfig, load_recipe
+from jem_tf.data import ImageDataset, load_digits
+from jem_tf.training import train_and_evaluate
+from jem_tf.tuning import build_hypermodel, make_tuner, run_search, search_space
+
+FIXED = ["sgld_step_size", "sgld_noise_std", "sgld_steps", "restart_prob", "px_weight", "energy_l2_weight",
+         "warmup_steps"]
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    d = load_digits(seed=0)
+    return ImageDataset("digits", d.x_train[:400], d.y_train[:400], d.x_test[:100], d.y_test[:100], 10)
+
+
+def _config(**overrides):
+    values = dict(epochs=2, width=4, sgld_steps=2, buffer_size=200, batch_size=64, warmup_steps=10,
+                  max_rollbacks=0, num_sample_images=4)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(small_digits, tmp_path):
+    # Grid over two learning rates: 1e3 diverges at once (no rollbacks allowed), 3e-3 trains.
+    space = search_space({"learning_rate": {"type": "choice", "values": [1e3, 3e-3]}}, fixed=FIXED)
+    directory = str(tmp_path / "search")
+    summary = run_search(_config(), small_digits, directory=directory, kind="grid", max_trials=4, space=space)
+    assert summary["num_trials"] == 2 and summary["num_failed"] == 1
+    failed = next(t for t in summary["trials"] if t["status"] == "FAILED")
+    assert failed["hyperparameters"] == {"learning_rate": 1000.0} and "training diverged" in failed["message"]
+    assert summary["best"]["hyperparameters"] == {"learning_rate": 0.003}
+    assert 0.0 <= summary["best"]["score"] <= 1.0
+    saved = json.load(open(os.path.join(directory, "summary.json")))
+    assert saved["num_failed"] == 1 and len(saved["trials"]) == 2
+
+    # The best recipe is a train recipe: it loads and trains.
+    recipe = load_recipe(os.path.join(directory, "best_recipe.json"))
+    assert recipe.learning_rate == 0.003 and recipe.width == 4
+    metrics = train_and_evaluate(recipe.replace(epochs=1), str(tmp_path / "train"), verbose=0, data=small_digits)
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+
+    # Resumable: rerunning with overwrite=False finds the finished trials and runs none again.
+    again = run_search(_config(), small_digits, directory=directory, kind="grid", max_trials=4, space=space)
+    assert again["num_trials"] == 2 and again["wall_seconds"] < 30
+
+
+def test_random_search_checkpoints_without_buffers_and_reloads_best_model(small_digits, tmp_path):
+    hypermodel = build_hypermodel(_config(epochs=1, buffer_size=2000), small_digits,
+                                  space=search_space(fixed=["warmup_steps", "sgld_steps"]))
+    tuner = make_tuner(hypermodel, kind="random", max_trials=2, directory=str(tmp_path), seed=1)
+    tuner.search()
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    checkpoint = os.path.join(tmp_path, "jem", f"trial_{best_trial.trial_id}", "checkpoint.weights.h5")
+    model = tuner.get_best_models(1)[0]
+    buffer_bytes = model.replay_buffer.samples.numpy().nbytes
+    assert os.path.getsize(checkpoint) < buffer_bytes  # no 2,000 x 8 x 8 replay buffer (512 KB) inside
+    accuracy = model.evaluate(hypermodel.x_val, hypermodel.y_val, return_dict=True, verbose=0)["accuracy"]
+    assert accuracy == pytest.approx(best_trial.score, abs=1e-6)
+    values = best_trial.hyperparameters.values
+    assert set(values) == {"sgld_step_size", "sgld_noise_std", "restart_prob", "learning_rate", "px_weight",
+                           "energy_l2_weight"}
+    assert model.sampler.step_size == pytest.approx(values["sgld_step_size"])
+
+
+def test_combined_objective_adds_ood_auroc(small_digits, tmp_path):
+    space = search_space(fixed=FIXED + ["learning_rate"])
+    space["energy_l2_weight"] = {"type": "choice", "values": [0.0]}
+    summary = run_search(_config(epochs=1), small_digits, directory=str(tmp_path), kind="grid", max_trials=1,
+                         objective="combined", space=space)
+    best = summary["best"]
+    assert summary["objective"] == "score"
+    assert best["score"] == pytest.approx(best["metrics"]["val_accuracy"] + best["metrics"]["val_ood_auroc"])
+    assert 0.0 <= best["metrics"]["val_ood_auroc"] <= 1.0
+
+
+def test_search_under_mirrored_strategy(small_digits, tmp_path):
+    space = search_space(fixed=FIXED)
+    space["learning_rate"] = {"type": "choice", "values": [3e-3]}
+    summary = run_search(_config(epochs=1, strategy="mirrored"), small_digits, directory=str(tmp_path),
+                         kind="grid", max_trials=1, space=space)
+    assert summary["num_trials"] == 1 and summary["best"] is not None
+
+
+def test_tune_cli(tmp_path, capsys):
+    from jem_tf import tune
+
+    code = tune.main(["--recipe", "digits", "--tuner", "random", "--max-trials", "1", "--directory",
+                      str(tmp_path), "--epochs", "1", "--width", "4", "--sgld-steps", "2", "--buffer-size", "100",
+                      "--fix", "sgld_steps,warmup_steps"])
+    assert code == 0
+    assert "1 trials (0 failed)" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "best_recipe.json")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tuner", "evolution"], "invalid choice: 'evolution'"),
+    (["--max-trials", "0"], "--max-trials must be >= 1; received 0"),
+    (["--fix", "momentum"], "Cannot fix 'momentum'"),
+    (["--epochs", "0"], "epochs must be an integer >= 1"),
+])
+def test_tune_cli_errors(argv, message, tmp_path, capsys):
+    from jem_tf import tune
+
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(argv + ["--directory", str(tmp_path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_search_space_validation():
+    with pytest.raises(ValueError, match="not a config field"):
+        search_space({"momentum": {"type": "float", "min": 0, "max": 1}})
+    with pytest.raises(ValueError, match="type float, int or choice"):
+        search_space({"learning_rate": {"type": "uniform"}})
+    assert "learning_rate" not in search_space({"learning_rate": None})
