@@ -52,7 +52,8 @@ def test_nan_divergence_is_rolled_back_and_training_recovers():
     clean_accuracy = clean.evaluate(data.x_test, data.y_test, return_dict=True, verbose=0)["accuracy"]
 
     messages = []
-    guard = StabilityGuard(snapshot_every_steps=10, lr_factor=0.5, log=messages.append)
+    # lr_factor 1: the recovered run differs from the clean one only by the rollback and the reseed.
+    guard = StabilityGuard(snapshot_every_steps=10, lr_factor=1.0, log=messages.append)
     model = _digits_jem()
     # The poison hook runs before the guard: step 60's update "explodes", step 61's loss is NaN.
     model.fit(x, y, batch_size=32, epochs=8, verbose=0, shuffle=False, callbacks=[PoisonWeights({60}), guard])
@@ -61,11 +62,11 @@ def test_nan_divergence_is_rolled_back_and_training_recovers():
     event = guard.rollbacks[0]
     assert event["step"] == 61 and "not finite" in event["reason"] and event["restored_step"] <= 60
     assert event["reseeds"] == 1 and int(model.seed_state.reseeds.numpy()) == 1
-    assert isinstance(model.optimizer._learning_rate, ScaledSchedule) and model.optimizer._learning_rate.factor == 0.5
     assert any("Rolled back" in m for m in messages)
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
     accuracy = model.evaluate(data.x_test, data.y_test, return_dict=True, verbose=0)["accuracy"]
-    # Measured: clean 0.85, recovered 0.87 (seed 0). Comparable: within 0.1 and far above chance.
+    # Measured: clean 0.806, recovered 0.828 (seed 0; with lr_factor 0.5: 0.747). Comparable: within 0.1
+    # and far above chance (0.1).
     assert accuracy > 0.7 and abs(accuracy - clean_accuracy) < 0.1, (accuracy, clean_accuracy)
 
 
@@ -101,13 +102,30 @@ def test_guard_bounds(tiny_data):
 def test_guard_can_add_sgld_steps_and_reset_buffer(tiny_data):
     x, y = tiny_data
     model = tiny_jem()
-    guard = StabilityGuard(snapshot_every_steps=1, lr_factor=1.0, extra_sgld_steps=5, reset_buffer=True,
+    guard = StabilityGuard(snapshot_every_steps=1, lr_factor=0.5, extra_sgld_steps=5, reset_buffer=True,
                            log=lambda m: None)
     model.replay_buffer.samples.assign(np.full(model.replay_buffer.samples.shape, 0.5, "float32"))
     model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[PoisonWeights({2}), guard])
     assert len(guard.rollbacks) == 1 and guard.rollbacks[0]["sgld_steps"] == 8
     assert model.sampler.n_steps == 8
+    # tiny_jem's Adam(1e-3) has a plain rate: halved in place.
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(5e-4)
     assert not np.any(model.replay_buffer.samples.numpy() == 0.5)  # refilled with noise, then trained
+
+
+def test_rollback_scales_a_learning_rate_schedule_and_keeps_training(tiny_data):
+    x, y = tiny_data
+    model = tiny_jem()
+    model.compile(optimizer=keras.optimizers.Adam(WarmupPiecewiseSchedule(1e-3, warmup_steps=4)))
+    guard = StabilityGuard(snapshot_every_steps=1, log=lambda m: None)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[PoisonWeights({2}), guard])
+    assert len(guard.rollbacks) == 1
+    schedule = model.optimizer._learning_rate
+    assert isinstance(schedule, ScaledSchedule) and schedule.factor == 0.5
+    assert float(np.asarray(model.optimizer.learning_rate)) == pytest.approx(0.5e-3)  # past warm-up
+    # 6 batches; the poisoned step 2 was never snapshotted, so step 3 rolled back to step 1: 1 + 3 more.
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
 
 
 def test_scaled_schedule_round_trips():
