@@ -487,22 +487,6 @@ class JEM(keras.Model):
             raise ValueError(f"`init` must be 'uniform' or 'buffer'; received {init!r}")
         if n_steps is not None and not (isinstance(n_steps, int) and n_steps >= 0):
             raise ValueError(f"`n_steps` must be an int >= 0; received {n_steps!r}")
-        seed = as_stateless_seed(seed)
-        if init == "buffer":
-            draw_labels = None
-            if labels is not None and self.class_conditional_buffer:
-                draw_labels = tf.constant(labels, tf.int32)
-            x = self.replay_buffer.draw(num_samples, seed, labels=draw_labels).x
-            # Restarts are not wanted when showing the buffer itself.
-            if n_steps == 0:
-                indices = tf.random.stateless_uniform(
-                    [num_samples], seed=seed, minval=0, maxval=self.buffer_size, dtype=tf.int32)
-                return tf.gather(self.replay_buffer.samples.value, indices).numpy()
-        else:
-            low, high = self.value_range
-            x = tf.random.stateless_uniform([num_samples, *self.image_shape], seed=seed, minval=low, maxval=high)
-        if n_steps == 0:
-            return x.numpy()
         context = ()
         if labels is not None:
             labels = np.asarray(labels)
@@ -510,6 +494,17 @@ class JEM(keras.Model):
                 raise ValueError(
                     f"`labels` must be {num_samples} class ids in [0, {self.num_classes}); received {labels!r}")
             context = (tf.constant(labels, tf.int32),)
+        seed = as_stateless_seed(seed)
+        if init == "buffer":
+            # Stored chains (from the labels' class slots when the buffer has them), without restarts.
+            draw_labels = context[0] if context and self.class_conditional_buffer else None
+            indices = self.replay_buffer.draw(num_samples, seed, labels=draw_labels).indices
+            x = tf.gather(self.replay_buffer.samples.value, indices)
+        else:
+            low, high = self.value_range
+            x = tf.random.stateless_uniform([num_samples, *self.image_shape], seed=seed, minval=low, maxval=high)
+        if n_steps == 0:
+            return x.numpy()
         if self._sample_fn is None:
             self._sample_fn = tf.function(
                 lambda x, seed, n_steps, step_size, noise_std, *context: self.sampler.sample(
