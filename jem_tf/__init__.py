@@ -6,6 +6,7 @@ from jem_tf.networks import build_backbone, small_cnn, wide_resnet
 from jem_tf.replay_buffer import BufferDraw, ReplayBuffer
 from jem_tf.schedules import WarmupPiecewiseSchedule
 from jem_tf.sgld import SGLDDiagnostics, SGLDSampler
+from jem_tf.stability import StabilityGuard, TrainingDiverged
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,8 @@ __all__ = [
     "ReplayBuffer",
     "SGLDDiagnostics",
     "SGLDSampler",
+    "StabilityGuard",
+    "TrainingDiverged",
     "WarmupPiecewiseSchedule",
     "build_backbone",
     "energy",

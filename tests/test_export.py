@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.request
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf

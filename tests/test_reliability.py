@@ -199,7 +199,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 # ------------------------------------------------------------------------------------- bad inputs
 def _api_cases():
-    from jem_tf import ReplayBuffer, energy
+    from jem_tf import ReplayBuffer
     from jem_tf.config import TrainConfig
     from jem_tf.data import load_dataset
     from jem_tf.distribution import make_strategy
