@@ -189,6 +189,7 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def on_train_end(self, logs=None):
         # Kept when training stopped early (e.g. the stability guard gave up), so it can be resumed.
-        completed = self._current_epoch >= (self.params or {}).get("epochs", 0) and not self.model.stop_training
+        epochs_done = max(self._current_epoch, self.resumed_from_epoch or 0)
+        completed = epochs_done >= (self.params or {}).get("epochs", 0) and not self.model.stop_training
         if self.is_chief and completed:
             shutil.rmtree(self.backup_dir, ignore_errors=True)
