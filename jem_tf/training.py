@@ -164,7 +164,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
                                num_images=config.num_sample_images, every_epochs=config.sample_every_epochs,
                                seed=config.seed),
         ]
-    start = time.time()
+    start, start_step = time.time(), int(model.optimizer.iterations.numpy())
     # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to datasets.
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                         steps_per_epoch=epoch_steps, callbacks=callbacks, verbose=verbose, shuffle=False)
@@ -189,7 +189,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         "num_replicas": int(strategy.num_replicas_in_sync),
         "steps": int(model.optimizer.iterations.numpy()),
         "train_seconds": train_seconds,
-        "seconds_per_step": train_seconds / max(1, int(model.optimizer.iterations.numpy())),
+        # Of the steps this process ran (a resumed run ran fewer than `steps`).
+        "seconds_per_step": train_seconds / max(1, int(model.optimizer.iterations.numpy()) - start_step),
         "resumed_from_epoch": initial_epoch,
         "rollbacks": guard.rollbacks if guard is not None else [],
         "final_train": {k: float(np.ravel(v[-1])[0]) for k, v in history.history.items()
