@@ -6,6 +6,7 @@ arguments. Every field of :class:`jem_tf.config.TrainConfig` is a flag (``--sgld
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
@@ -45,8 +46,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"python -m jem_tf.train: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
-        print(f"python -m jem_tf.train: error: {error} The last good epoch is in {workdir}/backup; rerun "
-              "with changed settings to resume from it.", file=sys.stderr)
+        where = (f"The last good epoch is in {workdir}/backup; rerun with changed settings to resume from it."
+                 if os.path.isdir(os.path.join(workdir, "backup")) else "No epoch completed.")
+        print(f"python -m jem_tf.train: error: {error} {where}", file=sys.stderr)
         return 1
     print(f"test_accuracy={metrics['test_accuracy']:.4f} "
           f"({metrics['num_test']} test images); wrote {workdir}/")
