@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -14,6 +13,19 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf.visualize import image_grid, upscale, write_png
+
+
+def _numbered_entries(directory: str, pattern: re.Pattern):
+    """``(number, path)`` of the entries of ``directory`` whose name matches ``pattern`` (one group: the
+    number), in increasing order; empty if the directory does not exist."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = pattern.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found)
 
 
 class SampleGridCallback(keras.callbacks.Callback):
@@ -80,12 +92,7 @@ class RotatingCheckpoint(keras.callbacks.Callback):
 
     def checkpoints(self):
         """Existing checkpoint paths, oldest first."""
-        found = []
-        for path in glob.glob(os.path.join(self.directory, "epoch_*.keras")):
-            match = self.PATTERN.match(os.path.basename(path))
-            if match:
-                found.append((int(match.group(1)), path))
-        return [path for _, path in sorted(found)]
+        return [path for _, path in _numbered_entries(self.directory, self.PATTERN)]
 
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(self.directory, exist_ok=True)
@@ -134,14 +141,7 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def generations(self):
         """``(epoch, directory)`` of the complete generations, newest first."""
-        if not os.path.isdir(self.backup_dir):
-            return []
-        found = []
-        for name in os.listdir(self.backup_dir):
-            match = self.PATTERN.match(name)
-            if match:
-                found.append((int(match.group(1)), os.path.join(self.backup_dir, name)))
-        return sorted(found, reverse=True)
+        return _numbered_entries(self.backup_dir, self.PATTERN)[::-1]
 
     def restore(self, model: keras.Model) -> int:
         """Loads the newest loadable generation into ``model``; returns its epoch (0: nothing to resume)."""
