@@ -37,18 +37,15 @@ def global_batch_position(local_batch_size) -> BatchPosition:
     return offset, tf.reduce_sum(sizes)
 
 
-def local_rows(global_tensor: tf.Tensor, position: Optional[BatchPosition], local_batch_size) -> tf.Tensor:
-    """This replica's rows ``[offset, offset + local_batch_size)`` of a global-batch tensor."""
+def replica_random(random_fn, local_shape, position: Optional[BatchPosition], **kwargs) -> tf.Tensor:
+    """``random_fn(shape, **kwargs)`` (a stateless TF random op) drawn for the global batch, of which this
+    replica keeps its rows ``[offset, offset + local_shape[0])``; with ``position=None`` simply
+    ``random_fn(local_shape, **kwargs)``."""
     if position is None:
-        return global_tensor
-    return global_tensor[position[0]:position[0] + tf.cast(local_batch_size, tf.int32)]
-
-
-def global_shape(local_shape: tf.Tensor, position: Optional[BatchPosition]) -> tf.Tensor:
-    """``local_shape`` with the batch dimension replaced by the global batch size."""
-    if position is None:
-        return local_shape
-    return tf.concat([tf.reshape(position[1], [1]), tf.cast(local_shape[1:], tf.int32)], axis=0)
+        return random_fn(local_shape, **kwargs)
+    local_shape = tf.cast(local_shape, tf.int32)
+    global_shape = tf.concat([tf.reshape(position[1], [1]), local_shape[1:]], axis=0)
+    return random_fn(global_shape, **kwargs)[position[0]:position[0] + local_shape[0]]
 
 
 def all_gather_rows(*tensors):

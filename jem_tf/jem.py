@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import energy as energy_lib
-from jem_tf.distribution import global_batch_position, global_shape, local_rows
+from jem_tf.distribution import global_batch_position, replica_random
 from jem_tf.replay_buffer import ReplayBuffer
 from jem_tf.sgld import SGLDSampler, as_stateless_seed
 
@@ -380,9 +380,9 @@ class JEM(keras.Model):
         position = global_batch_position(batch_size)
         # x_data = x + sigma * N(0, I): the paper's data noise.
         if self.data_noise_std > 0:
-            noise = tf.random.stateless_normal(global_shape(tf.shape(x), position),
-                                               seed=self._step_seed(_SALT_DATA_NOISE))
-            x = x + self.data_noise_std * local_rows(noise, position, batch_size)
+            noise = replica_random(tf.random.stateless_normal, tf.shape(x), position,
+                                   seed=self._step_seed(_SALT_DATA_NOISE))
+            x = x + self.data_noise_std * noise
         inputs, sizes = [x], [batch_size]
         grad_norms = []
         if self.px_weight > 0:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
-from jem_tf.distribution import BatchPosition, all_gather_rows, local_rows
+from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
 
 BufferDraw = collections.namedtuple("BufferDraw", ["x", "indices", "restarted"])
 BufferDraw.__doc__ = """Chains drawn from a replay buffer: starting points ``x`` [batch, ...], the
@@ -125,10 +125,8 @@ class ReplayBuffer(keras.layers.Layer):
         index_seed, restart_seed, noise_seed = [
             tf.random.experimental.stateless_fold_in(seed, salt) for salt in (11, 12, 13)
         ]
-        rows = [batch_size] if position is None else [position[1]]
-
         def uniform(seed, **kwargs):
-            return local_rows(tf.random.stateless_uniform(rows, seed=seed, **kwargs), position, batch_size)
+            return replica_random(tf.random.stateless_uniform, (batch_size,), position, seed=seed, **kwargs)
 
         if labels is None:
             indices = uniform(index_seed, minval=0, maxval=self.size, dtype=tf.int32)
@@ -139,8 +137,7 @@ class ReplayBuffer(keras.layers.Layer):
             indices = tf.cast(labels, tf.int32) * slot + uniform(index_seed, minval=0, maxval=slot, dtype=tf.int32)
         x = tf.gather(self.samples.value, indices)
         restarted = uniform(restart_seed) < self.restart_prob
-        noise_shape = tf.concat([tf.reshape(tf.cast(rows[0], tf.int32), [1]), tf.constant(self.image_shape)], 0)
-        noise = local_rows(self._uniform_noise(noise_shape, noise_seed), position, batch_size)
+        noise = replica_random(self._uniform_noise, tf.shape(x), position, seed=noise_seed)
         mask = tf.reshape(restarted, [-1] + [1] * len(self.image_shape))
         x = tf.where(mask, noise, x)
         return BufferDraw(x=x, indices=indices, restarted=restarted)

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from jem_tf.distribution import BatchPosition, global_shape, local_rows
+from jem_tf.distribution import BatchPosition, replica_random
 
 SGLDDiagnostics = collections.namedtuple(
     "SGLDDiagnostics",
@@ -122,9 +122,8 @@ class SGLDSampler:
             # Per-chain L2 clipping: grad * min(1, clip / ||grad||).
             scale = tf.minimum(1.0, self.grad_clip / tf.maximum(grad_norm, 1e-12))
             grad = grad * tf.reshape(scale, [-1] + [1] * len(reduce_axes))
-        noise = tf.random.stateless_normal(global_shape(tf.shape(x), position), seed=seed, dtype=x.dtype,
-                                           alg="philox")
-        noise = local_rows(noise, position, tf.shape(x)[0])
+        noise = replica_random(tf.random.stateless_normal, tf.shape(x), position, seed=seed, dtype=x.dtype,
+                               alg="philox")
         new_x = x - tf.cast(step_size, x.dtype) * grad + tf.cast(noise_std, x.dtype) * noise
         if self.clamp_range is not None:
             new_x = tf.clip_by_value(new_x, self.clamp_range[0], self.clamp_range[1])
