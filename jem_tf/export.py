@@ -35,12 +35,11 @@ import tensorflow as tf
 import jem_tf
 from jem_tf import energy as energy_lib
 from jem_tf.cli import OneLineErrorParser
-from jem_tf.jem import JEM
+from jem_tf.jem import JEM, check_images_in_graph
 from jem_tf.sgld import SGLDSampler
 
 METADATA_FILE = os.path.join("assets.extra", "jem_metadata.json")
 SIGNATURES = ("classify", "energy", "sample")
-_RANGE_TOLERANCE = 1e-3
 
 
 def next_version(export_base: str) -> int:
@@ -68,20 +67,6 @@ def calibrate_ood_threshold(model: JEM, images: np.ndarray, *, tpr: float = 0.95
             "achieved_tpr": float(np.mean(energies <= threshold))}
 
 
-def _image_checks(images, value_range):
-    low, high = value_range
-    tolerance = _RANGE_TOLERANCE * (high - low)
-    checks = [
-        tf.debugging.assert_all_finite(images, message="images contain NaN or infinite values"),
-        tf.debugging.assert_greater_equal(
-            tf.reduce_min(images), low - tolerance, message=f"images must lie in [{low}, {high}]; minimum is"),
-        tf.debugging.assert_less_equal(
-            tf.reduce_max(images), high + tolerance, message=f"images must lie in [{low}, {high}]; maximum is"),
-    ]
-    with tf.control_dependencies(checks):
-        return tf.identity(images)
-
-
 def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: int = 256,
                          max_n_steps: int = 1000):
     """``(module, signatures)`` for ``tf.saved_model.save``: a ``tf.Module`` that tracks the backbone's
@@ -106,12 +91,12 @@ def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: i
         return tf.cast(backbone(images, training=False), tf.float32)
 
     def classify(images):
-        logits = logits_of(_image_checks(images, value_range))
+        logits = logits_of(check_images_in_graph(images, value_range))
         return {"probabilities": tf.nn.softmax(logits, axis=-1), "logits": logits,
                 "predicted_class": tf.argmax(logits, axis=-1, output_type=tf.int64)}
 
     def energy(images):
-        logits = logits_of(_image_checks(images, value_range))
+        logits = logits_of(check_images_in_graph(images, value_range))
         energies = energy_lib.energy(logits)
         return {"energy": energies, "log_px": energy_lib.log_px(logits),
                 "is_in_distribution": energies <= tf.constant(ood_threshold, tf.float32)}

@@ -19,6 +19,23 @@ _SALT_DATA_NOISE, _SALT_DRAW, _SALT_SGLD, _SALT_DRAW_COND, _SALT_SGLD_COND = 1, 
 _RANGE_TOLERANCE = 1e-3
 
 
+def check_images_in_graph(images: tf.Tensor, value_range: Sequence[float]) -> tf.Tensor:
+    """``images`` behind in-graph checks that they are finite and in ``value_range`` (up to a rounding
+    tolerance); a failed check raises ``InvalidArgumentError`` naming the range and the offending value.
+    Used by the training/test steps and by the exported serving signatures."""
+    low, high = value_range
+    tolerance = _RANGE_TOLERANCE * (high - low)
+    checks = [
+        tf.debugging.assert_all_finite(images, message="images contain NaN or infinite values"),
+        tf.debugging.assert_greater_equal(
+            tf.reduce_min(images), low - tolerance, message=f"images must lie in [{low}, {high}]; found a minimum of"),
+        tf.debugging.assert_less_equal(
+            tf.reduce_max(images), high + tolerance, message=f"images must lie in [{low}, {high}]; found a maximum of"),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(images)
+
+
 def _static_shape_tuple(shape) -> Optional[tuple]:
     if shape is None:
         return None
@@ -272,22 +289,15 @@ class JEM(keras.Model):
             raise ValueError(f"Labels must be integer class ids; received dtype {y.dtype.name}.")
         y = tf.cast(y, tf.int32)
         if self.validate_inputs:
-            low, high = self.value_range
-            tol = _RANGE_TOLERANCE * (high - low)
-            x_min, x_max = tf.reduce_min(x), tf.reduce_max(x)
+            x = check_images_in_graph(x, self.value_range)
             checks = [
-                tf.debugging.assert_all_finite(x, message="Images contain NaN or infinite values."),
-                tf.debugging.assert_greater_equal(
-                    x_min, low - tol, message=f"Images must lie in [{low}, {high}]; found a minimum of"),
-                tf.debugging.assert_less_equal(
-                    x_max, high + tol, message=f"Images must lie in [{low}, {high}]; found a maximum of"),
                 tf.debugging.assert_greater_equal(
                     tf.reduce_min(y), 0, message="Labels must be in [0, num_classes); found a label"),
                 tf.debugging.assert_less(
                     tf.reduce_max(y), self.num_classes,
                     message=f"Labels must be in [0, num_classes={self.num_classes}); found a label"),
             ]
-            with tf.control_dependencies([c for c in checks if c is not None]):
+            with tf.control_dependencies(checks):
                 x = tf.identity(x)
         return x, y
 
