@@ -62,6 +62,15 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int) -> JEM:
     )
 
 
+def build_stability_guard(config: TrainConfig, **kwargs) -> StabilityGuard:
+    """The :class:`StabilityGuard` with the config's bounds and rollback settings (``kwargs``: ``log``,
+    ``log_dir``)."""
+    return StabilityGuard(max_abs_energy=config.max_abs_energy, max_energy_gap=config.max_energy_gap,
+                          max_rollbacks=config.max_rollbacks, lr_factor=config.rollback_lr_factor,
+                          extra_sgld_steps=config.rollback_extra_sgld_steps,
+                          reset_buffer=config.rollback_reset_buffer, **kwargs)
+
+
 def build_optimizer(config: TrainConfig, *, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """Adam (or SGD with momentum 0.9) with linear warm-up and step decay at ``decay_epochs``."""
     schedule = WarmupPiecewiseSchedule(
@@ -151,10 +160,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     callbacks = [backup]
     guard = None
     if config.stability_guard:
-        guard = StabilityGuard(max_abs_energy=config.max_abs_energy, max_energy_gap=config.max_energy_gap,
-                               max_rollbacks=config.max_rollbacks, lr_factor=config.rollback_lr_factor,
-                               extra_sgld_steps=config.rollback_extra_sgld_steps,
-                               reset_buffer=config.rollback_reset_buffer, log_dir=log_dir if chief else None)
+        guard = build_stability_guard(config, log_dir=log_dir if chief else None)
         callbacks.insert(0, guard)  # before the backup, so that a rolled-back epoch is what gets saved
     if chief:
         callbacks += [

@@ -25,8 +25,7 @@ from jem_tf import energy as energy_lib
 from jem_tf.config import TrainConfig, field_names
 from jem_tf.data import ImageDataset, make_dataset, make_epochs_dataset, split_validation
 from jem_tf.distribution import make_strategy
-from jem_tf.stability import StabilityGuard
-from jem_tf.training import build_jem, build_optimizer
+from jem_tf.training import build_jem, build_optimizer, build_stability_guard
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")
 OBJECTIVES = ("val_accuracy", "combined")
@@ -160,11 +159,8 @@ class JEMHyperModel(keras_tuner.HyperModel):
             if type(callback).__name__ == "SaveBestEpoch":
                 callback = BestEpochCheckpoint(callback.filepath, self.keras_objective, self.save_buffers)
             own_callbacks.append(callback)
-        messages = []
-        guard = StabilityGuard(max_abs_energy=config.max_abs_energy, max_energy_gap=config.max_energy_gap,
-                               max_rollbacks=config.max_rollbacks, lr_factor=config.rollback_lr_factor,
-                               extra_sgld_steps=config.rollback_extra_sgld_steps,
-                               reset_buffer=config.rollback_reset_buffer, log=messages.append)
+        # Silent inside trials: a failure is reported through the trial's status and message.
+        guard = build_stability_guard(config, log=lambda message: None)
         if self.objective == "combined":
             own_callbacks.insert(0, _CombinedScore(self))
         train = make_epochs_dataset(self.x_train, self.y_train, batch_size=config.batch_size, seed=config.seed,
