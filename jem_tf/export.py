@@ -28,7 +28,6 @@ import sys
 import time
 from typing import List, Optional
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -225,43 +224,9 @@ def export_saved_model(model: JEM, export_base: str, *, version: Optional[int] =
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def _load_for_export(model_path: str):
-    """``(model, config or None)`` from a training work directory or a ``.keras`` file."""
-    from jem_tf.config import TrainConfig
-    from jem_tf.training import CONFIG_FILE, MODEL_FILE
-
-    config = None
-    if os.path.isdir(model_path):
-        config_path = os.path.join(model_path, CONFIG_FILE)
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = TrainConfig().replace(**json.load(f))
-        model_path = os.path.join(model_path, MODEL_FILE)
-    if not os.path.isfile(model_path):
-        raise ValueError(f"No model at {model_path!r} (expected a .keras file or a training work directory).")
-    try:
-        model = keras.models.load_model(model_path)  # safe_mode=True: no arbitrary code from the file
-    except Exception as error:  # corrupt or foreign files raise many types
-        raise ValueError(f"Cannot load {model_path!r} as a JEM .keras file: {error}") from error
-    if not isinstance(model, JEM):
-        raise ValueError(f"{model_path!r} holds a {type(model).__name__}, not a jem_tf.JEM.")
-    return model, config
-
-
-def calibration_split(dataset_name: str, *, data_dir=None, seed: int = 0, validation_fraction: float = 0.1):
-    """The held-out in-distribution images used for OOD calibration: the training run's validation
-    split (same seed and fraction as training), or the test split without one."""
-    from jem_tf.data import load_dataset, split_validation
-
-    data = load_dataset(dataset_name, data_dir=data_dir, seed=seed)
-    if validation_fraction > 0:
-        _, (x_val, _) = split_validation(data.x_train, data.y_train, fraction=validation_fraction, seed=seed)
-        return x_val
-    return data.x_test
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     from jem_tf.data import DATASETS, PREPROCESSING, DataNotFoundError
+    from jem_tf.runs import held_out_split, load_trained_model
 
     parser = OneLineErrorParser(prog="python -m jem_tf.export",
                                  description="Export a trained JEM as a SavedModel for TensorFlow Serving.")
@@ -276,14 +241,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max-n-steps", type=int, default=1000, help="upper bound of sample's n_steps")
     args = parser.parse_args(argv)
     try:
-        model, config = _load_for_export(args.model)
+        model, config = load_trained_model(args.model)
         dataset = args.dataset or (config.dataset if config else None)
         if dataset is None:
             parser.error("--dataset is needed to calibrate the OOD threshold of a bare .keras file")
-        images = calibration_split(
-            dataset, data_dir=args.data_dir or (config.data_dir if config else None),
-            seed=config.seed if config and dataset == config.dataset else 0,
-            validation_fraction=config.validation_fraction if config and dataset == config.dataset else 0.0)
+        images, _, _ = held_out_split(dataset, config=config, data_dir=args.data_dir)
         path = export_saved_model(model, args.export_dir, version=args.version, calibration_images=images,
                                   tpr=args.tpr, max_num_samples=args.max_num_samples, max_n_steps=args.max_n_steps,
                                   preprocessing=PREPROCESSING.get(dataset, ""), dataset=dataset)

@@ -199,7 +199,7 @@ class JEM(keras.Model):
         # a diverging sampler.
         self.sample_abs_max_tracker = keras.metrics.Mean(name="sample_abs_max")
         self.seed_state = SeedState(name="seed_state")
-        self._sample_fn = None
+        self._sample_fns = {}  # compiled SGLD, one per signature: unconditional / class-conditional
         self.build((None,) + self.image_shape)
 
     # ----------------------------------------------------------------------------- model API
@@ -497,13 +497,7 @@ class JEM(keras.Model):
             raise ValueError(f"`init` must be 'uniform' or 'buffer'; received {init!r}")
         if n_steps is not None and not (isinstance(n_steps, int) and n_steps >= 0):
             raise ValueError(f"`n_steps` must be an int >= 0; received {n_steps!r}")
-        context = ()
-        if labels is not None:
-            labels = np.asarray(labels)
-            if labels.shape != (num_samples,) or labels.min() < 0 or labels.max() >= self.num_classes:
-                raise ValueError(
-                    f"`labels` must be {num_samples} class ids in [0, {self.num_classes}); received {labels!r}")
-            context = (tf.constant(labels, tf.int32),)
+        context = self._labels_context(labels, num_samples)
         seed = as_stateless_seed(seed)
         if init == "buffer":
             # Stored chains (from the labels' class slots when the buffer has them), without restarts.
@@ -513,10 +507,50 @@ class JEM(keras.Model):
         else:
             low, high = self.value_range
             x = tf.random.stateless_uniform([num_samples, *self.image_shape], seed=seed, minval=low, maxval=high)
+        return self._run_sgld(x, seed, n_steps, step_size, noise_std, context)
+
+    def refine(self, images, *, n_steps: int, seed: int = 0, labels=None, step_size: Optional[float] = None,
+               noise_std: Optional[float] = None) -> np.ndarray:
+        """Runs ``n_steps`` SGLD steps on ``log p(x)`` (or ``log p(x|y)`` with ``labels``) starting at
+        ``images``: the paper's test-time refinement of inputs before classifying.
+
+        Args:
+            images: ``[N, *image_shape]`` images in the model's value range.
+            n_steps: SGLD steps (0 returns the images unchanged).
+            seed: Seed of the SGLD noise; the same seed gives the same result.
+            labels: Optional int class ids ``[N]`` for class-conditional refinement.
+            step_size, noise_std: Optional overrides of the sampler's settings.
+
+        Returns:
+            A numpy array of the refined images.
+        """
+        images = np.asarray(images, dtype=np.float32)
+        if images.shape[1:] != tuple(self.image_shape) or images.shape[0] < 1:
+            raise ValueError(f"`images` must be [N >= 1, {', '.join(map(str, self.image_shape))}]; "
+                             f"received shape {images.shape}")
+        if not (isinstance(n_steps, int) and n_steps >= 0):
+            raise ValueError(f"`n_steps` must be an int >= 0; received {n_steps!r}")
+        context = self._labels_context(labels, images.shape[0])
+        return self._run_sgld(tf.constant(images), as_stateless_seed(seed), n_steps, step_size, noise_std, context)
+
+    def _labels_context(self, labels, num: int) -> tuple:
+        """``()`` without labels, else ``(int32 labels,)`` after checking ``num`` ids in range."""
+        if labels is None:
+            return ()
+        labels = np.asarray(labels)
+        if labels.shape != (num,) or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"`labels` must be {num} class ids in [0, {self.num_classes}); received {labels!r}")
+        return (tf.constant(labels, tf.int32),)
+
+    def _run_sgld(self, x, seed, n_steps, step_size, noise_std, context) -> np.ndarray:
+        """SGLD from ``x`` with one compiled sampler function shared by :meth:`sample` and :meth:`refine`."""
         if n_steps == 0:
             return x.numpy()
-        if self._sample_fn is None:
-            self._sample_fn = tf.function(
+        # One tf.function per arity: a *context varargs function called with and without labels breaks
+        # tf.function's retracing relaxation (IndexError in TF 2.21).
+        sample_fn = self._sample_fns.get(len(context))
+        if sample_fn is None:
+            sample_fn = self._sample_fns[len(context)] = tf.function(
                 lambda x, seed, n_steps, step_size, noise_std, *context: self.sampler.sample(
                     self._sgld_energy, x, seed, context=context, n_steps=n_steps,
                     step_size=step_size, noise_std=noise_std)[0],
@@ -526,7 +560,7 @@ class JEM(keras.Model):
         n_steps = self.sampler.n_steps if n_steps is None else n_steps
         step_size = self.sampler.step_size if step_size is None else step_size
         noise_std = self.sampler.noise_std if noise_std is None else noise_std
-        return self._sample_fn(x, sgld_seed, tf.constant(n_steps, tf.int32), tf.constant(step_size, tf.float32),
+        return sample_fn(x, sgld_seed, tf.constant(n_steps, tf.int32), tf.constant(step_size, tf.float32),
                                tf.constant(noise_std, tf.float32), *context).numpy()
 
     # ----------------------------------------------------------------------------- config

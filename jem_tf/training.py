@@ -20,14 +20,11 @@ from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.export import export_saved_model
 from jem_tf.jem import JEM
 from jem_tf.networks import build_backbone
+from jem_tf.runs import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_FILE
 from jem_tf.schedules import WarmupPiecewiseSchedule
 from jem_tf.sgld import SGLDSampler
 from jem_tf.stability import StabilityGuard
 
-MODEL_FILE = "model.keras"
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.json"
-SAMPLES_FILE = "samples.png"
 
 
 def build_jem(config: TrainConfig, *, image_shape, num_classes: int) -> JEM:
