@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from jem_tf.data import AUGMENTATIONS, DATASETS
 from jem_tf.distribution import STRATEGIES
-from jem_tf.networks import NORMALIZATIONS
+from jem_tf.networks import NORMALIZATIONS, PRECISIONS
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -36,6 +36,9 @@ class TrainConfig:
     width: int = 32  # small_cnn only: channels of the stem.
     normalization: str = "none"  # wrn only: none | batch | layer.
     dropout: float = 0.0
+    # float32 | mixed_bfloat16 | mixed_float16: the network computes in 16 bits (head and SGLD chains
+    # stay float32); see networks.with_precision.
+    precision: str = "float32"
     # Optimisation. `batch_size` is the global batch (split over replicas under a strategy).
     epochs: int = 30
     batch_size: int = 64
@@ -58,6 +61,8 @@ class TrainConfig:
     sgld_grad_clip: Optional[float] = None
     sgld_clamp: bool = False
     sgld_jit_compile: bool = False
+    # Training steps per compiled call (Keras's steps_per_execution); callbacks see every N-th step.
+    steps_per_execution: int = 1
     buffer_size: int = 10_000
     restart_prob: float = 0.05
     # Run. strategy: default | mirrored | multi_worker (reads TF_CONFIG) | tpu (untested).
@@ -86,14 +91,14 @@ class TrainConfig:
             raise ValueError(f"{field} must be {expected}; received {getattr(self, field)!r}")
 
         choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "normalization": NORMALIZATIONS,
-                   "optimizer": OPTIMIZERS, "strategy": STRATEGIES}
+                   "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": PRECISIONS}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 fail(field, f"one of {', '.join(allowed)}")
         if not (self.backbone == "small_cnn" or _is_wrn_name(self.backbone)):
             fail("backbone", "'small_cnn' or 'wrn-DEPTH-WIDTH' with DEPTH = 6n+4 (e.g. wrn-28-10)")
         for field in ("epochs", "batch_size", "width", "sgld_steps", "buffer_size", "num_sample_images",
-                      "checkpoints_to_keep", "sample_every_epochs"):
+                      "checkpoints_to_keep", "sample_every_epochs", "steps_per_execution"):
             if getattr(self, field) < 1:
                 fail(field, "an integer >= 1")
         for field in ("warmup_steps", "cpu_devices", "max_rollbacks", "rollback_extra_sgld_steps"):

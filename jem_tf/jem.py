@@ -199,6 +199,8 @@ class JEM(keras.Model):
         # a diverging sampler.
         self.sample_abs_max_tracker = keras.metrics.Mean(name="sample_abs_max")
         self.seed_state = SeedState(name="seed_state")
+        # Python side effects run only while TensorFlow traces: counts the train step's (re)tracings.
+        self.train_step_trace_count = 0
         self._sample_fns = {}  # compiled SGLD, one per signature: unconditional / class-conditional
         self.build((None,) + self.image_shape)
 
@@ -383,6 +385,7 @@ class JEM(keras.Model):
         return samples, diagnostics
 
     def train_step(self, data):
+        self.train_step_trace_count += 1
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = self._prepare_batch(x, y)
         batch_size = tf.shape(x)[0]

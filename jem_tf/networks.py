@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import keras
 
 NORMALIZATIONS = ("none", "batch", "layer")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def torch_default_initializer(seed: Optional[int] = None) -> keras.initializers.Initializer:
@@ -189,6 +190,32 @@ def small_cnn(
         name="logits",
     )(x)
     return keras.Model(inputs, logits, name=name)
+
+
+def with_precision(model: keras.Model, precision: str) -> keras.Model:
+    """A copy of a functional or sequential ``model`` whose layers compute in ``precision``, with the
+    same weights.
+
+    ``"mixed_bfloat16"`` / ``"mixed_float16"``: every layer computes in 16 bits with float32 weights
+    (Keras mixed precision), except the last layer (the logits head), which stays float32 so that
+    ``logsumexp`` energies keep their resolution. Inputs stay float32: a JEM's SGLD chains and their
+    gradients remain float32 and the first layer casts. ``"float32"`` returns ``model`` unchanged.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {PRECISIONS}; received {precision!r}")
+    if precision == "float32":
+        return model
+    head = model.layers[-1].name
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = "float32" if layer.name == head else precision
+        return layer.__class__.from_config(config)
+
+    clone = keras.models.clone_model(model, clone_function=clone_layer)
+    clone.set_weights(model.get_weights())
+    return clone
 
 
 def build_backbone(name: str, **kwargs) -> keras.Model:

@@ -135,7 +135,8 @@ class StabilityGuard(keras.callbacks.Callback):
             variable.assign(value)
 
     def _lower_learning_rate(self) -> Optional[float]:
-        optimizer = self.model.optimizer
+        # A LossScaleOptimizer (mixed_float16) keeps the schedule on its inner optimizer.
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
         current = optimizer._learning_rate  # the schedule or variable itself, not its current value
         if isinstance(current, keras.optimizers.schedules.LearningRateSchedule):
             optimizer.learning_rate = ScaledSchedule(current, self.lr_factor)

@@ -11,7 +11,6 @@ import sys
 from typing import List, Optional
 
 from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name
-from jem_tf.data import DataNotFoundError
 from jem_tf.stability import TrainingDiverged
 from jem_tf.training import train_and_evaluate
 
@@ -42,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config, workdir, verbose = parse_config(argv)
     try:
         metrics = train_and_evaluate(config, workdir, verbose=verbose)
-    except DataNotFoundError as error:
+    except ValueError as error:  # bad inputs found once the data is known (DataNotFoundError is one)
         print(f"python -m jem_tf.train: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

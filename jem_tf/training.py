@@ -19,7 +19,7 @@ from jem_tf.data import (PREPROCESSING, ImageDataset, load_dataset, make_dataset
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.export import export_saved_model
 from jem_tf.jem import JEM
-from jem_tf.networks import build_backbone
+from jem_tf.networks import build_backbone, with_precision
 from jem_tf.runs import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_FILE
 from jem_tf.schedules import WarmupPiecewiseSchedule
 from jem_tf.sgld import SGLDSampler
@@ -35,7 +35,7 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int) -> JEM:
         backbone_kwargs["width"] = config.width
     else:
         backbone_kwargs["normalization"] = config.normalization
-    backbone = build_backbone(config.backbone, **backbone_kwargs)
+    backbone = with_precision(build_backbone(config.backbone, **backbone_kwargs), config.precision)
     sampler = SGLDSampler(
         step_size=config.sgld_step_size,
         noise_std=config.sgld_noise_std,
@@ -69,7 +69,8 @@ def build_stability_guard(config: TrainConfig, **kwargs) -> StabilityGuard:
 
 
 def build_optimizer(config: TrainConfig, *, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam (or SGD with momentum 0.9) with linear warm-up and step decay at ``decay_epochs``."""
+    """Adam (or SGD with momentum 0.9) with linear warm-up and step decay at ``decay_epochs``; wrapped in
+    a ``LossScaleOptimizer`` for ``mixed_float16``."""
     schedule = WarmupPiecewiseSchedule(
         config.learning_rate,
         warmup_steps=config.warmup_steps,
@@ -78,8 +79,30 @@ def build_optimizer(config: TrainConfig, *, steps_per_epoch: int) -> keras.optim
     )
     weight_decay = config.weight_decay or None
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=weight_decay)
-    return keras.optimizers.Adam(schedule, beta_1=0.9, beta_2=0.999, weight_decay=weight_decay)
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(schedule, beta_1=0.9, beta_2=0.999, weight_decay=weight_decay)
+    if config.precision == "mixed_float16":
+        # float16 gradients underflow without loss scaling (bfloat16 has float32's exponent range).
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def check_steps_per_execution(config: TrainConfig, steps_per_epoch: int) -> None:
+    """``steps_per_execution`` must divide the steps per epoch: a partial last execution would run into
+    the next epoch's batches (and break exact resumption)."""
+    if steps_per_epoch % config.steps_per_execution:
+        divisors = [str(d) for d in range(1, min(steps_per_epoch, 64) + 1) if steps_per_epoch % d == 0]
+        raise ValueError(f"steps_per_execution ({config.steps_per_execution}) must divide the {steps_per_epoch} "
+                         f"training steps per epoch (e.g. {', '.join(divisors)}).")
+
+
+def compile_jem(model: JEM, config: TrainConfig, *, steps_per_epoch: int) -> JEM:
+    """Compiles ``model`` with :func:`build_optimizer` and the config's ``steps_per_execution``."""
+    check_steps_per_execution(config, steps_per_epoch)
+    model.compile(optimizer=build_optimizer(config, steps_per_epoch=steps_per_epoch),
+                  steps_per_execution=config.steps_per_execution)
+    return model
 
 
 def _prepare_splits(config: TrainConfig, data: ImageDataset):
@@ -123,20 +146,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     keras.utils.set_random_seed(config.seed)
     if data is None:
         data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
+    (x_train, y_train), validation = _prepare_splits(config, data)
+    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
+    check_steps_per_execution(config, steps_per_epoch)
     # Written once the inputs are known to be good, so a bad invocation never touches a run's files.
     if chief:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
-    (x_train, y_train), validation = _prepare_splits(config, data)
-    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     val_ds = None
     if validation is not None:
         val_ds = make_dataset(*validation, batch_size=max(config.batch_size, 256), shuffle=False)
 
     with strategy.scope():
         model = build_jem(config, image_shape=data.image_shape, num_classes=data.num_classes)
-        model.compile(optimizer=build_optimizer(config, steps_per_epoch=steps_per_epoch))
+        compile_jem(model, config, steps_per_epoch=steps_per_epoch)
 
     # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that
     # the data pipeline can start at the right epoch.

@@ -25,7 +25,7 @@ from jem_tf import energy as energy_lib
 from jem_tf.config import TrainConfig, field_names
 from jem_tf.data import ImageDataset, make_dataset, make_epochs_dataset, split_validation
 from jem_tf.distribution import make_strategy
-from jem_tf.training import build_jem, build_optimizer, build_stability_guard
+from jem_tf.training import build_jem, build_stability_guard, compile_jem
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")
 OBJECTIVES = ("val_accuracy", "combined")
@@ -143,7 +143,7 @@ class JEMHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         config = self.config_for(hp)
         model = build_jem(config, image_shape=self.data.image_shape, num_classes=self.data.num_classes)
-        model.compile(optimizer=build_optimizer(config, steps_per_epoch=self.steps_per_epoch()))
+        compile_jem(model, config, steps_per_epoch=self.steps_per_epoch())
         return model
 
     def load_checkpoint(self, model, filepath: str):
