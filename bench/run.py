@@ -159,10 +159,9 @@ def worker(args):
     clf = build(0.0)
     clf_median, clf_times, _ = step_times(clf)
 
-    # The sampler alone, compiled once: images x steps per second.
-    chains = tf.constant(rng.uniform(-1, 1, (batch, *shape)).astype("float32"))
-    sample = tf.function(lambda x0: jem.sampler.sample(jem._sgld_energy, x0, tf.constant([0, 0], tf.int64))[0])
-    sampler_s = _median_time(lambda: sample(chains).numpy(), args.repeats)
+    # The sampler alone (JEM.refine: the training step's SGLD loop, compiled once): images x steps per second.
+    chains = rng.uniform(-1, 1, (batch, *shape)).astype("float32")
+    sampler_s = _median_time(lambda: jem.refine(chains, n_steps=args.sgld_steps), args.repeats)
 
     flops = forward_flops(jem.backbone)
     jem_flops = batch * (args.sgld_steps * 2 * flops + 2 * 3 * flops)

@@ -60,7 +60,7 @@ def _batches(n: int, batch_size: int):
 
 def predict_logits(model: JEM, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """float32 logits ``[N, K]`` of the model in inference mode."""
-    logits = [model._logits(tf.constant(images[a:b]), training=False).numpy()
+    logits = [model.logits(tf.constant(images[a:b]), training=False).numpy()
               for a, b in _batches(len(images), batch_size)]
     return np.concatenate(logits) if logits else np.zeros((0, model.num_classes), np.float32)
 
@@ -408,7 +408,7 @@ def evaluate_robustness(model: JEM, images: np.ndarray, labels: np.ndarray, *, e
 
     results = {"clean": {"accuracy": accuracy(images), "accuracy_refined": refined_accuracy(images)}}
     for norm, values in eps.items():
-        attack = PGD(lambda x: model._logits(x, training=False), image_shape=model.image_shape, norm=norm,
+        attack = PGD(lambda x: model.logits(x, training=False), image_shape=model.image_shape, norm=norm,
                      steps=steps, value_range=model.value_range)
         for e in values:
             x_adv = attack(images, labels, eps=float(e) * scale, seed=seed, batch_size=batch_size)

@@ -227,21 +227,21 @@ class JEM(keras.Model):
         """Returns the backbone's logits ``f(x)``."""
         return self.backbone(inputs, training=training)
 
-    def _logits(self, x, training=False):
-        # Mixed-precision backbones may return float16/bfloat16 logits; the energy is float32.
+    def logits(self, x, training=False):
+        """float32 logits ``f(x)`` (mixed-precision backbones may compute in 16 bits)."""
         return tf.cast(self.backbone(x, training=training), tf.float32)
 
     def energy(self, x, training=False):
         """``E(x) = -logsumexp_y f(x)[y]`` for images ``x``; shape ``[batch]``."""
-        return energy_lib.energy(self._logits(x, training=training))
+        return energy_lib.energy(self.logits(x, training=training))
 
     def log_px(self, x, training=False):
         """Unnormalised ``log p(x) = logsumexp_y f(x)[y]``; shape ``[batch]``."""
-        return energy_lib.log_px(self._logits(x, training=training))
+        return energy_lib.log_px(self.logits(x, training=training))
 
     def _sgld_energy(self, x, labels=None):
         # The sampler sees the network in inference mode (no dropout, no BN statistic updates).
-        logits = self._logits(x, training=False)
+        logits = self.logits(x, training=False)
         if labels is None:
             return energy_lib.energy(logits)
         return energy_lib.conditional_energy(logits, labels)
@@ -369,10 +369,10 @@ class JEM(keras.Model):
     def _forward(self, inputs, sizes):
         """Logits of several input groups, in one pass unless the backbone has batch norm."""
         if self._has_batch_norm:
-            return [self._logits(inputs[0], training=True)] + [
-                self._logits(x, training=False) for x in inputs[1:]
+            return [self.logits(inputs[0], training=True)] + [
+                self.logits(x, training=False) for x in inputs[1:]
             ]
-        logits = self._logits(tf.concat(inputs, axis=0), training=True)
+        logits = self.logits(tf.concat(inputs, axis=0), training=True)
         return tf.split(logits, sizes, axis=0)
 
     def _run_chains(self, batch_size, position, draw_salt, sgld_salt, labels=None):
@@ -464,7 +464,7 @@ class JEM(keras.Model):
         """Cross-entropy, accuracy and mean energy of clean (noise-free) data."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = self._prepare_batch(x, y)
-        logits = self._logits(x, training=False)
+        logits = self.logits(x, training=False)
         ce = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
         self.loss_tracker.update_state(ce, sample_weight=sample_weight)
         self.ce_tracker.update_state(ce, sample_weight=sample_weight)
@@ -474,7 +474,7 @@ class JEM(keras.Model):
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self._logits(x, training=False)
+        return self.logits(x, training=False)
 
     # ----------------------------------------------------------------------------- sampling
     def sample(self, num_samples: int, *, seed: int = 0, n_steps: Optional[int] = None,
