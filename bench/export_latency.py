@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 
-def _timings(fn, repeats):
+def timings(fn, repeats):
     fn()  # warm-up (first call traces/optimises)
     fn()
     times = []
@@ -67,7 +67,7 @@ def main(argv=None):
                     class_label=tf.constant(-1), step_size=tf.constant(0.0), noise_std=tf.constant(-1.0)),
             }
             for name, fn in calls.items():
-                median, p90 = _timings(fn, args.repeats)
+                median, p90 = timings(fn, args.repeats)
                 records.append({"signature": name, "batch_size": batch, "median_ms": 1e3 * median, "p90_ms": 1e3 * p90})
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                "tensorflow": tf.__version__, "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]}

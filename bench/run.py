@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from export_latency import timings  # this folder (the script's own directory is on sys.path)
+
 MODELS = {  # name -> (backbone name for jem_tf.build_backbone, kwargs, input shape)
     "small-cnn": ("small_cnn", {"width": 32}, (8, 8, 1)),
     "wrn-10-1": ("wrn-10-1", {}, (32, 32, 3)),
@@ -62,15 +64,8 @@ def machine_info():
     return info
 
 
-def _median_time(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def _median_time(fn, repeats):
+    return timings(fn, repeats)[0]  # two untimed warm-up calls, then the median of `repeats`
 
 
 def measure_peak(dtype_name, repeats=5):
@@ -127,7 +122,8 @@ def worker(args):
                              args.precision)
         model = JEM(net, sampler=SGLDSampler(step_size=1.0, noise_std=0.01, n_steps=args.sgld_steps,
                                              jit_compile=args.sgld_jit_compile),
-                    buffer_size=10_000, restart_prob=0.05, px_weight=px_weight, data_noise_std=0.03, seed=0)
+                    buffer_size=10_000, restart_prob=0.05, px_weight=px_weight, data_noise_std=0.03, seed=0,
+                    buffer_storage=args.buffer_storage)
         optimizer = keras.optimizers.Adam(1e-4)
         if args.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -156,6 +152,7 @@ def worker(args):
 
     jem = build(1.0)
     jem_median, jem_times, jem_traces = step_times(jem)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # JEM training only, so far
     clf = build(0.0)
     clf_median, clf_times, _ = step_times(clf)
 
@@ -167,7 +164,7 @@ def worker(args):
     jem_flops = batch * (args.sgld_steps * 2 * flops + 2 * 3 * flops)
     record = {
         "model": args.model, "precision": args.precision, "batch_size": batch, "n_steps": args.sgld_steps,
-        "steps_per_execution": spe, "sgld_jit_compile": args.sgld_jit_compile,
+        "steps_per_execution": spe, "sgld_jit_compile": args.sgld_jit_compile, "buffer_storage": args.buffer_storage,
         "input_shape": list(shape), "params": int(jem.backbone.count_params()),
         "jem_step_s_median": jem_median, "clf_step_s_median": clf_median,
         "jem_step_s_all": jem_times, "clf_step_s_all": clf_times,
@@ -185,14 +182,15 @@ def worker(args):
             for n in (1, batch):
                 images = tf.constant(rng.uniform(-1, 1, (n, *shape)).astype("float32"))
                 record[f"classify_ms_batch_{n}"] = 1e3 * _median_time(lambda: classify(images=images), 20)
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["peak_rss_mb"] = peak_rss_mb
+    record["peak_rss_mb_with_export"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RECORD " + json.dumps(record))
 
 
 def _worker_args(model, precision, args):
     command = ["--worker", "--model", model, "--precision-one", precision, "--batch-size", str(args.batch_size),
                "--sgld-steps", str(args.sgld_steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-               "--steps-per-execution", str(args.steps_per_execution)]
+               "--steps-per-execution", str(args.steps_per_execution), "--buffer-storage", args.buffer_storage]
     return command + ["--sgld-jit-compile"] * args.sgld_jit_compile + ["--skip-export"] * args.skip_export
 
 
@@ -242,6 +240,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing, allocation)")
     parser.add_argument("--steps-per-execution", type=int, default=1)
     parser.add_argument("--sgld-jit-compile", action="store_true", help="compile the SGLD loop with XLA")
+    parser.add_argument("--buffer-storage", choices=["float32", "uint8"], default="float32")
     parser.add_argument("--skip-export", action="store_true", help="do not time the exported classify signature")
     parser.add_argument("--out", help="write the records (JSON list) here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

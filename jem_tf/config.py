@@ -12,6 +12,7 @@ from typing import List, Optional
 from jem_tf.data import AUGMENTATIONS, DATASETS
 from jem_tf.distribution import STRATEGIES
 from jem_tf.networks import NORMALIZATIONS, PRECISIONS
+from jem_tf.replay_buffer import STORAGES
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -64,6 +65,7 @@ class TrainConfig:
     # Training steps per compiled call (Keras's steps_per_execution); callbacks see every N-th step.
     steps_per_execution: int = 1
     buffer_size: int = 10_000
+    buffer_storage: str = "float32"  # float32 | uint8 (4x smaller; see ReplayBuffer)
     restart_prob: float = 0.05
     # Run. strategy: default | mirrored | multi_worker (reads TF_CONFIG) | tpu (untested).
     seed: int = 0
@@ -91,7 +93,8 @@ class TrainConfig:
             raise ValueError(f"{field} must be {expected}; received {getattr(self, field)!r}")
 
         choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "normalization": NORMALIZATIONS,
-                   "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": PRECISIONS}
+                   "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": PRECISIONS,
+                   "buffer_storage": STORAGES}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 fail(field, f"one of {', '.join(allowed)}")

@@ -93,6 +93,8 @@ class JEM(keras.Model):
         value_range: ``(low, high)`` of images. Default (-1.0, 1.0).
         validate_inputs: Check image range and label ids in every step. Default True.
         seed: Base seed of all training randomness (noise, buffer draws, SGLD). Default 0.
+        buffer_storage: ``"float32"`` (default) or ``"uint8"`` (4x smaller buffer; see
+            :class:`ReplayBuffer`).
         image_shape, num_classes: Needed only when the backbone has no static input/output shape.
 
     Example:
@@ -122,6 +124,7 @@ class JEM(keras.Model):
         value_range: Sequence[float] = (-1.0, 1.0),
         validate_inputs: bool = True,
         seed: int = 0,
+        buffer_storage: str = "float32",
         image_shape: Optional[Sequence[int]] = None,
         num_classes: Optional[int] = None,
         **kwargs,
@@ -181,6 +184,7 @@ class JEM(keras.Model):
             num_classes=self.num_classes if self.class_conditional_buffer else None,
             value_range=value_range,
             seed=seed,
+            storage=buffer_storage,
             name="replay_buffer",
         )
         # Batch norm statistics must never see SGLD samples, so with batch norm the data and the
@@ -506,7 +510,7 @@ class JEM(keras.Model):
             # Stored chains (from the labels' class slots when the buffer has them), without restarts.
             draw_labels = context[0] if context and self.class_conditional_buffer else None
             indices = self.replay_buffer.draw(num_samples, seed, labels=draw_labels).indices
-            x = tf.gather(self.replay_buffer.samples.value, indices)
+            x = self.replay_buffer.read(indices)
         else:
             low, high = self.value_range
             x = tf.random.stateless_uniform([num_samples, *self.image_shape], seed=seed, minval=low, maxval=high)
@@ -584,6 +588,7 @@ class JEM(keras.Model):
                 "value_range": list(self.value_range),
                 "validate_inputs": self.validate_inputs,
                 "seed": self.seed,
+                "buffer_storage": self.replay_buffer.storage,
                 "image_shape": list(self.image_shape),
                 "num_classes": self.num_classes,
             }

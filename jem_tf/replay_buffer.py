@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
 
+STORAGES = ("float32", "uint8")
 BufferDraw = collections.namedtuple("BufferDraw", ["x", "indices", "restarted"])
 BufferDraw.__doc__ = """Chains drawn from a replay buffer: starting points ``x`` [batch, ...], the
 slot ``indices`` [batch] to write them back to, and the boolean ``restarted`` [batch] mask of
@@ -47,6 +48,10 @@ class ReplayBuffer(keras.layers.Layer):
         num_classes: If set, keep per-class slots (see above). Default ``None``.
         value_range: ``(low, high)`` of the uniform initialisation and restarts. Default (-1, 1).
         seed: Seed of the initial uniform fill. Default ``None`` (random).
+        storage: ``"float32"`` (default) or ``"uint8"``: chains stored as 256 levels of
+            ``value_range`` (4x less memory, as IGEBM does). Written chains are clipped to the range and
+            quantised; drawn chains are dequantised with uniform noise within their level, so stored
+            values never repeat exactly.
 
     Example:
         >>> buffer = ReplayBuffer(image_shape=(8, 8, 1), size=100, seed=0)
@@ -62,6 +67,7 @@ class ReplayBuffer(keras.layers.Layer):
         num_classes: Optional[int] = None,
         value_range: Sequence[float] = (-1.0, 1.0),
         seed: Optional[int] = None,
+        storage: str = "float32",
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")  # The chains stay float32 under mixed precision.
@@ -80,22 +86,53 @@ class ReplayBuffer(keras.layers.Layer):
         value_range = tuple(float(v) for v in value_range)
         if len(value_range) != 2 or not value_range[0] < value_range[1]:
             raise ValueError(f"`value_range` must be (low, high) with low < high; received {value_range!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"`storage` must be one of {STORAGES}; received {storage!r}")
+        self.storage = storage
         self.image_shape = image_shape
         self.size = size
         self.restart_prob = float(restart_prob)
         self.num_classes = num_classes
         self.value_range = value_range
         self.seed = seed
+        if storage == "uint8":
+            def initializer(shape, dtype=None):
+                return tf.cast(keras.random.randint(shape, 0, 256, dtype="int32", seed=seed), tf.uint8)
+        else:
+            initializer = keras.initializers.RandomUniform(value_range[0], value_range[1], seed=seed)
         self.samples = self.add_weight(
             name="samples",
             shape=(size,) + image_shape,
-            initializer=keras.initializers.RandomUniform(value_range[0], value_range[1], seed=seed),
+            initializer=initializer,
             trainable=False,
-            dtype="float32",
+            dtype=storage,
             autocast=False,
             aggregation="only_first_replica",
         )
         self.built = True
+
+    # Storage <-> float32 chains. uint8 level q covers [low + q * w, low + (q + 1) * w), w = range / 256.
+    def _encode(self, x: tf.Tensor) -> tf.Tensor:
+        if self.storage == "float32":
+            return x
+        low, high = self.value_range
+        codes = tf.floor((x - low) * (256.0 / (high - low)))
+        return tf.cast(tf.clip_by_value(codes, 0.0, 255.0), tf.uint8)
+
+    def _decode(self, stored: tf.Tensor, offset=0.5) -> tf.Tensor:
+        """float32 values of stored chains; uint8: ``offset`` in [0, 1) places them within their level."""
+        if self.storage == "float32":
+            return stored
+        low, high = self.value_range
+        return low + (tf.cast(stored, tf.float32) + offset) * ((high - low) / 256.0)
+
+    def read(self, indices: tf.Tensor) -> tf.Tensor:
+        """The stored chains at ``indices`` as float32 (uint8 storage: the centres of their levels)."""
+        return self._decode(tf.gather(self.samples.value, indices))
+
+    def chains(self) -> tf.Tensor:
+        """Every stored chain as float32 ``[size, *image_shape]``."""
+        return self._decode(self.samples.value)
 
     @property
     def slots_per_class(self) -> Optional[int]:
@@ -122,8 +159,8 @@ class ReplayBuffer(keras.layers.Layer):
             A :class:`BufferDraw`.
         """
         seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-        index_seed, restart_seed, noise_seed = [
-            tf.random.experimental.stateless_fold_in(seed, salt) for salt in (11, 12, 13)
+        index_seed, restart_seed, noise_seed, dequantize_seed = [
+            tf.random.experimental.stateless_fold_in(seed, salt) for salt in (11, 12, 13, 14)
         ]
         def uniform(seed, **kwargs):
             return replica_random(tf.random.stateless_uniform, (batch_size,), position, seed=seed, **kwargs)
@@ -136,6 +173,9 @@ class ReplayBuffer(keras.layers.Layer):
             slot = self.slots_per_class
             indices = tf.cast(labels, tf.int32) * slot + uniform(index_seed, minval=0, maxval=slot, dtype=tf.int32)
         x = tf.gather(self.samples.value, indices)
+        if self.storage != "float32":  # dequantisation noise, uniform within each level
+            x = self._decode(x, replica_random(tf.random.stateless_uniform, tf.shape(x), position,
+                                               seed=dequantize_seed))
         restarted = uniform(restart_seed) < self.restart_prob
         noise = replica_random(self._uniform_noise, tf.shape(x), position, seed=noise_seed)
         mask = tf.reshape(restarted, [-1] + [1] * len(self.image_shape))
@@ -150,12 +190,12 @@ class ReplayBuffer(keras.layers.Layer):
         every replica's chains (see the class docstring).
         """
         indices, samples = all_gather_rows(tf.cast(indices, tf.int32), tf.cast(samples, tf.float32))
-        self.samples.value.scatter_update(tf.IndexedSlices(samples, indices))
+        self.samples.value.scatter_update(tf.IndexedSlices(self._encode(samples), indices))
 
     def reset(self, seed) -> None:
         """Refills the whole buffer with uniform noise (e.g. after divergence)."""
         seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-        self.samples.assign(self._uniform_noise(tf.shape(self.samples.value), seed))
+        self.samples.assign(self._encode(self._uniform_noise(tf.shape(self.samples.value), seed)))
 
     def call(self, inputs=None):
         raise NotImplementedError("ReplayBuffer is not called; use `draw` and `update`.")
@@ -170,6 +210,7 @@ class ReplayBuffer(keras.layers.Layer):
                 "num_classes": self.num_classes,
                 "value_range": list(self.value_range),
                 "seed": self.seed,
+                "storage": self.storage,
             }
         )
         return config

@@ -48,6 +48,7 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int) -> JEM:
         backbone,
         sampler=sampler,
         buffer_size=config.buffer_size,
+        buffer_storage=config.buffer_storage,
         restart_prob=config.restart_prob,
         pyx_weight=config.pyx_weight,
         px_weight=config.px_weight,
@@ -227,7 +228,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     }
     if model.samples_contrastive:
         # Mean energy of the replay buffer's chains vs. the test data: close when p(x) is fitted.
-        chains = model.replay_buffer.samples.numpy()
+        chains = model.replay_buffer.chains().numpy()
         chain_logits = model.predict(chains, batch_size=1024, verbose=0)
         metrics["buffer_energy_mean"] = float(np.mean(energy_lib.energy(chain_logits)))
     if chief and config.export_dir:

@@ -24,9 +24,10 @@ HELPER = os.path.join(os.path.dirname(__file__), "helpers", "multiworker_fit.py"
 TOLERANCE = 1e-6
 
 
-def _build(pxy_weight=0.0):
+def _build(pxy_weight=0.0, buffer_storage="float32"):
     model = JEM(small_cnn(num_classes=10, input_shape=(8, 8, 1), width=4, seed=0),
-                sampler=SGLDSampler(n_steps=3), buffer_size=100, pxy_weight=pxy_weight, seed=0)
+                sampler=SGLDSampler(n_steps=3), buffer_size=100, pxy_weight=pxy_weight, seed=0,
+                buffer_storage=buffer_storage)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     return model
 
@@ -36,20 +37,20 @@ def _digits_batches(count):
     return tf.data.Dataset.from_tensor_slices((data.x_train[:count], data.y_train[:count])).batch(32)
 
 
-@pytest.mark.parametrize("pxy_weight", [0.0, 1.0])
-def test_mirrored_fit_equals_single_device_and_buffer_copies_are_identical(pxy_weight, tmp_path):
+@pytest.mark.parametrize("pxy_weight, buffer_storage", [(0.0, "float32"), (1.0, "float32"), (0.0, "uint8")])
+def test_mirrored_fit_equals_single_device_and_buffer_copies_are_identical(pxy_weight, buffer_storage, tmp_path):
     # Two steps of global batch 32 (16 per replica). With a batch that splits unevenly, each replica's
     # mean loss is divided by the number of replicas, as Keras scales its own losses, so the update
     # differs slightly from the single-device one (see test_uneven_last_batch below).
     digits_batches = _digits_batches(64)
-    single = _build(pxy_weight)
+    single = _build(pxy_weight, buffer_storage)
     buffer_before = single.replay_buffer.samples.numpy().copy()
     single.fit(digits_batches, epochs=1, verbose=0)
 
     strategy = make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
-        mirrored = _build(pxy_weight)
+        mirrored = _build(pxy_weight, buffer_storage)
     mirrored.fit(digits_batches, epochs=1, verbose=0)
 
     for a, b in zip(single.get_weights(), mirrored.get_weights()):
@@ -57,7 +58,11 @@ def test_mirrored_fit_equals_single_device_and_buffer_copies_are_identical(pxy_w
     copies = [v.numpy() for v in mirrored.replay_buffer.samples.value.values]
     assert len(copies) == 2
     np.testing.assert_array_equal(copies[0], copies[1])
-    np.testing.assert_allclose(copies[0], single.replay_buffer.samples.numpy(), atol=TOLERANCE)
+    if buffer_storage == "uint8":  # the same levels, but for chains within float round-off of a level edge
+        differ = copies[0].astype(int) - single.replay_buffer.samples.numpy().astype(int)
+        assert np.abs(differ).max() <= 1 and np.mean(differ != 0) < 1e-3
+    else:
+        np.testing.assert_allclose(copies[0], single.replay_buffer.samples.numpy(), atol=TOLERANCE)
     # Both replicas' chains were written back: as many slots changed as in single-device training,
     # more than one replica's share (32 chains per term) could change.
     changed = np.any(copies[0] != buffer_before, axis=(1, 2, 3)).sum()

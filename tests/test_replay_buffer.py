@@ -72,10 +72,53 @@ def test_reset_refills_with_noise():
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"size": 0}, "size"), ({"restart_prob": 1.5}, "restart_prob"), ({"num_classes": 0}, "num_classes"),
-     ({"value_range": (1, -1)}, "value_range"), ({"image_shape": (0, 2)}, "image_shape")],
+     ({"value_range": (1, -1)}, "value_range"), ({"image_shape": (0, 2)}, "image_shape"),
+     ({"storage": "float16"}, "storage")],
 )
 def test_bad_arguments_raise(kwargs, match):
     args = {"image_shape": (2,), "size": 10}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ReplayBuffer(**args)
+
+
+def test_uint8_storage_is_4x_smaller_and_dequantises_within_one_level(tmp_path):
+    level = 2.0 / 256
+    compact = ReplayBuffer(image_shape=(4, 4, 3), size=200, seed=0, storage="uint8")
+    full = ReplayBuffer(image_shape=(4, 4, 3), size=200, seed=0)
+    assert compact.samples.dtype == "uint8"
+    assert full.samples.numpy().nbytes == 4 * compact.samples.numpy().nbytes
+    indices = tf.range(10)
+    x = np.linspace(-1.3, 1.3, 10 * 48, dtype="float32").reshape(10, 4, 4, 3)  # partly outside [-1, 1]
+    compact.update(indices, x)
+    stored = compact.read(indices).numpy()
+    np.testing.assert_allclose(stored, np.clip(x, -1, 1), atol=level / 2 + 1e-6)  # centres of the levels
+    # Draws add uniform noise within each level, deterministically per seed.
+    draw = compact.draw(64, seed=[3, 4])
+    kept = ~draw.restarted.numpy()
+    centres = compact.read(draw.indices).numpy()[kept]
+    offsets = draw.x.numpy()[kept] - centres
+    assert np.abs(offsets).max() <= level / 2 + 1e-6 and np.abs(offsets).min() < level / 10
+    np.testing.assert_array_equal(draw.x.numpy(), compact.draw(64, seed=[3, 4]).x.numpy())
+    compact.reset(seed=[5, 6])
+    chains = compact.chains().numpy()
+    assert chains.shape == (200, 4, 4, 3) and chains.min() >= -1 and chains.max() <= 1
+    assert abs(chains.mean()) < 0.05
+
+
+def test_jem_with_uint8_buffer_trains_saves_and_restores(tmp_path):
+    import keras
+
+    from conftest import tiny_jem
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (64, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 64).astype("int32")
+    model = tiny_jem(buffer_storage="uint8")
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    model.save(tmp_path / "m.keras")
+    restored = keras.models.load_model(tmp_path / "m.keras")
+    assert restored.replay_buffer.storage == "uint8"
+    np.testing.assert_array_equal(restored.replay_buffer.samples.numpy(), model.replay_buffer.samples.numpy())
+    assert model.sample(4, n_steps=0, init="buffer").dtype == np.float32
