@@ -4,7 +4,8 @@ achieved GFLOP/s against this machine's measured peak, peak memory and exported 
     python bench/run.py                                         # small-cnn, wrn-10-1, wrn-28-2 in float32
     python bench/run.py --models wrn-10-1 wrn-28-2 --precision float32 mixed_bfloat16 --out bench.json
 
-Every (model, precision) runs in its own Python process, so its peak RSS is its own. Each process builds
+Every (model, precision) runs in its own Python process; its peak RSS is read right after the JEM steps
+(before the classifier and the export are built), so it is that of JEM training alone. Each process builds
 a JEM exactly as training does (reference semantics: batch 64, 20 SGLD steps of step 1.0 and noise 0.01, a
 10,000-image replay buffer with 5 % restarts, data noise 0.03, Adam) on random data of the model's input
 shape, runs `model.fit` and times the steps after --warmup warm-up steps (tracing excluded); the median

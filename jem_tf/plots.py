@@ -17,8 +17,8 @@ def _save(figure, path: str) -> str:
 
 
 def reliability_diagram(bins: Dict[str, list], path: str, *, title: str = "") -> str:
-    """Bar chart of per-bin accuracy against confidence with the diagonal of perfect calibration, and
-    the share of examples per bin underneath."""
+    """Per-bin accuracy (filled bars) and mean confidence (red outlines) with the diagonal of perfect
+    calibration, and the share of examples per bin underneath."""
     from matplotlib.figure import Figure
 
     edges = np.asarray(bins["edges"])
@@ -28,10 +28,9 @@ def reliability_diagram(bins: Dict[str, list], path: str, *, title: str = "") ->
     top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     filled = counts > 0
     top.bar(centers[filled], np.asarray(bins["accuracy"])[filled], width=width[filled], edgecolor="black",
-            color="tab:blue", label="accuracy")
-    top.bar(centers[filled], (np.asarray(bins["confidence"]) - np.asarray(bins["accuracy"]))[filled],
-            bottom=np.asarray(bins["accuracy"])[filled], width=width[filled], color="tab:red", alpha=0.35,
-            label="gap to confidence")
+            color="tab:blue", alpha=0.8, label="accuracy")
+    top.bar(centers[filled], np.asarray(bins["confidence"])[filled], width=width[filled], fill=False,
+            edgecolor="tab:red", linewidth=1.5, label="mean confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1)
     top.set_ylabel("accuracy")
     top.set_ylim(0, 1)
