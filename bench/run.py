@@ -32,11 +32,11 @@ import numpy as np
 
 from export_latency import timings  # this folder (the script's own directory is on sys.path)
 
-MODELS = {  # name -> (backbone name for jem_tf.build_backbone, kwargs, input shape)
-    "small-cnn": ("small_cnn", {"width": 32}, (8, 8, 1)),
-    "wrn-10-1": ("wrn-10-1", {}, (32, 32, 3)),
-    "wrn-28-2": ("wrn-28-2", {}, (32, 32, 3)),
-    "wrn-28-10": ("wrn-28-10", {}, (32, 32, 3)),
+MODELS = {  # name -> (TrainConfig.backbone, input shape)
+    "small-cnn": ("small_cnn", (8, 8, 1)),
+    "wrn-10-1": ("wrn-10-1", (32, 32, 3)),
+    "wrn-28-2": ("wrn-28-2", (32, 32, 3)),
+    "wrn-28-10": ("wrn-28-10", (32, 32, 3)),
 }
 # Official PyTorch JEM on a 2-core CPU machine of the CI kind (batch 64, 20 SGLD steps), seconds/iteration.
 REFERENCE_S = {"wrn-10-1": (1.47, 0.12, 780), "wrn-28-2": (9.24, 0.66, 1520), "wrn-28-10": (181.3, 12.8, 5670)}
@@ -107,11 +107,11 @@ def worker(args):
     import keras
     import tensorflow as tf
 
-    from jem_tf import JEM, SGLDSampler, build_backbone
+    from jem_tf.config import TrainConfig
     from jem_tf.export import export_saved_model
-    from jem_tf.networks import with_precision
+    from jem_tf.training import build_jem, compile_jem
 
-    backbone_name, kwargs, shape = MODELS[args.model]
+    backbone_name, shape = MODELS[args.model]
     batch, spe = args.batch_size, args.steps_per_execution
     rng = np.random.default_rng(0)
     steps = (args.warmup + args.repeats) * spe
@@ -119,17 +119,13 @@ def worker(args):
     y = rng.integers(0, 10, batch * steps).astype("int32")
 
     def build(px_weight):
-        net = with_precision(build_backbone(backbone_name, num_classes=10, input_shape=shape, seed=0, **kwargs),
-                             args.precision)
-        model = JEM(net, sampler=SGLDSampler(step_size=1.0, noise_std=0.01, n_steps=args.sgld_steps,
-                                             jit_compile=args.sgld_jit_compile),
-                    buffer_size=10_000, restart_prob=0.05, px_weight=px_weight, data_noise_std=0.03, seed=0,
-                    buffer_storage=args.buffer_storage)
-        optimizer = keras.optimizers.Adam(1e-4)
-        if args.precision == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        model.compile(optimizer=optimizer, steps_per_execution=spe)
-        return model
+        """The JEM training builds from a config: the reference's settings and this run's options."""
+        config = TrainConfig().replace(
+            backbone=backbone_name, precision=args.precision, batch_size=batch, learning_rate=1e-4, warmup_steps=0,
+            sgld_steps=args.sgld_steps, sgld_step_size=1.0, sgld_noise_std=0.01,
+            sgld_jit_compile=args.sgld_jit_compile, buffer_size=10_000, buffer_storage=args.buffer_storage,
+            restart_prob=0.05, px_weight=px_weight, data_noise_std=0.03, steps_per_execution=spe, seed=0).validate()
+        return compile_jem(build_jem(config, image_shape=shape, num_classes=10), config, steps_per_epoch=steps)
 
     class StepTimer(keras.callbacks.Callback):
         """Wall time of every execution of the train function (synchronised by reading the loss)."""
