@@ -224,9 +224,14 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
                          "ood_sets": {name: int(len(images)) for name, images in ood_sets.items()}}}
 
 
+def _energies(logits: np.ndarray) -> np.ndarray:
+    """``E(x) = -logsumexp_y f(x)[y]`` of numpy logits, in float64."""
+    return -np.logaddexp.reduce(np.asarray(logits, np.float64), axis=1)
+
+
 def _sample_summary(model: JEM, samples: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:
     logits = predict_logits(model, samples).astype(np.float64)
-    summary = {"num": int(len(samples)), "energy_mean": float(-np.logaddexp.reduce(logits, axis=1).mean()),
+    summary = {"num": int(len(samples)), "energy_mean": float(_energies(logits).mean()),
                "max_softmax_mean": float(metrics_lib.softmax(logits).max(axis=1).mean()),
                "pixel_min": float(samples.min()), "pixel_max": float(samples.max())}
     if labels is not None:
@@ -265,11 +270,11 @@ def evaluate_samples(model: JEM, *, out_dir: str, reference_images: np.ndarray, 
     if long_chain_steps > 0:
         checkpoints = np.unique(np.linspace(0, long_chain_steps, long_chain_snapshots + 1).round().astype(int))
         x = model.sample(long_chain_num, seed=seed + 3, n_steps=0)
-        snapshots, energies = [x], [-np.logaddexp.reduce(predict_logits(model, x).astype(np.float64), axis=1)]
+        snapshots, energies = [x], [_energies(predict_logits(model, x))]
         for i, (a, b) in enumerate(zip(checkpoints[:-1], checkpoints[1:])):
             x = model.refine(x, n_steps=int(b - a), seed=np.array([seed + 3, i + 1], np.int64))
             snapshots.append(x)
-            energies.append(-np.logaddexp.reduce(predict_logits(model, x).astype(np.float64), axis=1))
+            energies.append(_energies(predict_logits(model, x)))
         # Rows = chains, columns = snapshots in step order.
         grid = np.stack(snapshots, axis=1).reshape(-1, *model.image_shape)
         energies = np.stack(energies)
@@ -495,9 +500,12 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
         elif mode == "ood":
             temperature, source = 1.0, "1 (no validation split to fit it on)"
             if val_images is not None and len(val_images) > 0:
-                temperature = metrics_lib.fit_temperature(predict_logits(model, val_images, batch_size=batch_size),
-                                                          val_labels)
                 source = "fitted on the validation split"
+                if "temperature_scaled" in report.get("calibration", {}):  # mode calibration fitted it already
+                    temperature = report["calibration"]["temperature_scaled"]["temperature"]
+                else:
+                    temperature = metrics_lib.fit_temperature(
+                        predict_logits(model, val_images, batch_size=batch_size), val_labels)
             report[mode] = evaluate_ood(model, test_images, ood_sets, out_dir=out_dir, temperature=temperature,
                                         temperature_source=source, batch_size=batch_size)
         elif mode == "samples":
@@ -561,8 +569,8 @@ def _summary_lines(report: dict) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, DataNotFoundError, load_dataset
-    from jem_tf.runs import held_out_split, load_trained_model
+    from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, DataNotFoundError
+    from jem_tf.runs import held_out_split, load_run_dataset, load_trained_model
 
     parser = OneLineErrorParser(prog="python -m jem_tf.evaluate",
                                 description="Evaluate a trained JEM: accuracy, calibration, OOD detection, samples, "
@@ -621,14 +629,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         dataset = args.dataset or (config.dataset if config else None)
         if dataset is None:
             parser.error("--dataset is needed with a bare .keras file")
-        same_run_data = config is not None and config.dataset == dataset
-        data = load_dataset(dataset, data_dir=args.data_dir or (config.data_dir if same_run_data else None),
-                            seed=config.seed if same_run_data else 0)
-        x_val = y_val = None
-        if same_run_data:
-            x_val, y_val, split = held_out_split(dataset, config=config, data_dir=args.data_dir)
-            if split != "validation":
-                x_val = y_val = None
+        data = load_run_dataset(dataset, config=config, data_dir=args.data_dir)
+        x_val, y_val, split = held_out_split(dataset, config=config, data=data)
+        if split != "validation":  # temperatures are never fitted on test data
+            x_val = y_val = None
         x_test, y_test = data.x_test[:args.max_test_images], data.y_test[:args.max_test_images]
         ood_sets = (_ood_sets(args.ood, x_test, value_range=model.value_range, seed=args.seed,
                               data_dir=args.ood_data_dir, max_images=args.max_ood_images)

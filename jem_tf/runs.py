@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from jem_tf.config import TrainConfig
+from jem_tf.data import ImageDataset, load_dataset, split_validation
 from jem_tf.jem import JEM
 
 MODEL_FILE = "model.keras"
@@ -43,20 +44,27 @@ def load_trained_model(model_path: str) -> Tuple[JEM, Optional[TrainConfig]]:
     return model, config
 
 
-def held_out_split(dataset_name: str, *, config: Optional[TrainConfig] = None,
-                   data_dir: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, str]:
+def load_run_dataset(dataset_name: str, *, config: Optional[TrainConfig] = None,
+                     data_dir: Optional[str] = None) -> ImageDataset:
+    """``dataset_name`` as the run saw it: with the run's ``config`` and its dataset, the run's seed (which
+    fixes the digits train/test split) and data directory (unless ``data_dir`` overrides it)."""
+    same_data = config is not None and config.dataset == dataset_name
+    return load_dataset(dataset_name, data_dir=data_dir or (config.data_dir if same_data else None),
+                        seed=config.seed if same_data else 0)
+
+
+def held_out_split(dataset_name: str, *, config: Optional[TrainConfig] = None, data_dir: Optional[str] = None,
+                   data: Optional[ImageDataset] = None) -> Tuple[np.ndarray, np.ndarray, str]:
     """In-distribution images and labels that the run did not train on, and which split they are.
 
     With the run's ``config`` and its dataset, that is the run's validation split (same seed and fraction
-    as training); otherwise, or when the run had no validation split, the dataset's test split.
+    as training); otherwise, or when the run had no validation split, the dataset's test split. ``data``:
+    the already loaded :func:`load_run_dataset` (loaded here when ``None``).
     """
-    from jem_tf.data import load_dataset, split_validation
-
-    same_data = config is not None and config.dataset == dataset_name
-    seed = config.seed if same_data else 0
-    data = load_dataset(dataset_name, data_dir=data_dir or (config.data_dir if same_data else None), seed=seed)
-    if same_data and config.validation_fraction > 0:
+    if data is None:
+        data = load_run_dataset(dataset_name, config=config, data_dir=data_dir)
+    if config is not None and config.dataset == dataset_name and config.validation_fraction > 0:
         _, (x_val, y_val) = split_validation(data.x_train, data.y_train, fraction=config.validation_fraction,
-                                             seed=seed)
+                                             seed=config.seed)
         return x_val, y_val, "validation"
     return data.x_test, data.y_test, "test"
