@@ -568,7 +568,7 @@ class JEM(keras.Model):
         step_size = self.sampler.step_size if step_size is None else step_size
         noise_std = self.sampler.noise_std if noise_std is None else noise_std
         return sample_fn(x, sgld_seed, tf.constant(n_steps, tf.int32), tf.constant(step_size, tf.float32),
-                               tf.constant(noise_std, tf.float32), *context).numpy()
+                         tf.constant(noise_std, tf.float32), *context).numpy()
 
     # ----------------------------------------------------------------------------- config
     def get_config(self) -> dict:

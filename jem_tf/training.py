@@ -26,7 +26,6 @@ from jem_tf.sgld import SGLDSampler
 from jem_tf.stability import StabilityGuard
 
 
-
 def build_jem(config: TrainConfig, *, image_shape, num_classes: int) -> JEM:
     """Builds the backbone and the (uncompiled) JEM a config describes."""
     backbone_kwargs = dict(num_classes=num_classes, input_shape=tuple(image_shape), dropout=config.dropout,
