@@ -1,6 +1,7 @@
 """jem-tf: Joint Energy-based Models (JEM) for Keras 3 / TensorFlow."""
 
 from jem_tf import energy
+from jem_tf.chain_init import ClassGaussian
 from jem_tf.jem import JEM
 from jem_tf.networks import build_backbone, small_cnn, wide_resnet
 from jem_tf.replay_buffer import BufferDraw, ReplayBuffer
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "JEM",
     "BufferDraw",
+    "ClassGaussian",
     "ReplayBuffer",
     "SGLDDiagnostics",
     "SGLDSampler",

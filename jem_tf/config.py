@@ -9,12 +9,14 @@ import os
 import typing
 from typing import List, Optional
 
+from jem_tf.chain_init import CHAIN_INITS
 from jem_tf.data import AUGMENTATIONS, DATASETS
 from jem_tf.distribution import STRATEGIES
 from jem_tf.networks import NORMALIZATIONS, PRECISIONS
 from jem_tf.replay_buffer import STORAGES
 
 OPTIMIZERS = ("adam", "sgd")
+CONFIG_PRECISIONS = PRECISIONS + ("auto",)
 
 
 @dataclasses.dataclass
@@ -38,7 +40,8 @@ class TrainConfig:
     normalization: str = "none"  # wrn only: none | batch | layer.
     dropout: float = 0.0
     # float32 | mixed_bfloat16 | mixed_float16: the network computes in 16 bits (head and SGLD chains
-    # stay float32); see networks.with_precision.
+    # stay float32); see networks.with_precision. auto: float32 or mixed_bfloat16, whichever a measured
+    # probe on this machine finds faster (jem_tf.precision.resolve_precision).
     precision: str = "float32"
     # Optimisation. `batch_size` is the global batch (split over replicas under a strategy).
     epochs: int = 30
@@ -60,6 +63,7 @@ class TrainConfig:
     sgld_step_size: float = 1.0
     sgld_noise_std: float = 0.01
     sgld_grad_clip: Optional[float] = None
+    sgld_grad_clamp: Optional[float] = None  # JEM++: clamp each gradient element to +-this (proximal step)
     sgld_clamp: bool = False
     sgld_jit_compile: bool = False
     # Training steps per compiled call (Keras's steps_per_execution); callbacks see every N-th step.
@@ -67,6 +71,11 @@ class TrainConfig:
     buffer_size: int = 10_000
     buffer_storage: str = "float32"  # float32 | uint8 (4x smaller; see ReplayBuffer)
     restart_prob: float = 0.05
+    # Where chains start (buffer fill, restarts, fresh samples): uniform noise (JEM) or class_gaussian
+    # (JEM++'s per-class Gaussians of the training split; see jem_tf.chain_init). chain_init_rank: columns
+    # of each class's covariance factor (none: full up to 1,024 pixels, else 256 + a per-pixel residual).
+    chain_init: str = "uniform"
+    chain_init_rank: Optional[int] = None
     # Run. strategy: default | mirrored | multi_worker (reads TF_CONFIG) | tpu (untested).
     seed: int = 0
     strategy: str = "default"
@@ -93,8 +102,8 @@ class TrainConfig:
             raise ValueError(f"{field} must be {expected}; received {getattr(self, field)!r}")
 
         choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "normalization": NORMALIZATIONS,
-                   "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": PRECISIONS,
-                   "buffer_storage": STORAGES}
+                   "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": CONFIG_PRECISIONS,
+                   "buffer_storage": STORAGES, "chain_init": CHAIN_INITS}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 fail(field, f"one of {', '.join(allowed)}")
@@ -121,8 +130,11 @@ class TrainConfig:
             fail("rollback_lr_factor", "in (0, 1]")
         if not 0.0 <= self.validation_fraction < 1.0:
             fail("validation_fraction", "in [0, 1)")
-        if self.sgld_grad_clip is not None and not self.sgld_grad_clip > 0:
-            fail("sgld_grad_clip", "a number > 0 or none")
+        for field in ("sgld_grad_clip", "sgld_grad_clamp"):
+            if getattr(self, field) is not None and not getattr(self, field) > 0:
+                fail(field, "a number > 0 or none")
+        if self.chain_init_rank is not None and self.chain_init_rank < 1:
+            fail("chain_init_rank", "an integer >= 1 or none")
         if any(e < 1 for e in self.decay_epochs) or self.decay_epochs != sorted(self.decay_epochs):
             fail("decay_epochs", "increasing epochs >= 1")
         if self.devices and self.strategy != "mirrored":

@@ -253,13 +253,18 @@ def evaluate_samples(model: JEM, *, out_dir: str, reference_images: np.ndarray, 
     k = model.num_classes
     results = {"reference": _sample_summary(model, reference_images)}
 
+    # Chains start where the model's own sampler starts them: its class Gaussians, or uniform noise.
+    start = "uniform" if model.chain_init is None else "class_gaussian"
     x = model.sample(num_samples, seed=seed, n_steps=sample_steps)
-    results["unconditional"] = {**_sample_summary(model, x), "init": "uniform", "n_steps": sample_steps,
+    results["unconditional"] = {**_sample_summary(model, x), "init": start, "n_steps": sample_steps,
                                 "file": os.path.basename(_save_grid(os.path.join(out_dir, "samples_unconditional.png"),
                                                                     x, model))}
     labels = np.repeat(np.arange(k), per_class).astype(np.int32)
+    # The same chains' starting points: how much of the class agreement the start alone already gives.
+    x = model.sample(len(labels), seed=seed + 1, n_steps=0, labels=labels)
+    results["conditional_start"] = {**_sample_summary(model, x, labels), "init": start, "n_steps": 0}
     x = model.sample(len(labels), seed=seed + 1, n_steps=sample_steps, labels=labels)
-    results["conditional"] = {**_sample_summary(model, x, labels), "init": "uniform", "n_steps": sample_steps,
+    results["conditional"] = {**_sample_summary(model, x, labels), "init": start, "n_steps": sample_steps,
                               "layout": f"row i = class i, {per_class} per row",
                               "file": os.path.basename(_save_grid(os.path.join(out_dir, "samples_conditional.png"),
                                                                   x, model, columns=per_class))}
@@ -280,14 +285,14 @@ def evaluate_samples(model: JEM, *, out_dir: str, reference_images: np.ndarray, 
         energies = np.stack(energies)
         reference = results["reference"]["energy_mean"]
         results["long_chain"] = {
-            **_sample_summary(model, x), "init": "uniform", "n_steps": long_chain_steps,
+            **_sample_summary(model, x), "init": start, "n_steps": long_chain_steps,
             "snapshot_steps": checkpoints.tolist(), "energy_mean_per_snapshot": energies.mean(axis=1).tolist(),
             "layout": "row = chain, column = snapshot",
             "file": os.path.basename(_save_grid(os.path.join(out_dir, "samples_long_chain.png"), grid, model,
                                                 columns=len(checkpoints))),
             "energy_trace": os.path.basename(plots.energy_trace(
                 checkpoints, energies, os.path.join(out_dir, "long_chain_energy.png"), reference=reference,
-                title=f"{long_chain_num} chains from uniform noise")),
+                title=f"{long_chain_num} chains from {'uniform noise' if start == 'uniform' else 'class Gaussians'}")),
         }
     results["settings"] = {"sampler": model.sampler.get_config(), "seed": seed, "value_range": list(model.value_range)}
     return results
@@ -375,7 +380,8 @@ def evaluate_frechet(model: JEM, test_images: np.ndarray, *, network: FeatureNet
     reference = metrics_lib.feature_statistics(network.features(test_images[:n]))
     sets = {
         "buffer": model.sample(min(n, model.buffer_size), seed=seed, n_steps=0, init="buffer"),
-        f"uniform_{sample_steps}_steps": np.concatenate(
+        # Fresh chains from the model's start distribution (uniform noise or its class Gaussians).
+        f"{'uniform' if model.chain_init is None else 'class_gaussian'}_{sample_steps}_steps": np.concatenate(
             [model.sample(b - a, seed=seed + 1 + a, n_steps=sample_steps) for a, b in _batches(n, batch_size)]),
     }
     if held_out_images is not None and len(held_out_images) >= 2:

@@ -9,7 +9,8 @@ The export holds the backbone only (no replay buffer, no optimizer) and three si
   that a chosen fraction, default 95 %, of held-out in-distribution images pass).
 * ``sample``: ``num_samples``, ``n_steps``, ``seed``, ``class_label`` (-1: unconditional),
   ``step_size`` and ``noise_std`` (<= 0 resp. < 0: the trained sampler's) -> ``samples``, ``energy``:
-  SGLD from uniform noise inside the signature, deterministic per seed, with hard upper bounds on
+  SGLD inside the signature from the model's start distribution (its class Gaussians when it was trained
+  with them, which the export then carries; else uniform noise), deterministic per seed, with hard upper bounds on
   ``num_samples`` and ``n_steps`` fixed at export time.
 
 Images are float32 ``[batch, H, W, C]`` in the model's value range; other shapes and dtypes are
@@ -80,7 +81,7 @@ def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: i
         raise ValueError(f"`max_n_steps` must be an int >= 1; received {max_n_steps!r}")
     if not np.isfinite(ood_threshold):
         raise ValueError(f"`ood_threshold` must be finite; received {ood_threshold!r}")
-    backbone = model.backbone
+    backbone, chain_init = model.backbone, model.chain_init
     image_shape, value_range, num_classes = model.image_shape, model.value_range, model.num_classes
     # The sampler's settings without XLA: a portable graph for any TF Serving build.
     sampler = SGLDSampler.from_config({**model.sampler.get_config(), "jit_compile": False})
@@ -123,10 +124,15 @@ def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: i
         step_size = tf.where(step_size > 0, step_size, sampler.step_size)
         noise_std = tf.where(noise_std >= 0, noise_std, sampler.noise_std)
         stateless_seed = tf.stack([seed, tf.constant(0, tf.int64)])
-        low, high = value_range
-        x0 = tf.random.stateless_uniform(tf.concat([[num_samples], image_shape], 0), seed=stateless_seed,
-                                         minval=low, maxval=high)
         labels = tf.fill([num_samples], class_label)
+        if chain_init is None:
+            low, high = value_range
+            x0 = tf.random.stateless_uniform(tf.concat([[num_samples], image_shape], 0), seed=stateless_seed,
+                                             minval=low, maxval=high)
+        else:
+            # The model's class Gaussians: of class_label, or of classes drawn with the class prior.
+            start_labels = tf.where(labels >= 0, labels, chain_init.draw_labels(num_samples, stateless_seed))
+            x0 = chain_init.sample(num_samples, stateless_seed, labels=start_labels)
         samples, _ = sampler.sample(
             sampling_energy, x0, tf.random.experimental.stateless_fold_in(stateless_seed, 1),
             context=(labels,), n_steps=n_steps, step_size=step_size, noise_std=noise_std)
@@ -135,6 +141,8 @@ def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: i
     module = tf.Module(name="jem_serving")
     # The tf.Variables behind the backbone's Keras variables: saved once, captured by the signatures.
     module.backbone_variables = [variable.value for variable in backbone.variables]
+    if chain_init is not None:  # the class Gaussians the sample signature starts from
+        module.chain_init_variables = [variable.value for variable in chain_init.variables]
     classify_fn = tf.function(classify, input_signature=[images_spec]).get_concrete_function()
     signatures = {
         "serving_default": classify_fn,
@@ -208,6 +216,10 @@ def export_saved_model(model: JEM, export_base: str, *, version: Optional[int] =
                 "rule": "is_in_distribution = energy <= threshold (in-distribution is the positive class)"},
         "sample": {"max_num_samples": max_num_samples, "max_n_steps": max_n_steps,
                    "sampler": model.sampler.get_config(),
+                   "start": ("uniform noise on the value range" if model.chain_init is None else
+                             f"class Gaussians of the training split (covariance rank {model.chain_init.rank} of "
+                             f"{model.chain_init.dim}{', full' if model.chain_init.is_full_rank else ' + per-pixel residual'}"
+                             "); class_label -1 draws the class with the training class frequencies"),
                    "defaults": "class_label -1 = unconditional; step_size <= 0 or noise_std < 0 = trained sampler's"},
         "signatures": {
             "classify": "images -> probabilities [N, K], logits [N, K], predicted_class [N] (also serving_default)",

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import energy as energy_lib
+from jem_tf.chain_init import ClassGaussian
 from jem_tf.distribution import global_batch_position, replica_random
 from jem_tf.replay_buffer import ReplayBuffer
 from jem_tf.sgld import SGLDSampler, as_stateless_seed
@@ -96,6 +97,10 @@ class JEM(keras.Model):
         buffer_storage: ``"float32"`` (default) or ``"uint8"`` (4x smaller buffer; see
             :class:`ReplayBuffer`).
         image_shape, num_classes: Needed only when the backbone has no static input/output shape.
+        chain_init: Where SGLD chains start: ``None`` (uniform noise on ``value_range``, the paper's JEM)
+            or a fitted :class:`~jem_tf.chain_init.ClassGaussian` (JEM++'s informative initialisation):
+            the replay buffer's fill and restarts, and :meth:`sample`'s default start. Saved with the
+            model.
 
     Example:
         >>> backbone = jem_tf.networks.small_cnn(num_classes=10, input_shape=(8, 8, 1))
@@ -127,6 +132,7 @@ class JEM(keras.Model):
         buffer_storage: str = "float32",
         image_shape: Optional[Sequence[int]] = None,
         num_classes: Optional[int] = None,
+        chain_init: Optional[ClassGaussian] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -185,6 +191,7 @@ class JEM(keras.Model):
             value_range=value_range,
             seed=seed,
             storage=buffer_storage,
+            init=chain_init,
             name="replay_buffer",
         )
         # Batch norm statistics must never see SGLD samples, so with batch norm the data and the
@@ -230,6 +237,11 @@ class JEM(keras.Model):
     def call(self, inputs, training=False):
         """Returns the backbone's logits ``f(x)``."""
         return self.backbone(inputs, training=training)
+
+    @property
+    def chain_init(self) -> Optional[ClassGaussian]:
+        """The class Gaussians chains start from, or ``None`` for uniform noise."""
+        return self.replay_buffer.init
 
     def logits(self, x, training=False):
         """float32 logits ``f(x)`` (mixed-precision backbones may compute in 16 bits)."""
@@ -482,7 +494,7 @@ class JEM(keras.Model):
 
     # ----------------------------------------------------------------------------- sampling
     def sample(self, num_samples: int, *, seed: int = 0, n_steps: Optional[int] = None,
-               labels=None, init: str = "uniform", step_size: Optional[float] = None,
+               labels=None, init: str = "default", step_size: Optional[float] = None,
                noise_std: Optional[float] = None) -> np.ndarray:
         """Draws samples with SGLD, unconditionally or from ``p(x|y)`` when ``labels`` is given.
 
@@ -491,8 +503,10 @@ class JEM(keras.Model):
             seed: Seed; the same seed gives the same samples.
             n_steps: SGLD steps (default: the sampler's).
             labels: Optional int class ids ``[num_samples]`` for conditional sampling.
-            init: ``"uniform"`` (fresh noise on ``value_range``) or ``"buffer"`` (replay-buffer
-                chains; does not modify the buffer).
+            init: ``"default"`` (the model's start distribution: its class Gaussians when it has them,
+                else uniform noise), ``"uniform"`` (fresh noise on ``value_range``), ``"class_gaussian"``
+                (the class Gaussians: of ``labels`` when given, else of classes drawn with the class
+                prior) or ``"buffer"`` (replay-buffer chains; does not modify the buffer).
             step_size, noise_std: Optional overrides of the sampler's settings.
 
         Returns:
@@ -500,8 +514,11 @@ class JEM(keras.Model):
         """
         if not (isinstance(num_samples, int) and num_samples >= 1):
             raise ValueError(f"`num_samples` must be an int >= 1; received {num_samples!r}")
-        if init not in ("uniform", "buffer"):
-            raise ValueError(f"`init` must be 'uniform' or 'buffer'; received {init!r}")
+        inits = ("default", "uniform", "class_gaussian", "buffer")
+        if init not in inits:
+            raise ValueError(f"`init` must be one of {inits}; received {init!r}")
+        if init == "class_gaussian" and self.chain_init is None:
+            raise ValueError("`init='class_gaussian'` needs a model built with a fitted `chain_init`.")
         if n_steps is not None and not (isinstance(n_steps, int) and n_steps >= 0):
             raise ValueError(f"`n_steps` must be an int >= 0; received {n_steps!r}")
         context = self._labels_context(labels, num_samples)
@@ -511,6 +528,8 @@ class JEM(keras.Model):
             draw_labels = context[0] if context and self.class_conditional_buffer else None
             indices = self.replay_buffer.draw(num_samples, seed, labels=draw_labels).indices
             x = self.replay_buffer.read(indices)
+        elif init in ("default", "class_gaussian") and self.chain_init is not None:
+            x = self.chain_init.sample(num_samples, seed, labels=context[0] if context else None)
         else:
             low, high = self.value_range
             x = tf.random.stateless_uniform([num_samples, *self.image_shape], seed=seed, minval=low, maxval=high)
@@ -591,6 +610,7 @@ class JEM(keras.Model):
                 "buffer_storage": self.replay_buffer.storage,
                 "image_shape": list(self.image_shape),
                 "num_classes": self.num_classes,
+                "chain_init": None if self.chain_init is None else keras.saving.serialize_keras_object(self.chain_init),
             }
         )
         return config
@@ -600,4 +620,7 @@ class JEM(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"], custom_objects=custom_objects)
         config["sampler"] = keras.saving.deserialize_keras_object(config["sampler"], custom_objects=custom_objects)
+        if config.get("chain_init") is not None:
+            config["chain_init"] = keras.saving.deserialize_keras_object(config["chain_init"],
+                                                                         custom_objects=custom_objects)
         return cls(**config)

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
+from jem_tf.chain_init import ClassGaussian
 from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
 
 STORAGES = ("float32", "uint8")
@@ -21,8 +22,9 @@ chains restarted from uniform noise."""
 class ReplayBuffer(keras.layers.Layer):
     """A non-trainable buffer of SGLD chain states, saved and restored with the model.
 
-    Each training step draws ``batch`` slots at random, restarts each drawn chain from uniform
-    noise on ``value_range`` with probability ``restart_prob``, runs SGLD on them and writes
+    Each training step draws ``batch`` slots at random, restarts each drawn chain from its start
+    distribution (``init``: uniform noise on ``value_range`` by default, or JEM++'s per-class Gaussians
+    :class:`~jem_tf.chain_init.ClassGaussian`) with probability ``restart_prob``, runs SGLD on them and writes
     the result back to the same slots with :meth:`update` (an in-place scatter; the buffer is
     never copied as a whole).
 
@@ -47,7 +49,12 @@ class ReplayBuffer(keras.layers.Layer):
         restart_prob: Probability that a drawn chain restarts from noise. Default 0.05.
         num_classes: If set, keep per-class slots (see above). Default ``None``.
         value_range: ``(low, high)`` of the uniform initialisation and restarts. Default (-1, 1).
-        seed: Seed of the initial uniform fill. Default ``None`` (random).
+        seed: Seed of the initial fill. Default ``None`` (random; a ``ClassGaussian`` fill uses 0).
+        init: ``None`` (uniform noise) or a fitted :class:`~jem_tf.chain_init.ClassGaussian`: the initial
+            fill (slot ``i`` of ``size`` starts from class ``i * num_classes // size``, so every class has
+            its share; per-class slots start from their class) and every restart (class-conditional draws
+            restart from the drawn label's Gaussian, unconditional ones from a class drawn with the prior).
+            Saved with the buffer.
         storage: ``"float32"`` (default) or ``"uint8"``: chains stored as 256 levels of
             ``value_range`` (4x less memory, as IGEBM does). Written chains are clipped to the range and
             quantised; drawn chains are dequantised with uniform noise within their level, so stored
@@ -68,6 +75,7 @@ class ReplayBuffer(keras.layers.Layer):
         value_range: Sequence[float] = (-1.0, 1.0),
         seed: Optional[int] = None,
         storage: str = "float32",
+        init: Optional[ClassGaussian] = None,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")  # The chains stay float32 under mixed precision.
@@ -88,6 +96,15 @@ class ReplayBuffer(keras.layers.Layer):
             raise ValueError(f"`value_range` must be (low, high) with low < high; received {value_range!r}")
         if storage not in STORAGES:
             raise ValueError(f"`storage` must be one of {STORAGES}; received {storage!r}")
+        if isinstance(init, dict):
+            init = keras.saving.deserialize_keras_object(init)
+        if init is not None:
+            if not isinstance(init, ClassGaussian):
+                raise ValueError(f"`init` must be None (uniform) or a ClassGaussian; received {init!r}")
+            if init.image_shape != image_shape or (num_classes is not None and init.num_classes != num_classes):
+                raise ValueError(f"`init` draws images {init.image_shape} of {init.num_classes} classes; the buffer "
+                                 f"holds {image_shape}" + ("" if num_classes is None else f" of {num_classes} classes"))
+        self.init = init
         self.storage = storage
         self.image_shape = image_shape
         self.size = size
@@ -95,7 +112,10 @@ class ReplayBuffer(keras.layers.Layer):
         self.num_classes = num_classes
         self.value_range = value_range
         self.seed = seed
-        if storage == "uint8":
+        if init is not None:
+            def initializer(shape, dtype=None):
+                return self._encode(self._init_fill(shape[0], tf.constant([0 if seed is None else seed, 0], tf.int64)))
+        elif storage == "uint8":
             def initializer(shape, dtype=None):
                 return tf.cast(keras.random.randint(shape, 0, 256, dtype="int32", seed=seed), tf.uint8)
         else:
@@ -143,6 +163,21 @@ class ReplayBuffer(keras.layers.Layer):
         low, high = self.value_range
         return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
 
+    def slot_labels(self) -> tf.Tensor:
+        """The class each slot starts from in a ``ClassGaussian`` fill: ``[size]`` int32, contiguous
+        blocks (the per-class slots when the buffer has them)."""
+        classes = self.num_classes if self.num_classes is not None else self.init.num_classes
+        if self.num_classes is not None:
+            slot = tf.range(self.size) // self.slots_per_class
+            return tf.minimum(slot, classes - 1)
+        return tf.range(self.size) * classes // self.size
+
+    def _init_fill(self, size, seed) -> tf.Tensor:
+        """``size`` fresh chains from the start distribution (float32)."""
+        if self.init is None:
+            return self._uniform_noise((size,) + self.image_shape, seed)
+        return self.init.sample(size, seed, labels=self.slot_labels())
+
     def draw(self, batch_size, seed, labels: Optional[tf.Tensor] = None,
              position: Optional[BatchPosition] = None) -> BufferDraw:
         """Draws ``batch_size`` chains (with replacement) and applies random restarts.
@@ -177,7 +212,10 @@ class ReplayBuffer(keras.layers.Layer):
             x = self._decode(x, replica_random(tf.random.stateless_uniform, tf.shape(x), position,
                                                seed=dequantize_seed))
         restarted = uniform(restart_seed) < self.restart_prob
-        noise = replica_random(self._uniform_noise, tf.shape(x), position, seed=noise_seed)
+        if self.init is None:
+            noise = replica_random(self._uniform_noise, tf.shape(x), position, seed=noise_seed)
+        else:
+            noise = self.init.sample(batch_size, noise_seed, labels=labels, position=position)
         mask = tf.reshape(restarted, [-1] + [1] * len(self.image_shape))
         x = tf.where(mask, noise, x)
         return BufferDraw(x=x, indices=indices, restarted=restarted)
@@ -193,9 +231,9 @@ class ReplayBuffer(keras.layers.Layer):
         self.samples.value.scatter_update(tf.IndexedSlices(self._encode(samples), indices))
 
     def reset(self, seed) -> None:
-        """Refills the whole buffer with uniform noise (e.g. after divergence)."""
+        """Refills the whole buffer from the start distribution (e.g. after divergence)."""
         seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-        self.samples.assign(self._encode(self._uniform_noise(tf.shape(self.samples.value), seed)))
+        self.samples.assign(self._encode(self._init_fill(self.size, seed)))
 
     def call(self, inputs=None):
         raise NotImplementedError("ReplayBuffer is not called; use `draw` and `update`.")
@@ -211,6 +249,7 @@ class ReplayBuffer(keras.layers.Layer):
                 "value_range": list(self.value_range),
                 "seed": self.seed,
                 "storage": self.storage,
+                "init": None if self.init is None else keras.saving.serialize_keras_object(self.init),
             }
         )
         return config

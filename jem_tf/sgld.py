@@ -52,6 +52,9 @@ class SGLDSampler:
         noise_std: Standard deviation of the Gaussian noise added at each step. Default 0.01.
         n_steps: Number of SGLD steps. Default 20.
         grad_clip: If set, clip each chain's gradient to this L2 norm. Default ``None``.
+        grad_clamp: If set, clamp every element of the gradient to ``[-grad_clamp, grad_clamp]`` (JEM++'s
+            proximal step: without noise no pixel moves by more than ``step_size * grad_clamp`` per step,
+            however steep the energy). Default ``None``.
         clamp_range: If set, a ``(low, high)`` pair: clamp ``x`` to it after every step
             (the proximal variant of JEM++). Default ``None``.
         jit_compile: Compile the sampling loop alone with XLA. Default ``False``: on CPU
@@ -77,6 +80,7 @@ class SGLDSampler:
         grad_clip: Optional[float] = None,
         clamp_range: Optional[Sequence[float]] = None,
         jit_compile: bool = False,
+        grad_clamp: Optional[float] = None,
     ):
         if not step_size > 0:
             raise ValueError(f"`step_size` must be > 0; received step_size={step_size!r}")
@@ -86,6 +90,8 @@ class SGLDSampler:
             raise ValueError(f"`n_steps` must be an int >= 1; received n_steps={n_steps!r}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"`grad_clip` must be None or > 0; received grad_clip={grad_clip!r}")
+        if grad_clamp is not None and not grad_clamp > 0:
+            raise ValueError(f"`grad_clamp` must be None or > 0; received grad_clamp={grad_clamp!r}")
         if clamp_range is not None:
             clamp_range = tuple(float(v) for v in clamp_range)
             if len(clamp_range) != 2 or not clamp_range[0] < clamp_range[1]:
@@ -97,6 +103,7 @@ class SGLDSampler:
         self.noise_std = float(noise_std)
         self.n_steps = int(n_steps)
         self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.grad_clamp = None if grad_clamp is None else float(grad_clamp)
         self.clamp_range = clamp_range
         self.jit_compile = bool(jit_compile)
         self._compiled_loop = None
@@ -122,6 +129,8 @@ class SGLDSampler:
             # Per-chain L2 clipping: grad * min(1, clip / ||grad||).
             scale = tf.minimum(1.0, self.grad_clip / tf.maximum(grad_norm, 1e-12))
             grad = grad * tf.reshape(scale, [-1] + [1] * len(reduce_axes))
+        if self.grad_clamp is not None:
+            grad = tf.clip_by_value(grad, -self.grad_clamp, self.grad_clamp)
         noise = replica_random(tf.random.stateless_normal, tf.shape(x), position, seed=seed, dtype=x.dtype,
                                alg="philox")
         new_x = x - tf.cast(step_size, x.dtype) * grad + tf.cast(noise_std, x.dtype) * noise
@@ -209,6 +218,7 @@ class SGLDSampler:
             "grad_clip": self.grad_clip,
             "clamp_range": None if self.clamp_range is None else list(self.clamp_range),
             "jit_compile": self.jit_compile,
+            "grad_clamp": self.grad_clamp,
         }
 
     @classmethod

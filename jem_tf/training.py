@@ -6,12 +6,13 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import keras
 import numpy as np
 
 from jem_tf import energy as energy_lib
+from jem_tf.chain_init import ClassGaussian
 from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
 from jem_tf.data import (PREPROCESSING, ImageDataset, load_dataset, make_dataset, make_epochs_dataset,
@@ -20,26 +21,47 @@ from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.export import export_saved_model
 from jem_tf.jem import JEM
 from jem_tf.networks import build_backbone, with_precision
+from jem_tf.precision import resolve_precision
 from jem_tf.runs import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SAMPLES_FILE
 from jem_tf.schedules import WarmupPiecewiseSchedule
 from jem_tf.sgld import SGLDSampler
 from jem_tf.stability import StabilityGuard
 
 
-def build_jem(config: TrainConfig, *, image_shape, num_classes: int) -> JEM:
-    """Builds the backbone and the (uncompiled) JEM a config describes."""
+def build_float32_backbone(config: TrainConfig, *, image_shape, num_classes: int) -> keras.Model:
+    """The config's backbone in float32 (before :func:`~jem_tf.networks.with_precision`)."""
     backbone_kwargs = dict(num_classes=num_classes, input_shape=tuple(image_shape), dropout=config.dropout,
                            seed=config.seed)
     if config.backbone == "small_cnn":
         backbone_kwargs["width"] = config.width
     else:
         backbone_kwargs["normalization"] = config.normalization
-    backbone = with_precision(build_backbone(config.backbone, **backbone_kwargs), config.precision)
+    return build_backbone(config.backbone, **backbone_kwargs)
+
+
+def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
+              train_data: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> JEM:
+    """Builds the backbone and the (uncompiled) JEM a config describes.
+
+    ``train_data`` ``(images, labels)``: the training split, needed for ``chain_init="class_gaussian"``
+    (the class Gaussians are fitted to it). ``config.precision`` must be resolved (not ``"auto"``; see
+    :func:`resolve_config_precision`).
+    """
+    if config.precision == "auto":
+        raise ValueError("build_jem needs a resolved precision; call resolve_config_precision first.")
+    chain_init = None
+    if config.chain_init == "class_gaussian":
+        if train_data is None:
+            raise ValueError("chain_init 'class_gaussian' needs the training data (`train_data=(images, labels)`).")
+        chain_init = ClassGaussian.fit(*train_data, num_classes=num_classes, rank=config.chain_init_rank)
+    backbone = with_precision(build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes),
+                              config.precision)
     sampler = SGLDSampler(
         step_size=config.sgld_step_size,
         noise_std=config.sgld_noise_std,
         n_steps=config.sgld_steps,
         grad_clip=config.sgld_grad_clip,
+        grad_clamp=config.sgld_grad_clamp,
         clamp_range=(-1.0, 1.0) if config.sgld_clamp else None,
         jit_compile=config.sgld_jit_compile,
     )
@@ -55,8 +77,20 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int) -> JEM:
         energy_l2_weight=config.energy_l2_weight,
         data_noise_std=config.data_noise_std,
         seed=config.seed,
+        chain_init=chain_init,
         name="jem",
     )
+
+
+def resolve_config_precision(config: TrainConfig, *, image_shape, num_classes: int,
+                             log=print) -> Tuple[TrainConfig, dict]:
+    """``(config with a concrete precision, report)``: ``precision="auto"`` is decided by a measured probe
+    of the config's backbone at its batch size (see :func:`jem_tf.precision.resolve_precision`)."""
+    if config.precision != "auto":
+        return config, {"precision": config.precision, "reason": "set explicitly"}
+    backbone = build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes)
+    precision, report = resolve_precision("auto", backbone=backbone, batch_size=config.batch_size, log=log)
+    return config.replace(precision=precision), report
 
 
 def build_stability_guard(config: TrainConfig, **kwargs) -> StabilityGuard:
@@ -115,7 +149,7 @@ def _prepare_splits(config: TrainConfig, data: ImageDataset):
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
-                       data: Optional[ImageDataset] = None) -> dict:
+                       data: Optional[ImageDataset] = None, callbacks=()) -> dict:
     """Trains a JEM as ``config`` says, evaluates it on the test split and writes ``workdir``:
 
     * ``model.keras``: the final model (weights, optimizer, replay buffer);
@@ -135,6 +169,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         workdir: Output directory (created).
         verbose: Keras ``fit`` verbosity.
         data: Optional already-loaded dataset (else ``load_dataset(config.dataset, ...)``).
+        callbacks: Extra Keras callbacks for ``fit`` (after the pipeline's own; e.g. a time budget).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -159,8 +194,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         val_ds = make_dataset(*validation, batch_size=max(config.batch_size, 256), shuffle=False)
 
     with strategy.scope():
-        model = build_jem(config, image_shape=data.image_shape, num_classes=data.num_classes)
-        compile_jem(model, config, steps_per_epoch=steps_per_epoch)
+        run_config, precision_report = resolve_config_precision(
+            config, image_shape=data.image_shape, num_classes=data.num_classes, log=print if chief else None)
+        model = build_jem(run_config, image_shape=data.image_shape, num_classes=data.num_classes,
+                          train_data=(x_train, y_train))
+        compile_jem(model, run_config, steps_per_epoch=steps_per_epoch)
 
     # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that
     # the data pipeline can start at the right epoch.
@@ -178,7 +216,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         epoch_steps = steps_per_epoch
 
     log_dir = os.path.join(workdir, "logs")
-    callbacks = [backup]
+    extra_callbacks, callbacks = list(callbacks), [backup]
     guard = None
     if config.stability_guard:
         guard = build_stability_guard(config, log_dir=log_dir if chief else None)
@@ -191,6 +229,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
                                num_images=config.num_sample_images, every_epochs=config.sample_every_epochs,
                                seed=config.seed),
         ]
+    callbacks += extra_callbacks
     start, start_step = time.time(), int(model.optimizer.iterations.numpy())
     # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to datasets.
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
@@ -213,6 +252,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         "num_test": int(len(data.x_test)),
         "epochs": config.epochs,
         "strategy": config.strategy,
+        "precision": precision_report,
         "num_replicas": int(strategy.num_replicas_in_sync),
         "steps": int(model.optimizer.iterations.numpy()),
         "train_seconds": train_seconds,

@@ -25,7 +25,7 @@ from jem_tf import energy as energy_lib
 from jem_tf.config import TrainConfig, field_names
 from jem_tf.data import ImageDataset, make_dataset, make_epochs_dataset, split_validation
 from jem_tf.distribution import make_strategy
-from jem_tf.training import build_jem, build_stability_guard, compile_jem
+from jem_tf.training import build_jem, build_stability_guard, compile_jem, resolve_config_precision
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")
 OBJECTIVES = ("val_accuracy", "combined")
@@ -119,7 +119,9 @@ class JEMHyperModel(keras_tuner.HyperModel):
             raise ValueError(f"`objective` must be one of {OBJECTIVES}; received {objective!r}")
         if base_config.validation_fraction <= 0:
             raise ValueError("Tuning needs a validation split: validation_fraction must be > 0.")
-        self.base_config = base_config.validate()
+        # precision "auto" is measured once for the whole search (every trial uses the same backbone).
+        self.base_config, _ = resolve_config_precision(base_config.validate(), image_shape=data.image_shape,
+                                                       num_classes=data.num_classes)
         self.space = search_space() if space is None else space
         self.objective = objective
         self.save_buffers = save_buffers
@@ -142,7 +144,8 @@ class JEMHyperModel(keras_tuner.HyperModel):
 
     def build(self, hp):
         config = self.config_for(hp)
-        model = build_jem(config, image_shape=self.data.image_shape, num_classes=self.data.num_classes)
+        model = build_jem(config, image_shape=self.data.image_shape, num_classes=self.data.num_classes,
+                          train_data=(self.x_train, self.y_train))
         compile_jem(model, config, steps_per_epoch=self.steps_per_epoch())
         return model
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jem_tf import JEM, SGLDSampler, small_cnn, train
+from jem_tf import JEM, ClassGaussian, SGLDSampler, small_cnn, train
 from jem_tf.data import load_digits
 from jem_tf.distribution import make_strategy, split_cpu
 
@@ -24,9 +24,14 @@ HELPER = os.path.join(os.path.dirname(__file__), "helpers", "multiworker_fit.py"
 TOLERANCE = 1e-6
 
 
-def _build(pxy_weight=0.0, buffer_storage="float32"):
+def _build(pxy_weight=0.0, buffer_storage="float32", class_gaussian=False):
+    extra = {}
+    if class_gaussian:  # JEM++ starts, restarted often so that the Gaussian draws matter
+        data = load_digits(seed=0)
+        extra = dict(chain_init=ClassGaussian.fit(data.x_train, data.y_train, num_classes=10), restart_prob=0.5,
+                     sampler=SGLDSampler(n_steps=3, noise_std=0.0, grad_clamp=1.0, clamp_range=(-1, 1)))
     model = JEM(small_cnn(num_classes=10, input_shape=(8, 8, 1), width=4, seed=0),
-                sampler=SGLDSampler(n_steps=3), buffer_size=100, pxy_weight=pxy_weight, seed=0,
+                **{"sampler": SGLDSampler(n_steps=3), **extra}, buffer_size=100, pxy_weight=pxy_weight, seed=0,
                 buffer_storage=buffer_storage)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     return model
@@ -37,20 +42,23 @@ def _digits_batches(count):
     return tf.data.Dataset.from_tensor_slices((data.x_train[:count], data.y_train[:count])).batch(32)
 
 
-@pytest.mark.parametrize("pxy_weight, buffer_storage", [(0.0, "float32"), (1.0, "float32"), (0.0, "uint8")])
-def test_mirrored_fit_equals_single_device_and_buffer_copies_are_identical(pxy_weight, buffer_storage, tmp_path):
+@pytest.mark.parametrize("pxy_weight, buffer_storage, class_gaussian",
+                         [(0.0, "float32", False), (1.0, "float32", False), (0.0, "uint8", False),
+                          (1.0, "float32", True)])
+def test_mirrored_fit_equals_single_device_and_buffer_copies_are_identical(pxy_weight, buffer_storage,
+                                                                            class_gaussian, tmp_path):
     # Two steps of global batch 32 (16 per replica). With a batch that splits unevenly, each replica's
     # mean loss is divided by the number of replicas, as Keras scales its own losses, so the update
     # differs slightly from the single-device one (see test_uneven_last_batch below).
     digits_batches = _digits_batches(64)
-    single = _build(pxy_weight, buffer_storage)
+    single = _build(pxy_weight, buffer_storage, class_gaussian)
     buffer_before = single.replay_buffer.samples.numpy().copy()
     single.fit(digits_batches, epochs=1, verbose=0)
 
     strategy = make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
-        mirrored = _build(pxy_weight, buffer_storage)
+        mirrored = _build(pxy_weight, buffer_storage, class_gaussian)
     mirrored.fit(digits_batches, epochs=1, verbose=0)
 
     for a, b in zip(single.get_weights(), mirrored.get_weights()):

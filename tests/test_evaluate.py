@@ -25,7 +25,7 @@ SCHEMA = {
     "calibration": {"uncalibrated", "temperature_scaled", "reliability_diagram",
                     "reliability_diagram_temperature_scaled", "settings"},
     "ood": {"metrics", "score_means", "histograms", "settings"},
-    "samples": {"reference", "unconditional", "conditional", "buffer", "long_chain", "settings"},
+    "samples": {"reference", "unconditional", "conditional_start", "conditional", "buffer", "long_chain", "settings"},
     "frechet": {"distances", "settings"},
     "robustness": {"clean", "linf_eps_0.1", "l2_eps_0.5", "settings"},
 }

@@ -97,3 +97,30 @@ def test_config_round_trip():
     sampler = SGLDSampler(step_size=0.5, noise_std=0.02, n_steps=7, grad_clip=1.0, clamp_range=(-1, 1))
     again = SGLDSampler.from_config(sampler.get_config())
     assert again.get_config() == sampler.get_config()
+
+
+def test_grad_clamp_bounds_every_pixel_move_and_still_descends():
+    # A steep energy (gradients up to 400 per coordinate): the proximal step moves no coordinate by more
+    # than step_size * grad_clamp, and with the clamp to the data range it never leaves [-1, 1].
+    def steep(x):
+        return 100.0 * tf.reduce_sum(tf.square(x - 0.3), axis=[1, 2, 3])
+
+    x0 = tf.random.stateless_uniform([32, 4, 4, 1], seed=[0, 1], minval=-1.0, maxval=1.0)
+    sampler = SGLDSampler(step_size=0.05, noise_std=0.0, n_steps=1, grad_clamp=1.0, clamp_range=(-1.0, 1.0))
+    x = x0
+    energies = [float(tf.reduce_mean(steep(x)))]
+    for i in range(30):
+        new_x, _ = sampler.sample(steep, x, seed=i)
+        assert float(tf.reduce_max(tf.abs(new_x - x))) <= 0.05 + 1e-6
+        assert float(tf.reduce_min(new_x)) >= -1.0 and float(tf.reduce_max(new_x)) <= 1.0
+        x = new_x
+        energies.append(float(tf.reduce_mean(steep(x))))
+    # Bounded steps still go downhill (until they oscillate within one step of the minimum).
+    assert all(b < a for a, b in zip(energies[:10], energies[1:11]))
+    assert energies[-1] < 0.01 * energies[0]
+    # Without the clamp the same step overshoots: the bound is the clamp's doing.
+    free, _ = SGLDSampler(step_size=0.05, noise_std=0.0, n_steps=1).sample(steep, x0, seed=0)
+    assert float(tf.reduce_max(tf.abs(free - x0))) > 0.5
+    assert SGLDSampler.from_config(sampler.get_config()).grad_clamp == 1.0
+    with pytest.raises(ValueError, match="grad_clamp"):
+        SGLDSampler(grad_clamp=0.0)

@@ -64,6 +64,10 @@ def test_python_m_entry_point_and_recipe_file(tmp_path):
         (["--restart-prob", "1.5"], "restart_prob must be in [0, 1]; received 1.5"),
         (["--decay-epochs", "5,2"], "decay_epochs must be increasing"),
         (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
+        (["--chain-init", "normal"], "chain_init must be one of uniform, class_gaussian; received 'normal'"),
+        (["--sgld-grad-clamp", "0"], "sgld_grad_clamp must be a number > 0 or none; received 0.0"),
+        (["--chain-init-rank", "0"], "chain_init_rank must be an integer >= 1 or none; received 0"),
+        (["--precision", "fp8"], "precision must be one of float32, mixed_bfloat16, mixed_float16, auto"),
     ],
 )
 def test_bad_flags_give_one_line_errors_and_exit_code_2(argv, message, capsys):
@@ -89,6 +93,47 @@ def test_bundled_recipes_are_valid():
         ("wrn-28-10", "none", 1e-4, 1000, 64)
     assert (cifar.sgld_steps, cifar.sgld_step_size, cifar.sgld_noise_std, cifar.buffer_size) == (20, 1.0, 0.01, 10000)
     assert (cifar.restart_prob, cifar.data_noise_std, cifar.augment) == (0.05, 0.03, "crop_flip")
+
+
+def test_fast_recipes_are_jem_plus_plus_and_the_paper_recipe_is_kept():
+    fast = config_lib.load_recipe("fashion_mnist")
+    assert (fast.chain_init, fast.sgld_steps, fast.sgld_grad_clamp, fast.sgld_noise_std, fast.sgld_clamp) == \
+        ("class_gaussian", 5, 1.0, 0.0, True)
+    assert fast.precision == "auto" and fast.energy_l2_weight > 0
+    paper = config_lib.load_recipe("fashion_mnist_jem_paper")
+    assert (paper.chain_init, paper.sgld_steps, paper.sgld_step_size, paper.sgld_noise_std) == ("uniform", 20, 1.0, 0.01)
+    assert (paper.learning_rate, paper.warmup_steps, paper.restart_prob, paper.sgld_grad_clamp) == (1e-4, 1000, 0.05, None)
+
+
+def test_tiny_fast_jem_run_end_to_end(tmp_path, capsys):
+    """Class-Gaussian starts, proximal SGLD and precision auto through the CLI; the Gaussians are saved with
+    the final model and the checkpoints, and the probe's choice is logged and recorded."""
+    workdir = str(tmp_path / "fast")
+    argv = TINY + ["--workdir", workdir, "--chain-init", "class_gaussian", "--sgld-grad-clamp", "1",
+                   "--sgld-noise-std", "0", "--sgld-clamp", "true", "--precision", "auto", "--epochs", "2"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "precision auto -> " in out and "measured probe" in out
+    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    assert metrics["precision"]["precision"] in ("float32", "mixed_bfloat16")
+    assert set(metrics["precision"]["probe_seconds_per_step"]) == {"float32", "mixed_bfloat16"}
+    assert json.load(open(os.path.join(workdir, "config.json")))["precision"] == "auto"
+    model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+    checkpoint = keras.models.load_model(os.path.join(workdir, "checkpoints", "epoch_0002.keras"))
+    assert model.chain_init is not None and model.chain_init.rank == 64  # 8x8 digits: full covariance
+    for a, b in zip(model.chain_init.weights, checkpoint.chain_init.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert model.sampler.grad_clamp == 1.0 and model.sampler.noise_std == 0.0
+    # The Gaussians are those of the run's training split (recomputed here from the same split).
+    from jem_tf.chain_init import ClassGaussian
+    from jem_tf.data import load_digits, split_validation
+
+    data = load_digits(seed=0)
+    (x_train, y_train), _ = split_validation(data.x_train, data.y_train, fraction=0.1, seed=0)
+    refit = ClassGaussian.fit(x_train, y_train, num_classes=10)
+    np.testing.assert_array_equal(refit.means.numpy(), model.chain_init.means.numpy())
+    samples = model.sample(20, seed=0, n_steps=5)
+    assert samples.min() >= -1.0 and samples.max() <= 1.0
 
 
 def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):

@@ -1,0 +1,194 @@
+"""JEM++'s informative initialisation: per-class Gaussians, the buffer's fill and restarts, sampling, saving."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_jem
+from jem_tf import SGLDSampler
+from jem_tf.chain_init import ClassGaussian
+from jem_tf.export import METADATA_FILE, export_saved_model
+from jem_tf.replay_buffer import ReplayBuffer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(ROOT, "tests", "helpers", "serving_check.py")
+
+
+def gaussian_data(n_per_class=4000, seed=0):
+    """Two classes of 2x2 "images" from known Gaussians (means and covariances below)."""
+    rng = np.random.default_rng(seed)
+    means = np.array([[-0.5, -0.4, -0.3, -0.2], [0.3, 0.2, 0.1, 0.0]])
+    a = rng.normal(size=(2, 4, 4)) * 0.1
+    covariances = a @ np.transpose(a, (0, 2, 1)) + 0.001 * np.eye(4)
+    x = np.concatenate([rng.multivariate_normal(means[k], covariances[k], n_per_class) for k in range(2)])
+    y = np.repeat([0, 1], n_per_class).astype("int32")
+    return x.reshape(-1, 2, 2, 1).astype("float32"), y, means, covariances
+
+
+def test_fit_gives_each_class_its_sample_mean_and_covariance():
+    x, y, _, _ = gaussian_data()
+    y = y.copy()
+    y[:1000] = 1  # unbalanced classes: the prior follows the labels' frequencies
+    init = ClassGaussian.fit(x, y, num_classes=2)
+    assert init.rank == 4 and init.is_full_rank
+    flat = x.reshape(len(x), 4).astype(np.float64)
+    for k in range(2):
+        members = flat[y == k]
+        np.testing.assert_allclose(init.means.numpy()[k], members.mean(0), atol=1e-6)
+        # factor @ factor.T is the (1/N) sample covariance.
+        factor = init.factors.numpy()[k].astype(np.float64)
+        np.testing.assert_allclose(factor @ factor.T, np.cov(members.T, bias=True), atol=1e-6)
+    np.testing.assert_allclose(np.exp(init.class_log_probs.numpy()), [3000 / 8000, 5000 / 8000], rtol=1e-6)
+    np.testing.assert_array_equal(init.residual_stds.numpy(), 0.0)
+
+
+def test_samples_follow_each_class_gaussian_clipped_to_the_range():
+    x, y, means, covariances = gaussian_data()
+    init = ClassGaussian.fit(x, y, num_classes=2)
+    labels = tf.constant(np.repeat([0, 1], 20000), tf.int32)
+    samples = init.sample(40000, seed=[3, 4], labels=labels).numpy()
+    assert samples.shape == (40000, 2, 2, 1) and samples.dtype == np.float32
+    flat = samples.reshape(-1, 4)
+    for k in range(2):
+        part = flat[k * 20000:(k + 1) * 20000]
+        np.testing.assert_allclose(part.mean(0), means[k], atol=0.01)
+        np.testing.assert_allclose(np.cov(part.T), covariances[k], atol=0.005)
+    np.testing.assert_array_equal(samples, init.sample(40000, seed=[3, 4], labels=labels).numpy())
+    assert not np.array_equal(samples, init.sample(40000, seed=[3, 5], labels=labels).numpy())
+    # Draws are clipped to the value range: a wide Gaussian never leaves it.
+    wide = ClassGaussian.fit(x * 10, y, num_classes=2, value_range=(-1, 1)).sample(1000, seed=[0, 0]).numpy()
+    assert wide.min() == -1.0 and wide.max() == 1.0
+    # Unconditional draws take classes with the prior (here 1:1).
+    draws = init.draw_labels(20000, seed=[1, 1]).numpy()
+    assert set(np.unique(draws)) == {0, 1} and abs(draws.mean() - 0.5) < 0.02
+
+
+def test_low_rank_plus_diagonal_keeps_every_pixel_variance():
+    rng = np.random.default_rng(1)
+    x = np.clip(rng.normal(size=(3000, 4, 4, 1)) * 0.3 + rng.normal(size=(3000, 1, 1, 1)) * 0.2, -1, 1)
+    y = rng.integers(0, 3, 3000).astype("int32")
+    init = ClassGaussian.fit(x.astype("float32"), y, num_classes=3, max_full_dim=8)  # 16 pixels > 8: low rank
+    assert init.rank == 16  # min(256, D)
+    init = ClassGaussian.fit(x.astype("float32"), y, num_classes=3, rank=3)
+    assert init.rank == 3 and not init.is_full_rank
+    flat = x.reshape(3000, 16)
+    for k in range(3):
+        variances = np.sum(init.factors.numpy()[k] ** 2, 1) + init.residual_stds.numpy()[k] ** 2
+        np.testing.assert_allclose(variances, flat[y == k].var(0), rtol=1e-4)
+    samples = init.sample(30000, seed=[0, 1], labels=tf.zeros([30000], tf.int32)).numpy().reshape(-1, 16)
+    np.testing.assert_allclose(samples.var(0), flat[y == 0].var(0), rtol=0.1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_classes=3), "at least 2 images"),
+    (dict(num_classes=1), r"class ids in \[0, 1\)"),
+])
+def test_fit_rejects_bad_input(kwargs, message):
+    x, y, _, _ = gaussian_data(50)
+    with pytest.raises(ValueError, match=message):
+        ClassGaussian.fit(x, y, **kwargs)
+    with pytest.raises(ValueError, match="NaN"):
+        ClassGaussian.fit(np.full_like(x, np.nan), y, num_classes=2)
+    with pytest.raises(ValueError, match="rank"):
+        ClassGaussian((2, 2, 1), 2, rank=5)
+
+
+def _fitted_init(tiny_data, num_classes=3):
+    x, y = tiny_data
+    return ClassGaussian.fit(x, y, num_classes=num_classes)
+
+
+def test_buffer_fill_and_restarts_come_from_the_class_gaussians(tiny_data):
+    init = _fitted_init(tiny_data)
+    # Per-class slots start from their own class: their means follow the classes' means.
+    buffer = ReplayBuffer(image_shape=(8, 8, 1), size=3000, num_classes=3, seed=0, init=init, restart_prob=1.0)
+    chains = buffer.chains().numpy()
+    for k in range(3):
+        np.testing.assert_allclose(chains[k * 1000:(k + 1) * 1000].mean(0).ravel(), init.means.numpy()[k],
+                                   atol=0.1)
+    # Every drawn chain restarts (probability 1): a draw is exactly the Gaussian of its label.
+    labels = tf.constant([2] * 64, tf.int32)
+    draw = buffer.draw(64, seed=[5, 6], labels=labels)
+    assert bool(tf.reduce_all(draw.restarted))
+    expected = init.sample(64, tf.random.experimental.stateless_fold_in(tf.constant([5, 6], tf.int64), 13),
+                           labels=labels)
+    np.testing.assert_array_equal(draw.x.numpy(), expected.numpy())
+    # reset() refills from the Gaussians too, not from uniform noise.
+    buffer.reset([1, 2])
+    assert abs(buffer.chains().numpy()[:1000].mean() - init.means.numpy()[0].mean()) < 0.1
+    with pytest.raises(ValueError, match="ClassGaussian"):
+        ReplayBuffer(image_shape=(8, 8, 1), size=10, init="gaussian")
+
+
+def test_jem_with_class_gaussians_saves_restores_bit_exactly_and_samples_from_them(tiny_data, tmp_path):
+    x, y = tiny_data
+    model = tiny_jem(chain_init=_fitted_init(tiny_data), buffer_size=96,
+                     sampler=SGLDSampler(n_steps=2, noise_std=0.0, grad_clamp=1.0, clamp_range=(-1, 1)))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.chain_init, ClassGaussian)
+    for a, b in zip(model.chain_init.weights, loaded.chain_init.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(model.replay_buffer.chains().numpy(), loaded.replay_buffer.chains().numpy())
+    assert loaded.sampler.grad_clamp == 1.0
+    # sample(n_steps=0) is the start distribution itself: the class Gaussians of the labels.
+    labels = np.array([0, 1, 2, 2])
+    start = loaded.sample(4, seed=3, n_steps=0, labels=labels)
+    expected = model.chain_init.sample(4, tf.constant([3, 0], tf.int64), labels=tf.constant(labels, tf.int32))
+    np.testing.assert_array_equal(start, expected.numpy())
+    uniform = loaded.sample(4, seed=3, n_steps=0, init="uniform")
+    assert not np.array_equal(start, uniform)
+    # Training continues identically after the round trip.
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    loaded.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    plain = tiny_jem()
+    with pytest.raises(ValueError, match="class_gaussian"):
+        plain.sample(2, init="class_gaussian")
+
+
+def test_exported_sample_signature_starts_from_the_class_gaussians(tiny_data, tmp_path):
+    x, y = tiny_data
+    model = tiny_jem(chain_init=_fitted_init(tiny_data))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    path = export_saved_model(model, str(tmp_path / "export"), calibration_images=x, dataset="tiny")
+    metadata = json.load(open(os.path.join(path, METADATA_FILE)))
+    assert metadata["sample"]["start"].startswith("class Gaussians")
+    request = {"num_samples": np.int32(6), "n_steps": np.int32(0), "seed": np.int64(11),
+               "class_label": np.int32(1), "step_size": np.float32(0.0), "noise_std": np.float32(-1.0)}
+    np.savez(tmp_path / "inputs.npz", images=x[:5], **request)
+    # In a process without Keras or jem_tf, as TF Serving runs it.
+    result = subprocess.run([sys.executable, HELPER, path, str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = dict(np.load(tmp_path / "out.npz"))
+    # n_steps 0, class 1: exactly the model's class-1 Gaussian draw for the seed.
+    seed = tf.constant([11, 0], tf.int64)
+    expected = model.chain_init.sample(6, seed, labels=tf.fill([6], 1)).numpy()
+    np.testing.assert_allclose(served["object/sample_conditional/samples"], expected, atol=1e-6)
+    np.testing.assert_allclose(served["session/sample_conditional/samples"], expected, atol=1e-6)
+
+
+def test_class_gaussians_are_part_of_the_backup_weights(tiny_data, tmp_path):
+    """The training backup (``save_weights``) holds the Gaussians: restoring it into a model whose
+    Gaussians were fitted to other data brings back the run's own."""
+    x, y = tiny_data
+    model = tiny_jem(chain_init=_fitted_init(tiny_data))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    path = str(tmp_path / "state.weights.h5")
+    model.save_weights(path)
+    other = tiny_jem(chain_init=ClassGaussian.fit(-x, y, num_classes=3))
+    assert not np.array_equal(other.chain_init.means.numpy(), model.chain_init.means.numpy())
+    other.load_weights(path)
+    for a, b in zip(model.chain_init.weights, other.chain_init.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(model.replay_buffer.chains().numpy(), other.replay_buffer.chains().numpy())
