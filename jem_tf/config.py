@@ -52,7 +52,9 @@ class TrainConfig:
     warmup_steps: int = 1000
     decay_epochs: List[int] = dataclasses.field(default_factory=list)
     decay_rate: float = 0.3
-    # JEM objective.
+    # JEM objective. classifier_epochs: the first N epochs train a plain classifier (no SGLD steps, energy
+    # terms off), a cheap warm start; the JEM objective runs from then on.
+    classifier_epochs: int = 0
     pyx_weight: float = 1.0
     px_weight: float = 1.0
     pxy_weight: float = 0.0
@@ -113,7 +115,7 @@ class TrainConfig:
                       "checkpoints_to_keep", "sample_every_epochs", "steps_per_execution"):
             if getattr(self, field) < 1:
                 fail(field, "an integer >= 1")
-        for field in ("warmup_steps", "cpu_devices", "max_rollbacks", "rollback_extra_sgld_steps"):
+        for field in ("warmup_steps", "cpu_devices", "max_rollbacks", "rollback_extra_sgld_steps", "classifier_epochs"):
             if getattr(self, field) < 0:
                 fail(field, "an integer >= 0")
         for field in ("learning_rate", "sgld_step_size", "decay_rate", "max_abs_energy", "max_energy_gap"):
@@ -133,6 +135,8 @@ class TrainConfig:
         for field in ("sgld_grad_clip", "sgld_grad_clamp"):
             if getattr(self, field) is not None and not getattr(self, field) > 0:
                 fail(field, "a number > 0 or none")
+        if self.classifier_epochs >= self.epochs and self.classifier_epochs > 0:
+            fail("classifier_epochs", f"fewer than epochs ({self.epochs})")
         if self.chain_init_rank is not None and self.chain_init_rank < 1:
             fail("chain_init_rank", "an integer >= 1 or none")
         if any(e < 1 for e in self.decay_epochs) or self.decay_epochs != sorted(self.decay_epochs):

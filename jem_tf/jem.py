@@ -133,6 +133,7 @@ class JEM(keras.Model):
         image_shape: Optional[Sequence[int]] = None,
         num_classes: Optional[int] = None,
         chain_init: Optional[ClassGaussian] = None,
+        energy_start_step: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -163,6 +164,8 @@ class JEM(keras.Model):
             raise ValueError(f"`value_range` must be (low, high) with low < high; received {value_range!r}")
         if not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int; received seed={seed!r}")
+        if not (isinstance(energy_start_step, int) and energy_start_step >= 0):
+            raise ValueError(f"`energy_start_step` must be an int >= 0; received {energy_start_step!r}")
         if class_conditional_buffer is None:
             class_conditional_buffer = pxy_weight > 0
         if pxy_weight > 0 and not class_conditional_buffer:
@@ -183,6 +186,7 @@ class JEM(keras.Model):
         self.value_range = value_range
         self.validate_inputs = bool(validate_inputs)
         self.seed = seed
+        self.energy_start_step = energy_start_step
         self.replay_buffer = ReplayBuffer(
             image_shape=self.image_shape,
             size=buffer_size,
@@ -391,11 +395,22 @@ class JEM(keras.Model):
         logits = self.logits(tf.concat(inputs, axis=0), training=True)
         return tf.split(logits, sizes, axis=0)
 
+    def _energy_terms_active(self):
+        """``None`` when the energy terms are on from the first step, else a boolean tensor: whether the
+        optimizer step has reached ``energy_start_step``."""
+        if self.energy_start_step == 0:
+            return None
+        return self.optimizer.iterations >= self.energy_start_step
+
     def _run_chains(self, batch_size, position, draw_salt, sgld_salt, labels=None):
         draw = self.replay_buffer.draw(batch_size, self._step_seed(draw_salt), labels=labels, position=position)
         context = () if labels is None else (labels,)
+        active = self._energy_terms_active()
+        # Before energy_start_step the chains take no SGLD step (the loop runs zero times).
+        n_steps = None if active is None else tf.where(active, self.sampler.n_steps, 0)
         samples, diagnostics = self.sampler.sample(
-            self._sgld_energy, draw.x, self._step_seed(sgld_salt), context=context, position=position
+            self._sgld_energy, draw.x, self._step_seed(sgld_salt), context=context, position=position,
+            n_steps=n_steps,
         )
         self.replay_buffer.update(draw.indices, samples)
         return samples, diagnostics
@@ -438,20 +453,23 @@ class JEM(keras.Model):
                 ce = tf.reduce_mean(ce_per_example)
             e_data = energy_lib.energy(logits_data)
             loss = self.pyx_weight * ce
+            # The p(x), p(x|y) and L2 terms count from energy_start_step on (always, by default).
+            active = self._energy_terms_active()
+            gate = (lambda term: term) if active is None else (lambda term: tf.cast(active, tf.float32) * term)
             energies_squared = tf.reduce_mean(tf.square(e_data))
             if self.px_weight > 0:
                 e_sample = energy_lib.energy(logits[1])
                 # -log p(x) contrastive term: push data energy down, sample energy up.
                 energy_gap = tf.reduce_mean(e_data) - tf.reduce_mean(e_sample)
-                loss += self.px_weight * energy_gap
+                loss += gate(self.px_weight * energy_gap)
                 energies_squared += tf.reduce_mean(tf.square(e_sample))
             if self.pxy_weight > 0:
                 # -log p(x|y) contrastive term on the joint energy E(x, y) = -f(x)[y].
                 e_cond_data = energy_lib.conditional_energy(logits_data, y)
                 e_cond_sample = energy_lib.conditional_energy(logits[-1], y)
-                loss += self.pxy_weight * (tf.reduce_mean(e_cond_data) - tf.reduce_mean(e_cond_sample))
+                loss += gate(self.pxy_weight * (tf.reduce_mean(e_cond_data) - tf.reduce_mean(e_cond_sample)))
             if self.energy_l2_weight > 0:
-                loss += self.energy_l2_weight * energies_squared
+                loss += gate(self.energy_l2_weight * energies_squared)
             if self.backbone.losses:
                 loss += tf.add_n([tf.cast(l, tf.float32) for l in self.backbone.losses])
             # Gradients are summed over replicas, so each replica's loss is divided by their number,
@@ -611,6 +629,7 @@ class JEM(keras.Model):
                 "image_shape": list(self.image_shape),
                 "num_classes": self.num_classes,
                 "chain_init": None if self.chain_init is None else keras.saving.serialize_keras_object(self.chain_init),
+                "energy_start_step": self.energy_start_step,
             }
         )
         return config

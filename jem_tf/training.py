@@ -40,15 +40,18 @@ def build_float32_backbone(config: TrainConfig, *, image_shape, num_classes: int
 
 
 def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
-              train_data: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> JEM:
+              train_data: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+              steps_per_epoch: Optional[int] = None) -> JEM:
     """Builds the backbone and the (uncompiled) JEM a config describes.
 
     ``train_data`` ``(images, labels)``: the training split, needed for ``chain_init="class_gaussian"``
-    (the class Gaussians are fitted to it). ``config.precision`` must be resolved (not ``"auto"``; see
-    :func:`resolve_config_precision`).
+    (the class Gaussians are fitted to it). ``steps_per_epoch``: needed for ``classifier_epochs > 0``.
+    ``config.precision`` must be resolved (not ``"auto"``; see :func:`resolve_config_precision`).
     """
     if config.precision == "auto":
         raise ValueError("build_jem needs a resolved precision; call resolve_config_precision first.")
+    if config.classifier_epochs and steps_per_epoch is None:
+        raise ValueError("classifier_epochs > 0 needs `steps_per_epoch`.")
     chain_init = None
     if config.chain_init == "class_gaussian":
         if train_data is None:
@@ -78,6 +81,7 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
         data_noise_std=config.data_noise_std,
         seed=config.seed,
         chain_init=chain_init,
+        energy_start_step=config.classifier_epochs * steps_per_epoch if config.classifier_epochs else 0,
         name="jem",
     )
 
@@ -197,7 +201,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         run_config, precision_report = resolve_config_precision(
             config, image_shape=data.image_shape, num_classes=data.num_classes, log=print if chief else None)
         model = build_jem(run_config, image_shape=data.image_shape, num_classes=data.num_classes,
-                          train_data=(x_train, y_train))
+                          train_data=(x_train, y_train), steps_per_epoch=steps_per_epoch)
         compile_jem(model, run_config, steps_per_epoch=steps_per_epoch)
 
     # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that

@@ -145,7 +145,7 @@ class JEMHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         config = self.config_for(hp)
         model = build_jem(config, image_shape=self.data.image_shape, num_classes=self.data.num_classes,
-                          train_data=(self.x_train, self.y_train))
+                          train_data=(self.x_train, self.y_train), steps_per_epoch=self.steps_per_epoch())
         compile_jem(model, config, steps_per_epoch=self.steps_per_epoch())
         return model
 

@@ -184,3 +184,28 @@ def test_bad_dataset_inputs_raise_in_graph():
 def test_bad_constructor_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         JEM(small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4), **kwargs)
+
+
+def test_energy_start_step_trains_a_plain_classifier_first(tiny_data):
+    """Before energy_start_step only the cross-entropy counts and the chains take no SGLD step; from it on
+    the JEM objective runs."""
+    x, y = tiny_data
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)  # 3 steps per epoch
+    warm = tiny_jem(energy_start_step=3, energy_l2_weight=0.1)
+    classifier = tiny_jem(px_weight=0.0)
+    buffer_before = warm.replay_buffer.samples.numpy().copy()
+    logs = warm.fit(batches, epochs=1, verbose=0).history
+    classifier.fit(batches, epochs=1, verbose=0)
+    for a, b in zip(warm.backbone.get_weights(), classifier.backbone.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert logs["sgld_grad_norm"][0] == 0.0  # no SGLD step was taken
+    # Chains were only drawn and written back (restarted ones from their start): no slot moved by SGLD.
+    moved = np.any(warm.replay_buffer.samples.numpy() != buffer_before, axis=(1, 2, 3)).sum()
+    assert moved <= 0.15 * 3 * 32
+    warm.fit(batches, epochs=1, verbose=0)
+    classifier.fit(batches, epochs=1, verbose=0)
+    assert not np.allclose(warm.backbone.get_weights()[0], classifier.backbone.get_weights()[0], atol=1e-5)
+    assert np.any(warm.replay_buffer.samples.numpy() != buffer_before, axis=(1, 2, 3)).sum() > moved
+    assert JEM.from_config(warm.get_config()).energy_start_step == 3
+    with pytest.raises(ValueError, match="energy_start_step"):
+        tiny_jem(energy_start_step=-1)
