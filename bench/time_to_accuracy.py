@@ -107,13 +107,14 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {"fast": "tab:blue", "classifier": "tab:orange", "paper": "tab:green"}
     fig, (acc, gap) = plt.subplots(1, 2, figsize=(11, 4))
     for name, result in results.items():
         points = [p for i, p in enumerate(result["points"]) if i == 0 or p["step"] != result["points"][i - 1]["step"]]
         minutes = [p["train_seconds"] / 60 for p in points]
-        acc.plot(minutes, [100 * p["test_accuracy"] for p in points], marker=".", label=name)
+        acc.plot(minutes, [100 * p["test_accuracy"] for p in points], marker=".", label=name, color=colors[name])
         if any(p["energy_gap"] is not None for p in points):
-            gap.plot(minutes, [p["energy_gap"] for p in points], marker=".", label=name)
+            gap.plot(minutes, [p["energy_gap"] for p in points], marker=".", label=name, color=colors[name])
     acc.set(xlabel="training time (min, 2-core CPU)", ylabel="test accuracy (%)", title="Fashion-MNIST")
     acc.set_ylim(60, 95)
     gap.set(xlabel="training time (min)", ylabel="energy gap: E(data) - E(samples)", title="energy gap")
@@ -135,7 +136,11 @@ def main(argv=None):
     parser.add_argument("--paper-budget-s", type=float, default=None,
                         help="training seconds of the paper run (default: what the fast run took)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (e.g. 1 for a smoke run)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.load(open(args.out))["runs"], os.path.splitext(args.out)[0] + ".png")
+        return 0
 
     import tensorflow as tf
 

@@ -135,6 +135,9 @@ class TrainConfig:
         for field in ("sgld_grad_clip", "sgld_grad_clamp"):
             if getattr(self, field) is not None and not getattr(self, field) > 0:
                 fail(field, "a number > 0 or none")
+        if self.precision == "auto" and self.strategy == "multi_worker":
+            # Each machine would time its own probe and could choose differently.
+            fail("precision", "explicit (float32 or mixed_bfloat16) under multi_worker, not auto")
         if self.classifier_epochs >= self.epochs and self.classifier_epochs > 0:
             fail("classifier_epochs", f"fewer than epochs ({self.epochs})")
         if self.chain_init_rank is not None and self.chain_init_rank < 1:

@@ -86,14 +86,16 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
     )
 
 
-def resolve_config_precision(config: TrainConfig, *, image_shape, num_classes: int,
-                             log=print) -> Tuple[TrainConfig, dict]:
+def resolve_config_precision(config: TrainConfig, *, image_shape, num_classes: int, log=print,
+                             batch_size: Optional[int] = None) -> Tuple[TrainConfig, dict]:
     """``(config with a concrete precision, report)``: ``precision="auto"`` is decided by a measured probe
-    of the config's backbone at its batch size (see :func:`jem_tf.precision.resolve_precision`)."""
+    of the config's backbone at ``batch_size`` (default: the config's; see
+    :func:`jem_tf.precision.resolve_precision`). Call it outside a ``tf.distribute`` strategy's scope."""
     if config.precision != "auto":
         return config, {"precision": config.precision, "reason": "set explicitly"}
     backbone = build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes)
-    precision, report = resolve_precision("auto", backbone=backbone, batch_size=config.batch_size, log=log)
+    precision, report = resolve_precision("auto", backbone=backbone, batch_size=batch_size or config.batch_size,
+                                          log=log)
     return config.replace(precision=precision), report
 
 
@@ -197,9 +199,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     if validation is not None:
         val_ds = make_dataset(*validation, batch_size=max(config.batch_size, 256), shuffle=False)
 
+    # The precision probe times a single-device copy of the network at the per-replica batch: outside the
+    # strategy's scope (its variables would be distributed).
+    run_config, precision_report = resolve_config_precision(
+        config, image_shape=data.image_shape, num_classes=data.num_classes, log=print if chief else None,
+        batch_size=max(1, config.batch_size // strategy.num_replicas_in_sync))
     with strategy.scope():
-        run_config, precision_report = resolve_config_precision(
-            config, image_shape=data.image_shape, num_classes=data.num_classes, log=print if chief else None)
         model = build_jem(run_config, image_shape=data.image_shape, num_classes=data.num_classes,
                           train_data=(x_train, y_train), steps_per_epoch=steps_per_epoch)
         compile_jem(model, run_config, steps_per_epoch=steps_per_epoch)

@@ -68,6 +68,8 @@ def test_python_m_entry_point_and_recipe_file(tmp_path):
         (["--sgld-grad-clamp", "0"], "sgld_grad_clamp must be a number > 0 or none; received 0.0"),
         (["--chain-init-rank", "0"], "chain_init_rank must be an integer >= 1 or none; received 0"),
         (["--precision", "fp8"], "precision must be one of float32, mixed_bfloat16, mixed_float16, auto"),
+        (["--precision", "auto", "--strategy", "multi_worker"], "precision must be explicit"),
+        (["--classifier-epochs", "60"], "classifier_epochs must be fewer than epochs (60)"),
     ],
 )
 def test_bad_flags_give_one_line_errors_and_exit_code_2(argv, message, capsys):
