@@ -31,70 +31,67 @@ import numpy as np
 RUNS = ("fast", "classifier", "paper")
 
 
-class Probe:
-    """A Keras callback (built lazily, so that `--help` needs no TensorFlow) that records the curve and
-    stops training once the time budget is spent."""
+def make_probe(test_data, every_steps, budget_s):
+    """A Keras callback that records the curve and stops training once the time budget is spent (defined
+    here, inside a function, so that `--help` needs no TensorFlow)."""
+    import keras
 
-    def __new__(cls, *args, **kwargs):
-        import keras
+    from jem_tf.metrics import calibration_metrics
 
-        class _Probe(keras.callbacks.Callback):
-            def __init__(self, test_data, every_steps, budget_s):
-                super().__init__()
-                self.test_ds, self.every_steps, self.budget_s = test_data, every_steps, budget_s
-                self.points, self.probe_s, self.start, self.epoch = [], 0.0, None, 0
+    class Probe(keras.callbacks.Callback):
+        def __init__(self, test_data, every_steps, budget_s):
+            super().__init__()
+            self.test_ds, self.every_steps, self.budget_s = test_data, every_steps, budget_s
+            self.points, self.probe_s, self.start, self.epoch = [], 0.0, None, 0
 
-            def train_seconds(self):
-                return time.perf_counter() - self.start - self.probe_s
+        def train_seconds(self):
+            return time.perf_counter() - self.start - self.probe_s
 
-            def on_train_begin(self, logs=None):
-                self.start = time.perf_counter()
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
 
-            def on_epoch_begin(self, epoch, logs=None):
-                self.epoch = epoch
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
 
-            def _probe(self, logs, epoch_end):
-                t0 = time.perf_counter()
-                seconds = self.train_seconds()
-                # predict, not evaluate: evaluate would reset the training metrics the epoch's logs report.
-                logits = self.model.predict(self.test_ds[0], batch_size=500, verbose=0).astype(np.float64)
-                log_probs = logits - logits.max(1, keepdims=True)
-                log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
-                labels = self.test_ds[1]
-                self.points.append({
-                    "train_seconds": seconds, "step": int(self.model.optimizer.iterations.numpy()),
-                    "epoch": self.epoch + (1 if epoch_end else 0), "epoch_end": epoch_end,
-                    "test_accuracy": float(np.mean(logits.argmax(1) == labels)),
-                    "test_nll": float(-np.mean(log_probs[np.arange(len(labels)), labels])),
-                    "energy_gap": float(np.ravel(logs["energy_gap"])[0]) if logs and "energy_gap" in logs else None,
-                    "e_data": float(np.ravel(logs["e_data"])[0]) if logs and "e_data" in logs else None,
-                })
-                print(f"  probe: {seconds / 60:.1f} min, step {self.points[-1]['step']}, test accuracy "
-                      f"{self.points[-1]['test_accuracy']:.4f}, energy gap {self.points[-1]['energy_gap']}",
-                      flush=True)
-                self.probe_s += time.perf_counter() - t0
+        def _probe(self, logs, epoch_end):
+            t0 = time.perf_counter()
+            seconds = self.train_seconds()
+            # predict, not evaluate: evaluate would reset the training metrics the epoch's logs report.
+            test = calibration_metrics(self.model.predict(self.test_ds[0], batch_size=500, verbose=0),
+                                       self.test_ds[1])
+            self.points.append({
+                "train_seconds": seconds, "step": int(self.model.optimizer.iterations.numpy()),
+                "epoch": self.epoch + (1 if epoch_end else 0), "epoch_end": epoch_end,
+                "test_accuracy": test["accuracy"], "test_nll": test["nll"],
+                "energy_gap": float(np.ravel(logs["energy_gap"])[0]) if logs and "energy_gap" in logs else None,
+                "e_data": float(np.ravel(logs["e_data"])[0]) if logs and "e_data" in logs else None,
+            })
+            print(f"  probe: {seconds / 60:.1f} min, step {self.points[-1]['step']}, test accuracy "
+                  f"{self.points[-1]['test_accuracy']:.4f}, energy gap {self.points[-1]['energy_gap']}",
+                  flush=True)
+            self.probe_s += time.perf_counter() - t0
 
-            def on_train_batch_end(self, batch, logs=None):
-                step = int(self.model.optimizer.iterations.numpy())
-                if self.every_steps and step % self.every_steps == 0:
-                    self._probe(logs, epoch_end=False)
-                if self.budget_s is not None and self.train_seconds() >= self.budget_s:
-                    self.model.stop_training = True
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            if self.every_steps and step % self.every_steps == 0:
+                self._probe(logs, epoch_end=False)
+            if self.budget_s is not None and self.train_seconds() >= self.budget_s:
+                self.model.stop_training = True
 
-            def on_epoch_end(self, epoch, logs=None):
-                if self.points and self.points[-1]["step"] == int(self.model.optimizer.iterations.numpy()):
-                    self.points[-1].update(epoch=epoch + 1, epoch_end=True)  # probed at this step already
-                else:
-                    self._probe(logs, epoch_end=True)
+        def on_epoch_end(self, epoch, logs=None):
+            if self.points and self.points[-1]["step"] == int(self.model.optimizer.iterations.numpy()):
+                self.points[-1].update(epoch=epoch + 1, epoch_end=True)  # probed at this step already
+            else:
+                self._probe(logs, epoch_end=True)
 
-        return _Probe(*args, **kwargs)
+    return Probe(test_data, every_steps, budget_s)
 
 
 def run_one(name, config, workdir, data, test_data, every_steps, budget_s):
     from jem_tf.training import train_and_evaluate
 
     print(f"== {name}: {workdir} (budget {budget_s and round(budget_s)} s)", flush=True)
-    probe = Probe(test_data, every_steps, budget_s)
+    probe = make_probe(test_data, every_steps, budget_s)
     metrics = train_and_evaluate(config, workdir, data=data, verbose=2, callbacks=[probe])
     return {"config": config.to_dict(), "workdir": workdir, "points": probe.points,
             "train_seconds_excluding_probes": probe.train_seconds() if probe.start else None,

@@ -239,6 +239,12 @@ def _sample_summary(model: JEM, samples: np.ndarray, labels: Optional[np.ndarray
     return summary
 
 
+def _start_distribution(model: JEM) -> str:
+    """Where the model's own sampler starts fresh chains: ``"class_gaussian"`` or ``"uniform"`` (the value
+    of ``TrainConfig.chain_init``); the samples and Fréchet modes start there too."""
+    return "uniform" if model.chain_init is None else "class_gaussian"
+
+
 def evaluate_samples(model: JEM, *, out_dir: str, reference_images: np.ndarray, num_samples: int = 64,
                      sample_steps: int = 200, per_class: int = 8, long_chain_steps: int = 1000,
                      long_chain_num: int = 8, long_chain_snapshots: int = 10, seed: int = 0) -> dict:
@@ -253,8 +259,7 @@ def evaluate_samples(model: JEM, *, out_dir: str, reference_images: np.ndarray, 
     k = model.num_classes
     results = {"reference": _sample_summary(model, reference_images)}
 
-    # Chains start where the model's own sampler starts them: its class Gaussians, or uniform noise.
-    start = "uniform" if model.chain_init is None else "class_gaussian"
+    start = _start_distribution(model)
     x = model.sample(num_samples, seed=seed, n_steps=sample_steps)
     results["unconditional"] = {**_sample_summary(model, x), "init": start, "n_steps": sample_steps,
                                 "file": os.path.basename(_save_grid(os.path.join(out_dir, "samples_unconditional.png"),
@@ -380,8 +385,7 @@ def evaluate_frechet(model: JEM, test_images: np.ndarray, *, network: FeatureNet
     reference = metrics_lib.feature_statistics(network.features(test_images[:n]))
     sets = {
         "buffer": model.sample(min(n, model.buffer_size), seed=seed, n_steps=0, init="buffer"),
-        # Fresh chains from the model's start distribution (uniform noise or its class Gaussians).
-        f"{'uniform' if model.chain_init is None else 'class_gaussian'}_{sample_steps}_steps": np.concatenate(
+        f"{_start_distribution(model)}_{sample_steps}_steps": np.concatenate(
             [model.sample(b - a, seed=seed + 1 + a, n_steps=sample_steps) for a, b in _batches(n, batch_size)]),
     }
     if held_out_images is not None and len(held_out_images) >= 2:

@@ -172,11 +172,17 @@ class ReplayBuffer(keras.layers.Layer):
             return tf.minimum(slot, classes - 1)
         return tf.range(self.size) * classes // self.size
 
-    def _init_fill(self, size, seed) -> tf.Tensor:
-        """``size`` fresh chains from the start distribution (float32)."""
+    def _fresh_chains(self, num, seed, labels=None, position: Optional[BatchPosition] = None) -> tf.Tensor:
+        """``num`` float32 chains from the start distribution: uniform noise, or ``init``'s Gaussians of
+        ``labels`` (classes drawn with the prior when ``None``). ``position`` as in :meth:`draw`."""
         if self.init is None:
-            return self._uniform_noise((size,) + self.image_shape, seed)
-        return self.init.sample(size, seed, labels=self.slot_labels())
+            shape = tf.concat([tf.reshape(tf.cast(num, tf.int32), [1]), self.image_shape], axis=0)
+            return replica_random(self._uniform_noise, shape, position, seed=seed)
+        return self.init.sample(num, seed, labels=labels, position=position)
+
+    def _init_fill(self, size, seed) -> tf.Tensor:
+        """A whole buffer's worth of fresh chains (slot blocks per class for a ``ClassGaussian`` start)."""
+        return self._fresh_chains(size, seed, labels=None if self.init is None else self.slot_labels())
 
     def draw(self, batch_size, seed, labels: Optional[tf.Tensor] = None,
              position: Optional[BatchPosition] = None) -> BufferDraw:
@@ -212,10 +218,7 @@ class ReplayBuffer(keras.layers.Layer):
             x = self._decode(x, replica_random(tf.random.stateless_uniform, tf.shape(x), position,
                                                seed=dequantize_seed))
         restarted = uniform(restart_seed) < self.restart_prob
-        if self.init is None:
-            noise = replica_random(self._uniform_noise, tf.shape(x), position, seed=noise_seed)
-        else:
-            noise = self.init.sample(batch_size, noise_seed, labels=labels, position=position)
+        noise = self._fresh_chains(batch_size, noise_seed, labels=labels, position=position)
         mask = tf.reshape(restarted, [-1] + [1] * len(self.image_shape))
         x = tf.where(mask, noise, x)
         return BufferDraw(x=x, indices=indices, restarted=restarted)
