@@ -43,7 +43,7 @@ def main(argv=None):
     import tensorflow as tf
 
     import jem_tf
-    from jem_tf.export import export_saved_model
+    from jem_tf.serving import export_saved_model
 
     if args.model:
         path = os.path.join(args.model, "model.keras") if os.path.isdir(args.model) else args.model

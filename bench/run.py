@@ -108,8 +108,8 @@ def worker(args):
     import tensorflow as tf
 
     from jem_tf.config import TrainConfig
-    from jem_tf.export import export_saved_model
-    from jem_tf.training import build_jem, compile_jem
+    from jem_tf.factories import build_jem, compile_jem
+    from jem_tf.serving import export_saved_model
 
     backbone_name, shape = MODELS[args.model]
     batch, spe = args.batch_size, args.steps_per_execution

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from jem_tf.visualize import image_grid, upscale, write_png
+from jem_tf.figures import image_grid, upscale, write_png
 
 
 def _numbered_entries(directory: str, pattern: re.Pattern):

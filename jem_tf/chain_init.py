@@ -30,13 +30,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jem_tf import seeds
 from jem_tf.distribution import BatchPosition, replica_random
 
 CHAIN_INITS = ("uniform", "class_gaussian")
 DEFAULT_MAX_FULL_DIM = 1024
 DEFAULT_LOW_RANK = 256
-# Salts of the random streams of one draw.
-_SALT_CLASS, _SALT_LATENT, _SALT_RESIDUAL = 21, 22, 23
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")
@@ -171,7 +170,7 @@ class ClassGaussian(keras.layers.Layer):
         """
         seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
         class_seed, latent_seed, residual_seed = (
-            tf.random.experimental.stateless_fold_in(seed, salt) for salt in (_SALT_CLASS, _SALT_LATENT, _SALT_RESIDUAL))
+            seeds.fold(seed, salt) for salt in (seeds.INIT_CLASS, seeds.INIT_LATENT, seeds.INIT_RESIDUAL))
         num = tf.cast(num, tf.int32)
         if labels is None:
             labels = self.draw_labels(num, class_seed, position=position)

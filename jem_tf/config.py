@@ -1,9 +1,11 @@
-"""Training configuration: one dataclass of defaults, recipes (JSON files in ``trainers/``) that
-override some fields, and command-line overrides of any field."""
+"""Training configuration: one dataclass of defaults, recipes (JSON files in the repository's
+``trainers/`` folder, installed as the package :mod:`jem_tf.recipes`) that override some fields, and
+command-line overrides of any field."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
 import typing
@@ -177,13 +179,14 @@ def field_types() -> dict:
 
 
 def recipes_dir() -> str:
-    """The directory of the bundled recipes (the ``trainers`` package)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("trainers")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("The `trainers` recipe package is not installed; pass --recipe as a path to a JSON file.")
-    return list(spec.submodule_search_locations)[0]
+    """The directory of the bundled recipes: the package :mod:`jem_tf.recipes` (the repository's
+    ``trainers/`` folder, mapped to that name by ``setup.cfg``)."""
+    try:
+        from jem_tf import recipes
+    except ImportError as error:  # a source tree used without `pip install`
+        raise ValueError("The bundled recipes (jem_tf.recipes) are not installed: `pip install -e .`, or pass "
+                         "--recipe as a path to a JSON file.") from error
+    return str(importlib.resources.files(recipes))
 
 
 def available_recipes() -> List[str]:

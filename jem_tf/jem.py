@@ -9,63 +9,21 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import energy as energy_lib
+from jem_tf import inputs, seeds
 from jem_tf.chain_init import ClassGaussian
 from jem_tf.distribution import global_batch_position, replica_random
+from jem_tf.objective import jem_objective
 from jem_tf.replay_buffer import ReplayBuffer
-from jem_tf.sgld import SGLDSampler, as_stateless_seed
-
-# Salts that make the per-step random streams independent of each other.
-_SALT_DATA_NOISE, _SALT_DRAW, _SALT_SGLD, _SALT_DRAW_COND, _SALT_SGLD_COND = 1, 2, 3, 4, 5
-# Inputs may exceed the documented value range by this fraction of its width (rounding).
-_RANGE_TOLERANCE = 1e-3
-
-
-def check_images_in_graph(images: tf.Tensor, value_range: Sequence[float]) -> tf.Tensor:
-    """``images`` behind in-graph checks that they are finite and in ``value_range`` (up to a rounding
-    tolerance); a failed check raises ``InvalidArgumentError`` naming the range and the offending value.
-    Used by the training/test steps and by the exported serving signatures."""
-    low, high = value_range
-    tolerance = _RANGE_TOLERANCE * (high - low)
-    checks = [
-        tf.debugging.assert_all_finite(images, message="images contain NaN or infinite values"),
-        tf.debugging.assert_greater_equal(
-            tf.reduce_min(images), low - tolerance, message=f"images must lie in [{low}, {high}]; found a minimum of"),
-        tf.debugging.assert_less_equal(
-            tf.reduce_max(images), high + tolerance, message=f"images must lie in [{low}, {high}]; found a maximum of"),
-    ]
-    with tf.control_dependencies(checks):
-        return tf.identity(images)
-
-
-def _static_shape_tuple(shape) -> Optional[tuple]:
-    if shape is None:
-        return None
-    shape = tuple(shape)
-    if any(d is None for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
-
-
-@keras.saving.register_keras_serializable(package="jem_tf")
-class SeedState(keras.layers.Layer):
-    """Holds ``reseeds``, a saved counter folded into every training seed. Incrementing it (e.g. after a
-    divergence rollback) gives the run fresh random numbers while staying reproducible."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.reseeds = self.add_weight(name="reseeds", shape=(), dtype="int64", initializer="zeros",
-                                       trainable=False, aggregation="only_first_replica")
-        self.built = True
-
-    def call(self, inputs=None):
-        raise NotImplementedError("SeedState is not called.")
+from jem_tf.seeds import SeedState, as_stateless_seed
+from jem_tf.sgld import SGLDSampler
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")
 class JEM(keras.Model):
     """Joint Energy-based Model around a classifier ``backbone`` that outputs logits.
 
-    ``p(y|x) = softmax(f(x))`` and ``E(x) = -logsumexp_y f(x)[y]``. Each training step minimises::
+    ``p(y|x) = softmax(f(x))`` and ``E(x) = -logsumexp_y f(x)[y]``. Each training step minimises
+    :func:`jem_tf.objective.jem_objective`::
 
         pyx_weight * CE(f(x_data), y)
       + px_weight  * (mean E(x_data) - mean E(x_sample))              # contrastive log p(x)
@@ -140,7 +98,7 @@ class JEM(keras.Model):
         if not isinstance(backbone, keras.Model):
             raise ValueError(f"`backbone` must be a keras.Model returning logits; received {backbone!r}")
         if image_shape is None:
-            image_shape = _static_shape_tuple(getattr(backbone, "input_shape", None) and backbone.input_shape[1:])
+            image_shape = inputs.static_shape_tuple(getattr(backbone, "input_shape", None) and backbone.input_shape[1:])
         if num_classes is None and getattr(backbone, "output_shape", None) is not None:
             num_classes = backbone.output_shape[-1]
         if image_shape is None or num_classes is None:
@@ -175,8 +133,6 @@ class JEM(keras.Model):
         self.sampler = sampler
         self.image_shape = tuple(int(d) for d in image_shape)
         self.num_classes = int(num_classes)
-        self.buffer_size = buffer_size
-        self.restart_prob = float(restart_prob)
         self.class_conditional_buffer = bool(class_conditional_buffer)
         self.pyx_weight = float(pyx_weight)
         self.px_weight = float(px_weight)
@@ -220,6 +176,16 @@ class JEM(keras.Model):
         self.build((None,) + self.image_shape)
 
     # ----------------------------------------------------------------------------- model API
+    @property
+    def buffer_size(self) -> int:
+        """Number of replay-buffer chains (held by :attr:`replay_buffer`)."""
+        return self.replay_buffer.size
+
+    @property
+    def restart_prob(self) -> float:
+        """Probability that a drawn chain restarts (held by :attr:`replay_buffer`)."""
+        return self.replay_buffer.restart_prob
+
     @property
     def samples_contrastive(self) -> bool:
         """Whether training runs SGLD (a JEM) or not (a plain classifier)."""
@@ -268,14 +234,9 @@ class JEM(keras.Model):
 
     # ----------------------------------------------------------------------------- randomness
     def _step_seed(self, salt: int) -> tf.Tensor:
-        """A stateless seed from (base seed, reseed count, optimizer step, salt): reproducible and
-        resumable (the step is saved with the optimizer, the reseed count with the model). It is the
-        same on every replica: random numbers are drawn for the global batch and each replica keeps its
-        own rows (see :mod:`jem_tf.distribution`)."""
-        seed = tf.constant([self.seed, 0], tf.int64)
-        for value in (self.seed_state.reseeds.value, tf.cast(self.optimizer.iterations, tf.int64), salt):
-            seed = tf.random.experimental.stateless_fold_in(seed, value)
-        return seed
+        """The training stream ``salt`` at the current optimizer step (:func:`jem_tf.seeds.step_seed`):
+        reproducible and resumable, the same on every replica."""
+        return seeds.step_seed(self.seed, self.seed_state.reseeds.value, self.optimizer.iterations, salt)
 
     def reseed(self) -> int:
         """Moves training onto fresh random numbers (data noise, buffer draws, SGLD); returns the new
@@ -286,74 +247,13 @@ class JEM(keras.Model):
     # ----------------------------------------------------------------------------- validation
     def _prepare_batch(self, x, y):
         """Checks shapes statically and values in-graph; returns float32 images, int32 labels."""
-        x = tf.convert_to_tensor(x)
-        if x.shape.rank != len(self.image_shape) + 1:
-            raise ValueError(
-                f"Images must have shape [batch, {', '.join(map(str, self.image_shape))}] (rank "
-                f"{len(self.image_shape) + 1}); received a batch of shape {x.shape}."
-            )
-        if any(s is not None and s != e for s, e in zip(x.shape[1:], self.image_shape)):
-            raise ValueError(f"Images must have shape [batch, {self.image_shape}]; received {x.shape}.")
-        if not (x.dtype.is_floating or x.dtype.is_integer):
-            raise ValueError(f"Images must be numeric; received dtype {x.dtype.name}.")
-        x = tf.cast(x, tf.float32)
-        if y is None:
-            raise ValueError("JEM training needs labels: pass (images, labels).")
-        y = tf.convert_to_tensor(y)
-        if y.shape.rank == 2 and y.shape[-1] == 1:
-            y = tf.squeeze(y, axis=-1)
-        if y.shape.rank != 1:
-            raise ValueError(f"Labels must be class ids of shape [batch]; received shape {y.shape}.")
-        if y.dtype.is_floating:
-            if self.validate_inputs:
-                tf.debugging.assert_equal(y, tf.round(y), message="Labels must be integer class ids.")
-        elif not y.dtype.is_integer:
-            raise ValueError(f"Labels must be integer class ids; received dtype {y.dtype.name}.")
-        y = tf.cast(y, tf.int32)
-        if self.validate_inputs:
-            x = check_images_in_graph(x, self.value_range)
-            checks = [
-                tf.debugging.assert_greater_equal(
-                    tf.reduce_min(y), 0, message="Labels must be in [0, num_classes); found a label"),
-                tf.debugging.assert_less(
-                    tf.reduce_max(y), self.num_classes,
-                    message=f"Labels must be in [0, num_classes={self.num_classes}); found a label"),
-            ]
-            with tf.control_dependencies(checks):
-                x = tf.identity(x)
-        return x, y
+        return inputs.prepare_batch(x, y, image_shape=self.image_shape, num_classes=self.num_classes,
+                                    value_range=self.value_range, validate=self.validate_inputs)
 
     def check_arrays(self, x, y=None) -> None:
         """Eagerly checks numpy images/labels, raising ``ValueError`` naming the bad value."""
-        x = np.asarray(x)
-        if x.ndim != len(self.image_shape) + 1 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"Images must have shape [N, {', '.join(map(str, self.image_shape))}]; received {x.shape}."
-            )
-        if not np.issubdtype(x.dtype, np.number):
-            raise ValueError(f"Images must be numeric; received dtype {x.dtype}.")
-        if x.size:
-            low, high = self.value_range
-            tol = _RANGE_TOLERANCE * (high - low)
-            if not np.all(np.isfinite(x)):
-                raise ValueError("Images contain NaN or infinite values.")
-            x_min, x_max = float(x.min()), float(x.max())
-            if x_min < low - tol or x_max > high + tol:
-                raise ValueError(
-                    f"Images must lie in [{low}, {high}] (scale them first); received values in "
-                    f"[{x_min:g}, {x_max:g}]."
-                )
-        if y is not None:
-            y = np.asarray(y)
-            if y.ndim == 2 and y.shape[1] == 1:
-                y = y[:, 0]
-            if y.ndim != 1 or len(y) != len(x):
-                raise ValueError(f"Labels must have shape [{len(x)}]; received {y.shape}.")
-            if y.size and (np.any(y != np.round(y)) or y.min() < 0 or y.max() >= self.num_classes):
-                bad = y[(y != np.round(y)) | (y < 0) | (y >= self.num_classes)][0].item()
-                raise ValueError(
-                    f"Labels must be integer class ids in [0, {self.num_classes}); received label {bad!r}."
-                )
+        inputs.check_arrays(x, y, image_shape=self.image_shape, num_classes=self.num_classes,
+                            value_range=self.value_range)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """``keras.Model.fit``; numpy inputs are checked first (see :meth:`check_arrays`)."""
@@ -416,60 +316,57 @@ class JEM(keras.Model):
         return samples, diagnostics
 
     def train_step(self, data):
+        """One JEM step on a batch ``(images, labels[, sample_weight])``:
+
+        1. **sample**: noise the data (``data_noise_std``); draw chains from the replay buffer (restarts
+           from the start distribution) and run SGLD on them, for p(x) and, with ``pxy_weight``, p(x|y);
+           write the chains back;
+        2. **forward**: the logits of data and samples, in one pass (one per group when the backbone has
+           batch norm, whose statistics must not see samples);
+        3. **loss**: :func:`jem_tf.objective.jem_objective` plus the backbone's own losses, scaled for
+           the number of replicas;
+        4. **apply**: one optimizer step on the network's weights (the samples are constants);
+        5. **track**: update the metrics Keras logs (loss terms, energies, SGLD diagnostics).
+
+        Every random number comes from :meth:`_step_seed`, so a step is reproducible and resumable.
+        """
         self.train_step_trace_count += 1
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = self._prepare_batch(x, y)
+        if sample_weight is not None:
+            sample_weight = tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
         batch_size = tf.shape(x)[0]
         # Where this replica's rows sit in the global batch: (0, batch_size) on one device.
         position = global_batch_position(batch_size)
-        # x_data = x + sigma * N(0, I): the paper's data noise.
+
+        # 1. Sample. x_data = x + sigma * N(0, I): the paper's data noise.
         if self.data_noise_std > 0:
             noise = replica_random(tf.random.stateless_normal, tf.shape(x), position,
-                                   seed=self._step_seed(_SALT_DATA_NOISE))
+                                   seed=self._step_seed(seeds.STEP_DATA_NOISE))
             x = x + self.data_noise_std * noise
-        inputs, sizes = [x], [batch_size]
-        grad_norms = []
+        batches, sizes, grad_norms = [x], [batch_size], []
         if self.px_weight > 0:
-            x_sample, diagnostics = self._run_chains(batch_size, position, _SALT_DRAW, _SALT_SGLD)
-            inputs.append(x_sample)
+            x_sample, diagnostics = self._run_chains(batch_size, position, seeds.STEP_DRAW, seeds.STEP_SGLD)
+            batches.append(x_sample)
             sizes.append(batch_size)
             grad_norms.append(diagnostics.grad_norm_trace)
         if self.pxy_weight > 0:
-            x_cond, diagnostics = self._run_chains(batch_size, position, _SALT_DRAW_COND, _SALT_SGLD_COND,
-                                              labels=y)
-            inputs.append(x_cond)
+            x_cond, diagnostics = self._run_chains(batch_size, position, seeds.STEP_DRAW_CONDITIONAL,
+                                                   seeds.STEP_SGLD_CONDITIONAL, labels=y)
+            batches.append(x_cond)
             sizes.append(batch_size)
             grad_norms.append(diagnostics.grad_norm_trace)
 
         with tf.GradientTape() as tape:
-            logits = self._forward(inputs, sizes)
-            logits_data = logits[0]
-            ce_per_example = keras.losses.sparse_categorical_crossentropy(y, logits_data, from_logits=True)
-            if sample_weight is not None:
-                sample_weight = tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
-                ce = tf.reduce_sum(ce_per_example * sample_weight) / tf.maximum(
-                    tf.reduce_sum(sample_weight), 1e-12)
-            else:
-                ce = tf.reduce_mean(ce_per_example)
-            e_data = energy_lib.energy(logits_data)
-            loss = self.pyx_weight * ce
-            # The p(x), p(x|y) and L2 terms count from energy_start_step on (always, by default).
-            active = self._energy_terms_active()
-            gate = (lambda term: term) if active is None else (lambda term: tf.cast(active, tf.float32) * term)
-            energies_squared = tf.reduce_mean(tf.square(e_data))
-            if self.px_weight > 0:
-                e_sample = energy_lib.energy(logits[1])
-                # -log p(x) contrastive term: push data energy down, sample energy up.
-                energy_gap = tf.reduce_mean(e_data) - tf.reduce_mean(e_sample)
-                loss += gate(self.px_weight * energy_gap)
-                energies_squared += tf.reduce_mean(tf.square(e_sample))
-            if self.pxy_weight > 0:
-                # -log p(x|y) contrastive term on the joint energy E(x, y) = -f(x)[y].
-                e_cond_data = energy_lib.conditional_energy(logits_data, y)
-                e_cond_sample = energy_lib.conditional_energy(logits[-1], y)
-                loss += gate(self.pxy_weight * (tf.reduce_mean(e_cond_data) - tf.reduce_mean(e_cond_sample)))
-            if self.energy_l2_weight > 0:
-                loss += gate(self.energy_l2_weight * energies_squared)
+            # 2. Forward.
+            logits = self._forward(batches, sizes)
+            # 3. Loss.
+            terms = jem_objective(
+                y, logits[0], logits_sample=logits[1] if self.px_weight > 0 else None,
+                logits_conditional_sample=logits[-1] if self.pxy_weight > 0 else None, sample_weight=sample_weight,
+                pyx_weight=self.pyx_weight, px_weight=self.px_weight, pxy_weight=self.pxy_weight,
+                energy_l2_weight=self.energy_l2_weight, energy_active=self._energy_terms_active())
+            loss = terms.loss
             if self.backbone.losses:
                 loss += tf.add_n([tf.cast(l, tf.float32) for l in self.backbone.losses])
             # Gradients are summed over replicas, so each replica's loss is divided by their number,
@@ -477,19 +374,21 @@ class JEM(keras.Model):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled_loss = self.optimizer.scale_loss(loss / replicas)
 
+        # 4. Apply.
         variables = self.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply(gradients, variables)
 
+        # 5. Track.
         self.loss_tracker.update_state(loss)
-        self.ce_tracker.update_state(ce)
-        self.accuracy_metric.update_state(y, logits_data, sample_weight=sample_weight)
-        self.e_data_tracker.update_state(e_data)
+        self.ce_tracker.update_state(terms.ce)
+        self.accuracy_metric.update_state(y, logits[0], sample_weight=sample_weight)
+        self.e_data_tracker.update_state(terms.e_data)
         if self.px_weight > 0:
-            self.e_sample_tracker.update_state(e_sample)
-            self.energy_gap_tracker.update_state(energy_gap)
-        if len(inputs) > 1:
-            self.sample_abs_max_tracker.update_state(tf.reduce_max(tf.abs(tf.concat(inputs[1:], axis=0))))
+            self.e_sample_tracker.update_state(terms.e_sample)
+            self.energy_gap_tracker.update_state(terms.energy_gap)
+        if len(batches) > 1:
+            self.sample_abs_max_tracker.update_state(tf.reduce_max(tf.abs(tf.concat(batches[1:], axis=0))))
         if grad_norms:
             self.sgld_grad_norm_tracker.update_state(tf.concat(grad_norms, axis=0))
         return self._logs(self.metrics)
@@ -600,7 +499,7 @@ class JEM(keras.Model):
                     step_size=step_size, noise_std=noise_std)[0],
                 reduce_retracing=True,
             )
-        sgld_seed = tf.random.experimental.stateless_fold_in(seed, _SALT_SGLD)
+        sgld_seed = seeds.fold(seed, seeds.SAMPLE_SGLD)
         n_steps = self.sampler.n_steps if n_steps is None else n_steps
         step_size = self.sampler.step_size if step_size is None else step_size
         noise_std = self.sampler.noise_std if noise_std is None else noise_std

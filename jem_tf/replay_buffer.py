@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 
 from jem_tf.chain_init import ClassGaussian
+from jem_tf import seeds
 from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
 
 STORAGES = ("float32", "uint8")
@@ -201,7 +202,8 @@ class ReplayBuffer(keras.layers.Layer):
         """
         seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
         index_seed, restart_seed, noise_seed, dequantize_seed = [
-            tf.random.experimental.stateless_fold_in(seed, salt) for salt in (11, 12, 13, 14)
+            seeds.fold(seed, salt) for salt in (seeds.DRAW_INDEX, seeds.DRAW_RESTART, seeds.DRAW_NOISE,
+                                                seeds.DRAW_DEQUANTIZE)
         ]
         def uniform(seed, **kwargs):
             return replica_random(tf.random.stateless_uniform, (batch_size,), position, seed=seed, **kwargs)

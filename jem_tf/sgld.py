@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from jem_tf.distribution import BatchPosition, replica_random
+from jem_tf.seeds import as_stateless_seed
 
 SGLDDiagnostics = collections.namedtuple(
     "SGLDDiagnostics",
@@ -31,16 +32,6 @@ SGLDDiagnostics = collections.namedtuple(
     ],
 )
 SGLDDiagnostics.__doc__ = """Diagnostics of one SGLD run; tensors, never prints."""
-
-
-def as_stateless_seed(seed) -> tf.Tensor:
-    """Turns an int or a shape-[2] integer tensor into a stateless-RNG seed (int64 [2])."""
-    if isinstance(seed, int):
-        return tf.constant([seed, 0], dtype=tf.int64)
-    seed = tf.convert_to_tensor(seed)
-    if seed.shape.rank != 1 or (seed.shape[0] is not None and seed.shape[0] != 2):
-        raise ValueError(f"`seed` must be an int or a shape-[2] integer tensor; received {seed!r}")
-    return tf.cast(seed, tf.int64)
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")

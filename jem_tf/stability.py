@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf.schedules import ScaledSchedule
+from jem_tf.seeds import buffer_reset_seed
 
 
 class TrainingDiverged(RuntimeError):
@@ -164,7 +165,7 @@ class StabilityGuard(keras.callbacks.Callback):
             event["sgld_steps"] = self.model.sampler.n_steps
             retrace = True
         if self.reset_buffer:
-            self.model.replay_buffer.reset(seed=[self.model.seed, 1000 + event["reseeds"]])
+            self.model.replay_buffer.reset(seed=buffer_reset_seed(self.model.seed, event["reseeds"]))
             event["buffer_reset"] = True
         self.model.reset_metrics()
         if retrace:  # the compiled step captured the old schedule / step count

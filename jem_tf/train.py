@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name
+from jem_tf.run import RunLayout
 from jem_tf.stability import TrainingDiverged
 from jem_tf.training import train_and_evaluate
 
@@ -45,8 +46,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"python -m jem_tf.train: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
-        where = (f"The last good epoch is in {workdir}/backup; rerun with changed settings to resume from it."
-                 if os.path.isdir(os.path.join(workdir, "backup")) else "No epoch completed.")
+        backup = RunLayout(workdir).backup
+        where = (f"The last good epoch is in {backup}; rerun with changed settings to resume from it."
+                 if os.path.isdir(backup) else "No epoch completed.")
         print(f"python -m jem_tf.train: error: {error} {where}", file=sys.stderr)
         return 1
     print(f"test_accuracy={metrics['test_accuracy']:.4f} "

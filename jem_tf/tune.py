@@ -8,11 +8,12 @@ import sys
 from typing import List, Optional
 
 from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name
-from jem_tf.data import DataNotFoundError, load_dataset
+from jem_tf.data import DataNotFoundError
+from jem_tf.run import load_run_dataset
 from jem_tf.tuning import OBJECTIVES, TUNERS, run_search, search_space
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(prog="python -m jem_tf.tune",
                                 description="Hyperparameter search for a JEM recipe with keras-tuner.")
     parser.add_argument("--tuner", choices=TUNERS, default="random")
@@ -28,6 +29,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming the search")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0)
     add_recipe_arguments(parser)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)
     if args.max_trials < 1:
@@ -39,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             with open(args.space) as f:
                 overrides = json.load(f)
         space = search_space(overrides, fixed=[n.strip() for n in args.fix.split(",") if n.strip()])
-        data = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed)
+        data = load_run_dataset(config=config, download=config.download)
         summary = run_search(config, data, directory=directory, kind=args.tuner, max_trials=args.max_trials,
                              objective=args.objective, space=space, save_buffers=args.save_buffers,
                              overwrite=args.overwrite, verbose=args.verbose)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Dict, Optional
@@ -23,9 +22,11 @@ from sklearn.metrics import roc_auc_score
 
 from jem_tf import energy as energy_lib
 from jem_tf.config import TrainConfig, field_names
-from jem_tf.data import ImageDataset, make_dataset, make_epochs_dataset, split_validation
+from jem_tf.data import ImageDataset
 from jem_tf.distribution import make_strategy
-from jem_tf.training import build_jem, build_stability_guard, compile_jem, resolve_config_precision
+from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, compile_jem,
+                              resolve_config_precision, steps_per_epoch)
+from jem_tf.run import split_train_validation
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")
 OBJECTIVES = ("val_accuracy", "combined")
@@ -127,8 +128,7 @@ class JEMHyperModel(keras_tuner.HyperModel):
         self.save_buffers = save_buffers
         self.verbose = verbose
         self.data = data
-        (self.x_train, self.y_train), (self.x_val, self.y_val) = split_validation(
-            data.x_train, data.y_train, fraction=base_config.validation_fraction, seed=base_config.seed)
+        self.train, self.validation = split_train_validation(self.base_config, data.x_train, data.y_train)
 
     @property
     def keras_objective(self) -> keras_tuner.Objective:
@@ -140,12 +140,12 @@ class JEMHyperModel(keras_tuner.HyperModel):
         return self.base_config.replace(**values).validate()
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.x_train) / self.base_config.batch_size)
+        return steps_per_epoch(self.base_config, len(self.train.images))
 
     def build(self, hp):
         config = self.config_for(hp)
         model = build_jem(config, image_shape=self.data.image_shape, num_classes=self.data.num_classes,
-                          train_data=(self.x_train, self.y_train), steps_per_epoch=self.steps_per_epoch())
+                          train_data=self.train, steps_per_epoch=self.steps_per_epoch())
         compile_jem(model, config, steps_per_epoch=self.steps_per_epoch())
         return model
 
@@ -166,11 +166,10 @@ class JEMHyperModel(keras_tuner.HyperModel):
         guard = build_stability_guard(config, log=lambda message: None)
         if self.objective == "combined":
             own_callbacks.insert(0, _CombinedScore(self))
-        train = make_epochs_dataset(self.x_train, self.y_train, batch_size=config.batch_size, seed=config.seed,
-                                    first_epoch=initial_epoch, num_epochs=epochs, augment=config.augment)
-        validation = make_dataset(self.x_val, self.y_val, batch_size=max(256, config.batch_size), shuffle=False)
+        train, validation, epoch_steps = build_datasets(config, self.train, self.validation,
+                                                        first_epoch=initial_epoch, num_epochs=epochs)
         history = model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
-                            steps_per_epoch=self.steps_per_epoch(), callbacks=[guard] + own_callbacks,
+                            steps_per_epoch=epoch_steps, callbacks=[guard] + own_callbacks,
                             verbose=self.verbose, shuffle=False)
         if guard.failure is not None:
             raise keras_tuner.errors.FailedTrialError(guard.failure)
@@ -191,7 +190,7 @@ class _CombinedScore(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or "val_accuracy" not in logs:
             return
-        auroc = ood_auroc(self.model, self.hypermodel.x_val, seed=self.hypermodel.base_config.seed)
+        auroc = ood_auroc(self.model, self.hypermodel.validation.images, seed=self.hypermodel.base_config.seed)
         logs["val_ood_auroc"] = auroc
         logs["score"] = float(logs["val_accuracy"]) + auroc
 

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import tiny_jem
 from jem_tf.callbacks import RotatingCheckpoint, SampleGridCallback
-from jem_tf.visualize import image_grid, upscale, write_png
+from jem_tf.figures import image_grid, upscale, write_png
 
 
 def test_rotating_checkpoint_keeps_last_k_and_leaves_no_temporary_files(tiny_data, tmp_path):

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import tiny_jem
 from jem_tf import SGLDSampler
 from jem_tf.chain_init import ClassGaussian
-from jem_tf.export import METADATA_FILE, export_saved_model
+from jem_tf.serving import METADATA_FILE, export_saved_model
 from jem_tf.replay_buffer import ReplayBuffer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

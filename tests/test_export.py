@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from conftest import tiny_jem
 from jem_tf import energy as energy_lib
-from jem_tf.export import METADATA_FILE, export_saved_model, main as export_main, next_version
+from jem_tf.export import main as export_main
+from jem_tf.serving import METADATA_FILE, export_saved_model, next_version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "helpers", "serving_check.py")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from jem_tf import metrics
+from jem_tf.evaluation import metrics
 
 
 def _logits(probabilities):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from jem_tf import JEM
-from jem_tf import config as config_lib
 from jem_tf import train
 
 TINY = ["--epochs", "1", "--buffer-size", "100", "--sgld-steps", "2", "--width", "4", "--batch-size", "128",
@@ -86,25 +85,6 @@ def test_overrides_and_types():
         ["--sgld-grad-clip", "none", "--decay-epochs", "3,6", "--sgld-clamp", "true", "--learning-rate", "2e-4"])
     assert config.sgld_grad_clip is None and config.decay_epochs == [3, 6] and config.sgld_clamp is True
     assert config.learning_rate == 2e-4 and workdir == "runs/digits" and verbose == "auto"
-
-
-def test_bundled_recipes_are_valid():
-    assert set(config_lib.available_recipes()) >= {"digits", "fashion_mnist", "cifar10_wrn28_10"}
-    cifar = config_lib.load_recipe("cifar10_wrn28_10")
-    assert (cifar.backbone, cifar.normalization, cifar.learning_rate, cifar.warmup_steps, cifar.batch_size) == \
-        ("wrn-28-10", "none", 1e-4, 1000, 64)
-    assert (cifar.sgld_steps, cifar.sgld_step_size, cifar.sgld_noise_std, cifar.buffer_size) == (20, 1.0, 0.01, 10000)
-    assert (cifar.restart_prob, cifar.data_noise_std, cifar.augment) == (0.05, 0.03, "crop_flip")
-
-
-def test_fast_recipes_are_jem_plus_plus_and_the_paper_recipe_is_kept():
-    fast = config_lib.load_recipe("fashion_mnist")
-    assert (fast.chain_init, fast.sgld_steps, fast.sgld_grad_clamp, fast.sgld_noise_std, fast.sgld_clamp) == \
-        ("class_gaussian", 5, 1.0, 0.0, True)
-    assert fast.precision == "auto" and fast.energy_l2_weight > 0
-    paper = config_lib.load_recipe("fashion_mnist_jem_paper")
-    assert (paper.chain_init, paper.sgld_steps, paper.sgld_step_size, paper.sgld_noise_std) == ("uniform", 20, 1.0, 0.01)
-    assert (paper.learning_rate, paper.warmup_steps, paper.restart_prob, paper.sgld_grad_clamp) == (1e-4, 1000, 0.05, None)
 
 
 def test_tiny_fast_jem_run_end_to_end(tmp_path, capsys):

@@ -152,7 +152,9 @@ def test_truncated_backup_is_detected_and_the_previous_one_is_used(tiny_data, tm
     assert "epoch_0003 is unreadable" in messages[0] and "Resuming" in messages[1]
 
 
-RUN = [sys.executable, "-m", "jem_tf.train", "--epochs", "4", "--width", "8", "--sgld-steps", "3",
+# Precision pinned: the reference and the victim are two runs, and "auto" probes the machine's speed (a
+# resumed run reuses its own probe: tests/test_run.py).
+RUN = [sys.executable, "-m", "jem_tf.train", "--precision", "float32", "--epochs", "4", "--width", "8", "--sgld-steps", "3",
        "--buffer-size", "300", "--batch-size", "32", "--validation-fraction", "0", "--num-sample-images", "4",
        "--warmup-steps", "20", "--learning-rate", "0.002", "--augment", "crop", "--verbose", "2"]
 
@@ -203,7 +205,7 @@ def _api_cases():
     from jem_tf.config import TrainConfig
     from jem_tf.data import load_dataset
     from jem_tf.distribution import make_strategy
-    from jem_tf.export import export_saved_model
+    from jem_tf.serving import export_saved_model
 
     backbone = small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4)
     images = np.zeros((4, 8, 8, 1), "float32")

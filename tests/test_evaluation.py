@@ -1,5 +1,5 @@
 """Evaluation suite end to end on tiny models and data: every mode writes its files, report.json keeps
-its schema, the CLI works and fails with one-line errors."""
+its schema, the settings are checked, the CLI works and fails with one-line errors."""
 
 import gzip
 import json
@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_jem
-from jem_tf import evaluate as ev
+from jem_tf import evaluate as evaluate_cli
+from jem_tf import evaluation as ev
 from jem_tf import train
 from jem_tf.attacks import PGD
 from jem_tf.data import load_dataset
@@ -185,6 +186,26 @@ def test_evaluate_rejects_bad_arguments(trained, tmp_path):
         ev.load_feature_network(path, image_shape=(28, 28, 1))
 
 
+def test_evaluation_config_defaults_are_the_cli_defaults_and_bad_settings_raise(trained, tmp_path):
+    args = evaluate_cli.build_parser().parse_args(["--model", "m", "--out", "o"])
+    cli = evaluate_cli.evaluation_config_from_args(args)
+    assert cli == ev.EvaluationConfig().replace(pgd_eps=ev.DEFAULT_PGD_EPS)  # no budgets given: the CLI's
+    assert ev.EvaluationConfig().validate().modes == ev.DEFAULT_MODES
+    assert tuple(ev.suite.MODE_TABLE) == ev.MODES
+    model, _, _, (x_test, y_test), _ = trained
+    with pytest.raises(ValueError, match=r"\['num_sample', 'sede'\]"):
+        ev.evaluate(model, test_images=x_test, test_labels=y_test, out_dir=str(tmp_path / "out"), sede=1,
+                    num_sample=3)
+    with pytest.raises(ValueError, match=r"modes.*received \[\]"):
+        ev.evaluate(model, test_images=x_test, test_labels=y_test, out_dir=str(tmp_path / "out"), modes=[])
+    with pytest.raises(ValueError, match="modes"):
+        ev.evaluate(model, test_images=x_test, test_labels=y_test, out_dir=str(tmp_path / "out"),
+                    config=ev.EvaluationConfig(modes=("accuracy", "speed")))
+    with pytest.raises(ValueError, match="input_noise_std"):
+        ev.EvaluationConfig(input_noise_std=float("nan")).validate()
+    assert not os.path.exists(tmp_path / "out")  # settings are checked before anything is written
+
+
 def test_a_plain_keras_classifier_can_be_the_feature_network(tmp_path):
     net = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(5, name="hidden"),
                             keras.layers.Dense(3)])
@@ -210,8 +231,8 @@ CLI_SMALL = ["--refine-steps", "2", "--sample-steps", "3", "--num-samples", "8",
 
 def test_cli_on_a_training_workdir(digits_run, tmp_path, capsys):
     out = str(tmp_path / "eval")
-    assert ev.main(["--model", digits_run, "--out", out, "--modes", *ev.MODES, "--feature-model", digits_run,
-                    *CLI_SMALL]) == 0
+    assert evaluate_cli.main(["--model", digits_run, "--out", out, "--modes", *ev.MODES, "--feature-model",
+                              digits_run, *CLI_SMALL]) == 0
     printed = capsys.readouterr().out
     assert "ECE" in printed and "OOD AUROC [log_px]" in printed and "frechet_distance" in printed
     report = json.load(open(os.path.join(out, ev.REPORT_FILE)))
@@ -232,7 +253,7 @@ def test_cli_on_a_training_workdir(digits_run, tmp_path, capsys):
 ])
 def test_cli_errors_are_one_line(digits_run, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(["--model", digits_run, "--out", str(tmp_path / "eval"), *extra])
+        evaluate_cli.main(["--model", digits_run, "--out", str(tmp_path / "eval"), *extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
@@ -241,7 +262,7 @@ def test_cli_errors_are_one_line(digits_run, tmp_path, capsys, extra, message):
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        ev.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "eval")])
+        evaluate_cli.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "eval")])
     assert "No model at" in capsys.readouterr().err
 
 

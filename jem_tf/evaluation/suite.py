@@ -1,0 +1,266 @@
+"""The whole evaluation: :class:`EvaluationConfig` (which modes run, with which settings), one entry per
+mode in :data:`MODE_TABLE`, and :func:`evaluate`, which runs the modes in the order of :data:`MODES` and
+writes ``report.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from jem_tf.evaluation import metrics as metrics_lib
+from jem_tf.evaluation.classification import evaluate_accuracy, evaluate_calibration
+from jem_tf.evaluation.common import predict_logits
+from jem_tf.evaluation.frechet import FeatureNetwork, evaluate_frechet
+from jem_tf.evaluation.ood import evaluate_ood
+from jem_tf.evaluation.robustness import DEFAULT_PGD_EPS, evaluate_robustness
+from jem_tf.evaluation.samples import evaluate_samples
+from jem_tf.jem import JEM
+
+MODES = ("accuracy", "calibration", "ood", "samples", "frechet", "robustness")
+DEFAULT_MODES = ("accuracy", "calibration", "ood", "samples")
+REPORT_FILE = "report.json"
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """Every setting of :func:`evaluate`; the defaults are those of ``python -m jem_tf.evaluate``.
+
+    Attributes:
+        modes: Some of ``MODES`` (run in the order of ``MODES``).
+        seed: Seed of every random choice of the evaluation.
+        input_noise_std: Gaussian noise std added to every evaluated input (0: inputs as given).
+        num_bins: Calibration bins (mode ``calibration``).
+        temperature_scaling: Fit a temperature on the validation data (mode ``calibration``).
+        refine_steps: Numbers of SGLD refinement steps before classifying (mode ``accuracy``).
+        sample_steps: SGLD steps of fresh chains (modes ``samples`` and ``frechet``).
+        num_samples: Images per sample grid (mode ``samples``).
+        long_chain_steps: Steps of the long chain (mode ``samples``; 0: none).
+        frechet_images: Test images, and samples per set, of the Fréchet distance (mode ``frechet``).
+        pgd_eps: ``{norm: budgets}`` in fractions of the pixel range (mode ``robustness``); ``None`` or empty:
+            ``DEFAULT_PGD_EPS``.
+        pgd_steps: Steps of each PGD attack (mode ``robustness``).
+        robustness_examples: Test images attacked (mode ``robustness``).
+        robustness_refine_steps: SGLD refinement steps of attacked images before classifying (mode
+            ``robustness``).
+        batch_size: Batch size of the forward and backward passes.
+    """
+
+    modes: Sequence[str] = DEFAULT_MODES
+    seed: int = 0
+    input_noise_std: float = 0.0
+    num_bins: int = 20
+    temperature_scaling: bool = True
+    refine_steps: Sequence[int] = (10,)
+    sample_steps: int = 200
+    num_samples: int = 64
+    long_chain_steps: int = 1000
+    frechet_images: int = 1000
+    pgd_eps: Optional[Mapping[str, Sequence[float]]] = None
+    pgd_steps: int = 20
+    robustness_examples: int = 500
+    robustness_refine_steps: int = 10
+    batch_size: int = 256
+
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [field.name for field in dataclasses.fields(cls)]
+
+    def replace(self, **settings) -> "EvaluationConfig":
+        """A copy with ``settings`` applied (unknown names raise ``ValueError``)."""
+        unknown = sorted(set(settings) - set(self.field_names()))
+        if unknown:
+            raise ValueError(f"Unknown evaluation setting(s) {unknown}; known settings: "
+                             f"{', '.join(self.field_names())}")
+        return dataclasses.replace(self, **settings)
+
+    def validate(self) -> "EvaluationConfig":
+        """Raises ``ValueError`` naming the first bad setting; returns ``self``. (The modes check their own
+        settings when they run.)"""
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            raise ValueError(f"`modes` must be a non-empty subset of {MODES}; received {list(self.modes)}")
+        if not self.input_noise_std >= 0:
+            raise ValueError(f"`input_noise_std` must be >= 0; received {self.input_noise_std!r}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeContext:
+    """What a mode of :func:`evaluate` works on: the model, the inputs (after the report's transforms), the
+    settings, the output directory, and the report so far (the modes before it in ``MODES``)."""
+
+    model: JEM
+    config: EvaluationConfig
+    out_dir: str
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    val_images: Optional[np.ndarray]
+    val_labels: Optional[np.ndarray]
+    ood_sets: Mapping[str, np.ndarray]
+    feature_network: Optional[FeatureNetwork]
+    report: dict
+
+
+def _accuracy(run: ModeContext) -> dict:
+    c = run.config
+    return evaluate_accuracy(run.model, run.test_images, run.test_labels, refine_steps=c.refine_steps, seed=c.seed,
+                             batch_size=c.batch_size)
+
+
+def _calibration(run: ModeContext) -> dict:
+    c = run.config
+    return evaluate_calibration(run.model, run.test_images, run.test_labels, out_dir=run.out_dir,
+                                val_images=run.val_images, val_labels=run.val_labels, num_bins=c.num_bins,
+                                temperature_scaling=c.temperature_scaling, batch_size=c.batch_size)
+
+
+def _ood(run: ModeContext) -> dict:
+    c = run.config
+    temperature, source = 1.0, "1 (no validation split to fit it on)"
+    if run.val_images is not None and len(run.val_images) > 0:
+        source = "fitted on the validation split"
+        if "temperature_scaled" in run.report.get("calibration", {}):  # mode calibration fitted it already
+            temperature = run.report["calibration"]["temperature_scaled"]["temperature"]
+        else:
+            temperature = metrics_lib.fit_temperature(
+                predict_logits(run.model, run.val_images, batch_size=c.batch_size), run.val_labels)
+    return evaluate_ood(run.model, run.test_images, run.ood_sets, out_dir=run.out_dir, temperature=temperature,
+                        temperature_source=source, batch_size=c.batch_size)
+
+
+def _samples(run: ModeContext) -> dict:
+    c = run.config
+    return evaluate_samples(run.model, out_dir=run.out_dir, reference_images=run.test_images[:1000],
+                            num_samples=c.num_samples, sample_steps=c.sample_steps,
+                            long_chain_steps=c.long_chain_steps, seed=c.seed)
+
+
+def _frechet(run: ModeContext) -> dict:
+    c = run.config
+    return evaluate_frechet(run.model, run.test_images, network=run.feature_network, held_out_images=run.val_images,
+                            num_images=c.frechet_images, sample_steps=c.sample_steps, seed=c.seed,
+                            batch_size=c.batch_size)
+
+
+def _robustness(run: ModeContext) -> dict:
+    c = run.config
+    return evaluate_robustness(run.model, run.test_images, run.test_labels, eps=c.pgd_eps or DEFAULT_PGD_EPS,
+                               steps=c.pgd_steps, refine_steps=c.robustness_refine_steps,
+                               max_examples=c.robustness_examples, seed=c.seed, batch_size=c.batch_size)
+
+
+# Each mode's report section from its context; `evaluate` runs them in the order of MODES.
+MODE_TABLE: Dict[str, Callable[[ModeContext], dict]] = {
+    "accuracy": _accuracy,
+    "calibration": _calibration,
+    "ood": _ood,
+    "samples": _samples,
+    "frechet": _frechet,
+    "robustness": _robustness,
+}
+
+
+def _add_input_noise(test_images: np.ndarray, ood_sets: Dict[str, np.ndarray], config: EvaluationConfig
+                     ) -> Tuple[np.ndarray, Dict[str, np.ndarray], List[str]]:
+    """``(test_images, ood_sets, transforms)``: the inputs with ``config.input_noise_std`` Gaussian noise
+    (unchanged when it is 0) and the report's description of what was done to them."""
+    if config.input_noise_std <= 0:
+        return test_images, ood_sets, ["none: inputs used as loaded (training-time data noise is off)"]
+    rng = np.random.default_rng(config.seed)
+
+    def noisy(x):
+        return (x + rng.normal(0.0, config.input_noise_std, size=x.shape)).astype(np.float32)
+
+    test_images = noisy(test_images)
+    ood_sets = {name: noisy(np.asarray(x, np.float32)) for name, x in ood_sets.items()}
+    return test_images, ood_sets, [f"gaussian noise std {config.input_noise_std} added to test and OOD inputs "
+                                   f"(seed {config.seed})"]
+
+
+def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, out_dir: str,
+             config: Optional[EvaluationConfig] = None, val_images: Optional[np.ndarray] = None,
+             val_labels: Optional[np.ndarray] = None, ood_sets: Optional[Mapping[str, np.ndarray]] = None,
+             feature_network: Optional[FeatureNetwork] = None, model_info: Optional[dict] = None,
+             **settings) -> dict:
+    """Runs the configured modes and writes ``out_dir/report.json`` and the figures; returns the report.
+
+    Args:
+        model: A trained :class:`JEM`.
+        test_images, test_labels: In-distribution test data in the model's value range.
+        out_dir: Output directory (created).
+        config: The settings (default: :class:`EvaluationConfig`'s defaults).
+        val_images, val_labels: Held-out data for temperature scaling (never the test split).
+        ood_sets: ``{name: images}`` out-of-distribution sets (mode ``ood``); see
+            :func:`~jem_tf.evaluation.ood.synthetic_ood_images`.
+        feature_network: Needed by mode ``frechet``; see :func:`~jem_tf.evaluation.frechet.load_feature_network`.
+        model_info: Entries for the report's ``model`` section (its path, dataset, ...).
+        **settings: :class:`EvaluationConfig` fields that override ``config`` (``modes=("accuracy",)``,
+            ``seed=1``, ...); unknown names raise ``ValueError``.
+    """
+    config = (config if config is not None else EvaluationConfig()).replace(**settings).validate()
+    test_images = np.asarray(test_images, np.float32)
+    if tuple(test_images.shape[1:]) != tuple(model.image_shape):
+        raise ValueError(f"Test images have shape {tuple(test_images.shape[1:])}; the model takes "
+                         f"{tuple(model.image_shape)}.")
+    if "ood" in config.modes and not ood_sets:
+        raise ValueError("Mode 'ood' needs `ood_sets` (e.g. {'uniform': synthetic_ood_images('uniform', x)}).")
+    if "frechet" in config.modes and feature_network is None:
+        raise ValueError("Mode 'frechet' needs a feature network (--feature-model PATH or inception_v3 with "
+                         "--inception-weights FILE); there is no default, so no FID is reported under another name.")
+    os.makedirs(out_dir, exist_ok=True)
+    test_images, ood_sets, transforms = _add_input_noise(test_images, dict(ood_sets or {}), config)
+
+    report = {"schema_version": SCHEMA_VERSION, "model": dict(model_info or {}),
+              "settings": {"modes": list(config.modes), "seed": config.seed, "transforms": transforms,
+                           "batch_size": config.batch_size, "num_test": int(len(test_labels)),
+                           "value_range": list(model.value_range)},
+              "timing_s": {}}
+    report["model"].update({"num_params": int(model.backbone.count_params()), "image_shape": list(model.image_shape),
+                            "num_classes": model.num_classes, "px_weight": model.px_weight,
+                            "sampler": model.sampler.get_config()})
+    run = ModeContext(model=model, config=config, out_dir=out_dir, test_images=test_images, test_labels=test_labels,
+                      val_images=val_images, val_labels=val_labels, ood_sets=ood_sets,
+                      feature_network=feature_network, report=report)
+    for mode in MODES:
+        if mode not in config.modes:
+            continue
+        start = time.perf_counter()
+        report[mode] = MODE_TABLE[mode](run)
+        report["timing_s"][mode] = round(time.perf_counter() - start, 2)
+    tmp = os.path.join(out_dir, REPORT_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, REPORT_FILE))
+    return report
+
+
+def summary_lines(report: dict) -> List[str]:
+    """The report's headline numbers, one line per mode (two for calibration with temperature scaling,
+    one per score for OOD); the samples mode has none."""
+    lines = []
+    if "accuracy" in report:
+        refined = ", ".join(f"{k} steps {v:.4f}" for k, v in report["accuracy"]["accuracy_after_refinement"].items())
+        lines.append(f"accuracy {report['accuracy']['accuracy']:.4f}" + (f" (refined: {refined})" if refined else ""))
+    if "calibration" in report:
+        c = report["calibration"]["uncalibrated"]
+        lines.append(f"ECE {c['ece']:.4f}  MCE {c['mce']:.4f}  NLL {c['nll']:.4f}  Brier {c['brier']:.4f}")
+        if "temperature_scaled" in report["calibration"]:
+            t = report["calibration"]["temperature_scaled"]
+            lines.append(f"temperature {t['temperature']:.3f}: ECE {t['ece']:.4f}  NLL {t['nll']:.4f}")
+    if "ood" in report:
+        for score, per_set in report["ood"]["metrics"].items():
+            lines.append(f"OOD AUROC [{score}] " + "  ".join(f"{n} {m['auroc']:.4f}" for n, m in per_set.items()))
+    if "frechet" in report:
+        name = report["frechet"]["settings"]["metric_name"]
+        lines.append(f"{name} " + "  ".join(f"{k} {v[name]:.3f}" for k, v in report["frechet"]["distances"].items()))
+    if "robustness" in report:
+        lines.append("robust accuracy (plain / refined) " + "  ".join(
+            f"{k} {v['accuracy']:.3f}/{v['accuracy_refined']:.3f}" for k, v in report["robustness"].items()
+            if k != "settings"))
+    return lines

@@ -1,0 +1,126 @@
+"""Input checks shared by the model and its serving export.
+
+A JEM's inputs are images ``[batch, *image_shape]`` in a documented ``value_range`` and class ids in
+``[0, num_classes)``. Bad inputs are rejected with a message that names the bad value:
+
+* :func:`check_arrays`: eagerly, for numpy arrays (``JEM.fit``, calibration data);
+* :func:`prepare_batch`: in a compiled training/test step, static shape checks at trace time and
+  in-graph value checks;
+* :func:`check_images_in_graph`: the in-graph range/finiteness check alone (also used by the exported
+  signatures).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+# Inputs may exceed the documented value range by this fraction of its width (rounding).
+RANGE_TOLERANCE = 1e-3
+
+
+def static_shape_tuple(shape) -> Optional[tuple]:
+    """``shape`` as a tuple of ints, or ``None`` when it is unknown or has a dynamic dimension."""
+    if shape is None:
+        return None
+    shape = tuple(shape)
+    if any(d is None for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def check_images_in_graph(images: tf.Tensor, value_range: Sequence[float]) -> tf.Tensor:
+    """``images`` behind in-graph checks that they are finite and in ``value_range`` (up to a rounding
+    tolerance); a failed check raises ``InvalidArgumentError`` naming the range and the offending value.
+    Used by the training/test steps and by the exported serving signatures."""
+    low, high = value_range
+    tolerance = RANGE_TOLERANCE * (high - low)
+    checks = [
+        tf.debugging.assert_all_finite(images, message="images contain NaN or infinite values"),
+        tf.debugging.assert_greater_equal(
+            tf.reduce_min(images), low - tolerance, message=f"images must lie in [{low}, {high}]; found a minimum of"),
+        tf.debugging.assert_less_equal(
+            tf.reduce_max(images), high + tolerance, message=f"images must lie in [{low}, {high}]; found a maximum of"),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(images)
+
+
+def prepare_batch(x, y, *, image_shape: Sequence[int], num_classes: int, value_range: Sequence[float],
+                  validate: bool = True) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Checks a training/test batch: shapes and dtypes statically (``ValueError`` at trace time), and
+    with ``validate`` the image range and label ids in-graph. Returns float32 images, int32 labels."""
+    image_shape = tuple(image_shape)
+    x = tf.convert_to_tensor(x)
+    if x.shape.rank != len(image_shape) + 1:
+        raise ValueError(
+            f"Images must have shape [batch, {', '.join(map(str, image_shape))}] (rank "
+            f"{len(image_shape) + 1}); received a batch of shape {x.shape}."
+        )
+    if any(s is not None and s != e for s, e in zip(x.shape[1:], image_shape)):
+        raise ValueError(f"Images must have shape [batch, {image_shape}]; received {x.shape}.")
+    if not (x.dtype.is_floating or x.dtype.is_integer):
+        raise ValueError(f"Images must be numeric; received dtype {x.dtype.name}.")
+    x = tf.cast(x, tf.float32)
+    if y is None:
+        raise ValueError("JEM training needs labels: pass (images, labels).")
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank == 2 and y.shape[-1] == 1:
+        y = tf.squeeze(y, axis=-1)
+    if y.shape.rank != 1:
+        raise ValueError(f"Labels must be class ids of shape [batch]; received shape {y.shape}.")
+    if y.dtype.is_floating:
+        if validate:
+            tf.debugging.assert_equal(y, tf.round(y), message="Labels must be integer class ids.")
+    elif not y.dtype.is_integer:
+        raise ValueError(f"Labels must be integer class ids; received dtype {y.dtype.name}.")
+    y = tf.cast(y, tf.int32)
+    if validate:
+        x = check_images_in_graph(x, value_range)
+        checks = [
+            tf.debugging.assert_greater_equal(
+                tf.reduce_min(y), 0, message="Labels must be in [0, num_classes); found a label"),
+            tf.debugging.assert_less(
+                tf.reduce_max(y), num_classes,
+                message=f"Labels must be in [0, num_classes={num_classes}); found a label"),
+        ]
+        with tf.control_dependencies(checks):
+            x = tf.identity(x)
+    return x, y
+
+
+def check_arrays(x, y=None, *, image_shape: Sequence[int], num_classes: int,
+                 value_range: Sequence[float]) -> None:
+    """Eagerly checks numpy images/labels, raising ``ValueError`` naming the bad value."""
+    image_shape = tuple(image_shape)
+    x = np.asarray(x)
+    if x.ndim != len(image_shape) + 1 or tuple(x.shape[1:]) != image_shape:
+        raise ValueError(
+            f"Images must have shape [N, {', '.join(map(str, image_shape))}]; received {x.shape}."
+        )
+    if not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"Images must be numeric; received dtype {x.dtype}.")
+    if x.size:
+        low, high = value_range
+        tol = RANGE_TOLERANCE * (high - low)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("Images contain NaN or infinite values.")
+        x_min, x_max = float(x.min()), float(x.max())
+        if x_min < low - tol or x_max > high + tol:
+            raise ValueError(
+                f"Images must lie in [{low}, {high}] (scale them first); received values in "
+                f"[{x_min:g}, {x_max:g}]."
+            )
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"Labels must have shape [{len(x)}]; received {y.shape}.")
+        if y.size and (np.any(y != np.round(y)) or y.min() < 0 or y.max() >= num_classes):
+            bad = y[(y != np.round(y)) | (y < 0) | (y >= num_classes)][0].item()
+            raise ValueError(
+                f"Labels must be integer class ids in [0, {num_classes}); received label {bad!r}."
+            )

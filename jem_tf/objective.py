@@ -1,0 +1,86 @@
+"""The JEM training objective as a pure function of logits.
+
+``JEM.train_step`` samples, runs the network once and hands the logits to :func:`jem_objective`; the
+objective itself knows nothing of samplers, buffers or optimizers, so it can be read and tested alone::
+
+    loss =   pyx_weight * CE(f(x_data), y)
+           + px_weight  * (mean E(x_data) - mean E(x_sample))              # contrastive log p(x)
+           + pxy_weight * (mean E(x_data, y) - mean E(x_sample|y, y))       # optional log p(x|y)
+           + energy_l2_weight * (mean E(x_data)^2 + mean E(x_sample)^2)     # optional regulariser
+
+with ``E(x) = -logsumexp_y f(x)[y]`` and ``E(x, y) = -f(x)[y]``. The energy terms can be gated off
+(``energy_active`` false): a plain classifier's loss, for a warm start.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import keras
+import tensorflow as tf
+
+from jem_tf import energy as energy_lib
+
+
+class ObjectiveTerms(NamedTuple):
+    """The loss and the terms that are logged. ``e_sample`` and ``energy_gap`` are ``None`` without
+    the p(x) term."""
+
+    loss: tf.Tensor  # scalar
+    ce: tf.Tensor  # scalar, sample-weighted mean cross-entropy
+    e_data: tf.Tensor  # [batch] energies of the data
+    e_sample: Optional[tf.Tensor]  # [batch] energies of the p(x) samples
+    energy_gap: Optional[tf.Tensor]  # scalar, mean E(x_data) - mean E(x_sample)
+
+
+def jem_objective(labels, logits_data, *, logits_sample=None, logits_conditional_sample=None, sample_weight=None,
+                  pyx_weight: float = 1.0, px_weight: float = 1.0, pxy_weight: float = 0.0,
+                  energy_l2_weight: float = 0.0, energy_active=None) -> ObjectiveTerms:
+    """The JEM loss of one batch (see the module docstring).
+
+    Args:
+        labels: int ``[batch]`` class ids of the data.
+        logits_data: float32 ``[batch, K]`` logits of the (noised) data, computed in training mode.
+        logits_sample: ``[M, K]`` logits of the unconditional SGLD samples; needed when ``px_weight > 0``.
+        logits_conditional_sample: ``[batch, K]`` logits of the class-conditional samples (row i drawn for
+            ``labels[i]``); needed when ``pxy_weight > 0``.
+        sample_weight: Optional ``[batch]`` weights of the cross-entropy (a weighted mean).
+        pyx_weight, px_weight, pxy_weight, energy_l2_weight: The weights of the four terms.
+        energy_active: ``None`` (energy terms always on) or a boolean scalar tensor; when false the p(x),
+            p(x|y) and L2 terms contribute 0.
+
+    Returns:
+        :class:`ObjectiveTerms`.
+    """
+    if px_weight > 0 and logits_sample is None:
+        raise ValueError("px_weight > 0 needs `logits_sample`.")
+    if pxy_weight > 0 and logits_conditional_sample is None:
+        raise ValueError("pxy_weight > 0 needs `logits_conditional_sample`.")
+    ce_per_example = keras.losses.sparse_categorical_crossentropy(labels, logits_data, from_logits=True)
+    if sample_weight is not None:
+        sample_weight = tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
+        ce = tf.reduce_sum(ce_per_example * sample_weight) / tf.maximum(tf.reduce_sum(sample_weight), 1e-12)
+    else:
+        ce = tf.reduce_mean(ce_per_example)
+    e_data = energy_lib.energy(logits_data)
+    loss = pyx_weight * ce
+
+    def gate(term):
+        return term if energy_active is None else tf.cast(energy_active, tf.float32) * term
+
+    e_sample = energy_gap = None
+    energies_squared = tf.reduce_mean(tf.square(e_data))
+    if px_weight > 0:
+        e_sample = energy_lib.energy(logits_sample)
+        # -log p(x) contrastive term: push data energy down, sample energy up.
+        energy_gap = tf.reduce_mean(e_data) - tf.reduce_mean(e_sample)
+        loss += gate(px_weight * energy_gap)
+        energies_squared += tf.reduce_mean(tf.square(e_sample))
+    if pxy_weight > 0:
+        # -log p(x|y) contrastive term on the joint energy E(x, y) = -f(x)[y].
+        e_cond_data = energy_lib.conditional_energy(logits_data, labels)
+        e_cond_sample = energy_lib.conditional_energy(logits_conditional_sample, labels)
+        loss += gate(pxy_weight * (tf.reduce_mean(e_cond_data) - tf.reduce_mean(e_cond_sample)))
+    if energy_l2_weight > 0:
+        loss += gate(energy_l2_weight * energies_squared)
+    return ObjectiveTerms(loss=loss, ce=ce, e_data=e_data, e_sample=e_sample, energy_gap=energy_gap)

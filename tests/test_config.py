@@ -1,0 +1,86 @@
+"""TrainConfig, its validation, and the recipes installed as jem_tf.recipes."""
+
+import configparser
+import json
+import os
+
+import pytest
+
+import jem_tf
+from jem_tf import config as config_lib
+from jem_tf.config import TrainConfig
+
+
+def test_bundled_recipes_are_valid():
+    assert set(config_lib.available_recipes()) >= {"digits", "fashion_mnist", "cifar10_wrn28_10"}
+    cifar = config_lib.load_recipe("cifar10_wrn28_10")
+    assert (cifar.backbone, cifar.normalization, cifar.learning_rate, cifar.warmup_steps, cifar.batch_size) == \
+        ("wrn-28-10", "none", 1e-4, 1000, 64)
+    assert (cifar.sgld_steps, cifar.sgld_step_size, cifar.sgld_noise_std, cifar.buffer_size) == (20, 1.0, 0.01, 10000)
+    assert (cifar.restart_prob, cifar.data_noise_std, cifar.augment) == (0.05, 0.03, "crop_flip")
+
+
+def test_fast_recipes_are_jem_plus_plus_and_the_paper_recipe_is_kept():
+    fast = config_lib.load_recipe("fashion_mnist")
+    assert (fast.chain_init, fast.sgld_steps, fast.sgld_grad_clamp, fast.sgld_noise_std, fast.sgld_clamp) == \
+        ("class_gaussian", 5, 1.0, 0.0, True)
+    assert fast.precision == "auto" and fast.energy_l2_weight > 0
+    paper = config_lib.load_recipe("fashion_mnist_jem_paper")
+    assert (paper.chain_init, paper.sgld_steps, paper.sgld_step_size, paper.sgld_noise_std) == ("uniform", 20, 1.0, 0.01)
+    assert (paper.learning_rate, paper.warmup_steps, paper.restart_prob, paper.sgld_grad_clamp) == (1e-4, 1000, 0.05, None)
+
+
+
+def test_recipes_are_the_installed_jem_tf_recipes_package():
+    # The recipes live in the repository's trainers/ folder and are installed under jem_tf's own name, so
+    # the library imports them like any of its modules (no top-level `trainers` package).
+    from jem_tf import recipes
+
+    repo_trainers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(jem_tf.__file__))), "trainers")
+    assert os.path.samefile(config_lib.recipes_dir(), os.path.dirname(recipes.__file__))
+    if os.path.isdir(repo_trainers):  # editable install: the folder itself
+        assert os.path.samefile(config_lib.recipes_dir(), repo_trainers)
+    assert {f[:-5] for f in os.listdir(config_lib.recipes_dir()) if f.endswith(".json")} == \
+        set(config_lib.available_recipes())
+
+
+def test_setup_cfg_lists_every_package_of_the_source_tree():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(jem_tf.__file__)))
+    setup_cfg = os.path.join(root, "setup.cfg")
+    if not os.path.isfile(setup_cfg):
+        pytest.skip("not a source checkout")
+    parser = configparser.ConfigParser()
+    parser.read(setup_cfg)
+    listed = set(parser["options"]["packages"].split())
+    on_disk = {os.path.relpath(d, root).replace(os.sep, ".")
+               for d, _, files in os.walk(os.path.join(root, "jem_tf")) if "__init__.py" in files}
+    assert listed == on_disk | {"jem_tf.recipes"}
+    assert parser["options"]["package_dir"].split() == ["jem_tf.recipes", "=", "trainers"]
+
+
+def test_load_recipe_from_a_path_and_unknown_fields(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"epochs": 2, "sgld_steps": 7}))
+    config = config_lib.load_recipe(str(path))
+    assert (config.epochs, config.sgld_steps, config.batch_size) == (2, 7, TrainConfig().batch_size)
+    path.write_text(json.dumps({"epochs": 2, "sgld_stepz": 7}))
+    with pytest.raises(ValueError, match="sgld_stepz"):
+        config_lib.load_recipe(str(path))
+    with pytest.raises(ValueError, match="Unknown recipe 'nope'"):
+        config_lib.load_recipe("nope")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"epochs": 0}, "epochs"), ({"validation_fraction": 1.0}, "validation_fraction"),
+    ({"dataset": "imagenet"}, "dataset"), ({"backbone": "wrn-27-2"}, "backbone"),
+    ({"precision": "auto", "strategy": "multi_worker"}, "precision"), ({"classifier_epochs": 5, "epochs": 5}, "classifier_epochs"),
+    ({"decay_epochs": [5, 3]}, "decay_epochs"), ({"restart_prob": 1.5}, "restart_prob"),
+])
+def test_validate_names_the_bad_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig().replace(**overrides).validate()
+
+
+def test_round_trip_through_a_dict():
+    config = config_lib.load_recipe("fashion_mnist")
+    assert TrainConfig().replace(**json.loads(json.dumps(config.to_dict()))) == config
