@@ -148,6 +148,11 @@ class TrainConfig:
             fail("decay_epochs", "increasing epochs >= 1")
         if self.devices and self.strategy != "mirrored":
             fail("devices", "empty unless strategy is 'mirrored'")
+        if self.export_dir and self.validation_fraction <= 0:
+            # The export's OOD detector is selected and calibrated on the validation split, never the test split.
+            fail("validation_fraction", "> 0 when export_dir is set (the OOD detector is calibrated on the "
+                                        "validation split; export later with `python -m jem_tf.export "
+                                        "--calibration-split test` to use the test split explicitly)")
         if self.pxy_weight > 0 and self.buffer_size < 10:
             fail("buffer_size", "at least the number of classes when pxy_weight > 0")
         return self

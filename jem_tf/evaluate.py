@@ -21,7 +21,7 @@ from jem_tf.cli import OneLineErrorParser
 from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, DataNotFoundError
 from jem_tf.evaluation import (DEFAULT_PGD_EPS, INCEPTION, MODES, REPORT_FILE, SYNTHETIC_OOD, EvaluationConfig,
                                evaluate, load_feature_network, load_ood_sets, summary_lines)
-from jem_tf.run import held_out_split, load_run_dataset, load_trained_model
+from jem_tf.run import held_out_split, load_run_dataset, load_trained_model, split_train_validation
 
 def build_parser() -> OneLineErrorParser:
     defaults = EvaluationConfig()
@@ -108,8 +108,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("--dataset is needed with a bare .keras file")
         data = load_run_dataset(dataset, config=train_config, data_dir=args.data_dir)
         x_val, y_val, split = held_out_split(dataset, config=train_config, data=data)
-        if split != "validation":  # temperatures are never fitted on test data
+        x_train = y_train = None
+        if split != "validation":  # temperatures and OOD detectors are never fitted on test data
             x_val = y_val = None
+        else:  # the images the run trained on: the Mahalanobis statistics of mode ood
+            train, _ = split_train_validation(train_config, data.x_train, data.y_train)
+            x_train, y_train = train.images, train.labels
         x_test, y_test = data.x_test[:args.max_test_images], data.y_test[:args.max_test_images]
         ood_sets = (load_ood_sets(args.ood, x_test, value_range=model.value_range, seed=args.seed,
                                   data_dir=args.ood_data_dir, max_images=args.max_ood_images)
@@ -123,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                            inception_weights=args.inception_weights, batch_size=args.batch_size)
         report = evaluate(
             model, test_images=x_test, test_labels=y_test, out_dir=args.out, config=config, val_images=x_val,
-            val_labels=y_val, ood_sets=ood_sets, feature_network=network,
+            val_labels=y_val, train_images=x_train, train_labels=y_train, ood_sets=ood_sets, feature_network=network,
             model_info={"path": os.path.abspath(args.model), "dataset": dataset,
                         "train_config": dataclasses.asdict(train_config) if train_config else None})
     except (ValueError, DataNotFoundError) as error:

@@ -134,6 +134,35 @@ def held_out_split(dataset_name: str, *, config: Optional[TrainConfig] = None, d
     return data.x_test, data.y_test, "test"
 
 
+CALIBRATION_SPLITS = ("validation", "test")
+
+
+def ood_calibration_data(dataset_name: str, *, config: Optional[TrainConfig], data: ImageDataset,
+                         calibration_split: str = "validation") -> Tuple[Split, Split]:
+    """``(calibration, train)``: the in-distribution images an OOD detector is selected and calibrated on,
+    and the training images for its feature statistics.
+
+    ``calibration_split="validation"`` (the default) is the run's validation split, and an error when the
+    run has none (``validation_fraction=0``, another dataset, or a bare ``.keras`` file without its run):
+    never silently the test split. ``"test"`` uses the test split, explicitly (OOD numbers measured on
+    that split afterwards are then not independent of the calibration).
+    """
+    if calibration_split not in CALIBRATION_SPLITS:
+        raise ValueError(f"calibration_split must be one of {CALIBRATION_SPLITS}; received {calibration_split!r}")
+    own_run = config is not None and config.dataset == dataset_name
+    train, validation = (split_train_validation(config, data.x_train, data.y_train) if own_run
+                         else (Split(data.x_train, data.y_train), None))
+    if calibration_split == "test":
+        return Split(data.x_test, data.y_test), train
+    if validation is None:
+        why = ("the run has no validation split (validation_fraction=0)" if own_run else
+               "there is no run config for this dataset (a bare .keras file or another dataset)")
+        raise ValueError(f"Cannot calibrate the OOD detector on a validation split: {why}. Calibrating on the test "
+                         "split must be asked for explicitly (--calibration-split test), and its OOD numbers are "
+                         "then not independent of the calibration.")
+    return validation, train
+
+
 def load_run_config(workdir: str) -> Optional[TrainConfig]:
     """The :class:`TrainConfig` a work directory's ``config.json`` holds, or ``None`` without one."""
     path = RunLayout(workdir).config

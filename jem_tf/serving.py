@@ -4,9 +4,11 @@ The export holds the backbone only (no replay buffer, no optimizer) and three si
 
 * ``classify`` (also ``serving_default``): ``images`` -> ``probabilities``, ``logits``,
   ``predicted_class``.
-* ``energy``: ``images`` -> ``energy`` (``-logsumexp f(x)``), ``log_px`` (``logsumexp f(x)``) and
-  ``is_in_distribution`` (``energy <= ood_threshold``; the threshold is calibrated at export time so
-  that a chosen fraction, default 95 %, of held-out in-distribution images pass).
+* ``energy``: ``images`` -> ``energy`` (``-logsumexp f(x)``), ``log_px`` (``logsumexp f(x)``),
+  ``ood_score`` (the OOD detector chosen at export time, higher = more in-distribution; see
+  :mod:`jem_tf.ood`) and ``is_in_distribution`` (``ood_score >= threshold``; the threshold is calibrated
+  at export time so that a chosen fraction, default 95 %, of held-out in-distribution images pass). What
+  the detector needs beyond the backbone (feature statistics, a temperature) is part of the export.
 * ``sample``: ``num_samples``, ``n_steps``, ``seed``, ``class_label`` (-1: unconditional),
   ``step_size`` and ``noise_std`` (<= 0 resp. < 0: the trained sampler's) -> ``samples``, ``energy``:
   SGLD inside the signature from the model's start distribution (its class Gaussians when it was trained
@@ -22,6 +24,7 @@ input spec, preprocessing, OOD calibration and sampling bounds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,6 +39,7 @@ from jem_tf import energy as energy_lib
 from jem_tf import seeds
 from jem_tf.inputs import check_images_in_graph
 from jem_tf.jem import JEM
+from jem_tf.ood import FittedDetector, OODScorer, fit_ood_detector, single
 from jem_tf.sgld import SGLDSampler
 
 METADATA_FILE = os.path.join("assets.extra", "jem_metadata.json")
@@ -50,24 +54,7 @@ def next_version(export_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
-def calibrate_ood_threshold(model: JEM, images: np.ndarray, *, tpr: float = 0.95,
-                            batch_size: int = 256) -> dict:
-    """The energy threshold below which a fraction ``tpr`` of ``images`` (held-out in-distribution
-    data) lies: inputs with ``energy <= threshold`` are called in-distribution (in-distribution is the
-    positive class, so this is the threshold at ``tpr`` true-positive rate)."""
-    if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"`tpr` must be in (0, 1]; received {tpr!r}")
-    model.check_arrays(images)
-    if len(images) < 20:
-        raise ValueError(f"OOD calibration needs at least 20 held-out images; received {len(images)}.")
-    energies = energy_lib.energy(model.predict(images, batch_size=batch_size, verbose=0)).numpy()
-    threshold = float(np.quantile(energies, tpr, method="higher"))
-    return {"threshold": threshold, "tpr": tpr, "num_calibration_images": int(len(images)),
-            "calibration_energy_mean": float(energies.mean()),
-            "achieved_tpr": float(np.mean(energies <= threshold))}
-
-
-def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: int = 256,
+def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: int = 256,
                          max_n_steps: int = 1000):
     """``(module, signatures)`` for ``tf.saved_model.save``: a ``tf.Module`` that tracks the backbone's
     variables only, and the three signatures (see the module docstring) plus ``serving_default``.
@@ -79,8 +66,10 @@ def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: i
         raise ValueError(f"`max_num_samples` must be an int >= 1; received {max_num_samples!r}")
     if not (isinstance(max_n_steps, int) and max_n_steps >= 1):
         raise ValueError(f"`max_n_steps` must be an int >= 1; received {max_n_steps!r}")
-    if not np.isfinite(ood_threshold):
-        raise ValueError(f"`ood_threshold` must be finite; received {ood_threshold!r}")
+    detector, scorer = ood.detector, ood.scorer
+    if detector.threshold is None or not np.isfinite(detector.threshold):
+        raise ValueError(f"The OOD detector needs a finite threshold; received {detector.threshold!r}")
+    ood_components = sorted(set(detector.components) | {"logits"})
     backbone, chain_init = model.backbone, model.chain_init
     image_shape, value_range, num_classes = model.image_shape, model.value_range, model.num_classes
     # The sampler's settings without XLA: a portable graph for any TF Serving build.
@@ -96,10 +85,11 @@ def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: i
                 "predicted_class": tf.argmax(logits, axis=-1, output_type=tf.int64)}
 
     def energy(images):
-        logits = logits_of(check_images_in_graph(images, value_range))
-        energies = energy_lib.energy(logits)
-        return {"energy": energies, "log_px": energy_lib.log_px(logits),
-                "is_in_distribution": energies <= tf.constant(ood_threshold, tf.float32)}
+        components = scorer.components(check_images_in_graph(images, value_range), ood_components)
+        logits = components["logits"]
+        ood_score = tf.cast(detector.combine(components), tf.float32)
+        return {"energy": energy_lib.energy(logits), "log_px": energy_lib.log_px(logits), "ood_score": ood_score,
+                "is_in_distribution": ood_score >= tf.constant(detector.threshold, tf.float32)}
 
     def sampling_energy(x, labels):
         logits = logits_of(x)
@@ -161,7 +151,8 @@ def build_serving_module(model: JEM, *, ood_threshold: float, max_num_samples: i
 
 
 def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = None,
-                       calibration_images: Optional[np.ndarray] = None, ood_threshold: Optional[float] = None,
+                       ood: Optional[FittedDetector] = None, calibration_images: Optional[np.ndarray] = None,
+                       calibration_split: str = "given", ood_threshold: Optional[float] = None,
                        tpr: float = 0.95, max_num_samples: int = 256, max_n_steps: int = 1000,
                        preprocessing: str = "", dataset: str = "") -> str:
     """Exports ``model`` for TensorFlow Serving to ``export_dir/<version>/`` and returns that path.
@@ -170,8 +161,13 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         model: A trained :class:`JEM`.
         export_dir: TF Serving's model base path (the directory of versions).
         version: Integer version (default: next free). An existing version is never overwritten.
-        calibration_images: Held-out in-distribution images to calibrate the OOD threshold on.
-        ood_threshold: An explicit energy threshold instead of calibration.
+        ood: The OOD detector to carry (:func:`jem_tf.ood.fit_ood_detector`: chosen on the validation split
+            and outliers made from it, with the training split's feature statistics).
+        calibration_images: Instead of ``ood``: held-out in-distribution images; the detector is chosen
+            among the candidates that need no training data (:func:`jem_tf.ood.select_detector`) and
+            calibrated on them.
+        calibration_split: Where ``calibration_images`` come from (recorded in the metadata).
+        ood_threshold: Instead of ``ood``: the detector is ``log_px`` with this explicit threshold.
         tpr: Fraction of calibration images called in-distribution. Default 0.95.
         max_num_samples, max_n_steps: Hard bounds of the ``sample`` signature. Defaults 256, 1000.
         preprocessing: How raw inputs map to the model's value range (recorded in the metadata).
@@ -182,8 +178,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
     """
     if not isinstance(model, JEM):
         raise ValueError(f"`model` must be a jem_tf.JEM; received {type(model).__name__}")
-    if (calibration_images is None) == (ood_threshold is None):
-        raise ValueError("Pass exactly one of `calibration_images` and `ood_threshold`.")
+    if sum(x is not None for x in (ood, calibration_images, ood_threshold)) != 1:
+        raise ValueError("Pass exactly one of `ood`, `calibration_images` and `ood_threshold`.")
     if version is None:
         version = next_version(export_dir)
     if not (isinstance(version, int) and version >= 0):
@@ -192,11 +188,17 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
     if os.path.exists(target):
         raise ValueError(f"Version {version} already exists at {target!r}; versions are never overwritten.")
     if calibration_images is not None:
-        ood = calibrate_ood_threshold(model, calibration_images, tpr=tpr)
-    else:
-        ood = {"threshold": float(ood_threshold), "tpr": None, "num_calibration_images": 0}
-    module, signatures = build_serving_module(model, ood_threshold=ood["threshold"],
-                                              max_num_samples=max_num_samples, max_n_steps=max_n_steps)
+        ood = fit_ood_detector(model, calibration_images, calibration_split=calibration_split, tpr=tpr)
+    elif ood_threshold is not None:
+        if not np.isfinite(ood_threshold):
+            raise ValueError(f"`ood_threshold` must be finite; received {ood_threshold!r}")
+        detector = single("log_px")
+        ood = FittedDetector(OODScorer(model.backbone, value_range=model.value_range),
+                             dataclasses.replace(detector, threshold=float(ood_threshold)),
+                             {"calibration_split": "none (explicit threshold)", "num_calibration_images": 0,
+                              "tpr": None})
+    module, signatures = build_serving_module(model, ood=ood, max_num_samples=max_num_samples,
+                                              max_n_steps=max_n_steps)
     os.makedirs(export_dir, exist_ok=True)
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -212,8 +214,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         "input": {"name": "images", "dtype": "float32", "shape": [None, *model.image_shape],
                   "value_range": [low, high], "preprocessing": preprocessing or f"scale inputs to [{low}, {high}]"},
         "num_classes": model.num_classes,
-        "ood": {**ood, "score": "energy = -logsumexp(logits)",
-                "rule": "is_in_distribution = energy <= threshold (in-distribution is the positive class)"},
+        "ood": ood.metadata(),
         "sample": {"max_num_samples": max_num_samples, "max_n_steps": max_n_steps,
                    "sampler": model.sampler.get_config(),
                    "start": ("uniform noise on the value range" if model.chain_init is None else
@@ -223,7 +224,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                    "defaults": "class_label -1 = unconditional; step_size <= 0 or noise_std < 0 = trained sampler's"},
         "signatures": {
             "classify": "images -> probabilities [N, K], logits [N, K], predicted_class [N] (also serving_default)",
-            "energy": "images -> energy [N], log_px [N], is_in_distribution [N] (bool)",
+            "energy": "images -> energy [N], log_px [N], ood_score [N] (higher = more in-distribution), "
+                      "is_in_distribution [N] (bool: ood_score >= ood.threshold)",
             "sample": "num_samples, n_steps, seed, class_label, step_size, noise_std (scalars) -> "
                       "samples [num_samples, H, W, C], energy [num_samples]",
         },

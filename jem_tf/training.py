@@ -22,6 +22,7 @@ from jem_tf.data import PREPROCESSING, ImageDataset, make_dataset
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, check_steps_per_execution,
                               compile_jem, resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
+from jem_tf.ood import fit_ood_detector
 from jem_tf.run import RunLayout, load_run_dataset, split_train_validation
 from jem_tf.serving import export_saved_model
 
@@ -163,11 +164,16 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         chain_logits = model.predict(chains, batch_size=1024, verbose=0)
         metrics["buffer_energy_mean"] = float(np.mean(energy_lib.energy(chain_logits)))
     if chief and config.export_dir:
-        # Calibrate the OOD threshold on held-out in-distribution data: the validation split.
-        calibration = validation.images if validation is not None else data.x_test
+        # The OOD detector: chosen and calibrated on the validation split (config.validate requires one), with
+        # the training split's feature statistics.
+        ood = fit_ood_detector(model, validation.images, calibration_split="validation",
+                               calibration_labels=validation.labels, train_images=train.images,
+                               train_labels=train.labels, seed=config.seed)
         metrics["export_path"] = export_saved_model(
-            model, config.export_dir, calibration_images=calibration,
-            preprocessing=PREPROCESSING.get(config.dataset, ""), dataset=config.dataset)
+            model, config.export_dir, ood=ood, preprocessing=PREPROCESSING.get(config.dataset, ""),
+            dataset=config.dataset)
+        metrics["ood_detector"] = {"score": ood.detector.name, "threshold": ood.detector.threshold,
+                                   "calibration_split": "validation"}
     if chief:
         with open(layout.metrics, "w") as f:
             json.dump(metrics, f, indent=2)

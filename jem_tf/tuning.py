@@ -18,14 +18,13 @@ from typing import Dict, Optional
 import keras
 import keras_tuner
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
-from jem_tf import energy as energy_lib
 from jem_tf.config import TrainConfig, field_names
 from jem_tf.data import ImageDataset
 from jem_tf.distribution import make_strategy
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, compile_jem,
                               resolve_config_precision, steps_per_epoch)
+from jem_tf.ood import OODScorer, auroc
 from jem_tf.run import split_train_validation
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")
@@ -74,11 +73,12 @@ def _hyperparameter(hp: keras_tuner.HyperParameters, name: str, spec: dict):
 
 
 def ood_auroc(model, in_distribution: np.ndarray, *, seed: int = 0) -> float:
-    """AUROC of ``log p(x)`` separating ``in_distribution`` (positive) from as many uniform-noise images."""
+    """AUROC of ``log p(x)`` (:mod:`jem_tf.ood`) separating ``in_distribution`` (positive) from as many
+    uniform-noise images."""
     noise = np.random.default_rng(seed).uniform(*model.value_range, size=in_distribution.shape).astype("float32")
-    scores = [energy_lib.log_px(model.predict(x, batch_size=512, verbose=0)).numpy() for x in (in_distribution, noise)]
-    labels = np.concatenate([np.ones(len(in_distribution)), np.zeros(len(noise))])
-    return float(roc_auc_score(labels, np.concatenate(scores)))
+    scorer = OODScorer(model.backbone, value_range=model.value_range)
+    scores = [scorer.arrays(x, ["log_px"], batch_size=512)["log_px"] for x in (in_distribution, noise)]
+    return auroc(*scores)
 
 
 class BestEpochCheckpoint(keras.callbacks.Callback):

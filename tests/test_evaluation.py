@@ -25,7 +25,7 @@ SCHEMA = {
     "accuracy": {"accuracy", "accuracy_after_refinement", "settings"},
     "calibration": {"uncalibrated", "temperature_scaled", "reliability_diagram",
                     "reliability_diagram_temperature_scaled", "settings"},
-    "ood": {"metrics", "score_means", "histograms", "settings"},
+    "ood": {"metrics", "score_means", "histograms", "settings", "detector"},
     "samples": {"reference", "unconditional", "conditional_start", "conditional", "buffer", "long_chain", "settings"},
     "frechet": {"distances", "settings"},
     "robustness": {"clean", "linf_eps_0.1", "l2_eps_0.5", "settings"},
@@ -47,11 +47,12 @@ def trained(tmp_path_factory):
 
 
 def test_every_mode_writes_its_files_and_a_stable_report(trained, tmp_path):
-    model, _, (x_val, y_val), (x_test, y_test), path = trained
+    model, (x_train, y_train), (x_val, y_val), (x_test, y_test), path = trained
     ood = {name: ev.synthetic_ood_images(name, x_test, seed=1) for name in ev.SYNTHETIC_OOD}
     network = ev.load_feature_network(path, image_shape=model.image_shape)
     report = ev.evaluate(model, test_images=x_test, test_labels=y_test, out_dir=str(tmp_path), modes=ev.MODES,
-                         val_images=x_val, val_labels=y_val, ood_sets=ood, feature_network=network, **SMALL)
+                         val_images=x_val, val_labels=y_val, train_images=x_train, train_labels=y_train,
+                         ood_sets=ood, feature_network=network, **SMALL)
     on_disk = json.load(open(tmp_path / ev.REPORT_FILE))
     assert on_disk == json.loads(json.dumps(report))
     assert set(on_disk) == {"schema_version", "model", "settings", "timing_s", *ev.MODES}
@@ -68,8 +69,11 @@ def test_every_mode_writes_its_files_and_a_stable_report(trained, tmp_path):
     calibration = report["calibration"]
     assert 0 <= calibration["uncalibrated"]["ece"] <= 1 and calibration["temperature_scaled"]["temperature"] > 0
     assert "validation" in calibration["settings"]["temperature_scaling"]
-    # OOD: every score against every set, in-distribution positive, metrics in range.
-    assert set(report["ood"]["metrics"]) == set(ev.OOD_SCORES)
+    # OOD: every score (alone and combined) against every set, in-distribution positive, metrics in range; the
+    # detector the export would carry is chosen on validation data and reported like the others.
+    assert set(report["ood"]["metrics"]) >= set(ev.OOD_SCORES) | {"serra_log_px", "log_px+mahalanobis"}
+    chosen = report["ood"]["detector"]["chosen"]
+    assert chosen in report["ood"]["metrics"] and chosen in report["ood"]["detector"]["selection"]["candidates"]
     for per_set in report["ood"]["metrics"].values():
         assert set(per_set) == set(ev.SYNTHETIC_OOD)
         for m in per_set.values():

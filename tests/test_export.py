@@ -33,6 +33,16 @@ def _load_client(name):
     return module
 
 
+def _ood_scores(model, metadata, images, scorer=None):
+    """The exported detector's score recomputed in this process from the metadata (jem_tf.ood)."""
+    from jem_tf.ood import OODDetector, OODScorer
+
+    detector = OODDetector.from_dict(metadata["ood"]["detector"])
+    scorer = scorer or OODScorer(model.backbone, value_range=model.value_range,
+                                 temperature=metadata["ood"]["parameters"]["temperature"])
+    return detector.combine(scorer.arrays(images, detector.components))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny JEM trained a few steps, its calibration images, and its export (version 1)."""
@@ -68,9 +78,12 @@ def test_layout_metadata_and_small_size(trained):
     assert metadata["input"] == {"name": "images", "dtype": "float32", "shape": [None, 8, 8, 1],
                                  "value_range": [-1.0, 1.0], "preprocessing": "test"}
     assert metadata["sample"]["max_num_samples"] == 32 and metadata["sample"]["max_n_steps"] == 250
-    energies = model.energy(x).numpy()
-    assert metadata["ood"]["threshold"] == pytest.approx(np.quantile(energies, 0.95, method="higher"))
-    assert metadata["ood"]["achieved_tpr"] >= 0.95
+    # The OOD detector: chosen on the calibration images and outliers made from them, calibrated at 95 % TPR.
+    ood = metadata["ood"]
+    assert ood["calibration_split"] == "given" and ood["num_calibration_images"] == len(x)
+    assert ood["score"] == ood["selection"]["chosen"] and ood["threshold"] == ood["detector"]["threshold"]
+    scores = _ood_scores(model, metadata, x)
+    assert np.mean(scores >= ood["threshold"]) == pytest.approx(ood["achieved_tpr"]) and ood["achieved_tpr"] >= 0.95
     # No replay buffer or optimizer state, and each backbone variable stored once.
     data = [f for f in os.listdir(os.path.join(path, "variables")) if f.startswith("variables.data")]
     stored = sum(os.path.getsize(os.path.join(path, "variables", f)) for f in data)
@@ -89,9 +102,11 @@ def test_classify_and_energy_match_keras(trained, served, loader):
     np.testing.assert_allclose(served[f"{loader}/serving_default/logits"], logits, atol=1e-5)
     np.testing.assert_allclose(served[f"{loader}/energy/energy"], energy_lib.energy(logits), atol=1e-5)
     np.testing.assert_allclose(served[f"{loader}/energy/log_px"], energy_lib.log_px(logits), atol=1e-5)
-    threshold = json.load(open(os.path.join(path, METADATA_FILE)))["ood"]["threshold"]
+    metadata = json.load(open(os.path.join(path, METADATA_FILE)))
+    np.testing.assert_allclose(served[f"{loader}/energy/ood_score"], _ood_scores(model, metadata, x[:5]),
+                               rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(served[f"{loader}/energy/is_in_distribution"],
-                                  energy_lib.energy(logits).numpy() <= threshold)
+                                  served[f"{loader}/energy/ood_score"] >= metadata["ood"]["threshold"])
 
 
 @pytest.mark.parametrize("loader", ["object", "session"])
@@ -234,9 +249,61 @@ def test_export_cli_from_a_training_workdir(tmp_path, capsys):
     assert export_main(["--model", workdir, "--export-dir", str(tmp_path / "served")]) == 0
     assert "exported " + str(tmp_path / "served" / "2") in capsys.readouterr().out
     metadata = json.load(open(tmp_path / "served" / "2" / METADATA_FILE))
-    # Calibrated on the run's validation split (10 % of the 1,437 digits training images).
+    # Chosen and calibrated on the run's validation split (10 % of the 1,437 digits training images), with the
+    # training split's feature statistics (so the Mahalanobis candidates were in the running).
     assert metadata["dataset"] == "digits" and metadata["ood"]["num_calibration_images"] == 144
+    assert metadata["ood"]["calibration_split"] == "validation"
+    assert "mahalanobis" in metadata["ood"]["selection"]["candidates"]
+    assert metadata["ood"]["parameters"]["mahalanobis"]["class_means_shape"][0] == 10
+    assert metrics["ood_detector"]["score"] == json.load(open(tmp_path / "served" / "1" / METADATA_FILE))["ood"]["score"]
     assert "x / 8 - 1" in metadata["input"]["preprocessing"]
+
+
+def test_no_validation_split_means_no_silent_test_calibration(tmp_path, capsys):
+    from jem_tf import train
+
+    workdir = str(tmp_path / "run")
+    # Training with an export and no validation split is refused before anything runs...
+    with pytest.raises(SystemExit):
+        train.main(["--validation-fraction", "0", "--export-dir", str(tmp_path / "served"), "--workdir", workdir])
+    assert "validation_fraction" in capsys.readouterr().err and not os.path.exists(workdir)
+    assert train.main(["--epochs", "1", "--buffer-size", "100", "--sgld-steps", "1", "--width", "4",
+                       "--batch-size", "256", "--verbose", "0", "--workdir", workdir,
+                       "--validation-fraction", "0"]) == 0
+    # ...and exporting it asks for the test split explicitly.
+    with pytest.raises(SystemExit):
+        export_main(["--model", workdir, "--export-dir", str(tmp_path / "served")])
+    assert "--calibration-split test" in capsys.readouterr().err
+    assert export_main(["--model", workdir, "--export-dir", str(tmp_path / "served"), "--calibration-split", "test",
+                        "--ood-detector", "log_px"]) == 0
+    metadata = json.load(open(tmp_path / "served" / "1" / METADATA_FILE))
+    assert metadata["ood"]["calibration_split"] == "test" and metadata["ood"]["score"] == "log_px"
+    assert metadata["ood"]["num_calibration_images"] == 360
+
+
+def test_every_ood_component_is_served_without_keras(trained, tmp_path):
+    """A detector that uses every component (features, gradients, PNG sizes, a temperature) round-trips
+    through the export and gives the same scores in a process without Keras or jem_tf."""
+    from jem_tf.ood import COMPONENTS, FittedDetector, OODDetector, OODScorer, Term
+
+    model, x, _, _ = trained
+    labels = np.arange(len(x)) % 3
+    scorer = OODScorer.fit(model, train_images=x, train_labels=labels, val_images=x, val_labels=labels)
+    detector = OODDetector("everything", tuple(Term(name, weight=0.1 * (i + 1), center=0.5, scale=2.0,
+                                                    two_sided=name == "png_bits")
+                                               for i, name in enumerate(COMPONENTS)), threshold=0.0)
+    ood = FittedDetector(scorer, detector, {"calibration_split": "given", "num_calibration_images": 0, "tpr": None})
+    path = export_saved_model(model, str(tmp_path / "served"), ood=ood)
+    np.savez(tmp_path / "inputs.npz", images=x[:5], **SAMPLE_REQUEST)
+    result = subprocess.run([sys.executable, HELPER, path, str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IMPORTED: none" in result.stdout
+    served = dict(np.load(tmp_path / "out.npz"))
+    metadata = json.load(open(os.path.join(path, METADATA_FILE)))
+    expected = _ood_scores(model, metadata, x[:5], scorer=scorer)
+    for loader in ("object", "session"):
+        np.testing.assert_allclose(served[f"{loader}/energy/ood_score"], expected, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("argv, message", [

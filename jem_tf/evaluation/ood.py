@@ -10,16 +10,13 @@ import numpy as np
 from jem_tf import figures
 from jem_tf.data import load_dataset
 from jem_tf.evaluation import metrics as metrics_lib
-from jem_tf.evaluation.common import input_gradient_norms, predict_logits
 from jem_tf.jem import JEM
+from jem_tf.ood import COMPONENTS, OODScorer, default_candidates, select_detector
 
 SYNTHETIC_OOD = ("uniform", "constant", "permuted")
-OOD_SCORES = {
-    "log_px": "log p(x) = logsumexp_y f(x)[y] (unnormalised)",
-    "max_softmax": "max_y p(y|x)",
-    "grad_norm": "-||d log p(x) / dx||_2 (the paper's approximate mass; flat density = in-distribution)",
-    "energy_t": "T * logsumexp_y f(x)[y] / T, T from temperature scaling (Liu et al. 2020, negated energy)",
-}
+# The single scores (components that are scores by themselves); mode ``ood`` also reports the combined
+# detectors of jem_tf.ood.default_candidates.
+OOD_SCORES = {name: description for name, description in COMPONENTS.items() if name != "png_bits"}
 
 
 def synthetic_ood_images(kind: str, like: np.ndarray, *, value_range: Sequence[float] = (-1.0, 1.0),
@@ -62,57 +59,84 @@ def load_ood_sets(names: Sequence[str], test_images: np.ndarray, *, value_range,
     return sets
 
 
-def ood_scores(model: JEM, images: np.ndarray, *, temperature: float = 1.0, scores: Sequence[str] = tuple(OOD_SCORES),
-               batch_size: int = 256) -> Dict[str, np.ndarray]:
-    """Every requested OOD score of ``images``, each oriented so that higher = more in-distribution."""
+def ood_scores(model: JEM, images: np.ndarray, *, temperature: float = 1.0,
+               scores: Sequence[str] = ("log_px", "max_softmax", "grad_norm", "energy_t"), batch_size: int = 256) -> Dict[str, np.ndarray]:
+    """The requested component scores of ``images`` (see :data:`jem_tf.ood.COMPONENTS`; ``mahalanobis``
+    needs a fitted :class:`~jem_tf.ood.OODScorer`), each oriented so that higher = more in-distribution."""
     unknown = sorted(set(scores) - set(OOD_SCORES))
     if unknown:
         raise ValueError(f"Unknown OOD scores {unknown}; expected some of {list(OOD_SCORES)}")
-    logits = predict_logits(model, images, batch_size=batch_size).astype(np.float64)
-    out = {}
-    if "log_px" in scores:
-        out["log_px"] = np.logaddexp.reduce(logits, axis=1)
-    if "max_softmax" in scores:
-        out["max_softmax"] = metrics_lib.softmax(logits).max(axis=1)
-    if "grad_norm" in scores:
-        out["grad_norm"] = -input_gradient_norms(model, images, batch_size=batch_size).astype(np.float64)
-    if "energy_t" in scores:
-        out["energy_t"] = temperature * np.logaddexp.reduce(logits / temperature, axis=1)
-    return out
+    scorer = OODScorer(model.backbone, value_range=model.value_range, temperature=temperature)
+    return scorer.arrays(images, list(scores), batch_size=batch_size)
 
 
 def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.ndarray], *, out_dir: str,
-                 temperature: float = 1.0, temperature_source: str = "given",
-                 scores: Sequence[str] = tuple(OOD_SCORES), tpr: float = 0.95, batch_size: int = 256) -> dict:
-    """OOD detection metrics for every (score, OOD set) pair, plus one histogram PNG per score."""
+                 scorer: Optional[OODScorer] = None, val_images: Optional[np.ndarray] = None,
+                 temperature_source: str = "given", tpr: float = 0.95, seed: int = 0, batch_size: int = 256) -> dict:
+    """OOD detection metrics of every candidate detector of :mod:`jem_tf.ood` (each component alone and the
+    combinations) on every OOD set, plus one histogram PNG per component and for the chosen detector.
+
+    With ``val_images`` (the run's validation split) the detector the export would carry is selected by
+    :func:`jem_tf.ood.select_detector` from those images and outliers made from them alone, and reported as
+    ``detector`` (``chosen``, its threshold, the selection table, and how it does on each OOD set here).
+    ``scorer``: a fitted :class:`~jem_tf.ood.OODScorer` (default: temperature 1, no Mahalanobis).
+    """
     if not ood_sets:
         raise ValueError("`ood_sets` is empty; name at least one OOD set.")
     for name, images in ood_sets.items():
         if tuple(images.shape[1:]) != tuple(in_images.shape[1:]):
             raise ValueError(f"OOD set {name!r} has images of shape {tuple(images.shape[1:])}; the model takes "
                              f"{tuple(in_images.shape[1:])}.")
-    # All sets scored in one pass (one compiled gradient function), then split.
+    scorer = scorer or OODScorer(model.backbone, value_range=model.value_range)
+    candidates = default_candidates(scorer.available)
+    chosen, selection = None, None
+    if val_images is not None and len(val_images) >= 20:
+        chosen, selection = select_detector(scorer, val_images, candidates=candidates, tpr=tpr, seed=seed,
+                                            batch_size=batch_size)
+    components = sorted({name for candidate in candidates for name in candidate.components})
+    # All sets scored in one pass (one compiled function), then split.
     names = list(ood_sets)
     everything = np.concatenate([in_images] + [np.asarray(ood_sets[n], np.float32) for n in names])
-    all_scores = ood_scores(model, everything, temperature=temperature, scores=scores, batch_size=batch_size)
+    values = scorer.arrays(everything, components, batch_size=batch_size)
     bounds = np.cumsum([len(in_images)] + [len(ood_sets[n]) for n in names])
-    in_scores = {score: values[:bounds[0]] for score, values in all_scores.items()}
-    out_scores = {name: {score: values[bounds[i]:bounds[i + 1]] for score, values in all_scores.items()}
-                  for i, name in enumerate(names)}
-    results = {score: {name: metrics_lib.ood_metrics(in_scores[score], out_scores[name][score], tpr=tpr)
-                       for name in ood_sets} for score in in_scores}
+
+    def part(array, i):  # 0: in-distribution, i >= 1: the i-th OOD set
+        return array[(bounds[i - 1] if i else 0):bounds[i]]
+
+    # Standardised candidates take their centre/scale from the validation split (else the test split's
+    # in-distribution images, which only shifts and scales each term: AUROCs of single terms are unchanged).
+    reference = (scorer.arrays(val_images, components, batch_size=batch_size) if selection is not None
+                 else {name: part(v, 0) for name, v in values.items()})
+    detectors = {candidate.name: candidate.fitted(reference) for candidate in candidates}
+    if chosen is not None:
+        detectors[chosen.name] = chosen
+    scores = {name: detector.combine(values) for name, detector in detectors.items()}
+    results = {name: {set_name: metrics_lib.ood_metrics(part(score, 0), part(score, i + 1), tpr=tpr)
+                      for i, set_name in enumerate(names)} for name, score in scores.items()}
     histograms = {}
-    for score in in_scores:
-        path = os.path.join(out_dir, f"ood_hist_{score}.png")
-        figures.score_histograms({"in-distribution (test)": in_scores[score],
-                                  **{name: out_scores[name][score] for name in ood_sets}},
-                                 path, title=f"OOD score: {score}", xlabel=OOD_SCORES[score])
-        histograms[score] = os.path.basename(path)
-    summary = {score: {"in_mean": float(np.mean(in_scores[score])),
-                       **{f"{name}_mean": float(np.mean(out_scores[name][score])) for name in ood_sets}}
-               for score in in_scores}
-    return {"metrics": results, "score_means": summary, "histograms": histograms,
-            "settings": {"positive_class": "in-distribution", "scores": {s: OOD_SCORES[s] for s in in_scores},
-                         "temperature": float(temperature), "temperature_source": temperature_source,
-                         "tpr": tpr, "num_in": int(len(in_images)),
-                         "ood_sets": {name: int(len(images)) for name, images in ood_sets.items()}}}
+    for name in [c for c in OOD_SCORES if c in scores] + ([chosen.name] if chosen is not None else []):
+        path = os.path.join(out_dir, f"ood_hist_{name.replace('*', 'x')}.png")
+        figures.score_histograms({"in-distribution (test)": part(scores[name], 0),
+                                  **{set_name: part(scores[name], i + 1) for i, set_name in enumerate(names)}},
+                                 path, title=f"OOD score: {name}", xlabel=detectors[name].description or name)
+        histograms[name] = os.path.basename(path)
+    summary = {name: {"in_mean": float(np.mean(part(score, 0))),
+                      **{f"{set_name}_mean": float(np.mean(part(score, i + 1))) for i, set_name in enumerate(names)}}
+               for name, score in scores.items()}
+    report = {"metrics": results, "score_means": summary, "histograms": histograms,
+              "settings": {"positive_class": "in-distribution",
+                           "scores": {name: detector.description for name, detector in detectors.items()},
+                           "temperature": float(scorer.temperature), "temperature_source": temperature_source,
+                           "scorer": scorer.parameters(), "tpr": tpr, "num_in": int(len(in_images)),
+                           "ood_sets": {name: int(len(images)) for name, images in ood_sets.items()}}}
+    if chosen is None:
+        report["detector"] = {"chosen": None, "why": "no validation split to select and calibrate a detector on "
+                                                     "(never the test split)"}
+    else:
+        score_in = part(scores[chosen.name], 0)
+        report["detector"] = {
+            "chosen": chosen.name, "detector": chosen.to_dict(), "selection": selection,
+            "test_tpr_at_threshold": float(np.mean(score_in >= chosen.threshold)),
+            "ood_sets_flagged_at_threshold": {set_name: float(np.mean(part(scores[chosen.name], i + 1) < chosen.threshold))
+                                              for i, set_name in enumerate(names)}}
+    return report

@@ -12,14 +12,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from jem_tf.evaluation import metrics as metrics_lib
 from jem_tf.evaluation.classification import evaluate_accuracy, evaluate_calibration
-from jem_tf.evaluation.common import predict_logits
 from jem_tf.evaluation.frechet import FeatureNetwork, evaluate_frechet
 from jem_tf.evaluation.ood import evaluate_ood
 from jem_tf.evaluation.robustness import DEFAULT_PGD_EPS, evaluate_robustness
 from jem_tf.evaluation.samples import evaluate_samples
 from jem_tf.jem import JEM
+from jem_tf.ood import OODScorer
 
 MODES = ("accuracy", "calibration", "ood", "samples", "frechet", "robustness")
 DEFAULT_MODES = ("accuracy", "calibration", "ood", "samples")
@@ -102,6 +101,8 @@ class ModeContext:
     test_labels: np.ndarray
     val_images: Optional[np.ndarray]
     val_labels: Optional[np.ndarray]
+    train_images: Optional[np.ndarray]
+    train_labels: Optional[np.ndarray]
     ood_sets: Mapping[str, np.ndarray]
     feature_network: Optional[FeatureNetwork]
     report: dict
@@ -122,16 +123,15 @@ def _calibration(run: ModeContext) -> dict:
 
 def _ood(run: ModeContext) -> dict:
     c = run.config
-    temperature, source = 1.0, "1 (no validation split to fit it on)"
+    # Temperature from the validation split, Mahalanobis statistics from the training split (when given).
+    scorer = OODScorer.fit(run.model, train_images=run.train_images, train_labels=run.train_labels,
+                           val_images=run.val_images, val_labels=run.val_labels, batch_size=c.batch_size)
+    source = "1 (no validation split to fit it on)"
     if run.val_images is not None and len(run.val_images) > 0:
         source = "fitted on the validation split"
-        if "temperature_scaled" in run.report.get("calibration", {}):  # mode calibration fitted it already
-            temperature = run.report["calibration"]["temperature_scaled"]["temperature"]
-        else:
-            temperature = metrics_lib.fit_temperature(
-                predict_logits(run.model, run.val_images, batch_size=c.batch_size), run.val_labels)
-    return evaluate_ood(run.model, run.test_images, run.ood_sets, out_dir=run.out_dir, temperature=temperature,
-                        temperature_source=source, batch_size=c.batch_size)
+    return evaluate_ood(run.model, run.test_images, run.ood_sets, out_dir=run.out_dir, scorer=scorer,
+                        val_images=run.val_images, temperature_source=source, seed=c.seed,
+                        batch_size=c.batch_size)
 
 
 def _samples(run: ModeContext) -> dict:
@@ -185,7 +185,8 @@ def _add_input_noise(test_images: np.ndarray, ood_sets: Dict[str, np.ndarray], c
 
 def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, out_dir: str,
              config: Optional[EvaluationConfig] = None, val_images: Optional[np.ndarray] = None,
-             val_labels: Optional[np.ndarray] = None, ood_sets: Optional[Mapping[str, np.ndarray]] = None,
+             val_labels: Optional[np.ndarray] = None, train_images: Optional[np.ndarray] = None,
+             train_labels: Optional[np.ndarray] = None, ood_sets: Optional[Mapping[str, np.ndarray]] = None,
              feature_network: Optional[FeatureNetwork] = None, model_info: Optional[dict] = None,
              **settings) -> dict:
     """Runs the configured modes and writes ``out_dir/report.json`` and the figures; returns the report.
@@ -195,7 +196,10 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
         test_images, test_labels: In-distribution test data in the model's value range.
         out_dir: Output directory (created).
         config: The settings (default: :class:`EvaluationConfig`'s defaults).
-        val_images, val_labels: Held-out data for temperature scaling (never the test split).
+        val_images, val_labels: Held-out data for temperature scaling and for selecting the OOD detector
+            (never the test split).
+        train_images, train_labels: The run's training split, for the Mahalanobis statistics of mode ``ood``
+            (optional: without it that score is left out).
         ood_sets: ``{name: images}`` out-of-distribution sets (mode ``ood``); see
             :func:`~jem_tf.evaluation.ood.synthetic_ood_images`.
         feature_network: Needed by mode ``frechet``; see :func:`~jem_tf.evaluation.frechet.load_feature_network`.
@@ -225,7 +229,8 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
                             "num_classes": model.num_classes, "px_weight": model.px_weight,
                             "sampler": model.sampler.get_config()})
     run = ModeContext(model=model, config=config, out_dir=out_dir, test_images=test_images, test_labels=test_labels,
-                      val_images=val_images, val_labels=val_labels, ood_sets=ood_sets,
+                      val_images=val_images, val_labels=val_labels, train_images=train_images,
+                      train_labels=train_labels, ood_sets=ood_sets,
                       feature_network=feature_network, report=report)
     for mode in MODES:
         if mode not in config.modes:
@@ -254,8 +259,10 @@ def summary_lines(report: dict) -> List[str]:
             t = report["calibration"]["temperature_scaled"]
             lines.append(f"temperature {t['temperature']:.3f}: ECE {t['ece']:.4f}  NLL {t['nll']:.4f}")
     if "ood" in report:
+        chosen = report["ood"].get("detector", {}).get("chosen")
         for score, per_set in report["ood"]["metrics"].items():
-            lines.append(f"OOD AUROC [{score}] " + "  ".join(f"{n} {m['auroc']:.4f}" for n, m in per_set.items()))
+            mark = " (chosen)" if score == chosen else ""
+            lines.append(f"OOD AUROC [{score}]{mark} " + "  ".join(f"{n} {m['auroc']:.4f}" for n, m in per_set.items()))
     if "frechet" in report:
         name = report["frechet"]["settings"]["metric_name"]
         lines.append(f"{name} " + "  ".join(f"{k} {v[name]:.3f}" for k, v in report["frechet"]["distances"].items()))

@@ -1,0 +1,157 @@
+"""OOD scores on hand-made data where the answer is known, the detectors, and a selection that never sees
+the sets it is evaluated on."""
+
+import keras
+import numpy as np
+import pytest
+
+from jem_tf import ood
+from jem_tf.ood import OODDetector, OODScorer, Term
+
+
+def gaussian_backbone(dim=16):
+    """One class whose logit is -|x|^2 / 2: log p(x) is the standard Gaussian log-density up to a constant,
+    and the penultimate features are the pixels themselves."""
+    inputs = keras.Input((4, 4, 1))
+    flat = keras.layers.Flatten()(inputs)
+    logit = keras.layers.Lambda(lambda t: -0.5 * keras.ops.sum(keras.ops.square(t), axis=1, keepdims=True))(flat)
+    return keras.Model(inputs, logit)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return OODScorer(gaussian_backbone(), value_range=(-4.0, 4.0), temperature=2.0)
+
+
+def test_log_px_and_gradient_norm_of_a_known_density(scorer):
+    x = np.random.default_rng(0).normal(0, 0.7, (50, 4, 4, 1)).astype(np.float32)
+    values = scorer.arrays(x, ["log_px", "grad_norm", "energy_t", "max_softmax"])
+    squared = np.sum(x.reshape(50, -1).astype(np.float64) ** 2, axis=1)
+    np.testing.assert_allclose(values["log_px"], -0.5 * squared, rtol=1e-5)
+    # d/dx (-|x|^2 / 2) = -x, so the gradient norm is |x|.
+    np.testing.assert_allclose(values["grad_norm"], -np.sqrt(squared), rtol=1e-5)
+    # One class: T logsumexp(f / T) = f for any T; p(y|x) = 1.
+    np.testing.assert_allclose(values["energy_t"], values["log_px"], rtol=1e-5)
+    np.testing.assert_allclose(values["max_softmax"], 1.0)
+    # A narrow Gaussian (in) against a wide one (out): log p(x) separates them almost perfectly.
+    wide = np.random.default_rng(1).normal(0, 2.0, (50, 4, 4, 1)).astype(np.float32)
+    assert ood.auroc(values["log_px"], scorer.arrays(wide, ["log_px"])["log_px"]) > 0.99
+
+
+def test_the_compressor_ranks_a_constant_image_as_simple():
+    model = OODScorer(gaussian_backbone(), value_range=(-1.0, 1.0))
+    rng = np.random.default_rng(0)
+    constant = np.zeros((3, 4, 4, 1), np.float32)
+    smooth = np.broadcast_to(np.linspace(-1, 1, 4, dtype=np.float32)[None, None, :, None], (3, 4, 4, 1)).copy()
+    noise = rng.uniform(-1, 1, (3, 4, 4, 1)).astype(np.float32)
+    bits = {name: model.arrays(x, ["png_bits"])["png_bits"] for name, x in
+            (("constant", constant), ("smooth", smooth), ("noise", noise))}
+    assert bits["constant"].max() < bits["noise"].min() and bits["smooth"].max() <= bits["noise"].min()
+    assert np.all(bits["constant"] == bits["constant"][0]) and bits["constant"][0] % 8 == 0
+
+
+def test_mahalanobis_of_two_known_clusters():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 500)
+    centers = np.array([[3.0, 0.0], [-3.0, 0.0]])
+    features = centers[labels] + rng.normal(0, [1.0, 0.5], (1000, 2))
+    means, precision = ood.tied_gaussian(features, labels, num_classes=2)
+    np.testing.assert_allclose(means, centers, atol=0.15)
+    np.testing.assert_allclose(precision, np.diag([1.0, 4.0]), rtol=0.15, atol=0.1)
+    with pytest.raises(ValueError, match="missing \\[1\\]"):
+        ood.tied_gaussian(features[:500], labels[:500], num_classes=2)
+    # In the scorer: features are the pixels; a point at a class mean scores 0 (the maximum).
+    inputs = keras.Input((1, 2, 1))
+    flat = keras.layers.Flatten()(inputs)
+    backbone = keras.Model(inputs, keras.layers.Dense(2)(flat))
+    scorer = OODScorer(backbone, value_range=(-10, 10), class_means=means, precision=precision)
+    points = np.array([means[0], means[1], [0.0, 3.0]], np.float32).reshape(3, 1, 2, 1)
+    scores = scorer.arrays(points, ["mahalanobis"])["mahalanobis"]
+    np.testing.assert_allclose(scores[:2], 0.0, atol=1e-4)
+    assert scores[2] < -20  # 3 std in the narrow direction: about -(3 * 2)^2 = -36 plus the x offset
+
+
+def test_detector_formula_threshold_and_round_trip():
+    components = {"log_px": np.array([1.0, 2.0, 3.0, 4.0]), "png_bits": np.array([100.0, 80.0, 120.0, 100.0])}
+    detector = OODDetector("d", (Term("log_px", standardized=True),
+                                 Term("png_bits", weight=2.0, standardized=True, two_sided=True)))
+    fitted = detector.fitted(components)
+    z_px = (components["log_px"] - 2.5) / np.std(components["log_px"])
+    z_bits = (components["png_bits"] - 100.0) / np.std(components["png_bits"])
+    np.testing.assert_allclose(fitted.combine(components), z_px - 2.0 * np.abs(z_bits))
+    thresholded = fitted.with_threshold(fitted.combine(components), tpr=0.75)
+    assert np.mean(fitted.combine(components) >= thresholded.threshold) >= 0.75
+    assert OODDetector.from_dict(thresholded.to_dict()) == thresholded
+    with pytest.raises(ValueError, match="tpr"):
+        fitted.with_threshold(components["log_px"], tpr=0.0)
+
+
+@pytest.mark.parametrize("kind", ood.SELECTION_OUTLIERS)
+def test_selection_outliers_keep_shape_and_range_and_change_the_images(kind):
+    images = np.random.default_rng(0).uniform(-1, 1, (6, 8, 8, 1)).astype(np.float32)
+    out = ood.selection_outliers(kind, images, seed=3)
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert out.min() >= -1 - 1e-6 and out.max() <= 1 + 1e-6 and not np.allclose(out, images)
+    np.testing.assert_array_equal(out, ood.selection_outliers(kind, images, seed=3))
+
+
+class SpyScorer(OODScorer):
+    """Records every image it is asked to score."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def arrays(self, images, names, *, batch_size=256):
+        self.seen.append(np.asarray(images, np.float32).copy())
+        return super().arrays(images, names, batch_size=batch_size)
+
+
+def _rows(images):
+    return {row.tobytes() for row in np.asarray(images, np.float32)}
+
+
+def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them(tmp_path):
+    from jem_tf.evaluation import evaluate_ood
+
+    rng = np.random.default_rng(0)
+    backbone = gaussian_backbone()
+    validation = rng.normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
+    test = rng.normal(0, 0.5, (30, 4, 4, 1)).astype(np.float32)
+    ood_sets = {"wide": rng.normal(0, 2.0, (30, 4, 4, 1)).astype(np.float32)}
+    scorer = SpyScorer(backbone, value_range=(-4.0, 4.0))
+    detector, report = ood.select_detector(scorer, validation, seed=0)
+    made = [ood.selection_outliers(kind, validation, value_range=(-4.0, 4.0), seed=1 + i)
+            for i, kind in enumerate(ood.SELECTION_OUTLIERS)]
+    allowed = _rows(validation).union(*(_rows(m) for m in made))
+    assert all(_rows(batch) <= allowed for batch in scorer.seen)
+    assert report["chosen"] == detector.name and set(report["outlier_kinds"]) == set(ood.SELECTION_OUTLIERS)
+
+    # Inside the evaluation, the selection gets the validation images only: changing the test images and the
+    # OOD sets does not change the choice or its threshold; the evaluation then reports it on those sets.
+    class FakeModel:
+        value_range = (-4.0, 4.0)
+
+    FakeModel.backbone = backbone
+    chosen = []
+    for shift in (0.0, 1.0):
+        spy = SpyScorer(backbone, value_range=(-4.0, 4.0))
+        result = evaluate_ood(FakeModel(), test + shift, {k: v + shift for k, v in ood_sets.items()},
+                              out_dir=str(tmp_path), scorer=spy, val_images=validation)
+        chosen.append((result["detector"]["chosen"], result["detector"]["detector"]["threshold"]))
+        selection_batches = spy.seen[:1 + len(ood.SELECTION_OUTLIERS)]
+        assert all(_rows(batch) <= allowed for batch in selection_batches)
+        assert result["detector"]["chosen"] in result["metrics"]
+    assert chosen[0] == chosen[1]
+
+
+def test_default_candidates_need_only_what_the_scorer_has(scorer):
+    names = {c.name for c in ood.default_candidates(scorer.available)}
+    assert "log_px" in names and "serra_log_px" in names and "mahalanobis" not in names
+    assert not any("mahalanobis" in name for name in names)
+    with pytest.raises(ValueError, match="feature statistics"):
+        scorer.arrays(np.zeros((2, 4, 4, 1), np.float32), ["mahalanobis"])
+    with pytest.raises(ValueError, match="at least 20"):
+        ood.select_detector(scorer, np.zeros((5, 4, 4, 1), np.float32))
+    with pytest.raises(ValueError, match="temperature"):
+        OODScorer(gaussian_backbone(), temperature=0.0)
