@@ -113,7 +113,8 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
     generations. On a restart every worker restores the newest generation that loads (a truncated or
     corrupt one is reported and skipped) from ``backup_dir``, a directory all workers can read, and
     ``fit`` continues from the saved epoch. Non-chief workers never write. The backup is deleted
-    when training completes.
+    when training completes (``delete_on_completion``), or by :meth:`remove` once the caller has saved the
+    final model safely. A generation that fails to load leaves the model as it was (no partial restore).
 
     Call :meth:`restore` before ``fit`` to learn the epoch to resume from (e.g. to build that epoch's
     data); otherwise ``on_train_begin`` restores.
@@ -123,19 +124,24 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
         is_chief: Whether this process writes the backup. Default True.
         keep: Generations kept. Default 2.
         log: Callable used to report a resume (default ``print``).
+        delete_on_completion: Delete the backup when ``fit`` completes. Default True; pass False and call
+            :meth:`remove` after the final model is written, so that a kill in between loses nothing.
     """
 
     PATTERN = re.compile(r"^epoch_(\d+)$")
     WEIGHTS = "state.weights.h5"
     METADATA = "training_metadata.json"
 
-    def __init__(self, backup_dir: str, *, is_chief: bool = True, keep: int = 2, log=print):
+    def __init__(self, backup_dir: str, *, is_chief: bool = True, keep: int = 2, log=print,
+                 delete_on_completion: bool = True):
         super().__init__(backup_dir, save_freq="epoch", double_checkpoint=False, delete_checkpoint=True)
         if keep < 1:
             raise ValueError(f"`keep` must be >= 1; received {keep!r}")
         self.is_chief = is_chief
         self.keep = keep
         self.log = log
+        self.delete_on_completion = delete_on_completion
+        self.completed = False
         self.resumed_from_epoch = None
         self._restored = False
 
@@ -149,12 +155,18 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
         if model.optimizer is not None and not model.optimizer.built:
             with model.distribute_strategy.scope():
                 model.optimizer.build(model.trainable_variables)
-        for epoch, directory in self.generations():
+        generations = self.generations()
+        # What a failed load must put back: load_weights assigns variable by variable.
+        variables = list(model.variables) + (list(model.optimizer.variables) if model.optimizer is not None else [])
+        initial = [v.numpy() for v in variables] if generations else []
+        for epoch, directory in generations:
             try:
                 with open(os.path.join(directory, self.METADATA)) as f:
                     metadata = json.load(f)
                 model.load_weights(os.path.join(directory, self.WEIGHTS))
             except Exception as error:  # truncated/corrupt files raise OSError, ValueError, KeyError...
+                for variable, value in zip(variables, initial):
+                    variable.assign(value)
                 self.log(f"Backup {directory} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
                          "trying the previous one.")
                 continue
@@ -190,6 +202,11 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_end(self, logs=None):
         # Kept when training stopped early (e.g. the stability guard gave up), so it can be resumed.
         epochs_done = max(self._current_epoch, self.resumed_from_epoch or 0)
-        completed = epochs_done >= (self.params or {}).get("epochs", 0) and not self.model.stop_training
-        if self.is_chief and completed:
+        self.completed = epochs_done >= (self.params or {}).get("epochs", 0) and not self.model.stop_training
+        if self.completed and self.delete_on_completion:
+            self.remove()
+
+    def remove(self) -> None:
+        """Deletes the backup (chief only)."""
+        if self.is_chief:
             shutil.rmtree(self.backup_dir, ignore_errors=True)

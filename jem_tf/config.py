@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import math
 import os
 import typing
 from typing import List, Optional
@@ -105,6 +106,11 @@ class TrainConfig:
         def fail(field, expected):
             raise ValueError(f"{field} must be {expected}; received {getattr(self, field)!r}")
 
+        # Types first (recipes are JSON: "one", null, 1.5 or true where an int belongs), and finite numbers.
+        for field, annotation in field_types().items():
+            if not _has_type(getattr(self, field), annotation):
+                fail(field, _type_name(annotation))
+
         choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "normalization": NORMALIZATIONS,
                    "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": CONFIG_PRECISIONS,
                    "buffer_storage": STORAGES, "chain_init": CHAIN_INITS}
@@ -168,6 +174,34 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _has_type(value, annotation) -> bool:
+    """Whether ``value`` is of the field type ``annotation`` (bools are not numbers; floats are finite)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return any(_has_type(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin in (list, List):
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, List):
+        return "a list of " + {int: "integers", float: "finite numbers", str: "strings"}.get(args[0], "values")
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
+
+
 def _is_wrn_name(name: str) -> bool:
     parts = name.split("-")
     return (len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit()
@@ -208,6 +242,8 @@ def load_recipe(name_or_path: str) -> TrainConfig:
     """
     if name_or_path.endswith(".json") or os.sep in name_or_path:
         path = name_or_path
+        if os.path.isdir(path):
+            raise ValueError(f"Recipe {path!r} is a directory, not a JSON file.")
         if not os.path.isfile(path):
             raise ValueError(f"Recipe file {path!r} does not exist.")
     else:

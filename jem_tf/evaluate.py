@@ -21,7 +21,8 @@ from jem_tf.cli import OneLineErrorParser
 from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, DataNotFoundError
 from jem_tf.evaluation import (DEFAULT_PGD_EPS, INCEPTION, MODES, REPORT_FILE, SYNTHETIC_OOD, EvaluationConfig,
                                evaluate, load_feature_network, load_ood_sets, summary_lines)
-from jem_tf.run import held_out_split, load_run_dataset, load_trained_model, split_train_validation
+from jem_tf.run import (check_output_dir, held_out_split, load_run_dataset, load_trained_model,
+                        split_train_validation)
 
 def build_parser() -> OneLineErrorParser:
     defaults = EvaluationConfig()
@@ -102,6 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = evaluation_config_from_args(args)
     started = time.perf_counter()
     try:
+        check_output_dir(args.out, "--out")
         model, train_config = load_trained_model(args.model)
         dataset = args.dataset or (train_config.dataset if train_config else None)
         if dataset is None:

@@ -16,6 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import socket
+import time
+import zipfile
 from typing import NamedTuple, Optional, Tuple
 
 import keras
@@ -35,7 +39,8 @@ class RunLayout:
     * ``samples.png``: replay-buffer samples at the end;
     * ``checkpoints/``: the last epochs' ``.keras`` files; ``logs/``: TensorBoard;
     * ``backup/``: the training state of the last finished epoch while training runs (resumption);
-    * ``precision.json``: the choice of ``precision="auto"`` (a resumed run reuses it).
+    * ``precision.json``: the choice of ``precision="auto"`` (a resumed run reuses it);
+    * ``.lock``: held by the process training in it (:class:`WorkdirLock`).
     """
 
     workdir: str
@@ -48,6 +53,7 @@ class RunLayout:
     LOGS_DIR = "logs"
     BACKUP_DIR = "backup"
     PRECISION_FILE = "precision.json"
+    LOCK_FILE = ".lock"
 
     def _path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
@@ -83,6 +89,25 @@ class RunLayout:
     @property
     def precision(self) -> str:
         return self._path(self.PRECISION_FILE)
+
+    @property
+    def lock(self) -> str:
+        return self._path(self.LOCK_FILE)
+
+    def run_files(self) -> list:
+        """The paths a training run writes (files and directories), whether they exist or not."""
+        return [self.model, self.config, self.metrics, self.samples, self.precision, self.checkpoints, self.logs,
+                self.backup]
+
+    def state(self) -> str:
+        """``"empty"`` (no run's files), ``"interrupted"`` (a backup to resume from) or ``"finished"`` (a
+        final model, metrics or checkpoints and no backup)."""
+        if os.path.isdir(self.backup) and os.listdir(self.backup):
+            return "interrupted"
+        if (os.path.exists(self.model) or os.path.exists(self.metrics)
+                or (os.path.isdir(self.checkpoints) and os.listdir(self.checkpoints))):
+            return "finished"
+        return "empty"
 
 
 class Split(NamedTuple):
@@ -164,12 +189,189 @@ def ood_calibration_data(dataset_name: str, *, config: Optional[TrainConfig], da
 
 
 def load_run_config(workdir: str) -> Optional[TrainConfig]:
-    """The :class:`TrainConfig` a work directory's ``config.json`` holds, or ``None`` without one."""
+    """The :class:`TrainConfig` a work directory's ``config.json`` holds, or ``None`` without one.
+
+    Raises:
+        ValueError: naming the file, when it is not a JSON object of valid config fields.
+    """
     path = RunLayout(workdir).config
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return TrainConfig().replace(**json.load(f))
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+        return TrainConfig().replace(**values).validate()
+    except (ValueError, TypeError, OSError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a valid run config: {error}") from error
+
+
+# Settings a resumed run must share with the interrupted one: they fix the shapes of the saved state (network,
+# optimizer, replay buffer) or which images are training data. The others (learning rate, SGLD and loss
+# settings, epochs, ...) may change on resume, e.g. to get past a divergence.
+RESUME_FIXED_FIELDS = ("dataset", "validation_fraction", "seed", "backbone", "width", "normalization", "precision",
+                       "batch_size", "optimizer", "buffer_size", "buffer_storage", "chain_init", "chain_init_rank",
+                       "pxy_weight")
+
+
+def atomic_write_json(path: str, values) -> None:
+    """Writes ``values`` as JSON to ``path`` through a temporary file and a rename (never a torn file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(values, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_model_atomically(model: keras.Model, path: str) -> None:
+    """``model.save(path)`` through a temporary file and a rename: a kill mid-write leaves the previous file
+    (or none), never a truncated one."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _check_writable_dir(path: str, what: str) -> None:
+    """``ValueError`` unless ``path`` is a directory that can be written or can be created."""
+    if not path:
+        raise ValueError(f"{what} must not be empty.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a file, not a directory.")
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep))
+    existing = existing or "."
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what} {path!r} cannot be created: {existing!r} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path!r} is not writable (no write permission on {existing!r}).")
+
+
+def check_output_dir(path: Optional[str], what: str) -> None:
+    """Checks an output directory (``--out``, ``--export-dir``) before any work: not empty, not a file, and
+    writable or creatable; ``None`` passes."""
+    if path is not None:
+        _check_writable_dir(path, what)
+
+
+def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool = False, log=print) -> str:
+    """Checks a work directory before a run writes anything to it (it writes nothing itself) and returns its
+    :meth:`RunLayout.state`.
+
+    * a finished run is never replaced unless ``overwrite`` (then the caller removes it: :func:`clear_run`);
+    * an interrupted run (a backup) is resumed only with a config that matches it in
+      :data:`RESUME_FIXED_FIELDS` (else ``ValueError`` naming the differing fields; ``overwrite`` starts over);
+    * the directory and ``config.export_dir`` must be writable directories (or creatable).
+
+    Raises:
+        ValueError: naming the problem and what to do.
+    """
+    _check_writable_dir(layout.workdir, "--workdir")
+    check_output_dir(config.export_dir, "--export-dir")
+    state = layout.state()
+    if state == "finished" and not overwrite:
+        present = [os.path.basename(p) for p in layout.run_files() if os.path.exists(p)]
+        raise ValueError(f"{layout.workdir} holds a finished run ({', '.join(present)}); pass --overwrite to replace "
+                         "it, or choose another --workdir.")
+    if state == "interrupted" and not overwrite:
+        previous = load_run_config(layout.workdir)
+        if previous is not None:
+            differing = [f"{name}: {getattr(previous, name)!r} -> {getattr(config, name)!r}"
+                         for name in RESUME_FIXED_FIELDS if getattr(previous, name) != getattr(config, name)]
+            if differing:
+                raise ValueError(f"{layout.workdir} holds an interrupted run whose backup cannot be resumed with "
+                                 f"these settings ({'; '.join(differing)}); rerun with the run's settings to resume, "
+                                 "or pass --overwrite to start over.")
+            changed = [name for name in previous.to_dict() if getattr(previous, name) != getattr(config, name)]
+            if changed and log:
+                log(f"Resuming {layout.workdir} with changed settings: {', '.join(changed)}.")
+    return state
+
+
+def clear_run(layout: RunLayout, *, log=print) -> None:
+    """Removes a run's files from its work directory (``--overwrite``, after every check has passed)."""
+    removed = []
+    for path in layout.run_files():
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(os.path.basename(path))
+    if removed and log:
+        log(f"--overwrite: removed {', '.join(removed)} from {layout.workdir}.")
+
+
+class WorkdirBusy(ValueError):
+    """Another live process holds the work directory's lock."""
+
+
+class WorkdirLock:
+    """An exclusive lock on a work directory: ``layout.lock`` created with ``O_EXCL``, holding the owner's
+    pid, host and start time. A lock whose process is gone (same host, pid not running) is stale and taken
+    over; a live one raises :class:`WorkdirBusy` naming the process. Use as a context manager."""
+
+    def __init__(self, layout: RunLayout, *, log=print):
+        self.path, self.log = layout.lock, log
+        self.held = False
+
+    def _owner(self) -> Optional[dict]:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> "WorkdirLock":
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started_unix": int(time.time())}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner and owner.get("host") == me["host"] and not _process_alive(owner.get("pid")):
+                    if self.log:
+                        self.log(f"Removing the stale lock of process {owner.get('pid')} (no longer running).")
+                    os.remove(self.path)
+                    continue
+                who = (f"process {owner.get('pid')} on {owner.get('host')} (since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started_unix', 0)))})"
+                       if owner else "another process (lock file unreadable)")
+                raise WorkdirBusy(f"{os.path.dirname(self.path)} is in use by {who}: one training per work "
+                                  f"directory. Wait for it, or delete {self.path} if that process is gone.")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise WorkdirBusy(f"Could not lock {self.path}.")
+
+    def release(self) -> None:
+        if self.held:
+            owner = self._owner()
+            if owner and owner.get("pid") == os.getpid():
+                os.remove(self.path)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _process_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def load_trained_model(model_path: str) -> Tuple[JEM, Optional[TrainConfig]]:
@@ -184,6 +386,8 @@ def load_trained_model(model_path: str) -> Tuple[JEM, Optional[TrainConfig]]:
         model_path = RunLayout(model_path).model
     if not os.path.isfile(model_path):
         raise ValueError(f"No model at {model_path!r} (expected a .keras file or a training work directory).")
+    if not zipfile.is_zipfile(model_path):
+        raise ValueError(f"{model_path!r} is not a .keras archive (truncated or corrupt: not a zip file).")
     try:
         model = keras.models.load_model(model_path)  # safe_mode=True: no arbitrary code from the file
     except Exception as error:  # corrupt or foreign files raise many types

@@ -22,7 +22,10 @@ def build_parser() -> OneLineErrorParser:
         description="Train a Joint Energy-based Model (JEM). Without arguments: the digits recipe on CPU.",
     )
     parser.add_argument("--workdir", default=None,
-                        help="output directory (default: runs/<recipe name>)")
+                        help="output directory (default: runs/<recipe name>); a finished run there is never "
+                             "replaced without --overwrite, an interrupted one is resumed")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in --workdir (finished or interrupted) instead of refusing/resuming")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
                         help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
     add_recipe_arguments(parser)
@@ -31,17 +34,25 @@ def build_parser() -> OneLineErrorParser:
 
 def parse_config(argv: Optional[List[str]] = None):
     """Parses ``argv`` into ``(TrainConfig, workdir, verbose)``; bad values exit with code 2."""
+    config, workdir, verbose, _ = parse_args(argv)
+    return config, workdir, verbose
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    """``(TrainConfig, workdir, verbose, overwrite)`` from ``argv``; bad values exit with code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)
-    workdir = args.workdir or f"runs/{recipe_name(args.recipe)}"
-    return config, workdir, ("auto" if args.verbose is None else args.verbose)
+    if args.workdir is not None and not args.workdir.strip():
+        parser.error("--workdir must not be empty (an unset shell variable?); omit it for runs/<recipe name>")
+    workdir = f"runs/{recipe_name(args.recipe)}" if args.workdir is None else args.workdir
+    return config, workdir, ("auto" if args.verbose is None else args.verbose), args.overwrite
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    config, workdir, verbose = parse_config(argv)
+    config, workdir, verbose, overwrite = parse_args(argv)
     try:
-        metrics = train_and_evaluate(config, workdir, verbose=verbose)
+        metrics = train_and_evaluate(config, workdir, verbose=verbose, overwrite=overwrite)
     except ValueError as error:  # bad inputs found once the data is known (DataNotFoundError is one)
         print(f"python -m jem_tf.train: error: {error}", file=sys.stderr)
         return 2

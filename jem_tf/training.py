@@ -7,6 +7,7 @@ the test split and writes the work directory (:class:`jem_tf.run.RunLayout`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,7 +24,8 @@ from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, check_steps_per_execution,
                               compile_jem, resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
 from jem_tf.ood import fit_ood_detector
-from jem_tf.run import RunLayout, load_run_dataset, split_train_validation
+from jem_tf.run import (RunLayout, WorkdirLock, atomic_write_json, clear_run, load_run_dataset, prepare_workdir,
+                        save_model_atomically, split_train_validation)
 from jem_tf.serving import export_saved_model
 
 
@@ -44,13 +46,12 @@ def resolve_run_precision(config: TrainConfig, layout: RunLayout, *, image_shape
                                                   batch_size=batch_size)
     if write and config.precision == "auto":
         os.makedirs(layout.workdir, exist_ok=True)
-        with open(layout.precision, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_json(layout.precision, report)
     return run_config, report
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
-                       data: ImageDataset | None = None, callbacks=()) -> dict:
+                       data: ImageDataset | None = None, callbacks=(), overwrite: bool = False) -> dict:
     """Trains a JEM as ``config`` says, evaluates it on the test split and writes ``workdir``:
 
     * ``model.keras``: the final model (weights, optimizer, replay buffer);
@@ -71,6 +72,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         verbose: Keras ``fit`` verbosity.
         data: Optional already-loaded dataset (else :func:`jem_tf.run.load_run_dataset`).
         callbacks: Extra Keras callbacks for ``fit`` (after the pipeline's own; e.g. a time budget).
+        overwrite: Replace a finished run (or an interrupted one) in ``workdir``; without it a finished
+            run is an error and an interrupted one is resumed (see :func:`jem_tf.run.prepare_workdir`).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -81,17 +84,28 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     chief = is_chief(strategy)
     keras.utils.set_random_seed(config.seed)
     layout = RunLayout(workdir)
+    if chief:  # before anything is loaded or written: a finished run, a mismatched resume, bad paths
+        prepare_workdir(layout, config, overwrite=overwrite)
     if data is None:
         data = load_run_dataset(config=config, download=config.download)
     train, validation = split_train_validation(config, data.x_train, data.y_train)
     steps_per_epoch = count_steps_per_epoch(config, len(train.images))
     check_steps_per_execution(config, steps_per_epoch)
-    # Written once the inputs are known to be good, so a bad invocation never touches a run's files.
-    if chief:
-        os.makedirs(workdir, exist_ok=True)
-        with open(layout.config, "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+    # One training per work directory (the chief's lock), and nothing written before every input is known
+    # to be good, so a bad invocation never touches a run's files.
+    with WorkdirLock(layout) if chief else contextlib.nullcontext():
+        if chief:
+            state = prepare_workdir(layout, config, overwrite=overwrite, log=None)  # again, under the lock
+            if overwrite and state != "empty":
+                clear_run(layout)
+            atomic_write_json(layout.config, config.to_dict())
+        return _train(config, layout, data, train, validation, strategy=strategy, chief=chief,
+                      steps_per_epoch=steps_per_epoch, verbose=verbose, callbacks=callbacks)
 
+
+def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, validation, *, strategy, chief: bool,
+           steps_per_epoch: int, verbose, callbacks) -> dict:
+    """The locked part of :func:`train_and_evaluate`: build, resume, fit, save, evaluate, export."""
     # The precision probe times a single-device copy of the network at the per-replica batch: outside the
     # strategy's scope (its variables would be distributed).
     run_config, precision_report = resolve_run_precision(
@@ -104,7 +118,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
 
     # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that
     # the data pipeline can start at the right epoch.
-    backup = ChiefBackupAndRestore(layout.backup, is_chief=chief)
+    backup = ChiefBackupAndRestore(layout.backup, is_chief=chief, delete_on_completion=False)
     initial_epoch = backup.restore(model)
     train_ds, val_ds, epoch_steps = build_datasets(config, train, validation, first_epoch=initial_epoch)
 
@@ -131,7 +145,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     if guard is not None:
         guard.raise_if_failed()  # the backup of the last good epoch stays in WORKDIR/backup
     if chief:
-        model.save(layout.model)
+        save_model_atomically(model, layout.model)  # the backup stays until the run is complete
 
     # Every worker evaluates (evaluation is a collective under multi_worker); only the chief writes.
     test = model.evaluate(make_dataset(data.x_test, data.y_test, batch_size=256, shuffle=False),
@@ -175,6 +189,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         metrics["ood_detector"] = {"score": ood.detector.name, "threshold": ood.detector.threshold,
                                    "calibration_split": "validation"}
     if chief:
-        with open(layout.metrics, "w") as f:
-            json.dump(metrics, f, indent=2)
+        atomic_write_json(layout.metrics, metrics)
+    if backup.completed:
+        backup.remove()  # only now: a kill before this point resumes from it
     return metrics

@@ -54,7 +54,7 @@ def load_ood_sets(names: Sequence[str], test_images: np.ndarray, *, value_range,
         if name in SYNTHETIC_OOD:
             images = synthetic_ood_images(name, test_images, value_range=value_range, seed=seed + 1 + i)
         else:
-            images = load_dataset(name, data_dir=data_dir).x_test
+            images = load_dataset(name, data_dir=data_dir, data_dir_flag="--ood-data-dir").x_test
         sets[name] = images[:max_images] if max_images else images
     return sets
 
