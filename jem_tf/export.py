@@ -3,19 +3,28 @@
 Exports a trained JEM as a SavedModel for TensorFlow Serving to ``DIR/<version>/`` (see
 :mod:`jem_tf.serving` for the signatures), with the OOD detector (:mod:`jem_tf.ood`) chosen and
 calibrated on the run's validation split (or, only when asked with ``--calibration-split test``, on the
-test split).
+test split). Bad flag values end with a one-line error (exit code 2) before anything is loaded; the bounds of the
+``sample`` signature that depend on the model (``--max-num-samples``: at most 1 GiB of float32 samples per
+request; ``--max-step-size``/``--max-noise-std``: not below the trained sampler's) right after the model, before
+any data.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import List, Optional
 
 from jem_tf.cli import OneLineErrorParser
 from jem_tf.data import DATASETS, PREPROCESSING, DataNotFoundError
 from jem_tf.ood import fit_ood_detector
-from jem_tf.run import CALIBRATION_SPLITS, load_run_dataset, load_trained_model, ood_calibration_data
-from jem_tf.serving import export_saved_model
+from jem_tf.run import (CALIBRATION_SPLITS, check_output_dir, load_run_dataset, load_trained_model,
+                        ood_calibration_data)
+from jem_tf.serving import MAX_N_STEPS_LIMIT, export_saved_model, sample_limits
+
+# The sample signature's bounds: library keyword -> flag.
+SAMPLE_LIMIT_FLAGS = {"max_num_samples": "--max-num-samples", "max_n_steps": "--max-n-steps",
+                      "max_step_size": "--max-step-size", "max_noise_std": "--max-noise-std"}
 
 
 def build_parser() -> OneLineErrorParser:
@@ -35,21 +44,54 @@ def build_parser() -> OneLineErrorParser:
                         help="select: the best candidate on validation data and outliers made from it (jem_tf.ood); "
                              "log_px: the JEM's log p(x) alone")
     parser.add_argument("--seed", type=int, default=0, help="seed of the outliers made for the selection")
-    parser.add_argument("--max-num-samples", type=int, default=256, help="upper bound of sample's num_samples")
-    parser.add_argument("--max-n-steps", type=int, default=1000, help="upper bound of sample's n_steps")
+    parser.add_argument("--max-num-samples", type=int, default=256,
+                        help="upper bound of sample's num_samples (at most 1 GiB of float32 samples per request)")
+    parser.add_argument("--max-n-steps", type=int, default=1000,
+                        help=f"upper bound of sample's n_steps (at most {MAX_N_STEPS_LIMIT:,})")
+    parser.add_argument("--max-step-size", type=float, default=None,
+                        help="upper bound of sample's step_size (default: 10x the trained sampler's)")
+    parser.add_argument("--max-noise-std", type=float, default=None,
+                        help="upper bound of sample's noise_std (default: max(10x the trained sampler's, the width "
+                             "of the model's value range))")
     return parser
+
+
+def check_flags(parser: OneLineErrorParser, args) -> None:
+    """Rejects bad flag values (one-line error, exit 2) before anything is loaded."""
+    if args.version is not None and args.version < 0:
+        parser.error(f"--version must be >= 0; received {args.version}")
+    if not 0.0 < args.tpr <= 1.0:
+        parser.error(f"--tpr must be in (0, 1]; received {args.tpr}")
+    if args.max_num_samples < 1:
+        parser.error(f"--max-num-samples must be >= 1; received {args.max_num_samples}")
+    if not 1 <= args.max_n_steps <= MAX_N_STEPS_LIMIT:
+        parser.error(f"--max-n-steps must be in [1, {MAX_N_STEPS_LIMIT}]; received {args.max_n_steps}")
+    for flag, value in (("--max-step-size", args.max_step_size), ("--max-noise-std", args.max_noise_std)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} must be finite and > 0; received {value}")
+
+
+def _sample_limit_kwargs(args) -> dict:
+    return {name: getattr(args, name) for name in SAMPLE_LIMIT_FLAGS}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_flags(parser, args)
     try:
+        check_output_dir(args.export_dir, "--export-dir")
         model, config = load_trained_model(args.model)
+        try:  # the bounds that depend on the model (1 GiB of samples, the trained sampler), before any data
+            sample_limits(model, **_sample_limit_kwargs(args))
+        except ValueError as error:
+            message = str(error)
+            for name, flag in SAMPLE_LIMIT_FLAGS.items():
+                message = message.replace(f"`{name}`", flag)
+            parser.error(message)
         dataset = args.dataset or (config.dataset if config else None)
         if dataset is None:
             parser.error("--dataset is needed to calibrate the OOD threshold of a bare .keras file")
-        if not 0.0 < args.tpr <= 1.0:
-            parser.error(f"--tpr must be in (0, 1]; received {args.tpr}")
         data = load_run_dataset(dataset, config=config, data_dir=args.data_dir)
         calibration, train = ood_calibration_data(dataset, config=config, data=data,
                                                   calibration_split=args.calibration_split)
@@ -58,11 +100,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                train_labels=train.labels, select=args.ood_detector == "select", tpr=args.tpr,
                                seed=args.seed)
         path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
-                                  max_num_samples=args.max_num_samples, max_n_steps=args.max_n_steps,
-                                  preprocessing=PREPROCESSING.get(dataset, ""), dataset=dataset)
+                                  preprocessing=PREPROCESSING.get(dataset, ""), dataset=dataset,
+                                  **_sample_limit_kwargs(args))
     except (ValueError, DataNotFoundError) as error:
         parser.error(str(error))
-    print(f"exported {path}")
+    print(f"exported {path} (OOD detector {ood.detector.name}, threshold {ood.detector.threshold:.4g}, "
+          f"calibrated on the {args.calibration_split} split)")
     return 0
 
 

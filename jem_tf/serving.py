@@ -13,10 +13,15 @@ The export holds the backbone only (no replay buffer, no optimizer) and three si
   ``step_size`` and ``noise_std`` (<= 0 resp. < 0: the trained sampler's) -> ``samples``, ``energy``:
   SGLD inside the signature from the model's start distribution (its class Gaussians when it was trained
   with them, which the export then carries; else uniform noise), deterministic per seed, with hard upper bounds on
-  ``num_samples`` and ``n_steps`` fixed at export time.
+  ``num_samples``, ``n_steps``, ``step_size`` and ``noise_std`` fixed at export time (see
+  :func:`build_serving_module`). The returned ``samples`` are clipped to the model's value range (and ``energy``
+  is that of the clipped samples), so every sample is a valid input of ``classify`` and ``energy`` even when the
+  sampler has no ``clamp_range``.
 
-Images are float32 ``[batch, H, W, C]`` in the model's value range; other shapes and dtypes are
-rejected by the signature's input spec, NaNs and out-of-range values by an in-graph check. The layout
+Images are float32 ``[N, H, W, C]`` (``N >= 1``) in the model's value range. A wrong dtype is rejected by the
+signature's input spec; a wrong shape (rank, ``H, W, C`` or an empty batch), NaNs and out-of-range values by
+in-graph checks (``InvalidArgumentError`` naming the expected shape or the range), because neither
+``tf.saved_model.load`` nor TF Serving's C++ loader enforces the input spec's shape. The layout
 is TF Serving's ``EXPORT_DIR/<version>/`` (written to a temporary directory and renamed, so a
 polling server never sees a half-written version); ``assets.extra/jem_metadata.json`` records the
 input spec, preprocessing, OOD calibration and sampling bounds.
@@ -26,10 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -44,6 +50,12 @@ from jem_tf.sgld import SGLDSampler
 
 METADATA_FILE = os.path.join("assets.extra", "jem_metadata.json")
 SIGNATURES = ("classify", "energy", "sample")
+# Hard ceilings of the sample signature's bounds, whatever the export asks for: the samples of one request
+# (max_num_samples x H x W x C float32; SGLD's activations and gradients need a multiple of that) must fit in
+# 1 GiB, and a request runs at most 100,000 SGLD steps.
+MAX_SAMPLE_BYTES = 2 ** 30
+MAX_N_STEPS_LIMIT = 100_000
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def next_version(export_dir: str) -> int:
@@ -54,18 +66,92 @@ def next_version(export_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
+def max_num_samples_limit(image_shape: Sequence[int]) -> int:
+    """The largest ``max_num_samples`` allowed for images of ``image_shape``: ``MAX_SAMPLE_BYTES`` (1 GiB) of
+    float32 samples per request."""
+    return MAX_SAMPLE_BYTES // (4 * int(np.prod(image_shape)))
+
+
+def sample_limits(model: JEM, *, max_num_samples: int = 256, max_n_steps: int = 1000,
+                  max_step_size: Optional[float] = None, max_noise_std: Optional[float] = None) -> dict:
+    """The ``sample`` signature's upper bounds for ``model``, checked (``ValueError`` naming the bad value) and with
+    the defaults of ``max_step_size`` and ``max_noise_std`` filled in (see :func:`build_serving_module`)."""
+    if not (isinstance(max_num_samples, int) and max_num_samples >= 1):
+        raise ValueError(f"`max_num_samples` must be an int >= 1; received {max_num_samples!r}")
+    limit = max_num_samples_limit(model.image_shape)
+    if max_num_samples > limit:
+        raise ValueError(f"`max_num_samples` must be <= {limit} for images of shape {list(model.image_shape)} (1 GiB "
+                         f"of float32 samples per request); received {max_num_samples!r}")
+    if not (isinstance(max_n_steps, int) and 1 <= max_n_steps <= MAX_N_STEPS_LIMIT):
+        raise ValueError(f"`max_n_steps` must be an int in [1, {MAX_N_STEPS_LIMIT}]; received {max_n_steps!r}")
+    sampler, (low, high) = model.sampler, model.value_range
+    limits = {"max_num_samples": max_num_samples, "max_n_steps": max_n_steps}
+    for name, value, trained, default in [
+            ("max_step_size", max_step_size, sampler.step_size, 10.0 * sampler.step_size),
+            ("max_noise_std", max_noise_std, sampler.noise_std, max(10.0 * sampler.noise_std, high - low))]:
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"`{name}` must be a number; received {value!r}")
+        if not (math.isfinite(value) and 0 < value <= _FLOAT32_MAX):
+            raise ValueError(f"`{name}` must be finite (as float32) and > 0; received {value!r}")
+        if value < trained:
+            raise ValueError(f"`{name}` must be >= the trained sampler's {name[4:]} {trained!r} (the signature's "
+                             f"default); received {value!r}")
+        limits[name] = float(value)
+    return limits
+
+
+def check_image_shape_in_graph(images: tf.Tensor, image_shape: Sequence[int]) -> tf.Tensor:
+    """``images`` behind in-graph checks that their shape is ``[N, *image_shape]`` with ``N >= 1``; a failed check
+    raises ``InvalidArgumentError`` naming the expected shape (and, for ``N = 0``, that the batch is empty).
+
+    The signatures' input spec says the same, but neither ``tf.saved_model.load`` nor TF Serving's C++ loader
+    enforces its shape. The check reads the runtime shape only (no ``Rank``/``Size`` op, which graph optimizers
+    fold from the declared input shape): missing dimensions are padded with -1.
+    """
+    image_shape = [int(d) for d in image_shape]
+    rank = len(image_shape) + 1
+    expected = f"[N, {', '.join(map(str, image_shape))}]"
+    shape = tf.shape(images, out_type=tf.int32)
+    padded = tf.concat([shape, tf.fill([rank + 1], -1)], 0)  # real dimensions are >= 0
+    shape_ok = tf.logical_and(tf.reduce_all(tf.equal(padded[1:rank], image_shape)), tf.equal(padded[rank], -1))
+    shape_check = tf.debugging.Assert(
+        shape_ok, [f"images must have shape {expected} (float32, N >= 1); received shape", shape], summarize=16)
+    with tf.control_dependencies([shape_check]):  # after the shape check: an empty batch has the right rank
+        batch_check = tf.debugging.Assert(
+            padded[0] >= 1, [f"images must have shape {expected} with N >= 1; the batch is empty"])
+    with tf.control_dependencies([shape_check, batch_check]):
+        return tf.identity(images)
+
+
 def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: int = 256,
-                         max_n_steps: int = 1000):
+                         max_n_steps: int = 1000, max_step_size: Optional[float] = None,
+                         max_noise_std: Optional[float] = None):
     """``(module, signatures)`` for ``tf.saved_model.save``: a ``tf.Module`` that tracks the backbone's
     variables only, and the three signatures (see the module docstring) plus ``serving_default``.
+
+    The ``sample`` signature's hard upper bounds (a request above one fails in-graph before any sampling, with an
+    ``InvalidArgumentError`` naming the bound):
+
+    * ``max_num_samples`` (default 256): at most ``max_num_samples_limit(image_shape)``, i.e. 1 GiB of float32
+      samples per request (``ValueError`` above).
+    * ``max_n_steps`` (default 1000): at most 100,000.
+    * ``max_step_size`` (default 10x the trained sampler's ``step_size``): the step is tuned with the model, and
+      an order of magnitude leaves room to explore while ruling out the absurd (1e30) steps that only return
+      saturated or garbage samples.
+    * ``max_noise_std`` (default ``max(10x the trained noise_std, high - low)`` of the value range): noise with a
+      standard deviation of the value range's width already scatters a step over the whole range (and samples
+      are clipped to it), so more only saturates pixels; the width also keeps the default meaningful for a
+      sampler trained without noise.
+
+    Both must be finite and > 0, and not below the trained values (which requests get by default).
 
     (``keras.export.ExportArchive`` would work too, but it checkpoints every variable twice, doubling
     the export's size.)
     """
-    if not (isinstance(max_num_samples, int) and max_num_samples >= 1):
-        raise ValueError(f"`max_num_samples` must be an int >= 1; received {max_num_samples!r}")
-    if not (isinstance(max_n_steps, int) and max_n_steps >= 1):
-        raise ValueError(f"`max_n_steps` must be an int >= 1; received {max_n_steps!r}")
+    limits = sample_limits(model, max_num_samples=max_num_samples, max_n_steps=max_n_steps,
+                           max_step_size=max_step_size, max_noise_std=max_noise_std)
+    max_step_size, max_noise_std = limits["max_step_size"], limits["max_noise_std"]
     detector, scorer = ood.detector, ood.scorer
     if detector.threshold is None or not np.isfinite(detector.threshold):
         raise ValueError(f"The OOD detector needs a finite threshold; received {detector.threshold!r}")
@@ -79,13 +165,16 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
     def logits_of(images):
         return tf.cast(backbone(images, training=False), tf.float32)
 
+    def checked(images):
+        return check_images_in_graph(check_image_shape_in_graph(images, image_shape), value_range)
+
     def classify(images):
-        logits = logits_of(check_images_in_graph(images, value_range))
+        logits = logits_of(checked(images))
         return {"probabilities": tf.nn.softmax(logits, axis=-1), "logits": logits,
                 "predicted_class": tf.argmax(logits, axis=-1, output_type=tf.int64)}
 
     def energy(images):
-        components = scorer.components(check_images_in_graph(images, value_range), ood_components)
+        components = scorer.components(checked(images), ood_components)
         logits = components["logits"]
         ood_score = tf.cast(detector.combine(components), tf.float32)
         return {"energy": energy_lib.energy(logits), "log_px": energy_lib.log_px(logits), "ood_score": ood_score,
@@ -108,15 +197,20 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
             tf.debugging.assert_less(class_label, num_classes, message=f"class_label must be < {num_classes}; got"),
             tf.debugging.assert_all_finite(step_size, message="step_size must be finite"),
             tf.debugging.assert_all_finite(noise_std, message="noise_std must be finite"),
+            tf.debugging.assert_less_equal(step_size, max_step_size,
+                                           message=f"step_size must be <= max_step_size = {max_step_size}; got"),
+            tf.debugging.assert_less_equal(noise_std, max_noise_std,
+                                           message=f"noise_std must be <= max_noise_std = {max_noise_std}; got"),
         ]
         with tf.control_dependencies(checks):
-            num_samples, n_steps, class_label = (tf.identity(t) for t in (num_samples, n_steps, class_label))
+            num_samples, n_steps, class_label, step_size, noise_std = (
+                tf.identity(t) for t in (num_samples, n_steps, class_label, step_size, noise_std))
         step_size = tf.where(step_size > 0, step_size, sampler.step_size)
         noise_std = tf.where(noise_std >= 0, noise_std, sampler.noise_std)
         stateless_seed = tf.stack([seed, tf.constant(0, tf.int64)])
         labels = tf.fill([num_samples], class_label)
+        low, high = value_range
         if chain_init is None:
-            low, high = value_range
             x0 = tf.random.stateless_uniform(tf.concat([[num_samples], image_shape], 0), seed=stateless_seed,
                                              minval=low, maxval=high)
         else:
@@ -126,6 +220,8 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
         samples, _ = sampler.sample(
             sampling_energy, x0, seeds.fold(stateless_seed, seeds.SERVING_SGLD),
             context=(labels,), n_steps=n_steps, step_size=step_size, noise_std=noise_std)
+        # Clipped to the value range: every sample is a valid input of classify and energy.
+        samples = tf.clip_by_value(samples, low, high)
         return {"samples": samples, "energy": energy_lib.energy(logits_of(samples))}
 
     module = tf.Module(name="jem_serving")
@@ -154,6 +250,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                        ood: Optional[FittedDetector] = None, calibration_images: Optional[np.ndarray] = None,
                        calibration_split: str = "given", ood_threshold: Optional[float] = None,
                        tpr: float = 0.95, max_num_samples: int = 256, max_n_steps: int = 1000,
+                       max_step_size: Optional[float] = None, max_noise_std: Optional[float] = None,
                        preprocessing: str = "", dataset: str = "") -> str:
     """Exports ``model`` for TensorFlow Serving to ``export_dir/<version>/`` and returns that path.
 
@@ -169,7 +266,9 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         calibration_split: Where ``calibration_images`` come from (recorded in the metadata).
         ood_threshold: Instead of ``ood``: the detector is ``log_px`` with this explicit threshold.
         tpr: Fraction of calibration images called in-distribution. Default 0.95.
-        max_num_samples, max_n_steps: Hard bounds of the ``sample`` signature. Defaults 256, 1000.
+        max_num_samples, max_n_steps, max_step_size, max_noise_std: Hard upper bounds of the ``sample``
+            signature (:func:`build_serving_module`). Defaults 256 (at most 1 GiB of float32 samples), 1000 (at most
+            100,000), 10x the trained step size, ``max(10x the trained noise_std, value range width)``.
         preprocessing: How raw inputs map to the model's value range (recorded in the metadata).
         dataset: Name of the training data (recorded in the metadata).
 
@@ -187,6 +286,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
     target = os.path.join(export_dir, str(version))
     if os.path.exists(target):
         raise ValueError(f"Version {version} already exists at {target!r}; versions are never overwritten.")
+    limits = sample_limits(model, max_num_samples=max_num_samples, max_n_steps=max_n_steps,
+                           max_step_size=max_step_size, max_noise_std=max_noise_std)  # before the calibration
     if calibration_images is not None:
         ood = fit_ood_detector(model, calibration_images, calibration_split=calibration_split, tpr=tpr)
     elif ood_threshold is not None:
@@ -197,8 +298,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                              dataclasses.replace(detector, threshold=float(ood_threshold)),
                              {"calibration_split": "none (explicit threshold)", "num_calibration_images": 0,
                               "tpr": None})
-    module, signatures = build_serving_module(model, ood=ood, max_num_samples=max_num_samples,
-                                              max_n_steps=max_n_steps)
+    module, signatures = build_serving_module(model, ood=ood, **limits)
     os.makedirs(export_dir, exist_ok=True)
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -215,19 +315,22 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                   "value_range": [low, high], "preprocessing": preprocessing or f"scale inputs to [{low}, {high}]"},
         "num_classes": model.num_classes,
         "ood": ood.metadata(),
-        "sample": {"max_num_samples": max_num_samples, "max_n_steps": max_n_steps,
+        "sample": {**limits, "clipped_to_value_range": True,
                    "sampler": model.sampler.get_config(),
                    "start": ("uniform noise on the value range" if model.chain_init is None else
                              f"class Gaussians of the training split (covariance rank {model.chain_init.rank} of "
                              f"{model.chain_init.dim}{', full' if model.chain_init.is_full_rank else ' + per-pixel residual'}"
                              "); class_label -1 draws the class with the training class frequencies"),
-                   "defaults": "class_label -1 = unconditional; step_size <= 0 or noise_std < 0 = trained sampler's"},
+                   "defaults": "class_label -1 = unconditional; step_size <= 0 or noise_std < 0 = trained sampler's",
+                   "bounds": "requests above max_num_samples, max_n_steps, max_step_size or max_noise_std are rejected "
+                             "before any sampling; samples are clipped to input.value_range"},
         "signatures": {
             "classify": "images -> probabilities [N, K], logits [N, K], predicted_class [N] (also serving_default)",
             "energy": "images -> energy [N], log_px [N], ood_score [N] (higher = more in-distribution), "
                       "is_in_distribution [N] (bool: ood_score >= ood.threshold)",
             "sample": "num_samples, n_steps, seed, class_label, step_size, noise_std (scalars) -> "
-                      "samples [num_samples, H, W, C], energy [num_samples]",
+                      "samples [num_samples, H, W, C] (clipped to input.value_range), energy [num_samples] (of the "
+                      "clipped samples)",
         },
     }
     os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)

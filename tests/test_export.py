@@ -1,5 +1,6 @@
 """SavedModel export: loaded the way TensorFlow Serving loads it, in a process without Keras or jem_tf."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,12 +19,15 @@ import tensorflow as tf
 from conftest import tiny_jem
 from jem_tf import energy as energy_lib
 from jem_tf.export import main as export_main
-from jem_tf.serving import METADATA_FILE, export_saved_model, next_version
+from jem_tf.serving import METADATA_FILE, export_saved_model, max_num_samples_limit, next_version, sample_limits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "helpers", "serving_check.py")
 SAMPLE_REQUEST = {"num_samples": np.int32(6), "n_steps": np.int32(30), "seed": np.int64(11),
                   "class_label": np.int32(-1), "step_size": np.float32(0.0), "noise_std": np.float32(-1.0)}
+# Images the 8x8x1 test export must reject with an error naming its shape [N, 8, 8, 1].
+BAD_IMAGE_SHAPES = [[2, 28, 28, 1], [2, 8, 8, 3], [2, 8, 8], [1, 8, 8, 1, 1], [8, 8, 1], []]
+EXPECTED_SHAPE = r"images must have shape \[N, 8, 8, 1\]"
 
 
 def _load_client(name):
@@ -70,6 +74,12 @@ def served(trained, tmp_path_factory):
     return dict(np.load(tmp / "outputs.npz"))
 
 
+@pytest.fixture(scope="module")
+def loaded(trained):
+    """The test export loaded with ``tf.saved_model.load`` (the object API)."""
+    return tf.saved_model.load(trained[3])
+
+
 def test_layout_metadata_and_small_size(trained):
     model, x, base, path = trained
     assert path == os.path.join(base, "1") and sorted(os.listdir(base)) == ["1"]
@@ -78,6 +88,9 @@ def test_layout_metadata_and_small_size(trained):
     assert metadata["input"] == {"name": "images", "dtype": "float32", "shape": [None, 8, 8, 1],
                                  "value_range": [-1.0, 1.0], "preprocessing": "test"}
     assert metadata["sample"]["max_num_samples"] == 32 and metadata["sample"]["max_n_steps"] == 250
+    # Default step/noise bounds of the trained sampler (step 1.0, noise 0.01): 10x the step, the range's width 2.
+    assert metadata["sample"]["max_step_size"] == 10.0 and metadata["sample"]["max_noise_std"] == 2.0
+    assert metadata["sample"]["clipped_to_value_range"] is True
     # The OOD detector: chosen on the calibration images and outliers made from them, calibrated at 95 % TPR.
     ood = metadata["ood"]
     assert ood["calibration_split"] == "given" and ood["num_calibration_images"] == len(x)
@@ -147,6 +160,120 @@ def test_signature_rejects_bad_inputs_and_enforces_bounds(trained):
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             sample(**{**ok, name: tf.constant(value, ok[name].dtype)})
         assert time.time() - start < 5  # rejected before any sampling
+
+
+@pytest.mark.parametrize("signature", ["classify", "energy"])
+def test_image_signatures_check_the_full_shape_in_graph(loaded, signature):
+    """tf.saved_model.load does not enforce the input spec's shape: the signature's own check names the shape."""
+    function = loaded.signatures[signature]
+    for shape in BAD_IMAGE_SHAPES:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=EXPECTED_SHAPE):
+            function(images=tf.zeros(shape))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=EXPECTED_SHAPE + " with N >= 1; the batch is empty"):
+        function(images=tf.zeros([0, 8, 8, 1]))
+    assert set(function(images=tf.zeros([1, 8, 8, 1]))) >= {"logits" if signature == "classify" else "energy"}
+
+
+@contextlib.contextmanager
+def _session_loader(path):
+    """The TF1 session loader (TF Serving's C++ path); yields ``run(signature, feeds, check_feed_shapes=True)``.
+
+    Python's ``sess.run`` itself refuses a feed whose shape differs from the placeholder's declared one; TF
+    Serving's C++ server does not, so ``check_feed_shapes=False`` feeds through the C API like it does.
+    """
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session() as sess:
+        meta_graph = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+
+        def run(signature, feeds, check_feed_shapes=True):
+            signature_def = meta_graph.signature_def[signature]
+            fetches = {k: t.name for k, t in signature_def.outputs.items()}
+            feed_dict = {signature_def.inputs[k].name: v for k, v in feeds.items()}
+            if check_feed_shapes:
+                return sess.run(fetches, feed_dict)
+            names = sorted(fetches)
+            values = sess._call_tf_sessionrun(
+                None, {graph.get_tensor_by_name(k)._as_tf_output(): np.asarray(v) for k, v in feed_dict.items()},
+                [graph.get_tensor_by_name(fetches[name])._as_tf_output() for name in names], [], None)
+            return dict(zip(names, values))
+
+        yield run
+
+
+def test_session_loader_runs_the_shape_and_sampling_checks(trained):
+    """The checks are ops of the graph TF Serving's C++ loader runs, not Python-side checks of the object API."""
+    with _session_loader(trained[3]) as run:
+        for signature in ("classify", "energy"):
+            with pytest.raises(tf.errors.InvalidArgumentError, match=EXPECTED_SHAPE + ".*the batch is empty"):
+                run(signature, {"images": np.zeros([0, 8, 8, 1], np.float32)})
+            for shape in BAD_IMAGE_SHAPES:
+                with pytest.raises(tf.errors.InvalidArgumentError, match=EXPECTED_SHAPE):
+                    run(signature, {"images": np.zeros(shape, np.float32)}, check_feed_shapes=False)
+        assert run("classify", {"images": np.zeros([2, 8, 8, 1], np.float32)},
+                   check_feed_shapes=False)["logits"].shape == (2, 3)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="step_size must be <= max_step_size = 10.0"):
+            run("sample", {**SAMPLE_REQUEST, "step_size": np.float32(1e30)})
+
+
+def test_sample_rejects_step_size_and_noise_std_above_the_export_limits(loaded):
+    sample = loaded.signatures["sample"]
+    ok = {k: tf.constant(v) for k, v in SAMPLE_REQUEST.items()}
+    for name, value, message in [("step_size", 1e30, "step_size must be <= max_step_size = 10.0"),
+                                 ("step_size", 10.5, "step_size must be <= max_step_size = 10.0"),
+                                 ("step_size", np.inf, "step_size must be"),
+                                 ("noise_std", 1e30, "noise_std must be <= max_noise_std = 2.0"),
+                                 ("noise_std", 2.5, "noise_std must be <= max_noise_std = 2.0"),
+                                 ("noise_std", np.nan, "noise_std must be")]:
+        start = time.time()
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            sample(**{**ok, name: tf.constant(value, tf.float32), "n_steps": tf.constant(250)})
+        assert time.time() - start < 5  # rejected before any sampling
+    at_limits = sample(**{**ok, "step_size": tf.constant(10.0), "noise_std": tf.constant(2.0)})
+    assert np.all(np.isfinite(at_limits["samples"].numpy()))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_step_size": 0.0}, "`max_step_size` must be finite (as float32) and > 0; received 0.0"),
+    ({"max_step_size": -1.0}, "`max_step_size` must be finite (as float32) and > 0; received -1.0"),
+    ({"max_step_size": float("inf")}, "`max_step_size` must be finite (as float32) and > 0; received inf"),
+    ({"max_step_size": float("nan")}, "`max_step_size` must be finite (as float32) and > 0; received nan"),
+    ({"max_step_size": 1e39}, "`max_step_size` must be finite (as float32) and > 0; received 1e+39"),
+    ({"max_step_size": "10"}, "`max_step_size` must be a number; received '10'"),
+    ({"max_step_size": 0.5}, "`max_step_size` must be >= the trained sampler's step_size 1.0"),
+    ({"max_noise_std": float("nan")}, "`max_noise_std` must be finite (as float32) and > 0; received nan"),
+    ({"max_noise_std": 0.001}, "`max_noise_std` must be >= the trained sampler's noise_std 0.01"),
+    ({"max_num_samples": 0}, "`max_num_samples` must be an int >= 1; received 0"),
+    ({"max_num_samples": 4194305}, "`max_num_samples` must be <= 4194304 for images of shape [8, 8, 1] (1 GiB"),
+    ({"max_num_samples": 1_000_000_000}, "`max_num_samples` must be <= 4194304"),
+    ({"max_n_steps": 100_001}, "`max_n_steps` must be an int in [1, 100000]; received 100001"),
+    ({"max_n_steps": 0}, "`max_n_steps` must be an int in [1, 100000]; received 0"),
+])
+def test_export_rejects_bad_sample_limits_before_any_work(trained, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        export_saved_model(trained[0], str(tmp_path / "served"), ood_threshold=0.0, **kwargs)
+    assert not (tmp_path / "served").exists()
+
+
+def test_sample_limits_memory_cap_and_defaults(trained):
+    model = trained[0]
+    assert max_num_samples_limit((8, 8, 1)) == 2 ** 30 // 256 and max_num_samples_limit((32, 32, 3)) == 87381
+    limits = sample_limits(model, max_num_samples=2 ** 30 // 256, max_n_steps=100_000)  # the ceilings themselves
+    assert limits == {"max_num_samples": 4194304, "max_n_steps": 100_000, "max_step_size": 10.0, "max_noise_std": 2.0}
+    assert sample_limits(model, max_step_size=1, max_noise_std=0.01)["max_step_size"] == 1.0
+
+
+def test_samples_of_an_unclamped_sampler_are_clipped_to_the_value_range(trained, loaded):
+    model = trained[0]
+    assert model.sampler.clamp_range is None and model.value_range == (-1.0, 1.0)
+    request = {**{k: tf.constant(v) for k, v in SAMPLE_REQUEST.items()}, "num_samples": tf.constant(16),
+               "step_size": tf.constant(10.0), "noise_std": tf.constant(2.0)}
+    result = loaded.signatures["sample"](**request)
+    samples = result["samples"].numpy()
+    assert samples.min() >= -1.0 and samples.max() <= 1.0
+    assert np.mean(np.abs(samples) == 1.0) > 0.2  # without the clip, these would lie outside [-1, 1]
+    classified = loaded.signatures["classify"](images=result["samples"])  # a valid input of classify...
+    np.testing.assert_allclose(classified["logits"].numpy(), model.predict(samples, verbose=0), atol=1e-5)
+    energies = loaded.signatures["energy"](images=result["samples"])  # ...and of energy, which matches
+    np.testing.assert_allclose(result["energy"].numpy(), energies["energy"].numpy(), atol=1e-5)
 
 
 def test_versions_are_never_overwritten_and_increment(trained):
@@ -246,9 +373,20 @@ def test_export_cli_from_a_training_workdir(tmp_path, capsys):
                        "--export-dir", str(tmp_path / "served")]) == 0
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
     assert metrics["export_path"] == str(tmp_path / "served" / "1")
-    assert export_main(["--model", workdir, "--export-dir", str(tmp_path / "served")]) == 0
+    capsys.readouterr()
+    # The memory guard: 1e9 digits samples would be 256 GB; rejected once the model's image shape is known.
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--model", workdir, "--export-dir", str(tmp_path / "served"), "--max-num-samples", "1000000000"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--max-num-samples must be <= 4194304 for images of shape [8, 8, 1] (1 GiB" in err
+    assert sorted(os.listdir(tmp_path / "served")) == ["1"]
+    assert export_main(["--model", workdir, "--export-dir", str(tmp_path / "served"), "--max-n-steps", "100000",
+                        "--max-step-size", "25", "--max-noise-std", "0.5"]) == 0
     assert "exported " + str(tmp_path / "served" / "2") in capsys.readouterr().out
     metadata = json.load(open(tmp_path / "served" / "2" / METADATA_FILE))
+    assert metadata["sample"]["max_n_steps"] == 100_000 and metadata["sample"]["max_step_size"] == 25.0
+    assert metadata["sample"]["max_noise_std"] == 0.5 and metadata["sample"]["clipped_to_value_range"] is True
     # Chosen and calibrated on the run's validation split (10 % of the 1,437 digits training images), with the
     # training split's feature statistics (so the Mahalanobis candidates were in the running).
     assert metadata["dataset"] == "digits" and metadata["ood"]["num_calibration_images"] == 144
@@ -309,6 +447,23 @@ def test_every_ood_component_is_served_without_keras(trained, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "/no/such/dir", "--export-dir", "x"], "No model at '/no/such/dir'"),
     (["--export-dir", "x"], "the following arguments are required: --model"),
+    # Flag values are checked before anything is loaded (the model path does not exist).
+    (["--model", "/no/such/dir", "--export-dir", "x", "--max-num-samples", "0"],
+     "--max-num-samples must be >= 1; received 0"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--max-n-steps", "0"],
+     "--max-n-steps must be in [1, 100000]; received 0"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--max-n-steps", "100001"],
+     "--max-n-steps must be in [1, 100000]; received 100001"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--max-step-size", "nan"],
+     "--max-step-size must be finite and > 0; received nan"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--max-noise-std", "-1"],
+     "--max-noise-std must be finite and > 0; received -1.0"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--max-step-size", "inf"],
+     "--max-step-size must be finite and > 0; received inf"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--tpr", "0"], "--tpr must be in (0, 1]; received 0.0"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--version", "-1"], "--version must be >= 0; received -1"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--max-num-samples", "many"],
+     "argument --max-num-samples: invalid int value: 'many'"),
 ])
 def test_export_cli_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -323,7 +478,10 @@ def test_export_cli_rejects_corrupt_model_file(tmp_path, capsys):
     bad.write_bytes(b"PK\x03\x04 definitely not a keras archive")
     with pytest.raises(SystemExit):
         export_main(["--model", str(bad), "--export-dir", str(tmp_path / "out"), "--dataset", "digits"])
-    assert "Cannot load" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # jem_tf.run's load_trained_model: "Cannot load ..." or, since it checks the archive first, "... is not a .keras
+    # archive (truncated or corrupt: not a zip file)".
+    assert re.search(r"Cannot load|is not a \.keras archive", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def _free_port():

@@ -104,6 +104,8 @@ def test_paths_that_are_files_or_directories_in_the_wrong_place(tmp_path, finish
     result = _cli("train", *TINY, "--workdir", str(tmp_path / "new"), "--export-dir", str(a_file))
     assert result.returncode == 2 and "--export-dir" in _error_line(result)
     assert not os.path.exists(tmp_path / "new")
+    result = _cli("export", "--model", finished_run, "--export-dir", str(a_file))
+    assert result.returncode == 2 and "--export-dir" in _error_line(result) and "is a file" in _error_line(result)
     result = _cli("evaluate", "--model", finished_run, "--out", str(a_file), "--modes", "accuracy")
     assert result.returncode == 2 and "--out" in _error_line(result) and a_file.read_text() == "not a directory"
     result = _cli("train", "--recipe", str(tmp_path), "--workdir", str(tmp_path / "new"))
