@@ -13,7 +13,7 @@ import typing
 from typing import List, Optional
 
 from jem_tf.chain_init import CHAIN_INITS
-from jem_tf.data import AUGMENTATIONS, DATASETS
+from jem_tf.data import AUGMENTATIONS, dataset_problem
 from jem_tf.distribution import STRATEGIES
 from jem_tf.networks import NORMALIZATIONS, PRECISIONS
 from jem_tf.replay_buffer import STORAGES
@@ -71,6 +71,10 @@ class TrainConfig:
     sgld_grad_clamp: Optional[float] = None  # JEM++: clamp each gradient element to +-this (proximal step)
     sgld_clamp: bool = False
     sgld_jit_compile: bool = False
+    # XLA for the whole train/test/predict step (Keras's jit_compile). Off by default on every device: on
+    # CPU it measured ~3x slower for a small JEM, and it is unmeasured on GPU here (bench/gpu.sh measures
+    # both); input checks hold either way (see JEM.compile).
+    jit_compile: bool = False
     # Training steps per compiled call (Keras's steps_per_execution); callbacks see every N-th step.
     steps_per_execution: int = 1
     buffer_size: int = 10_000
@@ -111,7 +115,11 @@ class TrainConfig:
             if not _has_type(getattr(self, field), annotation):
                 fail(field, _type_name(annotation))
 
-        choices = {"dataset": DATASETS, "augment": AUGMENTATIONS, "normalization": NORMALIZATIONS,
+        # A known name, another tfds image classification name or an existing .npz file with training images.
+        dataset_expected = dataset_problem(self.dataset, training=True)
+        if dataset_expected is not None:
+            fail("dataset", dataset_expected)
+        choices = {"augment": AUGMENTATIONS, "normalization": NORMALIZATIONS,
                    "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": CONFIG_PRECISIONS,
                    "buffer_storage": STORAGES, "chain_init": CHAIN_INITS}
         for field, allowed in choices.items():

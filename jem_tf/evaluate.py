@@ -18,7 +18,7 @@ import time
 from typing import List, Optional
 
 from jem_tf.cli import OneLineErrorParser
-from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, DataNotFoundError
+from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, DataNotFoundError, dataset_argument
 from jem_tf.evaluation import (DEFAULT_PGD_EPS, INCEPTION, MODES, REPORT_FILE, SYNTHETIC_OOD, EvaluationConfig,
                                evaluate, load_feature_network, load_ood_sets, summary_lines)
 from jem_tf.run import (check_output_dir, held_out_split, load_run_dataset, load_trained_model,
@@ -30,12 +30,14 @@ def build_parser() -> OneLineErrorParser:
                                 description="Evaluate a trained JEM: accuracy, calibration, OOD detection, samples, "
                                             "Fréchet distance and adversarial robustness.")
     parser.add_argument("--model", required=True, help="training work directory or .keras file")
-    parser.add_argument("--dataset", choices=DATASETS, default=None,
-                        help="in-distribution dataset (default: the run's)")
+    parser.add_argument("--dataset", type=dataset_argument(), default=None, metavar="NAME",
+                        help=f"in-distribution dataset (default: the run's): {', '.join(DATASETS)}, another tfds "
+                             "image classification name, or a .npz file")
     parser.add_argument("--data-dir", default=None, help="data directory of --dataset")
-    parser.add_argument("--ood", nargs="+", default=list(SYNTHETIC_OOD),
-                        choices=DATASETS + EVALUATION_ONLY_DATASETS + SYNTHETIC_OOD, metavar="NAME",
-                        help=f"OOD sets: {', '.join(SYNTHETIC_OOD + EVALUATION_ONLY_DATASETS + DATASETS)}")
+    parser.add_argument("--ood", nargs="+", default=list(SYNTHETIC_OOD), metavar="NAME",
+                        type=dataset_argument(extra=SYNTHETIC_OOD),
+                        help=f"OOD sets: {', '.join(SYNTHETIC_OOD + EVALUATION_ONLY_DATASETS + DATASETS)}, another "
+                             "tfds image classification name, or a .npz file (its test split)")
     parser.add_argument("--ood-data-dir", default=None, help="data directory of the named OOD datasets")
     parser.add_argument("--max-ood-images", type=int, default=None, help="cap on images per OOD set")
     parser.add_argument("--out", required=True, help="output directory for report.json and PNG figures")

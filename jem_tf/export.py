@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from jem_tf.cli import OneLineErrorParser
-from jem_tf.data import DATASETS, PREPROCESSING, DataNotFoundError
+from jem_tf.data import DATASETS, DataNotFoundError, dataset_argument, preprocessing_of
 from jem_tf.ood import fit_ood_detector
 from jem_tf.run import (CALIBRATION_SPLITS, check_output_dir, load_run_dataset, load_trained_model,
                         ood_calibration_data)
@@ -33,8 +33,9 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--model", required=True, help="training work directory or .keras file")
     parser.add_argument("--export-dir", required=True, help="TF Serving model base path; writes EXPORT_DIR/<version>/")
     parser.add_argument("--version", type=int, default=None, help="integer version (default: next free)")
-    parser.add_argument("--dataset", choices=DATASETS, default=None,
-                        help="in-distribution data for OOD calibration (default: the run's dataset)")
+    parser.add_argument("--dataset", type=dataset_argument(training=True), default=None, metavar="NAME",
+                        help="in-distribution data for OOD calibration (default: the run's dataset): "
+                             f"{', '.join(DATASETS)}, another tfds image classification name, or a .npz file")
     parser.add_argument("--data-dir", default=None, help="data directory of --dataset")
     parser.add_argument("--tpr", type=float, default=0.95, help="fraction of held-out data called in-distribution")
     parser.add_argument("--calibration-split", choices=CALIBRATION_SPLITS, default="validation",
@@ -100,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                train_labels=train.labels, select=args.ood_detector == "select", tpr=args.tpr,
                                seed=args.seed)
         path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
-                                  preprocessing=PREPROCESSING.get(dataset, ""), dataset=dataset,
+                                  preprocessing=preprocessing_of(dataset), dataset=dataset,
                                   **_sample_limit_kwargs(args))
     except (ValueError, DataNotFoundError) as error:
         parser.error(str(error))

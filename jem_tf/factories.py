@@ -136,10 +136,11 @@ def check_steps_per_execution(config: TrainConfig, steps_per_epoch: int) -> None
 
 
 def compile_jem(model: JEM, config: TrainConfig, *, steps_per_epoch: int) -> JEM:
-    """Compiles ``model`` with :func:`build_optimizer` and the config's ``steps_per_execution``."""
+    """Compiles ``model`` with :func:`build_optimizer`, the config's ``steps_per_execution`` and its
+    ``jit_compile`` (XLA for the whole step; off unless asked for, on every device)."""
     check_steps_per_execution(config, steps_per_epoch)
     model.compile(optimizer=build_optimizer(config, steps_per_epoch=steps_per_epoch),
-                  steps_per_execution=config.steps_per_execution)
+                  steps_per_execution=config.steps_per_execution, jit_compile=config.jit_compile)
     return model
 
 

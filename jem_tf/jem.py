@@ -255,14 +255,73 @@ class JEM(keras.Model):
         inputs.check_arrays(x, y, image_shape=self.image_shape, num_classes=self.num_classes,
                             value_range=self.value_range)
 
+    def compile(self, optimizer="adam", loss=None, metrics=None, *, jit_compile=False, **kwargs):
+        """``keras.Model.compile`` for a JEM.
+
+        The loss is JEM's own (:func:`jem_tf.objective.jem_objective`) and so are the metrics (``loss, ce,
+        accuracy, e_data`` and, when sampling, ``e_sample, energy_gap, sgld_grad_norm, sample_abs_max``):
+        passing ``loss``, ``loss_weights``, ``metrics`` or ``weighted_metrics`` is an error rather than being
+        ignored.
+
+        ``jit_compile`` (XLA for the whole train/test/predict step) defaults to ``False`` on every device,
+        unlike Keras's ``"auto"`` (which turns XLA on when a GPU is present): on CPU XLA made a small JEM step
+        about 3x slower, and on GPU it is unmeasured here (``bench/gpu.sh`` times both). ``True`` or ``"auto"``
+        are honoured. The input checks hold in every mode: XLA drops TensorFlow's in-graph ``Assert`` ops,
+        so under XLA :meth:`fit` and :meth:`evaluate` check ``tf.data`` inputs in the input pipeline instead
+        (numpy inputs are checked eagerly either way; ``predict`` returns logits of any input, as before).
+        """
+        for name, value in (("loss", loss), ("metrics", metrics), ("loss_weights", kwargs.get("loss_weights")),
+                            ("weighted_metrics", kwargs.get("weighted_metrics"))):
+            if value is not None:
+                raise ValueError(
+                    f"JEM.compile does not take `{name}`: the JEM objective is the loss, and the logged metrics are "
+                    "loss, ce, accuracy, e_data (+ e_sample, energy_gap, sgld_grad_norm, sample_abs_max); compute "
+                    f"other metrics from model.predict(x) (logits). Received {name}={value!r}")
+        if jit_compile not in (True, False, "auto"):
+            raise ValueError(f"`jit_compile` must be True, False or 'auto'; received {jit_compile!r}")
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded model with its saved compile settings (through :meth:`compile`)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def _checked(self, data):
+        """``data`` with the input checks in its pipeline when the compiled step cannot hold them (XLA)."""
+        if not (self.validate_inputs and getattr(self, "jit_compile", False) and isinstance(data, tf.data.Dataset)):
+            return data
+
+        def check(*element):
+            x, rest = element[0], element[1:]
+            if rest:
+                checked, _ = inputs.prepare_batch(x, rest[0], image_shape=self.image_shape,
+                                                  num_classes=self.num_classes, value_range=self.value_range)
+            else:
+                checked = inputs.check_images_in_graph(tf.cast(x, tf.float32), self.value_range)
+            with tf.control_dependencies([checked]):
+                x = tf.identity(x)
+            return (x, *rest) if rest else x
+
+        return data.map(check)
+
     def fit(self, x=None, y=None, *args, **kwargs):
-        """``keras.Model.fit``; numpy inputs are checked first (see :meth:`check_arrays`)."""
+        """``keras.Model.fit``; numpy inputs are checked first (see :meth:`check_arrays`), ``tf.data`` inputs
+        in the compiled step (or, under XLA, in the input pipeline)."""
         if isinstance(x, np.ndarray) and self.validate_inputs:
             self.check_arrays(x, y)
             validation_data = kwargs.get("validation_data")
             if isinstance(validation_data, tuple) and isinstance(validation_data[0], np.ndarray):
                 self.check_arrays(validation_data[0], validation_data[1] if len(validation_data) > 1 else None)
-        return super().fit(x, y, *args, **kwargs)
+        if "validation_data" in kwargs:
+            kwargs["validation_data"] = self._checked(kwargs["validation_data"])
+        return super().fit(self._checked(x), y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """``keras.Model.evaluate`` with the same input checks as :meth:`fit`."""
+        if isinstance(x, np.ndarray) and self.validate_inputs:
+            self.check_arrays(x, y)
+        return super().evaluate(self._checked(x), y, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- training
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):

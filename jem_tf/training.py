@@ -19,7 +19,7 @@ import numpy as np
 from jem_tf import energy as energy_lib
 from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
-from jem_tf.data import PREPROCESSING, ImageDataset, make_dataset
+from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, check_steps_per_execution,
                               compile_jem, resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
@@ -184,7 +184,7 @@ def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, va
                                calibration_labels=validation.labels, train_images=train.images,
                                train_labels=train.labels, seed=config.seed)
         metrics["export_path"] = export_saved_model(
-            model, config.export_dir, ood=ood, preprocessing=PREPROCESSING.get(config.dataset, ""),
+            model, config.export_dir, ood=ood, preprocessing=preprocessing_of(config.dataset),
             dataset=config.dataset)
         metrics["ood_detector"] = {"score": ood.detector.name, "threshold": ood.detector.threshold,
                                    "calibration_split": "validation"}

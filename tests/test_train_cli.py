@@ -123,3 +123,50 @@ def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "Dataset 'cifar10' was not found" in err and "--data-dir" in err
+
+
+def test_trains_on_a_npz_file_and_evaluates_against_a_npz_ood_set(tmp_path, monkeypatch, capsys):
+    """`--dataset FILE.npz` trains (relative path, kept as given in config.json; the run's seed fixes the
+    validation split), `evaluate --ood FILE.npz` scores an OOD-only file's test split, and training on that
+    OOD-only file is a one-line error."""
+    from jem_tf import evaluate
+    from jem_tf.data import load_dataset
+    from jem_tf.run import load_run_config, split_train_validation
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(260) % 3
+    images = (rng.integers(0, 120, size=(260, 8, 8)) + 60 * labels[:, None, None]).astype(np.uint8)  # learnable
+    monkeypatch.chdir(tmp_path)
+    np.savez("mine.npz", x_train=images[:200], y_train=labels[:200], x_test=images[200:], y_test=labels[200:])
+    ood = rng.uniform(-1.0, 1.0, size=(40, 8, 8, 1)).astype(np.float32)
+    np.savez("ood_only.npz", x_train=np.zeros((0,)), y_train=np.zeros((0,), np.int64), x_test=ood,
+             y_test=np.arange(40) % 2)
+    workdir = str(tmp_path / "run")
+    argv = ["--epochs", "1", "--buffer-size", "64", "--sgld-steps", "1", "--width", "4", "--batch-size", "64",
+            "--num-sample-images", "16", "--precision", "float32", "--verbose", "0", "--seed", "5"]
+    assert train.main(["--dataset", "mine.npz", *argv, "--workdir", workdir]) == 0
+    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    assert metrics["num_test"] == 60 and 0.0 <= metrics["test_accuracy"] <= 1.0
+    config = load_run_config(workdir)
+    assert config.dataset == "mine.npz" and config.seed == 5
+    model = keras.models.load_model(os.path.join(workdir, "model.keras"))
+    assert tuple(model.image_shape) == (8, 8, 1) and model.num_classes == 3
+    data = load_dataset("mine.npz")
+    _, validation = split_train_validation(config, data.x_train, data.y_train)
+    _, other_seed = split_train_validation(config.replace(seed=6), data.x_train, data.y_train)
+    assert len(validation.images) == 20 and not np.array_equal(validation.labels, other_seed.labels)
+
+    out = str(tmp_path / "eval")
+    assert evaluate.main(["--model", workdir, "--out", out, "--modes", "accuracy", "ood",
+                          "--ood", "uniform", "ood_only.npz", "--refine-steps", "0"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["model"]["dataset"] == "mine.npz"
+    assert report["ood"]["settings"]["ood_sets"] == {"uniform": 60, "ood_only.npz": 40}
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--dataset", "ood_only.npz", *argv, "--workdir", str(tmp_path / "no")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset must be a .npz file with training images" in err
+    assert not os.path.exists(tmp_path / "no")
