@@ -18,6 +18,20 @@ from jem_tf.seeds import SeedState, as_stateless_seed
 from jem_tf.sgld import SGLDSampler
 
 
+def _softmax_head(backbone: keras.Model) -> Optional[str]:
+    """A description of the softmax the backbone ends in, or ``None``."""
+    layers = getattr(backbone, "layers", None) or []
+    if not layers:
+        return None
+    last = layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return f"layer {last.name!r} is a Softmax"
+    activation = getattr(last, "activation", None)
+    if activation is not None and getattr(activation, "__name__", "") in ("softmax", "log_softmax"):
+        return f"layer {last.name!r} has activation={activation.__name__!r}"
+    return None
+
+
 @keras.saving.register_keras_serializable(package="jem_tf")
 class JEM(keras.Model):
     """Joint Energy-based Model around a classifier ``backbone`` that outputs logits.
@@ -95,15 +109,26 @@ class JEM(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(f"jem-tf needs Keras's TensorFlow backend; this Keras uses {keras.backend.backend()!r} "
+                             "(set KERAS_BACKEND=tensorflow before importing keras).")
         if not isinstance(backbone, keras.Model):
             raise ValueError(f"`backbone` must be a keras.Model returning logits; received {backbone!r}")
+        head = _softmax_head(backbone)
+        if head is not None:
+            raise ValueError(f"The backbone ends in a softmax ({head}): a JEM needs the logits f(x) (its energies "
+                             "-logsumexp f(x) would be meaningless on probabilities). Remove the softmax "
+                             "(activation=None on the last layer) and use from_logits losses elsewhere.")
         if image_shape is None:
             image_shape = inputs.static_shape_tuple(getattr(backbone, "input_shape", None) and backbone.input_shape[1:])
         if num_classes is None and getattr(backbone, "output_shape", None) is not None:
             num_classes = backbone.output_shape[-1]
         if image_shape is None or num_classes is None:
+            declared = getattr(backbone, "input_shape", None) if backbone.built or hasattr(backbone, "inputs") else None
             raise ValueError(
-                "Could not infer `image_shape`/`num_classes` from the backbone; pass them explicitly "
+                "Could not infer `image_shape`/`num_classes` from the backbone (its input shape "
+                f"{declared!r} must be static: the replay buffer holds images of one size); build it with a "
+                "fixed input shape or pass them explicitly "
                 f"(received image_shape={image_shape!r}, num_classes={num_classes!r})."
             )
         for name, weight in [("pyx_weight", pyx_weight), ("px_weight", px_weight),
@@ -217,13 +242,17 @@ class JEM(keras.Model):
         """float32 logits ``f(x)`` (mixed-precision backbones may compute in 16 bits)."""
         return tf.cast(self.backbone(x, training=training), tf.float32)
 
-    def energy(self, x, training=False):
-        """``E(x) = -logsumexp_y f(x)[y]`` for images ``x``; shape ``[batch]``."""
-        return energy_lib.energy(self.logits(x, training=training))
+    def energy(self, x, *, batch_size: int = 256) -> np.ndarray:
+        """``E(x) = -logsumexp_y f(x)[y]`` of images ``x`` (numpy array or tensor ``[N, *image_shape]``), in
+        batches of ``batch_size`` and in inference mode, as a float32 numpy array ``[N]`` (like
+        ``predict``). Inside a ``tf.function`` use ``jem_tf.energy.energy(model.logits(x))``."""
+        return -self.log_px(x, batch_size=batch_size)
 
-    def log_px(self, x, training=False):
-        """Unnormalised ``log p(x) = logsumexp_y f(x)[y]``; shape ``[batch]``."""
-        return energy_lib.log_px(self.logits(x, training=training))
+    def log_px(self, x, *, batch_size: int = 256) -> np.ndarray:
+        """Unnormalised ``log p(x) = logsumexp_y f(x)[y]`` of images ``x``, batched like :meth:`energy`; a
+        float32 numpy array ``[N]``. Inside a ``tf.function`` use ``jem_tf.energy.log_px(model.logits(x))``."""
+        logits = self.predict(x, batch_size=batch_size, verbose=0)
+        return energy_lib.log_px(tf.constant(logits, tf.float32)).numpy()
 
     def _sgld_energy(self, x, labels=None):
         # The sampler sees the network in inference mode (no dropout, no BN statistic updates).

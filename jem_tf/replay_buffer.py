@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import collections
+import warnings
 from typing import Optional, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from jem_tf.chain_init import ClassGaussian
 from jem_tf import seeds
 from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
+
+# A buffer larger than this gets a warning with its size before it is allocated.
+LARGE_BUFFER_BYTES = 1 << 30
 
 STORAGES = ("float32", "uint8")
 BufferDraw = collections.namedtuple("BufferDraw", ["x", "indices", "restarted"])
@@ -113,6 +118,12 @@ class ReplayBuffer(keras.layers.Layer):
         self.num_classes = num_classes
         self.value_range = value_range
         self.seed = seed
+        num_bytes = size * int(np.prod(image_shape)) * (1 if storage == "uint8" else 4)
+        if num_bytes > LARGE_BUFFER_BYTES:  # said before the memory is allocated
+            warnings.warn(
+                f"The replay buffer of {size:,} chains of {image_shape} images ({storage}) takes "
+                f"{num_bytes / 2**30:.1f} GiB of memory (per replica under a distribution strategy); lower "
+                "buffer_size, or use buffer_storage='uint8' (4x smaller).", stacklevel=2)
         if init is not None:
             def initializer(shape, dtype=None):
                 return self._encode(self._init_fill(shape[0], tf.constant([0 if seed is None else seed, 0], tf.int64)))

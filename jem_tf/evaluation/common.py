@@ -8,6 +8,7 @@ from typing import Iterator, Tuple
 import numpy as np
 import tensorflow as tf
 
+from jem_tf import energy as energy_lib
 from jem_tf.figures import image_grid, upscale, write_png
 from jem_tf.jem import JEM
 
@@ -31,7 +32,7 @@ def input_gradient_norms(model: JEM, images: np.ndarray, *, batch_size: int = 25
     def norms(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            log_px = tf.reduce_sum(model.log_px(x))
+            log_px = tf.reduce_sum(energy_lib.log_px(model.logits(x)))
         grad = tape.gradient(log_px, x)
         return tf.sqrt(tf.reduce_sum(tf.square(grad), axis=[1, 2, 3]))
 
