@@ -1,5 +1,6 @@
 """Mode ``frechet``: the Fréchet distance between test images and samples in the features of a network
-the user names; called "FID" only when that network is the Inception network."""
+the user names. Never called "FID": Keras's ``InceptionV3`` is not the TF-slim Inception network of the
+standard FID, so even with ``inception_v3`` the metric is ``frechet_distance_inception_v3_keras``."""
 
 from __future__ import annotations
 
@@ -104,13 +105,14 @@ def evaluate_frechet(model: JEM, test_images: np.ndarray, *, network: FeatureNet
     }
     if held_out_images is not None and len(held_out_images) >= 2:
         sets["held_out_real_images"] = held_out_images[:n]
-    name = "fid" if network.is_inception else "frechet_distance"
+    name = "frechet_distance_inception_v3_keras" if network.is_inception else "frechet_distance"
     results = {key: {name: metrics_lib.frechet_distance(*reference,
                                                         *metrics_lib.feature_statistics(network.features(images))),
                      "num_images": int(len(images))}
                for key, images in sets.items()}
     return {"distances": results, "settings": {
         "feature_network": network.description, "metric_name": name, "num_test_images": n, "seed": seed,
-        "note": ("Inception features: comparable to other FIDs only if the weights are the standard ones"
+        "note": ("Keras InceptionV3 pool features: not the reference FID network (TF-slim Inception, "
+                 "pt_inception weights), so not comparable to published FIDs"
                  if network.is_inception else
                  "Fréchet distance in the named network's features; not an FID and not comparable to published FIDs")}}
