@@ -123,7 +123,7 @@ def worker(args):
         config = TrainConfig().replace(
             backbone=backbone_name, precision=args.precision, batch_size=batch, learning_rate=1e-4, warmup_steps=0,
             sgld_steps=args.sgld_steps, sgld_step_size=1.0, sgld_noise_std=0.01,
-            sgld_jit_compile=args.sgld_jit_compile, buffer_size=10_000, buffer_storage=args.buffer_storage,
+            sgld_jit_compile=args.sgld_jit_compile, jit_compile=args.jit_compile, buffer_size=10_000, buffer_storage=args.buffer_storage,
             restart_prob=0.05, px_weight=px_weight, data_noise_std=0.03, steps_per_execution=spe, seed=0).validate()
         return compile_jem(build_jem(config, image_shape=shape, num_classes=10), config, steps_per_epoch=steps)
 
@@ -161,7 +161,7 @@ def worker(args):
     jem_flops = batch * (args.sgld_steps * 2 * flops + 2 * 3 * flops)
     record = {
         "model": args.model, "precision": args.precision, "batch_size": batch, "n_steps": args.sgld_steps,
-        "steps_per_execution": spe, "sgld_jit_compile": args.sgld_jit_compile, "buffer_storage": args.buffer_storage,
+        "steps_per_execution": spe, "sgld_jit_compile": args.sgld_jit_compile, "jit_compile": args.jit_compile, "buffer_storage": args.buffer_storage,
         "input_shape": list(shape), "params": int(jem.backbone.count_params()),
         "jem_step_s_median": jem_median, "clf_step_s_median": clf_median,
         "jem_step_s_all": jem_times, "clf_step_s_all": clf_times,
@@ -188,7 +188,8 @@ def _worker_args(model, precision, args):
     command = ["--worker", "--model", model, "--precision-one", precision, "--batch-size", str(args.batch_size),
                "--sgld-steps", str(args.sgld_steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                "--steps-per-execution", str(args.steps_per_execution), "--buffer-storage", args.buffer_storage]
-    return command + ["--sgld-jit-compile"] * args.sgld_jit_compile + ["--skip-export"] * args.skip_export
+    return (command + ["--sgld-jit-compile"] * args.sgld_jit_compile + ["--jit-compile"] * args.jit_compile
+            + ["--skip-export"] * args.skip_export)
 
 
 def _run_worker(worker_args, what):
@@ -237,6 +238,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing, allocation)")
     parser.add_argument("--steps-per-execution", type=int, default=1)
     parser.add_argument("--sgld-jit-compile", action="store_true", help="compile the SGLD loop with XLA")
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="compile the whole train step with XLA (JEM.compile(jit_compile=True)); default off")
     parser.add_argument("--buffer-storage", choices=["float32", "uint8"], default="float32")
     parser.add_argument("--skip-export", action="store_true", help="do not time the exported classify signature")
     parser.add_argument("--out", help="write the records (JSON list) here")
