@@ -36,6 +36,11 @@ class TrainConfig:
     data_dir: Optional[str] = None
     download: bool = False
     validation_fraction: float = 0.1
+    # Semi-supervised: keep the labels of N training images per class (balanced, seeded; the validation split
+    # keeps all its labels) and train p(x) on every training image. labelled_batch_size: labelled rows added
+    # to each batch of `batch_size` unlabelled rows (default: batch_size). See jem_tf.run.select_labelled.
+    labels_per_class: Optional[int] = None
+    labelled_batch_size: Optional[int] = None
     augment: str = "none"
     # Backbone: "small_cnn", or "wrn-DEPTH-WIDTH" (e.g. "wrn-28-10").
     backbone: str = "small_cnn"
@@ -156,6 +161,13 @@ class TrainConfig:
             fail("precision", "explicit (float32 or mixed_bfloat16) under multi_worker, not auto")
         if self.classifier_epochs >= self.epochs and self.classifier_epochs > 0:
             fail("classifier_epochs", f"fewer than epochs ({self.epochs})")
+        for field in ("labels_per_class", "labelled_batch_size"):
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                fail(field, "an integer >= 1 or none")
+        if self.labelled_batch_size is not None and self.labels_per_class is None:
+            fail("labelled_batch_size", "none unless labels_per_class is set")
+        if self.labels_per_class is not None and self.strategy == "multi_worker":
+            fail("labels_per_class", "none under multi_worker (semi-supervised batches are not sharded by element)")
         if self.chain_init_rank is not None and self.chain_init_rank < 1:
             fail("chain_init_rank", "an integer >= 1 or none")
         if any(e < 1 for e in self.decay_epochs) or self.decay_epochs != sorted(self.decay_epochs):

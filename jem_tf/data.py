@@ -660,6 +660,57 @@ def make_epochs_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: 
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def make_semi_supervised_dataset(x: np.ndarray, labelled_x: np.ndarray, labelled_y: np.ndarray, *, batch_size: int,
+                                 labelled_batch_size: int, seed: int, first_epoch: int, num_epochs: int,
+                                 augment: str = "none") -> tf.data.Dataset:
+    """Semi-supervised batches ``(images, labels, sample_weight)`` for epochs ``first_epoch .. num_epochs - 1``.
+
+    An epoch is one pass over ``x`` (every training image, labelled or not) in batches of ``batch_size``
+    rows of weight 0 (unlabelled: they train ``p(x)`` only; their label is a placeholder 0), each joined by
+    ``labelled_batch_size`` rows drawn with replacement from ``(labelled_x, labelled_y)`` with weight 1 (the
+    cross-entropy sees only these). The joined rows are shuffled, so that under a distribution strategy every
+    replica gets labelled rows. Everything is seeded by ``(seed, epoch, batch)``, so a resumed run sees the
+    batches an uninterrupted one sees (use ``steps_per_epoch = ceil(len(x) / batch_size)``).
+    """
+    for name, value in (("batch_size", batch_size), ("labelled_batch_size", labelled_batch_size)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"`{name}` must be an int >= 1; received {value!r}")
+    if len(labelled_x) == 0 or len(labelled_x) != len(labelled_y):
+        raise ValueError(f"`labelled_x` and `labelled_y` must be non-empty and of equal length; received "
+                         f"{len(labelled_x)} and {len(labelled_y)}.")
+    if not 0 <= first_epoch <= num_epochs:
+        raise ValueError(f"`first_epoch` must be in [0, num_epochs={num_epochs}]; received {first_epoch!r}")
+    images, count = tf.constant(x), len(x)
+    labelled_images, labelled_labels = tf.constant(labelled_x), tf.constant(labelled_y, tf.int32)
+    num_labelled = len(labelled_x)
+    base = tf.constant(seed, tf.int64)
+
+    def one_epoch(epoch):
+        epoch_seed = tf.stack([base, epoch])
+        order = tf.argsort(tf.random.stateless_uniform([count], seed=epoch_seed))
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+
+        def gather(index, batch):
+            batch_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
+            pick = tf.random.stateless_uniform([labelled_batch_size], seed=tf.random.experimental.stateless_fold_in(
+                batch_seed, 1), minval=0, maxval=num_labelled, dtype=tf.int32)
+            unlabelled = tf.gather(images, batch)
+            batch_images = tf.concat([unlabelled, tf.gather(labelled_images, pick)], axis=0)
+            labels = tf.concat([tf.zeros([tf.shape(unlabelled)[0]], tf.int32), tf.gather(labelled_labels, pick)], 0)
+            weights = tf.concat([tf.zeros([tf.shape(unlabelled)[0]]), tf.ones([labelled_batch_size])], 0)
+            rows = tf.argsort(tf.random.stateless_uniform([tf.shape(labels)[0]], seed=tf.random.experimental.
+                                                          stateless_fold_in(batch_seed, 2)))
+            batch_images = tf.gather(batch_images, rows)
+            if augment != "none":
+                batch_images = augment_images(batch_images, kind=augment,
+                                              seed=tf.random.experimental.stateless_fold_in(batch_seed, 3))
+            return batch_images, tf.gather(labels, rows), tf.gather(weights, rows)
+
+        return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    return tf.data.Dataset.range(first_epoch, num_epochs).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
 def make_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool, seed: int = 0,
                  augment: str = "none", drop_remainder: bool = False) -> tf.data.Dataset:
     """A batched, prefetched ``tf.data.Dataset`` of ``(images, labels)``.

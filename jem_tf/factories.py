@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from jem_tf.chain_init import ClassGaussian
 from jem_tf.config import TrainConfig
-from jem_tf.data import make_dataset, make_epochs_dataset
+from jem_tf.data import make_dataset, make_epochs_dataset, make_semi_supervised_dataset
 from jem_tf.jem import JEM
 from jem_tf.networks import build_backbone, with_precision
 from jem_tf.precision import resolve_precision
@@ -150,8 +150,8 @@ def steps_per_epoch(config: TrainConfig, num_train: int) -> int:
 
 
 def build_datasets(config: TrainConfig, train: Split, validation: Optional[Split], *, first_epoch: int = 0,
-                   num_epochs: Optional[int] = None) -> Tuple[tf.data.Dataset, Optional[tf.data.Dataset],
-                                                               Optional[int]]:
+                   num_epochs: Optional[int] = None, labelled: Optional[Split] = None
+                   ) -> Tuple[tf.data.Dataset, Optional[tf.data.Dataset], Optional[int]]:
     """``(train_ds, validation_ds, epoch_steps)`` for ``model.fit(train_ds, validation_data=validation_ds,
     steps_per_epoch=epoch_steps, initial_epoch=first_epoch, epochs=num_epochs)``.
 
@@ -159,9 +159,21 @@ def build_datasets(config: TrainConfig, train: Split, validation: Optional[Split
     run sees the batches an uninterrupted one would. Under ``multi_worker`` the dataset is one shuffled
     stream that Keras shards across workers (``epoch_steps`` ``None``); on resume the model state is exact
     but the data order of the remaining epochs differs from an uninterrupted run.
+
+    Semi-supervised (``config.labels_per_class``): ``labelled`` (:func:`jem_tf.run.select_labelled`) gives the
+    labelled rows of every batch (weight 1) next to ``batch_size`` rows of the whole training split
+    (weight 0: p(x) only); see :func:`jem_tf.data.make_semi_supervised_dataset`.
     """
     num_epochs = config.epochs if num_epochs is None else num_epochs
-    if config.strategy == "multi_worker":
+    if (config.labels_per_class is not None) != (labelled is not None):
+        raise ValueError("A semi-supervised config (labels_per_class) needs `labelled` images, and only it.")
+    if labelled is not None:
+        train_ds = make_semi_supervised_dataset(
+            train.images, labelled.images, labelled.labels, batch_size=config.batch_size,
+            labelled_batch_size=config.labelled_batch_size or config.batch_size, seed=config.seed,
+            first_epoch=first_epoch, num_epochs=num_epochs, augment=config.augment)
+        epoch_steps = steps_per_epoch(config, len(train.images))
+    elif config.strategy == "multi_worker":
         train_ds = make_dataset(train.images, train.labels, batch_size=config.batch_size, shuffle=True,
                                 seed=config.seed, augment=config.augment)
         epoch_steps = None

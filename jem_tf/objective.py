@@ -10,6 +10,10 @@ objective itself knows nothing of samplers, buffers or optimizers, so it can be 
 
 with ``E(x) = -logsumexp_y f(x)[y]`` and ``E(x, y) = -f(x)[y]``. The energy terms can be gated off
 (``energy_active`` false): a plain classifier's loss, for a warm start.
+
+Semi-supervised batches: ``sample_weight`` weights the terms that use labels (the cross-entropy and the
+conditional term) and nothing else, so a row of weight 0 is *unlabelled*: it trains ``p(x)`` alone, and
+its label (any valid id) never reaches the loss.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def jem_objective(labels, logits_data, *, logits_sample=None, logits_conditional
         logits_sample: ``[M, K]`` logits of the unconditional SGLD samples; needed when ``px_weight > 0``.
         logits_conditional_sample: ``[batch, K]`` logits of the class-conditional samples (row i drawn for
             ``labels[i]``); needed when ``pxy_weight > 0``.
-        sample_weight: Optional ``[batch]`` weights of the cross-entropy (a weighted mean).
+        sample_weight: Optional ``[batch]`` weights of the label terms (weighted means of the cross-entropy
+            and of the conditional term); weight 0 = unlabelled row.
         pyx_weight, px_weight, pxy_weight, energy_l2_weight: The weights of the four terms.
         energy_active: ``None`` (energy terms always on) or a boolean scalar tensor; when false the p(x),
             p(x|y) and L2 terms contribute 0.
@@ -80,7 +85,12 @@ def jem_objective(labels, logits_data, *, logits_sample=None, logits_conditional
         # -log p(x|y) contrastive term on the joint energy E(x, y) = -f(x)[y].
         e_cond_data = energy_lib.conditional_energy(logits_data, labels)
         e_cond_sample = energy_lib.conditional_energy(logits_conditional_sample, labels)
-        loss += gate(pxy_weight * (tf.reduce_mean(e_cond_data) - tf.reduce_mean(e_cond_sample)))
+        if sample_weight is not None:
+            total = tf.maximum(tf.reduce_sum(sample_weight), 1e-12)
+            conditional_gap = tf.reduce_sum((e_cond_data - e_cond_sample) * sample_weight) / total
+        else:
+            conditional_gap = tf.reduce_mean(e_cond_data) - tf.reduce_mean(e_cond_sample)
+        loss += gate(pxy_weight * conditional_gap)
     if energy_l2_weight > 0:
         loss += gate(energy_l2_weight * energies_squared)
     return ObjectiveTerms(loss=loss, ce=ce, e_data=e_data, e_sample=e_sample, energy_gap=energy_gap)

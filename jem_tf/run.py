@@ -159,6 +159,28 @@ def held_out_split(dataset_name: str, *, config: Optional[TrainConfig] = None, d
     return data.x_test, data.y_test, "test"
 
 
+def select_labelled(config: TrainConfig, train: Split) -> Split:
+    """The labelled part of a semi-supervised run's training split: ``config.labels_per_class`` images of each
+    class, drawn without replacement, seeded by ``config.seed`` (balanced and reproducible). The validation
+    split is separate (:func:`split_train_validation`) and keeps all its labels.
+
+    Raises:
+        ValueError: ``labels_per_class`` exceeds the smallest class of the training split.
+    """
+    n = config.labels_per_class
+    classes, counts = np.unique(train.labels, return_counts=True)
+    if n is None or n < 1:
+        raise ValueError(f"labels_per_class must be an integer >= 1; received {n!r}")
+    if n > counts.min():
+        smallest = classes[counts.argmin()]
+        raise ValueError(f"labels_per_class ({n}) is more than the {counts.min()} training images of class "
+                         f"{smallest} (after the validation split); use at most {counts.min()}.")
+    rng = np.random.default_rng([config.seed, 2])
+    chosen = np.concatenate([rng.choice(np.flatnonzero(train.labels == c), size=n, replace=False) for c in classes])
+    chosen.sort()
+    return Split(train.images[chosen], train.labels[chosen])
+
+
 CALIBRATION_SPLITS = ("validation", "test")
 
 
@@ -177,6 +199,8 @@ def ood_calibration_data(dataset_name: str, *, config: Optional[TrainConfig], da
     own_run = config is not None and config.dataset == dataset_name
     train, validation = (split_train_validation(config, data.x_train, data.y_train) if own_run
                          else (Split(data.x_train, data.y_train), None))
+    if own_run and config.labels_per_class is not None:  # only the labels the run trained with
+        train = select_labelled(config, train)
     if calibration_split == "test":
         return Split(data.x_test, data.y_test), train
     if validation is None:
@@ -212,7 +236,7 @@ def load_run_config(workdir: str) -> Optional[TrainConfig]:
 # settings, epochs, ...) may change on resume, e.g. to get past a divergence.
 RESUME_FIXED_FIELDS = ("dataset", "validation_fraction", "seed", "backbone", "width", "normalization", "precision",
                        "batch_size", "optimizer", "buffer_size", "buffer_storage", "chain_init", "chain_init_rank",
-                       "pxy_weight")
+                       "pxy_weight", "labels_per_class", "labelled_batch_size")
 
 
 def atomic_write_json(path: str, values) -> None:

@@ -25,7 +25,7 @@ from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, 
                               compile_jem, resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
 from jem_tf.ood import fit_ood_detector
 from jem_tf.run import (RunLayout, WorkdirLock, atomic_write_json, clear_run, load_run_dataset, prepare_workdir,
-                        save_model_atomically, split_train_validation)
+                        save_model_atomically, select_labelled, split_train_validation)
 from jem_tf.serving import export_saved_model
 
 
@@ -89,6 +89,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     if data is None:
         data = load_run_dataset(config=config, download=config.download)
     train, validation = split_train_validation(config, data.x_train, data.y_train)
+    # Semi-supervised: the few labelled images (validation keeps all its labels; every training image trains p(x)).
+    labelled = select_labelled(config, train) if config.labels_per_class is not None else None
     steps_per_epoch = count_steps_per_epoch(config, len(train.images))
     check_steps_per_execution(config, steps_per_epoch)
     # One training per work directory (the chief's lock), and nothing written before every input is known
@@ -99,11 +101,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
             if overwrite and state != "empty":
                 clear_run(layout)
             atomic_write_json(layout.config, config.to_dict())
-        return _train(config, layout, data, train, validation, strategy=strategy, chief=chief,
+        return _train(config, layout, data, train, validation, labelled, strategy=strategy, chief=chief,
                       steps_per_epoch=steps_per_epoch, verbose=verbose, callbacks=callbacks)
 
 
-def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, validation, *, strategy, chief: bool,
+def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, validation, labelled, *, strategy,
+           chief: bool,
            steps_per_epoch: int, verbose, callbacks) -> dict:
     """The locked part of :func:`train_and_evaluate`: build, resume, fit, save, evaluate, export."""
     # The precision probe times a single-device copy of the network at the per-replica batch: outside the
@@ -113,14 +116,15 @@ def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, va
         batch_size=max(1, config.batch_size // strategy.num_replicas_in_sync), write=chief)
     with strategy.scope():
         model = build_jem(run_config, image_shape=data.image_shape, num_classes=data.num_classes,
-                          train_data=train, steps_per_epoch=steps_per_epoch)
+                          train_data=train if labelled is None else labelled, steps_per_epoch=steps_per_epoch)
         compile_jem(model, run_config, steps_per_epoch=steps_per_epoch)
 
     # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that
     # the data pipeline can start at the right epoch.
     backup = ChiefBackupAndRestore(layout.backup, is_chief=chief, delete_on_completion=False)
     initial_epoch = backup.restore(model)
-    train_ds, val_ds, epoch_steps = build_datasets(config, train, validation, first_epoch=initial_epoch)
+    train_ds, val_ds, epoch_steps = build_datasets(config, train, validation, first_epoch=initial_epoch,
+                                                   labelled=labelled)
 
     log_dir = layout.logs
     extra_callbacks, callbacks = list(callbacks), [backup]
@@ -156,6 +160,8 @@ def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, va
         "test_nll": float(test["ce"]),
         "test_energy_mean": float(test["e_data"]),
         "num_train": int(len(train.images)),
+        "labels_per_class": config.labels_per_class,
+        "num_labelled": int(len(train.images) if labelled is None else len(labelled.images)),
         "num_test": int(len(data.x_test)),
         "epochs": config.epochs,
         "strategy": config.strategy,
@@ -179,10 +185,11 @@ def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, va
         metrics["buffer_energy_mean"] = float(np.mean(energy_lib.energy(chain_logits)))
     if chief and config.export_dir:
         # The OOD detector: chosen and calibrated on the validation split (config.validate requires one), with
-        # the training split's feature statistics.
+        # the feature statistics of the training images whose labels the run used.
+        known = train if labelled is None else labelled
         ood = fit_ood_detector(model, validation.images, calibration_split="validation",
-                               calibration_labels=validation.labels, train_images=train.images,
-                               train_labels=train.labels, seed=config.seed)
+                               calibration_labels=validation.labels, train_images=known.images,
+                               train_labels=known.labels, seed=config.seed)
         metrics["export_path"] = export_saved_model(
             model, config.export_dir, ood=ood, preprocessing=preprocessing_of(config.dataset),
             dataset=config.dataset)
