@@ -7,7 +7,9 @@ A JEM's inputs are images ``[batch, *image_shape]`` in a documented ``value_rang
 * :func:`prepare_batch`: in a compiled training/test step, static shape checks at trace time and
   in-graph value checks;
 * :func:`check_images_in_graph`: the in-graph range/finiteness check alone (also used by the exported
-  signatures).
+  signatures);
+* :func:`check_image_shape_in_graph`: the full image shape, in-graph (the exported signatures: serving
+  runtimes do not enforce a SignatureDef's shape).
 """
 
 from __future__ import annotations
@@ -45,6 +47,29 @@ def check_images_in_graph(images: tf.Tensor, value_range: Sequence[float]) -> tf
             tf.reduce_max(images), high + tolerance, message=f"images must lie in [{low}, {high}]; found a maximum of"),
     ]
     with tf.control_dependencies(checks):
+        return tf.identity(images)
+
+
+def check_image_shape_in_graph(images: tf.Tensor, image_shape: Sequence[int]) -> tf.Tensor:
+    """``images`` behind in-graph checks that their shape is ``[N, *image_shape]`` with ``N >= 1``; a failed check
+    raises ``InvalidArgumentError`` naming the expected shape (and, for ``N = 0``, that the batch is empty).
+
+    The signatures' input spec says the same, but neither ``tf.saved_model.load`` nor TF Serving's C++ loader
+    enforces its shape. The check reads the runtime shape only (no ``Rank``/``Size`` op, which graph optimizers
+    fold from the declared input shape): missing dimensions are padded with -1.
+    """
+    image_shape = [int(d) for d in image_shape]
+    rank = len(image_shape) + 1
+    expected = f"[N, {', '.join(map(str, image_shape))}]"
+    shape = tf.shape(images, out_type=tf.int32)
+    padded = tf.concat([shape, tf.fill([rank + 1], -1)], 0)  # real dimensions are >= 0
+    shape_ok = tf.logical_and(tf.reduce_all(tf.equal(padded[1:rank], image_shape)), tf.equal(padded[rank], -1))
+    shape_check = tf.debugging.Assert(
+        shape_ok, [f"images must have shape {expected} (float32, N >= 1); received shape", shape], summarize=16)
+    with tf.control_dependencies([shape_check]):  # after the shape check: an empty batch has the right rank
+        batch_check = tf.debugging.Assert(
+            padded[0] >= 1, [f"images must have shape {expected} with N >= 1; the batch is empty"])
+    with tf.control_dependencies([shape_check, batch_check]):
         return tf.identity(images)
 
 

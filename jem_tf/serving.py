@@ -43,7 +43,7 @@ import tensorflow as tf
 import jem_tf
 from jem_tf import energy as energy_lib
 from jem_tf import seeds
-from jem_tf.inputs import check_images_in_graph
+from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
 from jem_tf.jem import JEM
 from jem_tf.ood import FittedDetector, OODScorer, fit_ood_detector, single
 from jem_tf.sgld import SGLDSampler
@@ -99,29 +99,6 @@ def sample_limits(model: JEM, *, max_num_samples: int = 256, max_n_steps: int = 
                              f"default); received {value!r}")
         limits[name] = float(value)
     return limits
-
-
-def check_image_shape_in_graph(images: tf.Tensor, image_shape: Sequence[int]) -> tf.Tensor:
-    """``images`` behind in-graph checks that their shape is ``[N, *image_shape]`` with ``N >= 1``; a failed check
-    raises ``InvalidArgumentError`` naming the expected shape (and, for ``N = 0``, that the batch is empty).
-
-    The signatures' input spec says the same, but neither ``tf.saved_model.load`` nor TF Serving's C++ loader
-    enforces its shape. The check reads the runtime shape only (no ``Rank``/``Size`` op, which graph optimizers
-    fold from the declared input shape): missing dimensions are padded with -1.
-    """
-    image_shape = [int(d) for d in image_shape]
-    rank = len(image_shape) + 1
-    expected = f"[N, {', '.join(map(str, image_shape))}]"
-    shape = tf.shape(images, out_type=tf.int32)
-    padded = tf.concat([shape, tf.fill([rank + 1], -1)], 0)  # real dimensions are >= 0
-    shape_ok = tf.logical_and(tf.reduce_all(tf.equal(padded[1:rank], image_shape)), tf.equal(padded[rank], -1))
-    shape_check = tf.debugging.Assert(
-        shape_ok, [f"images must have shape {expected} (float32, N >= 1); received shape", shape], summarize=16)
-    with tf.control_dependencies([shape_check]):  # after the shape check: an empty batch has the right rank
-        batch_check = tf.debugging.Assert(
-            padded[0] >= 1, [f"images must have shape {expected} with N >= 1; the batch is empty"])
-    with tf.control_dependencies([shape_check, batch_check]):
-        return tf.identity(images)
 
 
 def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: int = 256,
