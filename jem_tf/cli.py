@@ -57,7 +57,8 @@ def _parser_for(annotation):
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``--recipe`` and one override flag per :class:`TrainConfig` field (shared with ``jem_tf.tune``)."""
     parser.add_argument("--recipe", default=DEFAULT_RECIPE,
-                        help=f"recipe name in trainers/ = jem_tf.recipes ({', '.join(config_lib.available_recipes())}) "
+                        help=f"recipe name in trainers/ = jem_tf.recipes "
+                             f"({', '.join(config_lib.available_recipes())}) "
                              "or path to a JSON recipe (default: %(default)s)")
     overrides = parser.add_argument_group("recipe overrides (any config field)")
     defaults = config_lib.TrainConfig()

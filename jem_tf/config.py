@@ -161,15 +161,13 @@ class TrainConfig:
             fail("precision", "explicit (float32 or mixed_bfloat16) under multi_worker, not auto")
         if self.classifier_epochs >= self.epochs and self.classifier_epochs > 0:
             fail("classifier_epochs", f"fewer than epochs ({self.epochs})")
-        for field in ("labels_per_class", "labelled_batch_size"):
+        for field in ("labels_per_class", "labelled_batch_size", "chain_init_rank"):
             if getattr(self, field) is not None and getattr(self, field) < 1:
                 fail(field, "an integer >= 1 or none")
         if self.labelled_batch_size is not None and self.labels_per_class is None:
             fail("labelled_batch_size", "none unless labels_per_class is set")
         if self.labels_per_class is not None and self.strategy == "multi_worker":
             fail("labels_per_class", "none under multi_worker (semi-supervised batches are not sharded by element)")
-        if self.chain_init_rank is not None and self.chain_init_rank < 1:
-            fail("chain_init_rank", "an integer >= 1 or none")
         if any(e < 1 for e in self.decay_epochs) or self.decay_epochs != sorted(self.decay_epochs):
             fail("decay_epochs", "increasing epochs >= 1")
         if self.devices and self.strategy != "mirrored":

@@ -21,8 +21,8 @@ from jem_tf.cli import OneLineErrorParser
 from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, DataNotFoundError, dataset_argument
 from jem_tf.evaluation import (DEFAULT_PGD_EPS, INCEPTION, MODES, REPORT_FILE, SYNTHETIC_OOD, EvaluationConfig,
                                evaluate, load_feature_network, load_ood_sets, summary_lines)
-from jem_tf.run import (check_output_dir, held_out_split, load_run_dataset, load_trained_model, select_labelled,
-                        split_train_validation)
+from jem_tf.run import (check_output_dir, held_out_split, labelled_training_split, load_run_dataset,
+                        load_trained_model, split_train_validation)
 
 def build_parser() -> OneLineErrorParser:
     defaults = EvaluationConfig()
@@ -117,8 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             x_val = y_val = None
         else:  # the images the run trained on: the Mahalanobis statistics of mode ood
             train, _ = split_train_validation(train_config, data.x_train, data.y_train)
-            if train_config.labels_per_class is not None:  # only the labels the run trained with
-                train = select_labelled(train_config, train)
+            train = labelled_training_split(train_config, train)  # only the labels the run trained with
             x_train, y_train = train.images, train.labels
         x_test, y_test = data.x_test[:args.max_test_images], data.y_test[:args.max_test_images]
         ood_sets = (load_ood_sets(args.ood, x_test, value_range=model.value_range, seed=args.seed,

@@ -51,8 +51,8 @@ class JEM(keras.Model):
     Images are ``[batch, height, width, channels]`` floats in ``value_range`` (default [-1, 1]);
     labels are class ids in ``[0, num_classes)``. ``fit``'s ``sample_weight`` weights the label terms (the
     cross-entropy and the conditional term) only: a row of weight 0 is *unlabelled* and trains ``p(x)``
-    alone (semi-supervised learning; see :func:`jem_tf.data.make_semi_supervised_dataset`). Learning-rate warm-up belongs to the optimizer
-    (see :class:`jem_tf.schedules.WarmupPiecewiseSchedule`).
+    alone (semi-supervised learning; see :func:`jem_tf.data.make_semi_supervised_dataset`). Learning-rate
+    warm-up belongs to the optimizer (see :class:`jem_tf.schedules.WarmupPiecewiseSchedule`).
 
     Args:
         backbone: A Keras model mapping images to ``[batch, num_classes]`` logits.

@@ -114,13 +114,16 @@ class OODScorer:
     @classmethod
     def fit(cls, model, *, train_images: Optional[np.ndarray] = None, train_labels: Optional[np.ndarray] = None,
             val_images: Optional[np.ndarray] = None, val_labels: Optional[np.ndarray] = None,
-            batch_size: int = 256) -> "OODScorer":
+            temperature: Optional[float] = None, batch_size: int = 256) -> "OODScorer":
         """A scorer for ``model`` (a :class:`~jem_tf.JEM`): the temperature fitted on the validation split
-        (1 without one) and the Mahalanobis statistics of the training split (none without one)."""
+        (1 without one; ``temperature``: one fitted there already) and the Mahalanobis statistics of the
+        training split (none without one)."""
         from jem_tf.evaluation.metrics import fit_temperature  # the evaluation package imports this module
 
         scorer = cls(model.backbone, value_range=model.value_range)
-        if val_images is not None and len(val_images) > 0:
+        if temperature is not None:
+            scorer.temperature = float(temperature)
+        elif val_images is not None and len(val_images) > 0:
             logits = scorer.arrays(val_images, ["logits"], batch_size=batch_size)["logits"]
             scorer.temperature = fit_temperature(logits, val_labels)
         if train_images is not None and len(train_images) > 0 and scorer.features_and_logits is not None:
@@ -363,13 +366,16 @@ def auroc(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
 
 def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Optional[Sequence[OODDetector]] = None,
                     outlier_kinds: Sequence[str] = SELECTION_OUTLIERS, tpr: float = 0.95, seed: int = 0,
-                    batch_size: int = 256) -> Tuple[OODDetector, dict]:
+                    batch_size: int = 256,
+                    validation_components: Optional[Mapping[str, np.ndarray]] = None) -> Tuple[OODDetector, dict]:
     """``(detector, report)``: the candidate with the highest worst-case AUROC of the validation images
     against each kind of :func:`selection_outliers` made from them (ties within 1e-3: higher mean AUROC),
     its standardisation and threshold (at ``tpr``) fitted on the validation images. Nothing else is
     seen: no test split, no OOD dataset.
 
     ``report``: every candidate's AUROC per outlier kind, the rule, and the choice.
+    ``validation_components``: the scorer's components of ``val_images`` when the caller has them already
+    (``scorer.arrays(val_images, ...)``), so they are not computed twice.
     """
     val_images = np.asarray(val_images, np.float32)
     if len(val_images) < 20:
@@ -378,7 +384,10 @@ def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Op
     if not candidates:
         raise ValueError("No candidate OOD detector can be computed with this scorer.")
     needed = sorted({name for candidate in candidates for name in candidate.components})
-    in_components = scorer.arrays(val_images, needed, batch_size=batch_size)
+    if validation_components is not None and set(needed) <= set(validation_components):
+        in_components = validation_components
+    else:
+        in_components = scorer.arrays(val_images, needed, batch_size=batch_size)
     out_components = {kind: scorer.arrays(selection_outliers(kind, val_images, value_range=scorer.value_range,
                                                              seed=seed + 1 + i), needed, batch_size=batch_size)
                       for i, kind in enumerate(outlier_kinds)}
@@ -439,14 +448,17 @@ def fit_ood_detector(model, calibration_images: np.ndarray, *, calibration_split
     scorer = OODScorer.fit(model, train_images=train_images, train_labels=train_labels,
                            val_images=calibration_images if calibration_labels is not None else None,
                            val_labels=calibration_labels, batch_size=batch_size)
+    candidates = default_candidates(scorer.available) if select else [single("log_px")]
+    # The calibration images' components, computed once for the selection, the threshold and the achieved TPR.
+    components = scorer.arrays(calibration_images, sorted({n for c in candidates for n in c.components}),
+                               batch_size=batch_size)
     selection = None
     if select:
-        detector, selection = select_detector(scorer, calibration_images, tpr=tpr, seed=seed, batch_size=batch_size)
+        detector, selection = select_detector(scorer, calibration_images, candidates=candidates, tpr=tpr, seed=seed,
+                                              batch_size=batch_size, validation_components=components)
     else:
-        detector = single("log_px")
-        scores = detector.combine(scorer.arrays(calibration_images, detector.components, batch_size=batch_size))
-        detector = detector.with_threshold(scores, tpr=tpr)
-    scores = detector.combine(scorer.arrays(calibration_images, detector.components, batch_size=batch_size))
+        detector = candidates[0].with_threshold(candidates[0].combine(components), tpr=tpr)
+    scores = detector.combine(components)
     calibration = {"calibration_split": calibration_split, "num_calibration_images": int(len(calibration_images)),
                    "tpr": tpr, "achieved_tpr": float(np.mean(scores >= detector.threshold)),
                    "selection": selection}

@@ -181,6 +181,12 @@ def select_labelled(config: TrainConfig, train: Split) -> Split:
     return Split(train.images[chosen], train.labels[chosen])
 
 
+def labelled_training_split(config: TrainConfig, train: Split) -> Split:
+    """The training images whose labels the run used: all of ``train``, or a semi-supervised run's labelled
+    part (:func:`select_labelled`). Feature statistics fitted after training must see these labels only."""
+    return train if config.labels_per_class is None else select_labelled(config, train)
+
+
 CALIBRATION_SPLITS = ("validation", "test")
 
 
@@ -199,8 +205,8 @@ def ood_calibration_data(dataset_name: str, *, config: Optional[TrainConfig], da
     own_run = config is not None and config.dataset == dataset_name
     train, validation = (split_train_validation(config, data.x_train, data.y_train) if own_run
                          else (Split(data.x_train, data.y_train), None))
-    if own_run and config.labels_per_class is not None:  # only the labels the run trained with
-        train = select_labelled(config, train)
+    if own_run:  # only the labels the run trained with
+        train = labelled_training_split(config, train)
     if calibration_split == "test":
         return Split(data.x_test, data.y_test), train
     if validation is None:

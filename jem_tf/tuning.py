@@ -72,11 +72,12 @@ def _hyperparameter(hp: keras_tuner.HyperParameters, name: str, spec: dict):
     return hp.Float(name, spec["min"], spec["max"], sampling=spec.get("sampling", "linear"))
 
 
-def ood_auroc(model, in_distribution: np.ndarray, *, seed: int = 0) -> float:
+def ood_auroc(model, in_distribution: np.ndarray, *, seed: int = 0, scorer: Optional[OODScorer] = None) -> float:
     """AUROC of ``log p(x)`` (:mod:`jem_tf.ood`) separating ``in_distribution`` (positive) from as many
-    uniform-noise images."""
+    uniform-noise images. ``scorer``: the model's :class:`~jem_tf.ood.OODScorer`, when the caller keeps one
+    (its compiled function is then traced once, not on every call)."""
     noise = np.random.default_rng(seed).uniform(*model.value_range, size=in_distribution.shape).astype("float32")
-    scorer = OODScorer(model.backbone, value_range=model.value_range)
+    scorer = scorer or OODScorer(model.backbone, value_range=model.value_range)
     scores = [scorer.arrays(x, ["log_px"], batch_size=512)["log_px"] for x in (in_distribution, noise)]
     return auroc(*scores)
 
@@ -186,11 +187,15 @@ class _CombinedScore(keras.callbacks.Callback):
     def __init__(self, hypermodel: JEMHyperModel):
         super().__init__()
         self.hypermodel = hypermodel
+        self._scorer = None  # one per trial's model, built at its first epoch
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or "val_accuracy" not in logs:
             return
-        auroc = ood_auroc(self.model, self.hypermodel.validation.images, seed=self.hypermodel.base_config.seed)
+        if self._scorer is None:
+            self._scorer = OODScorer(self.model.backbone, value_range=self.model.value_range)
+        auroc = ood_auroc(self.model, self.hypermodel.validation.images, seed=self.hypermodel.base_config.seed,
+                          scorer=self._scorer)
         logs["val_ood_auroc"] = auroc
         logs["score"] = float(logs["val_accuracy"]) + auroc
 

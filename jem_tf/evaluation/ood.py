@@ -60,7 +60,8 @@ def load_ood_sets(names: Sequence[str], test_images: np.ndarray, *, value_range,
 
 
 def ood_scores(model: JEM, images: np.ndarray, *, temperature: float = 1.0,
-               scores: Sequence[str] = ("log_px", "max_softmax", "grad_norm", "energy_t"), batch_size: int = 256) -> Dict[str, np.ndarray]:
+               scores: Sequence[str] = ("log_px", "max_softmax", "grad_norm", "energy_t"),
+               batch_size: int = 256) -> Dict[str, np.ndarray]:
     """The requested component scores of ``images`` (see :data:`jem_tf.ood.COMPONENTS`; ``mahalanobis``
     needs a fitted :class:`~jem_tf.ood.OODScorer`), each oriented so that higher = more in-distribution."""
     unknown = sorted(set(scores) - set(OOD_SCORES))
@@ -89,11 +90,12 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
                              f"{tuple(in_images.shape[1:])}.")
     scorer = scorer or OODScorer(model.backbone, value_range=model.value_range)
     candidates = default_candidates(scorer.available)
-    chosen, selection = None, None
-    if val_images is not None and len(val_images) >= 20:
-        chosen, selection = select_detector(scorer, val_images, candidates=candidates, tpr=tpr, seed=seed,
-                                            batch_size=batch_size)
     components = sorted({name for candidate in candidates for name in candidate.components})
+    chosen, selection, reference = None, None, None
+    if val_images is not None and len(val_images) >= 20:
+        reference = scorer.arrays(val_images, components, batch_size=batch_size)
+        chosen, selection = select_detector(scorer, val_images, candidates=candidates, tpr=tpr, seed=seed,
+                                            batch_size=batch_size, validation_components=reference)
     # All sets scored in one pass (one compiled function), then split.
     names = list(ood_sets)
     everything = np.concatenate([in_images] + [np.asarray(ood_sets[n], np.float32) for n in names])
@@ -105,8 +107,8 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
 
     # Standardised candidates take their centre/scale from the validation split (else the test split's
     # in-distribution images, which only shifts and scales each term: AUROCs of single terms are unchanged).
-    reference = (scorer.arrays(val_images, components, batch_size=batch_size) if selection is not None
-                 else {name: part(v, 0) for name, v in values.items()})
+    if reference is None:
+        reference = {name: part(v, 0) for name, v in values.items()}
     detectors = {candidate.name: candidate.fitted(reference) for candidate in candidates}
     if chosen is not None:
         detectors[chosen.name] = chosen
@@ -137,6 +139,7 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
         report["detector"] = {
             "chosen": chosen.name, "detector": chosen.to_dict(), "selection": selection,
             "test_tpr_at_threshold": float(np.mean(score_in >= chosen.threshold)),
-            "ood_sets_flagged_at_threshold": {set_name: float(np.mean(part(scores[chosen.name], i + 1) < chosen.threshold))
-                                              for i, set_name in enumerate(names)}}
+            "ood_sets_flagged_at_threshold": {
+                set_name: float(np.mean(part(scores[chosen.name], i + 1) < chosen.threshold))
+                for i, set_name in enumerate(names)}}
     return report

@@ -123,9 +123,12 @@ def _calibration(run: ModeContext) -> dict:
 
 def _ood(run: ModeContext) -> dict:
     c = run.config
-    # Temperature from the validation split, Mahalanobis statistics from the training split (when given).
+    # Temperature from the validation split (the one mode calibration fitted, when it ran), Mahalanobis
+    # statistics from the training split (when given).
+    fitted = run.report.get("calibration", {}).get("temperature_scaled", {}).get("temperature")
     scorer = OODScorer.fit(run.model, train_images=run.train_images, train_labels=run.train_labels,
-                           val_images=run.val_images, val_labels=run.val_labels, batch_size=c.batch_size)
+                           val_images=run.val_images, val_labels=run.val_labels, temperature=fitted,
+                           batch_size=c.batch_size)
     source = "1 (no validation split to fit it on)"
     if run.val_images is not None and len(run.val_images) > 0:
         source = "fitted on the validation split"
