@@ -42,7 +42,17 @@ class TrainConfig:
     labels_per_class: Optional[int] = None
     labelled_batch_size: Optional[int] = None
     augment: str = "none"
-    # Backbone: "small_cnn", or "wrn-DEPTH-WIDTH" (e.g. "wrn-28-10").
+    # Conversion: start from a trained classifier instead of the backbone below: a training work directory or a
+    # .keras file holding a jem-tf model or any Keras classifier of the data's image shape and class count
+    # (weights copied exactly; a softmax head gives its logits; the optimizer state and replay buffer start
+    # fresh; see jem_tf.run.load_classifier). init_from_sha256: the source file's SHA-256, recorded when the run
+    # starts; given in advance it pins the file (another one is refused), and a resumed run checks it.
+    init_from: Optional[str] = None
+    init_from_sha256: Optional[str] = None
+    # A fine-tuning recipe (e.g. fashion_mnist_finetune): its settings are made for a trained classifier, so
+    # init_from is required.
+    finetune: bool = False
+    # Backbone (ignored with init_from): "small_cnn", or "wrn-DEPTH-WIDTH" (e.g. "wrn-28-10").
     backbone: str = "small_cnn"
     width: int = 32  # small_cnn only: channels of the stem.
     normalization: str = "none"  # wrn only: none | batch | layer.
@@ -90,6 +100,9 @@ class TrainConfig:
     # of each class's covariance factor (none: full up to 1,024 pixels, else 256 + a per-pixel residual).
     chain_init: str = "uniform"
     chain_init_rank: Optional[int] = None
+    # With class_gaussian: the share of the buffer's fresh chains (fill, restarts) started from uniform noise
+    # instead, so that the model also sees images far from the data (its log p(x) can stay blind there).
+    chain_init_uniform_fraction: float = 0.0
     # Run. strategy: default | mirrored | multi_worker (reads TF_CONFIG) | tpu (untested).
     seed: int = 0
     strategy: str = "default"
@@ -109,8 +122,9 @@ class TrainConfig:
     # If set, export a SavedModel for TensorFlow Serving to EXPORT_DIR/<next version>/ at the end.
     export_dir: Optional[str] = None
 
-    def validate(self) -> "TrainConfig":
-        """Raises ``ValueError`` naming the first bad field; returns ``self``."""
+    def validate(self, *, complete: bool = True) -> "TrainConfig":
+        """Raises ``ValueError`` naming the first bad field; returns ``self``. ``complete=False``: a recipe on its
+        own, before the command line gives what it leaves to the user (a fine-tuning recipe's ``init_from``)."""
 
         def fail(field, expected):
             raise ValueError(f"{field} must be {expected}; received {getattr(self, field)!r}")
@@ -146,6 +160,10 @@ class TrainConfig:
                       "data_noise_std", "sgld_noise_std"):
             if not getattr(self, field) >= 0:
                 fail(field, "a number >= 0")
+        if not 0.0 <= self.chain_init_uniform_fraction <= 1.0:
+            fail("chain_init_uniform_fraction", "in [0, 1]")
+        if self.chain_init_uniform_fraction > 0 and self.chain_init != "class_gaussian":
+            fail("chain_init_uniform_fraction", "0 unless chain_init is 'class_gaussian'")
         for field in ("dropout", "restart_prob"):
             if not 0.0 <= getattr(self, field) <= 1.0 or (field == "dropout" and self.dropout == 1.0):
                 fail(field, "in [0, 1)" if field == "dropout" else "in [0, 1]")
@@ -164,6 +182,15 @@ class TrainConfig:
         for field in ("labels_per_class", "labelled_batch_size", "chain_init_rank"):
             if getattr(self, field) is not None and getattr(self, field) < 1:
                 fail(field, "an integer >= 1 or none")
+        if complete and self.finetune and self.init_from is None:
+            fail("init_from", "the trained classifier this fine-tuning recipe converts (--init-from PATH: a "
+                              "training work directory or a .keras file)")
+        if self.init_from is not None and not self.init_from.strip():
+            fail("init_from", "a path to a .keras file or a training work directory, or none")
+        if self.init_from_sha256 is not None and (
+                self.init_from is None or len(self.init_from_sha256) != 64
+                or any(c not in "0123456789abcdef" for c in self.init_from_sha256)):
+            fail("init_from_sha256", "none, or the 64 lowercase hex digits of init_from's SHA-256 (with init_from)")
         if self.labelled_batch_size is not None and self.labels_per_class is None:
             fail("labelled_batch_size", "none unless labels_per_class is set")
         if self.labels_per_class is not None and self.strategy == "multi_worker":
@@ -278,4 +305,4 @@ def load_recipe(name_or_path: str) -> TrainConfig:
         raise ValueError(f"Recipe {path!r} is not valid JSON: {error}") from error
     if not isinstance(values, dict):
         raise ValueError(f"Recipe {path!r} must be a JSON object of config fields.")
-    return TrainConfig().replace(**values).validate()
+    return TrainConfig().replace(**values).validate(complete=False)

@@ -39,8 +39,11 @@ def build_float32_backbone(config: TrainConfig, *, image_shape, num_classes: int
 
 def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
               train_data: Optional[Tuple[np.ndarray, np.ndarray]] = None,
-              steps_per_epoch: Optional[int] = None) -> JEM:
+              steps_per_epoch: Optional[int] = None, backbone: Optional[keras.Model] = None) -> JEM:
     """Builds the backbone and the (uncompiled) JEM a config describes.
+
+    ``backbone``: a float32 logits network to start from instead of the config's (a converted classifier,
+    :func:`jem_tf.run.load_classifier`); the config's precision is applied to a copy of it.
 
     ``train_data`` ``(images, labels)``: the training split, needed for ``chain_init="class_gaussian"``
     (the class Gaussians are fitted to it). ``steps_per_epoch``: needed for ``classifier_epochs > 0``.
@@ -55,8 +58,9 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
         if train_data is None:
             raise ValueError("chain_init 'class_gaussian' needs the training data (`train_data=(images, labels)`).")
         chain_init = ClassGaussian.fit(*train_data, num_classes=num_classes, rank=config.chain_init_rank)
-    backbone = with_precision(build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes),
-                              config.precision)
+    if backbone is None:
+        backbone = build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes)
+    backbone = with_precision(backbone, config.precision)
     sampler = SGLDSampler(
         step_size=config.sgld_step_size,
         noise_std=config.sgld_noise_std,
@@ -79,19 +83,22 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
         data_noise_std=config.data_noise_std,
         seed=config.seed,
         chain_init=chain_init,
+        chain_init_uniform_fraction=config.chain_init_uniform_fraction,
         energy_start_step=config.classifier_epochs * steps_per_epoch if config.classifier_epochs else 0,
         name="jem",
     )
 
 
 def resolve_config_precision(config: TrainConfig, *, image_shape, num_classes: int, log=print,
-                             batch_size: Optional[int] = None) -> Tuple[TrainConfig, dict]:
+                             batch_size: Optional[int] = None, backbone: Optional[keras.Model] = None
+                             ) -> Tuple[TrainConfig, dict]:
     """``(config with a concrete precision, report)``: ``precision="auto"`` is decided by a measured probe
-    of the config's backbone at ``batch_size`` (default: the config's; see
+    of the config's backbone (or the float32 ``backbone`` given) at ``batch_size`` (default: the config's; see
     :func:`jem_tf.precision.resolve_precision`). Call it outside a ``tf.distribute`` strategy's scope."""
     if config.precision != "auto":
         return config, {"precision": config.precision, "reason": "set explicitly"}
-    backbone = build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes)
+    if backbone is None:
+        backbone = build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes)
     precision, report = resolve_precision("auto", backbone=backbone, batch_size=batch_size or config.batch_size,
                                           log=log)
     return config.replace(precision=precision), report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import keras
@@ -11,25 +12,12 @@ import tensorflow as tf
 from jem_tf import energy as energy_lib
 from jem_tf import inputs, seeds
 from jem_tf.chain_init import ClassGaussian
+from jem_tf.conversion import logits_network, softmax_head
 from jem_tf.distribution import global_batch_position, replica_random
 from jem_tf.objective import jem_objective
 from jem_tf.replay_buffer import ReplayBuffer
 from jem_tf.seeds import SeedState, as_stateless_seed
 from jem_tf.sgld import SGLDSampler
-
-
-def _softmax_head(backbone: keras.Model) -> Optional[str]:
-    """A description of the softmax the backbone ends in, or ``None``."""
-    layers = getattr(backbone, "layers", None) or []
-    if not layers:
-        return None
-    last = layers[-1]
-    if isinstance(last, keras.layers.Softmax):
-        return f"layer {last.name!r} is a Softmax"
-    activation = getattr(last, "activation", None)
-    if activation is not None and getattr(activation, "__name__", "") in ("softmax", "log_softmax"):
-        return f"layer {last.name!r} has activation={activation.__name__!r}"
-    return None
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")
@@ -75,6 +63,10 @@ class JEM(keras.Model):
             or a fitted :class:`~jem_tf.chain_init.ClassGaussian` (JEM++'s informative initialisation):
             the replay buffer's fill and restarts, and :meth:`sample`'s default start. Saved with the
             model.
+        chain_init_uniform_fraction: With ``chain_init``, the share of the buffer's fresh chains (fill and
+            restarts) that start from uniform noise instead (see :class:`ReplayBuffer`). Default 0.
+        energy_start_step: Optimizer step from which the energy terms and SGLD are on (a classifier warm
+            start before it). Default 0.
 
     Example:
         >>> backbone = jem_tf.networks.small_cnn(num_classes=10, input_shape=(8, 8, 1))
@@ -107,6 +99,7 @@ class JEM(keras.Model):
         image_shape: Optional[Sequence[int]] = None,
         num_classes: Optional[int] = None,
         chain_init: Optional[ClassGaussian] = None,
+        chain_init_uniform_fraction: float = 0.0,
         energy_start_step: int = 0,
         **kwargs,
     ):
@@ -116,11 +109,12 @@ class JEM(keras.Model):
                              "(set KERAS_BACKEND=tensorflow before importing keras).")
         if not isinstance(backbone, keras.Model):
             raise ValueError(f"`backbone` must be a keras.Model returning logits; received {backbone!r}")
-        head = _softmax_head(backbone)
+        head = softmax_head(backbone)
         if head is not None:
             raise ValueError(f"The backbone ends in a softmax ({head}): a JEM needs the logits f(x) (its energies "
                              "-logsumexp f(x) would be meaningless on probabilities). Remove the softmax "
-                             "(activation=None on the last layer) and use from_logits losses elsewhere.")
+                             "(activation=None on the last layer), or convert the classifier with "
+                             "JEM.from_classifier, which takes its logits.")
         if image_shape is None:
             image_shape = inputs.static_shape_tuple(getattr(backbone, "input_shape", None) and backbone.input_shape[1:])
         if num_classes is None and getattr(backbone, "output_shape", None) is not None:
@@ -179,6 +173,7 @@ class JEM(keras.Model):
             seed=seed,
             storage=buffer_storage,
             init=chain_init,
+            uniform_fraction=chain_init_uniform_fraction,
             name="replay_buffer",
         )
         # Batch norm statistics must never see SGLD samples, so with batch norm the data and the
@@ -201,6 +196,33 @@ class JEM(keras.Model):
         self.train_step_trace_count = 0
         self._sample_fns = {}  # compiled SGLD, one per signature: unconditional / class-conditional
         self.build((None,) + self.image_shape)
+
+    @classmethod
+    def from_classifier(cls, classifier: keras.Model, **kwargs) -> "JEM":
+        """A JEM made from a trained Keras classifier, ready for ``compile`` and ``fit`` (fine-tuning).
+
+        The JEM trains a copy of ``classifier`` (weights copied exactly; your model is never changed). A
+        classifier that ends in a softmax gives its logits (the pre-softmax output of the last layer; see
+        :func:`jem_tf.conversion.logits_network`): ``p(y|x)`` stays the same, and a ``UserWarning`` says
+        what was changed. Nothing else carries over: the optimizer state is the new ``compile``'s, and the
+        replay buffer starts from ``chain_init`` (or uniform noise).
+
+        Args:
+            classifier: A trained Functional or Sequential Keras classifier ``[batch, H, W, C] ->
+                [batch, num_classes]`` (logits or softmax probabilities); a subclassed one must end in logits.
+            **kwargs: The :class:`JEM` arguments (``sampler``, ``chain_init``, ``px_weight``, ...).
+
+        Example:
+            >>> jem = JEM.from_classifier(my_trained_cnn, chain_init=ClassGaussian.fit(x, y, num_classes=10),
+            ...                           sampler=SGLDSampler(n_steps=5, noise_std=0.0, grad_clamp=1.0))
+            >>> jem.compile(optimizer=keras.optimizers.Adam(1e-4))
+            >>> jem.fit(x, y, epochs=2)
+        """
+        backbone, changes = logits_network(classifier, image_shape=kwargs.get("image_shape"),
+                                           num_classes=kwargs.get("num_classes"))
+        if changes:
+            warnings.warn(f"JEM.from_classifier: {'; '.join(changes)}.", UserWarning, stacklevel=2)
+        return cls(backbone, **kwargs)
 
     # ----------------------------------------------------------------------------- model API
     @property
@@ -618,6 +640,7 @@ class JEM(keras.Model):
                 "image_shape": list(self.image_shape),
                 "num_classes": self.num_classes,
                 "chain_init": None if self.chain_init is None else keras.saving.serialize_keras_object(self.chain_init),
+                "chain_init_uniform_fraction": self.replay_buffer.uniform_fraction,
                 "energy_start_step": self.energy_start_step,
             }
         )

@@ -61,6 +61,9 @@ class ReplayBuffer(keras.layers.Layer):
             its share; per-class slots start from their class) and every restart (class-conditional draws
             restart from the drawn label's Gaussian, unconditional ones from a class drawn with the prior).
             Saved with the buffer.
+        uniform_fraction: With ``init``, the share of fresh chains (fill and restarts) that start from
+            uniform noise on ``value_range`` instead: chains that only ever start near the data never show
+            the model images far from it, so its density can stay blind there. Default 0.
         storage: ``"float32"`` (default) or ``"uint8"``: chains stored as 256 levels of
             ``value_range`` (4x less memory, as IGEBM does). Written chains are clipped to the range and
             quantised; drawn chains are dequantised with uniform noise within their level, so stored
@@ -82,6 +85,7 @@ class ReplayBuffer(keras.layers.Layer):
         seed: Optional[int] = None,
         storage: str = "float32",
         init: Optional[ClassGaussian] = None,
+        uniform_fraction: float = 0.0,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")  # The chains stay float32 under mixed precision.
@@ -110,7 +114,12 @@ class ReplayBuffer(keras.layers.Layer):
             if init.image_shape != image_shape or (num_classes is not None and init.num_classes != num_classes):
                 raise ValueError(f"`init` draws images {init.image_shape} of {init.num_classes} classes; the buffer "
                                  f"holds {image_shape}" + ("" if num_classes is None else f" of {num_classes} classes"))
+        if not (isinstance(uniform_fraction, (int, float)) and 0.0 <= uniform_fraction <= 1.0):
+            raise ValueError(f"`uniform_fraction` must be in [0, 1]; received uniform_fraction={uniform_fraction!r}")
+        if uniform_fraction > 0 and init is None:
+            raise ValueError("`uniform_fraction` > 0 needs an `init` (without one every fresh chain is uniform noise).")
         self.init = init
+        self.uniform_fraction = float(uniform_fraction)
         self.storage = storage
         self.image_shape = image_shape
         self.size = size
@@ -186,11 +195,18 @@ class ReplayBuffer(keras.layers.Layer):
 
     def _fresh_chains(self, num, seed, labels=None, position: Optional[BatchPosition] = None) -> tf.Tensor:
         """``num`` float32 chains from the start distribution: uniform noise, or ``init``'s Gaussians of
-        ``labels`` (classes drawn with the prior when ``None``). ``position`` as in :meth:`draw`."""
+        ``labels`` (classes drawn with the prior when ``None``), a ``uniform_fraction`` of them replaced by
+        uniform noise. ``position`` as in :meth:`draw`."""
+        shape = tf.concat([tf.reshape(tf.cast(num, tf.int32), [1]), self.image_shape], axis=0)
         if self.init is None:
-            shape = tf.concat([tf.reshape(tf.cast(num, tf.int32), [1]), self.image_shape], axis=0)
             return replica_random(self._uniform_noise, shape, position, seed=seed)
-        return self.init.sample(num, seed, labels=labels, position=position)
+        chains = self.init.sample(num, seed, labels=labels, position=position)
+        if self.uniform_fraction == 0:
+            return chains
+        noise = replica_random(self._uniform_noise, shape, position, seed=seeds.fold(seed, seeds.FRESH_UNIFORM))
+        picked = replica_random(tf.random.stateless_uniform, shape[:1], position,
+                                seed=seeds.fold(seed, seeds.FRESH_PICK_UNIFORM)) < self.uniform_fraction
+        return tf.where(tf.reshape(picked, [-1] + [1] * len(self.image_shape)), noise, chains)
 
     def _init_fill(self, size, seed) -> tf.Tensor:
         """A whole buffer's worth of fresh chains (slot blocks per class for a ``ClassGaussian`` start)."""
@@ -266,6 +282,7 @@ class ReplayBuffer(keras.layers.Layer):
                 "seed": self.seed,
                 "storage": self.storage,
                 "init": None if self.init is None else keras.saving.serialize_keras_object(self.init),
+                "uniform_fraction": self.uniform_fraction,
             }
         )
         return config

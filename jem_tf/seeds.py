@@ -21,6 +21,8 @@ STEP_DATA_NOISE, STEP_DRAW, STEP_SGLD, STEP_DRAW_CONDITIONAL, STEP_SGLD_CONDITIO
 SAMPLE_SGLD = STEP_SGLD
 # ReplayBuffer.draw: which chains, which restart, the restart noise, uint8 dequantisation.
 DRAW_INDEX, DRAW_RESTART, DRAW_NOISE, DRAW_DEQUANTIZE = 11, 12, 13, 14
+# ReplayBuffer fresh chains with a uniform_fraction: which chains start from noise, and their noise.
+FRESH_PICK_UNIFORM, FRESH_UNIFORM = 15, 16
 # ClassGaussian.sample: the class of each chain, the latent Gaussian, the per-pixel residual.
 INIT_CLASS, INIT_LATENT, INIT_RESIDUAL = 21, 22, 23
 # The exported `sample` signature: the SGLD noise (the start is drawn from the request's seed).

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import time
-from typing import Tuple
+from typing import Optional, Tuple
 
 import keras
 import numpy as np
@@ -19,18 +19,20 @@ import numpy as np
 from jem_tf import energy as energy_lib
 from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
+from jem_tf.conversion import file_sha256
 from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, check_steps_per_execution,
                               compile_jem, resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
 from jem_tf.ood import fit_ood_detector
-from jem_tf.run import (RunLayout, WorkdirLock, atomic_write_json, clear_run, load_run_dataset, prepare_workdir,
-                        save_model_atomically, select_labelled, split_train_validation)
+from jem_tf.run import (ClassifierSource, RunLayout, WorkdirLock, atomic_write_json, classifier_file, clear_run,
+                        load_classifier, load_run_dataset, prepare_workdir, save_model_atomically, select_labelled,
+                        split_train_validation)
 from jem_tf.serving import export_saved_model
 
 
 def resolve_run_precision(config: TrainConfig, layout: RunLayout, *, image_shape, num_classes: int, batch_size: int,
-                          log=print, write: bool = True) -> Tuple[TrainConfig, dict]:
+                          log=print, write: bool = True, backbone=None) -> Tuple[TrainConfig, dict]:
     """:func:`~jem_tf.factories.resolve_config_precision` once per run: ``precision="auto"`` is probed when
     the run starts and the choice recorded in ``layout.precision``; a run that resumes from a backup reuses
     it (a second probe, on a busy machine, could choose the other precision and break exact resumption)."""
@@ -43,7 +45,7 @@ def resolve_run_precision(config: TrainConfig, layout: RunLayout, *, image_shape
                 log(f"precision auto -> {report['precision']}: the choice of the run being resumed")
             return config.replace(precision=report["precision"]), report
     run_config, report = resolve_config_precision(config, image_shape=image_shape, num_classes=num_classes, log=log,
-                                                  batch_size=batch_size)
+                                                  batch_size=batch_size, backbone=backbone)
     if write and config.precision == "auto":
         os.makedirs(layout.workdir, exist_ok=True)
         atomic_write_json(layout.precision, report)
@@ -79,6 +81,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         The metrics written to ``metrics.json``.
     """
     config.validate()
+    if config.init_from is not None and config.init_from_sha256 is None:
+        # The source's hash is one of the run's settings: config.json records it and a resume must match it.
+        config = config.replace(init_from_sha256=file_sha256(classifier_file(config.init_from)))
     # First: splitting the CPU into logical devices must happen before TensorFlow initialises.
     strategy = make_strategy(config.strategy, devices=config.devices, cpu_devices=config.cpu_devices)
     chief = is_chief(strategy)
@@ -93,6 +98,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     labelled = select_labelled(config, train) if config.labels_per_class is not None else None
     steps_per_epoch = count_steps_per_epoch(config, len(train.images))
     check_steps_per_execution(config, steps_per_epoch)
+    # Conversion: the classifier is read and checked against the data before anything is written.
+    source = None if config.init_from is None else load_classifier(
+        config.init_from, image_shape=data.image_shape, num_classes=data.num_classes, sha256=config.init_from_sha256)
     # One training per work directory (the chief's lock), and nothing written before every input is known
     # to be good, so a bad invocation never touches a run's files.
     with WorkdirLock(layout) if chief else contextlib.nullcontext():
@@ -102,21 +110,23 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
                 clear_run(layout)
             atomic_write_json(layout.config, config.to_dict())
         return _train(config, layout, data, train, validation, labelled, strategy=strategy, chief=chief,
-                      steps_per_epoch=steps_per_epoch, verbose=verbose, callbacks=callbacks)
+                      steps_per_epoch=steps_per_epoch, verbose=verbose, callbacks=callbacks, source=source)
 
 
 def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, validation, labelled, *, strategy,
-           chief: bool,
-           steps_per_epoch: int, verbose, callbacks) -> dict:
+           chief: bool, steps_per_epoch: int, verbose, callbacks, source: Optional[ClassifierSource]) -> dict:
     """The locked part of :func:`train_and_evaluate`: build, resume, fit, save, evaluate, export."""
     # The precision probe times a single-device copy of the network at the per-replica batch: outside the
     # strategy's scope (its variables would be distributed).
     run_config, precision_report = resolve_run_precision(
         config, layout, image_shape=data.image_shape, num_classes=data.num_classes, log=print if chief else None,
-        batch_size=max(1, config.batch_size // strategy.num_replicas_in_sync), write=chief)
+        batch_size=max(1, config.batch_size // strategy.num_replicas_in_sync), write=chief,
+        # the probe times (and, with batch norm, would update) a network of the source's shape, not the source
+        backbone=None if source is None else keras.models.clone_model(source.network))
     with strategy.scope():
         model = build_jem(run_config, image_shape=data.image_shape, num_classes=data.num_classes,
-                          train_data=train if labelled is None else labelled, steps_per_epoch=steps_per_epoch)
+                          train_data=train if labelled is None else labelled, steps_per_epoch=steps_per_epoch,
+                          backbone=None if source is None else source.network)
         compile_jem(model, run_config, steps_per_epoch=steps_per_epoch)
 
     # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that
@@ -156,6 +166,7 @@ def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, va
                           return_dict=True, verbose=0)
     metrics = {
         "dataset": config.dataset,
+        "init_from": None if source is None else source.record(),
         "test_accuracy": float(test["accuracy"]),
         "test_nll": float(test["ce"]),
         "test_energy_mean": float(test["e_data"]),

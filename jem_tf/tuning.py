@@ -20,12 +20,13 @@ import keras_tuner
 import numpy as np
 
 from jem_tf.config import TrainConfig, field_names
+from jem_tf.conversion import logits_network
 from jem_tf.data import ImageDataset
 from jem_tf.distribution import make_strategy
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, compile_jem,
                               resolve_config_precision, steps_per_epoch)
 from jem_tf.ood import OODScorer, auroc
-from jem_tf.run import split_train_validation
+from jem_tf.run import load_classifier, split_train_validation
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")
 OBJECTIVES = ("val_accuracy", "combined")
@@ -121,9 +122,14 @@ class JEMHyperModel(keras_tuner.HyperModel):
             raise ValueError(f"`objective` must be one of {OBJECTIVES}; received {objective!r}")
         if base_config.validation_fraction <= 0:
             raise ValueError("Tuning needs a validation split: validation_fraction must be > 0.")
+        # A conversion (init_from): every trial starts from a fresh copy of the classifier's logits network.
+        self.source = None if base_config.init_from is None else load_classifier(
+            base_config.init_from, image_shape=data.image_shape, num_classes=data.num_classes,
+            sha256=base_config.init_from_sha256)
         # precision "auto" is measured once for the whole search (every trial uses the same backbone).
-        self.base_config, _ = resolve_config_precision(base_config.validate(), image_shape=data.image_shape,
-                                                       num_classes=data.num_classes)
+        self.base_config, _ = resolve_config_precision(
+            base_config.validate(), image_shape=data.image_shape, num_classes=data.num_classes,
+            backbone=None if self.source is None else keras.models.clone_model(self.source.network))
         self.space = search_space() if space is None else space
         self.objective = objective
         self.save_buffers = save_buffers
@@ -146,7 +152,8 @@ class JEMHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         config = self.config_for(hp)
         model = build_jem(config, image_shape=self.data.image_shape, num_classes=self.data.num_classes,
-                          train_data=self.train, steps_per_epoch=self.steps_per_epoch())
+                          train_data=self.train, steps_per_epoch=self.steps_per_epoch(),
+                          backbone=None if self.source is None else logits_network(self.source.network)[0])
         compile_jem(model, config, steps_per_epoch=self.steps_per_epoch())
         return model
 

@@ -126,6 +126,33 @@ def test_buffer_fill_and_restarts_come_from_the_class_gaussians(tiny_data):
         ReplayBuffer(image_shape=(8, 8, 1), size=10, init="gaussian")
 
 
+def test_a_uniform_fraction_of_fresh_chains_starts_from_noise(tiny_data):
+    init = _fitted_init(tiny_data)
+    buffer = ReplayBuffer(image_shape=(8, 8, 1), size=4000, seed=0, init=init, restart_prob=1.0, uniform_fraction=0.25)
+    gaussian = init.sample(4000, [0, 0]).numpy().reshape(4000, -1)
+    # A Gaussian chain keeps its class's smooth brightness; a noise chain has i.i.d. uniform pixels (std 0.577).
+    def is_noise(chains):
+        return chains.reshape(len(chains), -1).std(axis=1) > 0.45
+
+    assert not is_noise(gaussian).any()
+    assert abs(is_noise(buffer.chains().numpy()).mean() - 0.25) < 0.03  # the initial fill
+    draw = buffer.draw(4000, seed=[3, 4])  # every drawn chain restarts
+    noise = is_noise(draw.x.numpy())
+    assert abs(noise.mean() - 0.25) < 0.03
+    assert abs(draw.x.numpy()[noise].mean()) < 0.02 and draw.x.numpy()[noise].min() >= -1.0
+    np.testing.assert_array_equal(buffer.draw(4000, seed=[3, 4]).x.numpy(), draw.x.numpy())  # seeded
+    # Saved with the buffer; 0 keeps the Gaussian draws bit for bit; bad values and a missing init refused.
+    assert ReplayBuffer.from_config(buffer.get_config()).uniform_fraction == 0.25
+    plain = ReplayBuffer(image_shape=(8, 8, 1), size=64, seed=0, init=init, restart_prob=1.0)
+    np.testing.assert_array_equal(plain.draw(8, seed=[1, 1]).x.numpy(),
+                                  ReplayBuffer(image_shape=(8, 8, 1), size=64, seed=0, init=init, restart_prob=1.0,
+                                               uniform_fraction=0.0).draw(8, seed=[1, 1]).x.numpy())
+    with pytest.raises(ValueError, match=r"uniform_fraction` must be in \[0, 1\]; received uniform_fraction=1.5"):
+        ReplayBuffer(image_shape=(8, 8, 1), size=10, init=init, uniform_fraction=1.5)
+    with pytest.raises(ValueError, match="needs an `init`"):
+        ReplayBuffer(image_shape=(8, 8, 1), size=10, uniform_fraction=0.5)
+
+
 def test_jem_with_class_gaussians_saves_restores_bit_exactly_and_samples_from_them(tiny_data, tmp_path):
     x, y = tiny_data
     model = tiny_jem(chain_init=_fitted_init(tiny_data), buffer_size=96,
