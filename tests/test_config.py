@@ -31,6 +31,28 @@ def test_fast_recipes_are_jem_plus_plus_and_the_paper_recipe_is_kept():
 
 
 
+def test_finetune_recipes_need_a_classifier_and_keep_their_datasets_sampler():
+    for name, base in (("digits_finetune", "digits"), ("fashion_mnist_finetune", "fashion_mnist")):
+        recipe, original = config_lib.load_recipe(name), config_lib.load_recipe(base)  # a recipe alone loads
+        assert recipe.finetune and recipe.init_from is None and recipe.dataset == original.dataset
+        assert (recipe.chain_init, recipe.sgld_steps > 0, recipe.sgld_grad_clamp) == ("class_gaussian", True, 1.0)
+        with pytest.raises(ValueError, match="init_from must be the trained classifier this fine-tuning recipe"):
+            recipe.validate()  # complete: a command line must give --init-from
+        assert recipe.replace(init_from="runs/x").validate().init_from == "runs/x"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"init_from": " "}, "init_from must be a path to a .keras file or a training work directory, or none"),
+    ({"init_from_sha256": "ab" * 32}, "init_from_sha256 must be none, or the 64 lowercase hex digits"),
+    ({"init_from": "x.keras", "init_from_sha256": "AB" * 32}, "init_from_sha256 must be none, or the 64"),
+    ({"chain_init_uniform_fraction": 0.5}, "chain_init_uniform_fraction must be 0 unless chain_init is 'class_gaussian'"),
+    ({"chain_init": "class_gaussian", "chain_init_uniform_fraction": 1.5}, "chain_init_uniform_fraction must be in"),
+])
+def test_conversion_and_start_fields_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig().replace(**overrides).validate()
+
+
 def test_recipes_are_the_installed_jem_tf_recipes_package():
     # The recipes live in the repository's trainers/ folder and are installed under jem_tf's own name, so
     # the library imports them like any of its modules (no top-level `trainers` package).

@@ -347,9 +347,9 @@ def _rest_to_arrays(body, signature_def):
             for k, v in values.items()}
 
 
-def test_readme_rest_examples_are_valid_for_their_signatures(trained):
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme.split("## Export and serve", 1)[1].split("\n## ", 1)[0]
+def test_documented_rest_examples_are_valid_for_their_signatures(trained):
+    page = open(os.path.join(ROOT, "docs", "serving.md")).read()
+    section = page.split("# Export and serve", 1)[1]
     bodies = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
     assert {b["signature_name"] for b in bodies} >= {"classify", "sample"}
     path = trained[3]
