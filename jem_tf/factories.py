@@ -43,7 +43,7 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
     """Builds the backbone and the (uncompiled) JEM a config describes.
 
     ``backbone``: a float32 logits network to start from instead of the config's (a converted classifier,
-    :func:`jem_tf.run.load_classifier`); the config's precision is applied to a copy of it.
+    :func:`jem_tf.run.load_classifier`), trained as the JEM's network (a 16-bit precision trains a copy).
 
     ``train_data`` ``(images, labels)``: the training split, needed for ``chain_init="class_gaussian"``
     (the class Gaussians are fitted to it). ``steps_per_epoch``: needed for ``classifier_epochs > 0``.

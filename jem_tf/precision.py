@@ -73,7 +73,10 @@ def resolve_precision(precision: str, *, backbone: keras.Model, batch_size: int,
         raise ValueError(f"`batch_size` must be an int >= 1; received {batch_size!r}")
     if "float32" not in candidates:
         raise ValueError(f"`candidates` must include float32 (the reference); received {candidates!r}")
-    seconds = {name: time_jem_step(with_precision(backbone, name), batch_size=batch_size) for name in candidates}
+    # A fresh copy of the architecture is timed (its training-mode passes would update batch-norm statistics
+    # of ``backbone`` itself, e.g. a converted classifier's).
+    probe = keras.models.clone_model(backbone)
+    seconds = {name: time_jem_step(with_precision(probe, name), batch_size=batch_size) for name in candidates}
     best = min(seconds, key=seconds.get)
     speedup = seconds["float32"] / seconds[best]
     if best != "float32" and speedup < min_speedup:

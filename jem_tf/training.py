@@ -121,8 +121,7 @@ def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, va
     run_config, precision_report = resolve_run_precision(
         config, layout, image_shape=data.image_shape, num_classes=data.num_classes, log=print if chief else None,
         batch_size=max(1, config.batch_size // strategy.num_replicas_in_sync), write=chief,
-        # the probe times (and, with batch norm, would update) a network of the source's shape, not the source
-        backbone=None if source is None else keras.models.clone_model(source.network))
+        backbone=None if source is None else source.network)
     with strategy.scope():
         model = build_jem(run_config, image_shape=data.image_shape, num_classes=data.num_classes,
                           train_data=train if labelled is None else labelled, steps_per_epoch=steps_per_epoch,

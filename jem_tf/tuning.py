@@ -129,7 +129,7 @@ class JEMHyperModel(keras_tuner.HyperModel):
         # precision "auto" is measured once for the whole search (every trial uses the same backbone).
         self.base_config, _ = resolve_config_precision(
             base_config.validate(), image_shape=data.image_shape, num_classes=data.num_classes,
-            backbone=None if self.source is None else keras.models.clone_model(self.source.network))
+            backbone=None if self.source is None else self.source.network)
         self.space = search_space() if space is None else space
         self.objective = objective
         self.save_buffers = save_buffers
