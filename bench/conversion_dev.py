@@ -6,7 +6,7 @@
 
 For each run (a training work directory): accuracy, ECE (20 bins) and NLL on the run's validation split,
 the AUROC of log p(x) between the validation images and each kind of outlier the library makes from them
-(`jem_tf.ood.selection_outliers`), the final training energy gap and the training time from `metrics.json`;
+(`jem_tf.outliers`: accepted shifts and outlier kinds), the final training energy gap and the training time from `metrics.json`;
 with --feature-model, the Fréchet distance between the validation images and 1,000 samples after 200 SGLD
 steps from the model's start distribution, in that classifier's penultimate features. No test image and no
 OOD set is read.
@@ -27,7 +27,8 @@ import numpy as np
 def dev_scores(workdir, feature_model=None):
     from jem_tf.evaluation.frechet import evaluate_frechet, load_feature_network
     from jem_tf.evaluation.metrics import calibration_metrics
-    from jem_tf.ood import SELECTION_OUTLIERS, auroc, selection_outliers
+    from jem_tf import outliers
+    from jem_tf.ood import auroc
     from jem_tf.run import load_run_dataset, load_trained_model, split_train_validation
 
     model, config = load_trained_model(workdir)
@@ -38,9 +39,9 @@ def dev_scores(workdir, feature_model=None):
     log_px = model.log_px(validation.images, batch_size=500)
     row = {"val_accuracy": round(calibration["accuracy"], 4), "val_ece": round(calibration["ece"], 4),
            "val_nll": round(calibration["nll"], 4)}
-    for kind in SELECTION_OUTLIERS:
-        outliers = selection_outliers(kind, validation.images, value_range=model.value_range, seed=1)
-        row[f"auroc_{kind}"] = round(auroc(log_px, model.log_px(outliers, batch_size=500)), 3)
+    for kind in outliers.ACCEPTED_SHIFTS + outliers.OUTLIER_KINDS:
+        made = outliers.make(kind, validation.images, value_range=model.value_range, seed=1)
+        row[f"auroc_{kind}"] = round(auroc(log_px, model.log_px(made, batch_size=500)), 3)
     if feature_model:
         network = load_feature_network(feature_model, image_shape=model.image_shape)
         frechet = evaluate_frechet(model, validation.images, network=network, num_images=1000, sample_steps=200)

@@ -22,7 +22,8 @@ def table(path: str) -> str:
             values = " / ".join(f"{r['all_scores'][score][s]:.3f}" for s in sets)
             cells.append(f"**{values}** ★" if score == r["exported"]["score"] else values)
         lines.append(f"| `{score}` | " + " | ".join(cells) + " |")
-    cells = [" / ".join(f"{r['exported']['sets'][s]['auroc']:.3f}" for s in sets) + f" (`{r['exported']['score']}`)"
+    cells = [" / ".join(f"{r['exported']['sets'][s]['auroc']:.3f}" for s in sets)
+             + f" (`{r['exported']['score']}`; test TPR at the threshold {r['exported']['test_tpr']:.3f})"
              for r in records]
     lines.append("| exported `ood_score`, measured through the SavedModel | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import math
 import sys
 from typing import List, Optional
 
+from jem_tf import outliers
 from jem_tf.cli import OneLineErrorParser
 from jem_tf.data import DATASETS, DataNotFoundError, dataset_argument, preprocessing_of
 from jem_tf.ood import fit_ood_detector
@@ -44,6 +45,15 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--ood-detector", choices=("select", "log_px"), default="select",
                         help="select: the best candidate on validation data and outliers made from it (jem_tf.ood); "
                              "log_px: the JEM's log p(x) alone")
+    parser.add_argument("--ood-outlier-kinds", nargs="+", choices=sorted(outliers.KINDS),
+                        default=list(outliers.OUTLIER_KINDS), metavar="KIND",
+                        help="images made from the calibration split that the detector must flag; they rank the "
+                             f"candidates (default: {' '.join(outliers.OUTLIER_KINDS)}; one of "
+                             f"{', '.join(sorted(outliers.KINDS))})")
+    parser.add_argument("--ood-accepted-shifts", nargs="*", choices=sorted(outliers.KINDS),
+                        default=list(outliers.ACCEPTED_SHIFTS), metavar="KIND",
+                        help="shifts the detector should accept; never counted against a candidate, reported "
+                             f"(default: {' '.join(outliers.ACCEPTED_SHIFTS)}; none: the flag alone)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the outliers made for the selection")
     parser.add_argument("--max-num-samples", type=int, default=256,
                         help="upper bound of sample's num_samples (at most 1 GiB of float32 samples per request)")
@@ -63,6 +73,9 @@ def check_flags(parser: OneLineErrorParser, args) -> None:
         parser.error(f"--version must be >= 0; received {args.version}")
     if not 0.0 < args.tpr <= 1.0:
         parser.error(f"--tpr must be in (0, 1]; received {args.tpr}")
+    both = sorted(set(args.ood_outlier_kinds) & set(args.ood_accepted_shifts))
+    if both:
+        parser.error(f"--ood-outlier-kinds and --ood-accepted-shifts both name {', '.join(both)}; give each kind one role")
     if args.max_num_samples < 1:
         parser.error(f"--max-num-samples must be >= 1; received {args.max_num_samples}")
     if not 1 <= args.max_n_steps <= MAX_N_STEPS_LIMIT:
@@ -99,7 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ood = fit_ood_detector(model, calibration.images, calibration_split=args.calibration_split,
                                calibration_labels=calibration.labels, train_images=train.images,
                                train_labels=train.labels, select=args.ood_detector == "select", tpr=args.tpr,
-                               seed=args.seed)
+                               seed=args.seed, outlier_kinds=args.ood_outlier_kinds,
+                               accepted_shifts=args.ood_accepted_shifts)
         path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
                                   preprocessing=preprocessing_of(dataset), dataset=dataset,
                                   **_sample_limit_kwargs(args))

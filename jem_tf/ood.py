@@ -16,18 +16,20 @@ Components (raw per-image scores, computed in TensorFlow from the backbone alone
 * ``png_bits``: the input's complexity ``L(x)``, the length in bits of its lossless PNG (DEFLATE) encoding
   (Serrà et al., ICLR 2020, arXiv 1909.11480). Not a score alone: it corrects the likelihood.
 
-Detectors are weighted sums of *terms*, each a component, optionally standardised with the mean and
-standard deviation of the validation split and optionally two-sided (``-|z|``: atypical in either
-direction). The candidates (:func:`default_candidates`) are every component alone, Serrà et al.'s
-``S(x) = log2 p(x) + L(x)`` as published, and standardised combinations of the JEM's likelihood or
-features with the input complexity: a likelihood-based score fails on inputs *simpler* than the data
-(Nalisnick et al., ICLR 2019), which is what the complexity term is for.
+Detectors combine *terms*, each a component, optionally standardised with the mean and standard deviation
+of the validation split and optionally two-sided (``-|z|``: atypical in either direction), either by a
+weighted sum or by their minimum (``reduce="min"``: an input atypical in any one term is flagged). The
+candidates (:func:`default_candidates`) are every component alone, Serrà et al.'s ``S(x) = log2 p(x) +
+L(x)`` as published, standardised sums of the JEM's likelihood or features with the input complexity (a
+likelihood-based score fails on inputs *simpler* than the data; Nalisnick et al., ICLR 2019), and the
+"atypical in any" minima of the density, the feature distance and the complexity.
 
-**Selection** (:func:`select_detector`) sees only the in-distribution validation split and outliers the
-library makes from it (:data:`SELECTION_OUTLIERS`: blurred, low-contrast, inverted, patch-shuffled and
-noised validation images; none of them is one of the reported OOD sets). It keeps the candidate whose
-*worst* AUROC over those outlier kinds is highest (ties: the higher mean), and calibrates its threshold so
-that a fraction ``tpr`` (default 95 %) of the validation images is called in-distribution.
+**Selection** (:func:`select_detector`, rule :data:`SELECTION_RULE`) sees only the in-distribution
+validation split and images :mod:`jem_tf.outliers` makes from it, in two roles: *outliers* to flag
+(inverted, patch-shuffled, noised, outlined, mosaic), which rank the candidates by their worst AUROC, and
+*accepted shifts* (blurred, low-contrast, translated), which never count against a candidate and are
+reported with the share each candidate accepts. None of them is a reported OOD set. The threshold is set
+so that a fraction ``tpr`` (default 95 %) of the validation images is called in-distribution.
 
 A likelihood ratio against a background model trained on perturbed inputs (Ren et al., NeurIPS 2019) was
 considered and not built: it needs a second EBM trained per dataset, doubling the training cost that the
@@ -45,6 +47,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jem_tf import outliers
+
 COMPONENTS = {
     "log_px": "logsumexp_y f(x)[y] (JEM unnormalised log p(x); Grathwohl et al. 2020)",
     "max_softmax": "max_y p(y|x) (Hendrycks & Gimpel 2017)",
@@ -54,8 +58,7 @@ COMPONENTS = {
                    "of the training split (Lee et al. 2018)",
     "png_bits": "input complexity L(x): bits of the lossless PNG encoding (Serrà et al. 2020)",
 }
-# Kinds of outliers made from in-distribution validation images, for selecting a detector.
-SELECTION_OUTLIERS = ("blurred", "low_contrast", "inverted", "patch_shuffled", "noised")
+REDUCTIONS = ("sum", "min")
 _LN2 = math.log(2.0)
 
 
@@ -230,12 +233,18 @@ class Term:
 
 @dataclasses.dataclass(frozen=True)
 class OODDetector:
-    """A named weighted sum of :class:`Term` s; ``threshold``: ``score >= threshold`` is in-distribution."""
+    """A named combination of :class:`Term` s (their sum, or with ``reduce="min"`` the lowest of them: an
+    input atypical in any one term is flagged); ``threshold``: ``score >= threshold`` is in-distribution."""
 
     name: str
     terms: Tuple[Term, ...]
     description: str = ""
     threshold: Optional[float] = None
+    reduce: str = "sum"  # "sum": the weighted terms added; "min": the lowest weighted term (atypical in any)
+
+    def __post_init__(self):
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"`reduce` must be one of {REDUCTIONS}; received {self.reduce!r}")
 
     @property
     def components(self) -> Tuple[str, ...]:
@@ -254,12 +263,18 @@ class OODDetector:
 
     def combine(self, components: Mapping[str, "np.ndarray | tf.Tensor"]):
         """The detector's score from component values (numpy or TensorFlow, same formula)."""
-        total = 0.0
+        total = None
         for term in self.terms:
             z = (components[term.component] - term.center) / term.scale
             if term.two_sided:
                 z = -abs(z)
-            total = total + term.weight * z
+            z = term.weight * z
+            if total is None:
+                total = z
+            elif self.reduce == "sum":
+                total = total + z
+            else:  # min(a, b) written so that numpy arrays and tensors take the same formula
+                total = 0.5 * (total + z - abs(total - z))
         return total
 
     def with_threshold(self, validation_scores: np.ndarray, *, tpr: float = 0.95) -> "OODDetector":
@@ -271,12 +286,13 @@ class OODDetector:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "threshold": self.threshold,
-                "terms": [dataclasses.asdict(term) for term in self.terms]}
+                "reduce": self.reduce, "terms": [dataclasses.asdict(term) for term in self.terms]}
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "OODDetector":
         return cls(name=values["name"], description=values.get("description", ""),
-                   threshold=values.get("threshold"), terms=tuple(Term(**term) for term in values["terms"]))
+                   threshold=values.get("threshold"), reduce=values.get("reduce", "sum"),
+                   terms=tuple(Term(**term) for term in values["terms"]))
 
 
 def single(component: str) -> OODDetector:
@@ -305,55 +321,21 @@ def default_candidates(available: Sequence[str]) -> List[OODDetector]:
     candidates.append(OODDetector(
         "log_px+mahalanobis", (Term("log_px", standardized=True), Term("mahalanobis", standardized=True)),
         "z(log p(x)) + z(Mahalanobis score): the JEM's density and its feature-space distance"))
+    # Atypical in any one: the lowest of the per-component z-scores. The density and the input complexity
+    # are two-sided (too likely or too simple is as atypical as the opposite); the feature distance is not.
+    typical = {"log_px": Term("log_px", standardized=True, two_sided=True),
+               "mahalanobis": Term("mahalanobis", standardized=True),
+               "png_bits": Term("png_bits", standardized=True, two_sided=True)}
+    for parts in (("log_px", "png_bits"), ("log_px", "mahalanobis"), ("mahalanobis", "png_bits"),
+                  ("log_px", "mahalanobis", "png_bits")):
+        candidates.append(OODDetector(
+            "any_atypical(" + ",".join(parts) + ")", tuple(typical[p] for p in parts),
+            "min(" + ", ".join("-|z(" + p + ")|" if typical[p].two_sided else "z(" + p + ")" for p in parts)
+            + "): flagged when atypical in any one of them (z-scores of the validation split)", reduce="min"))
     return [c for c in candidates if set(c.components) <= set(available)]
 
 
 # ------------------------------------------------------------------------------------- selection
-def selection_outliers(kind: str, images: np.ndarray, *, value_range: Sequence[float] = (-1.0, 1.0),
-                       seed: int = 0) -> np.ndarray:
-    """Outliers made from in-distribution ``images`` ``[N, H, W, C]`` (used to select a detector; none of
-    them is a reported OOD set):
-
-    * ``blurred``: a 5x5 Gaussian blur (sigma = H / 16 pixels, at least 0.75): simpler than the data;
-    * ``low_contrast``: pixel values pulled to the range's midpoint, ``mid + 0.3 (x - mid)``;
-    * ``inverted``: ``low + high - x``;
-    * ``patch_shuffled``: the image cut into a 4x4 grid of patches (2x2 below 16 pixels) and the patches
-      permuted: local texture kept, global shape destroyed;
-    * ``noised``: Gaussian noise of std 0.3 x the range width added, clipped to the range.
-    """
-    rng = np.random.default_rng(seed)
-    images = np.asarray(images, np.float32)
-    low, high = value_range
-    n, h, w, c = images.shape
-    if kind == "blurred":
-        sigma = max(h / 16.0, 0.75)
-        taps = np.exp(-0.5 * (np.arange(-2, 3) / sigma) ** 2)
-        taps /= taps.sum()
-        padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
-        rows = sum(t * padded[:, i:i + h] for i, t in enumerate(taps))
-        return sum(t * rows[:, :, i:i + w] for i, t in enumerate(taps)).astype(np.float32)
-    if kind == "low_contrast":
-        mid = (low + high) / 2.0
-        return (mid + 0.3 * (images - mid)).astype(np.float32)
-    if kind == "inverted":
-        return (low + high - images).astype(np.float32)
-    if kind == "patch_shuffled":
-        grid = 4 if min(h, w) >= 16 else 2
-        ph, pw = h // grid, w // grid
-        out = images.copy()
-        for i in range(n):
-            order = rng.permutation(grid * grid)
-            patches = [images[i, r * ph:(r + 1) * ph, q * pw:(q + 1) * pw] for r in range(grid) for q in range(grid)]
-            for slot, source in enumerate(order):
-                r, q = divmod(slot, grid)
-                out[i, r * ph:(r + 1) * ph, q * pw:(q + 1) * pw] = patches[source]
-        return out
-    if kind == "noised":
-        noisy = images + rng.normal(0.0, 0.3 * (high - low), size=images.shape)
-        return np.clip(noisy, low, high).astype(np.float32)
-    raise ValueError(f"Unknown selection outlier kind {kind!r}; expected one of {SELECTION_OUTLIERS}")
-
-
 def auroc(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
     """AUROC with in-distribution as the positive class (ties count one half)."""
     from scipy.stats import rankdata
@@ -364,19 +346,47 @@ def auroc(scores_in: np.ndarray, scores_out: np.ndarray) -> float:
     return float((ranks[:n_in].sum() - n_in * (n_in + 1) / 2.0) / (n_in * n_out))
 
 
+SELECTION_RULE = ("max over candidates of the worst AUROC of the validation images against each outlier kind "
+                  "made from them; candidates within the sampling error of the best worst AUROC (its Hanley-McNeil "
+                  "standard error, at least 1e-3) are tied and the tie goes to the higher mean outlier AUROC, "
+                  "then the larger share of accepted-shift images accepted at the threshold; accepted shifts never "
+                  "count against a candidate; threshold at the TPR on the validation split")
+
+
+def auroc_standard_error(value: float, n_in: int, n_out: int) -> float:
+    """The standard error of an AUROC ``value`` measured on ``n_in`` positives and ``n_out`` negatives
+    (Hanley & McNeil, Radiology 1982)."""
+    a = min(max(float(value), 1e-6), 1.0 - 1e-6)
+    q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+    variance = (a * (1 - a) + (n_in - 1) * (q1 - a * a) + (n_out - 1) * (q2 - a * a)) / (n_in * n_out)
+    return math.sqrt(max(variance, 0.0))
+
+
 def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Optional[Sequence[OODDetector]] = None,
-                    outlier_kinds: Sequence[str] = SELECTION_OUTLIERS, tpr: float = 0.95, seed: int = 0,
+                    outlier_kinds: outliers.Kinds = outliers.OUTLIER_KINDS,
+                    accepted_shifts: outliers.Kinds = outliers.ACCEPTED_SHIFTS, tpr: float = 0.95, seed: int = 0,
                     batch_size: int = 256,
                     validation_components: Optional[Mapping[str, np.ndarray]] = None) -> Tuple[OODDetector, dict]:
-    """``(detector, report)``: the candidate with the highest worst-case AUROC of the validation images
-    against each kind of :func:`selection_outliers` made from them (ties within 1e-3: higher mean AUROC),
-    its standardisation and threshold (at ``tpr``) fitted on the validation images. Nothing else is
-    seen: no test split, no OOD dataset.
+    """``(detector, report)``: the candidate chosen by :data:`SELECTION_RULE`, its standardisation and
+    threshold (at ``tpr``) fitted on the validation images. Nothing else is seen: no test split, no OOD
+    dataset; only ``val_images`` and what :mod:`jem_tf.outliers` makes from them.
 
-    ``report``: every candidate's AUROC per outlier kind, the rule, and the choice.
+    ``outlier_kinds``: inputs to flag, which rank the candidates; ``accepted_shifts``: shifts to accept,
+    which never count against a candidate (reported: each candidate's AUROC against them and the share it
+    accepts at its threshold). Either is a list of built-in kind names or a ``{name: function}`` mapping
+    (:mod:`jem_tf.outliers`).
+
+    ``report``: every candidate's AUROC per kind, the rule, the kinds and their roles, and the choice.
     ``validation_components``: the scorer's components of ``val_images`` when the caller has them already
     (``scorer.arrays(val_images, ...)``), so they are not computed twice.
     """
+    outlier_names, outlier_functions = outliers.resolve(outlier_kinds, role="outlier")
+    shift_names, shift_functions = outliers.resolve(accepted_shifts, role="accepted shift")
+    if not outlier_names:
+        raise ValueError("Selecting an OOD detector needs at least one outlier kind.")
+    both = sorted(set(outlier_names) & set(shift_names))
+    if both:
+        raise ValueError(f"Kinds {both} are given both as outliers and as accepted shifts; give each one role.")
     val_images = np.asarray(val_images, np.float32)
     if len(val_images) < 20:
         raise ValueError(f"Selecting an OOD detector needs at least 20 validation images; received {len(val_images)}.")
@@ -388,28 +398,32 @@ def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Op
         in_components = validation_components
     else:
         in_components = scorer.arrays(val_images, needed, batch_size=batch_size)
-    out_components = {kind: scorer.arrays(selection_outliers(kind, val_images, value_range=scorer.value_range,
-                                                             seed=seed + 1 + i), needed, batch_size=batch_size)
-                      for i, kind in enumerate(outlier_kinds)}
-    table = {}
-    fitted = {}
+    functions = {**outlier_functions, **shift_functions}
+    made = {kind: scorer.arrays(outliers.make(kind, val_images, value_range=scorer.value_range, seed=seed + 1 + i,
+                                              function=functions[kind]), needed, batch_size=batch_size)
+            for i, kind in enumerate(outlier_names + shift_names)}
+    table, fitted = {}, {}
     for candidate in candidates:
         detector = candidate.fitted(in_components)
-        fitted[candidate.name] = detector
         scores_in = detector.combine(in_components)
-        per_kind = {kind: auroc(scores_in, detector.combine(out_components[kind])) for kind in outlier_kinds}
-        table[candidate.name] = {"worst": min(per_kind.values()), "mean": float(np.mean(list(per_kind.values()))),
-                                 **per_kind}
+        detector = fitted[candidate.name] = detector.with_threshold(scores_in, tpr=tpr)
+        scores = {kind: detector.combine(made[kind]) for kind in made}
+        per_kind = {kind: auroc(scores_in, scores[kind]) for kind in outlier_names}
+        accepted = {kind: float(np.mean(scores[kind] >= detector.threshold)) for kind in shift_names}
+        table[candidate.name] = {
+            "worst": min(per_kind.values()), "mean": float(np.mean(list(per_kind.values()))), **per_kind,
+            "accepted_shifts": {kind: {"auroc": auroc(scores_in, scores[kind]), "accepted": accepted[kind]}
+                                for kind in shift_names},
+            "mean_accepted": float(np.mean(list(accepted.values()))) if accepted else None}
     best_worst = max(row["worst"] for row in table.values())
-    finalists = [name for name, row in table.items() if row["worst"] >= best_worst - 1e-3]
-    chosen = max(finalists, key=lambda name: (table[name]["mean"], table[name]["worst"]))
-    detector = fitted[chosen]
-    detector = detector.with_threshold(detector.combine(in_components), tpr=tpr)
-    report = {"rule": "max over candidates of the worst AUROC (validation vs each outlier kind made from it); "
-                      "ties within 1e-3 by the mean AUROC; threshold at the TPR on the validation split",
-              "outlier_kinds": list(outlier_kinds), "num_validation_images": int(len(val_images)), "tpr": tpr,
-              "seed": seed, "chosen": chosen, "candidates": table}
-    return detector, report
+    tolerance = max(1e-3, auroc_standard_error(best_worst, len(val_images), len(val_images)))
+    finalists = [name for name, row in table.items() if row["worst"] >= best_worst - tolerance]
+    chosen = max(finalists, key=lambda name: (table[name]["mean"], table[name]["mean_accepted"] or 0.0,
+                                              table[name]["worst"]))
+    report = {"rule": SELECTION_RULE, "outlier_kinds": list(outlier_names), "accepted_shifts": list(shift_names),
+              "num_validation_images": int(len(val_images)), "tpr": tpr, "seed": seed, "tie_tolerance": tolerance,
+              "finalists": finalists, "chosen": chosen, "candidates": table}
+    return fitted[chosen], report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,12 +446,15 @@ class FittedDetector:
 def fit_ood_detector(model, calibration_images: np.ndarray, *, calibration_split: str,
                      calibration_labels: Optional[np.ndarray] = None, train_images: Optional[np.ndarray] = None,
                      train_labels: Optional[np.ndarray] = None, select: bool = True, tpr: float = 0.95, seed: int = 0,
+                     outlier_kinds: outliers.Kinds = outliers.OUTLIER_KINDS,
+                     accepted_shifts: outliers.Kinds = outliers.ACCEPTED_SHIFTS,
                      batch_size: int = 256) -> FittedDetector:
     """The OOD detector an export carries, fitted without any OOD data.
 
     With ``select`` (default) the detector is chosen by :func:`select_detector` among
     :func:`default_candidates` on ``calibration_images`` (held-out in-distribution images, normally the
-    run's validation split) and outliers made from them; otherwise it is ``log_px`` alone. The temperature
+    run's validation split) and the ``outlier_kinds`` and ``accepted_shifts`` made from them
+    (:mod:`jem_tf.outliers`); otherwise it is ``log_px`` alone. The temperature
     is fitted on ``calibration_labels`` when given, the Mahalanobis statistics on the training split when
     given. ``calibration_split`` names where the images come from (recorded in the metadata).
     """
@@ -455,6 +472,7 @@ def fit_ood_detector(model, calibration_images: np.ndarray, *, calibration_split
     selection = None
     if select:
         detector, selection = select_detector(scorer, calibration_images, candidates=candidates, tpr=tpr, seed=seed,
+                                              outlier_kinds=outlier_kinds, accepted_shifts=accepted_shifts,
                                               batch_size=batch_size, validation_components=components)
     else:
         detector = candidates[0].with_threshold(candidates[0].combine(components), tpr=tpr)

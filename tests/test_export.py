@@ -382,7 +382,8 @@ def test_export_cli_from_a_training_workdir(tmp_path, capsys):
     assert "--max-num-samples must be <= 4194304 for images of shape [8, 8, 1] (1 GiB" in err
     assert sorted(os.listdir(tmp_path / "served")) == ["1"]
     assert export_main(["--model", workdir, "--export-dir", str(tmp_path / "served"), "--max-n-steps", "100000",
-                        "--max-step-size", "25", "--max-noise-std", "0.5"]) == 0
+                        "--max-step-size", "25", "--max-noise-std", "0.5", "--ood-outlier-kinds", "noised", "mosaic",
+                        "--ood-accepted-shifts", "blurred"]) == 0
     assert "exported " + str(tmp_path / "served" / "2") in capsys.readouterr().out
     metadata = json.load(open(tmp_path / "served" / "2" / METADATA_FILE))
     assert metadata["sample"]["max_n_steps"] == 100_000 and metadata["sample"]["max_step_size"] == 25.0
@@ -391,7 +392,12 @@ def test_export_cli_from_a_training_workdir(tmp_path, capsys):
     # training split's feature statistics (so the Mahalanobis candidates were in the running).
     assert metadata["dataset"] == "digits" and metadata["ood"]["num_calibration_images"] == 144
     assert metadata["ood"]["calibration_split"] == "validation"
-    assert "mahalanobis" in metadata["ood"]["selection"]["candidates"]
+    selection = metadata["ood"]["selection"]
+    assert "mahalanobis" in selection["candidates"] and selection["chosen"] == metadata["ood"]["score"]
+    assert selection["outlier_kinds"] == ["noised", "mosaic"] and selection["accepted_shifts"] == ["blurred"]
+    assert set(selection["candidates"]["log_px"]["accepted_shifts"]) == {"blurred"}
+    first = json.load(open(tmp_path / "served" / "1" / METADATA_FILE))["ood"]["selection"]
+    assert first["accepted_shifts"] == ["blurred", "low_contrast", "translated"]
     assert metadata["ood"]["parameters"]["mahalanobis"]["class_means_shape"][0] == 10
     assert metrics["ood_detector"]["score"] == json.load(open(tmp_path / "served" / "1" / METADATA_FILE))["ood"]["score"]
     assert "x / 8 - 1" in metadata["input"]["preprocessing"]
@@ -419,9 +425,11 @@ def test_no_validation_split_means_no_silent_test_calibration(tmp_path, capsys):
     assert metadata["ood"]["num_calibration_images"] == 360
 
 
-def test_every_ood_component_is_served_without_keras(trained, tmp_path):
-    """A detector that uses every component (features, gradients, PNG sizes, a temperature) round-trips
-    through the export and gives the same scores in a process without Keras or jem_tf."""
+@pytest.mark.parametrize("reduce", ["sum", "min"])
+def test_every_ood_component_is_served_without_keras(trained, tmp_path, reduce):
+    """A detector that uses every component (features, gradients, PNG sizes, a temperature), added or
+    "atypical in any" (their minimum), round-trips through the export (formula, threshold, metadata) and
+    gives the same scores and flags in a process without Keras or jem_tf."""
     from jem_tf.ood import COMPONENTS, FittedDetector, OODDetector, OODScorer, Term
 
     model, x, _, _ = trained
@@ -429,7 +437,7 @@ def test_every_ood_component_is_served_without_keras(trained, tmp_path):
     scorer = OODScorer.fit(model, train_images=x, train_labels=labels, val_images=x, val_labels=labels)
     detector = OODDetector("everything", tuple(Term(name, weight=0.1 * (i + 1), center=0.5, scale=2.0,
                                                     two_sided=name == "png_bits")
-                                               for i, name in enumerate(COMPONENTS)), threshold=0.0)
+                                               for i, name in enumerate(COMPONENTS)), threshold=0.0, reduce=reduce)
     ood = FittedDetector(scorer, detector, {"calibration_split": "given", "num_calibration_images": 0, "tpr": None})
     path = export_saved_model(model, str(tmp_path / "served"), ood=ood)
     np.savez(tmp_path / "inputs.npz", images=x[:5], **SAMPLE_REQUEST)
@@ -439,9 +447,11 @@ def test_every_ood_component_is_served_without_keras(trained, tmp_path):
     assert "IMPORTED: none" in result.stdout
     served = dict(np.load(tmp_path / "out.npz"))
     metadata = json.load(open(os.path.join(path, METADATA_FILE)))
+    assert OODDetector.from_dict(metadata["ood"]["detector"]) == detector
     expected = _ood_scores(model, metadata, x[:5], scorer=scorer)
     for loader in ("object", "session"):
         np.testing.assert_allclose(served[f"{loader}/energy/ood_score"], expected, rtol=1e-4, atol=1e-3)
+        np.testing.assert_array_equal(served[f"{loader}/energy/is_in_distribution"], expected >= 0.0)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -461,6 +471,10 @@ def test_every_ood_component_is_served_without_keras(trained, tmp_path):
     (["--model", "/no/such/dir", "--export-dir", "x", "--max-step-size", "inf"],
      "--max-step-size must be finite and > 0; received inf"),
     (["--model", "/no/such/dir", "--export-dir", "x", "--tpr", "0"], "--tpr must be in (0, 1]; received 0.0"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--ood-accepted-shifts", "blurred", "noised"],
+     "--ood-outlier-kinds and --ood-accepted-shifts both name noised; give each kind one role"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--ood-outlier-kinds", "sideways"],
+     "argument --ood-outlier-kinds: invalid choice: 'sideways'"),
     (["--model", "/no/such/dir", "--export-dir", "x", "--version", "-1"], "--version must be >= 0; received -1"),
     (["--model", "/no/such/dir", "--export-dir", "x", "--max-num-samples", "many"],
      "argument --max-num-samples: invalid int value: 'many'"),

@@ -4,9 +4,10 @@ the sets it is evaluated on."""
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from jem_tf import ood
-from jem_tf.ood import OODDetector, OODScorer, Term
+from jem_tf import ood, outliers
+from jem_tf.ood import OODDetector, OODScorer, Term, single
 
 
 def gaussian_backbone(dim=16):
@@ -86,13 +87,80 @@ def test_detector_formula_threshold_and_round_trip():
         fitted.with_threshold(components["log_px"], tpr=0.0)
 
 
-@pytest.mark.parametrize("kind", ood.SELECTION_OUTLIERS)
-def test_selection_outliers_keep_shape_and_range_and_change_the_images(kind):
+@pytest.mark.parametrize("kind", sorted(outliers.KINDS))
+def test_made_images_keep_shape_and_range_are_seeded_and_change_the_images(kind):
     images = np.random.default_rng(0).uniform(-1, 1, (6, 8, 8, 1)).astype(np.float32)
-    out = ood.selection_outliers(kind, images, seed=3)
+    out = outliers.make(kind, images, seed=3)
     assert out.shape == images.shape and out.dtype == np.float32
     assert out.min() >= -1 - 1e-6 and out.max() <= 1 + 1e-6 and not np.allclose(out, images)
-    np.testing.assert_array_equal(out, ood.selection_outliers(kind, images, seed=3))
+    np.testing.assert_array_equal(out, outliers.make(kind, images, seed=3))
+    assert kind in outliers.OUTLIER_KINDS + outliers.ACCEPTED_SHIFTS
+
+
+def test_made_images_do_what_they_say():
+    rng = np.random.default_rng(0)
+    images = -np.ones((4, 16, 16, 1), np.float32)
+    images[:, 4:12, 4:12] = 1.0  # a bright square on a dark background
+    outlined = outliers.make("outlined", images)
+    assert outlined[:, 8, 8].max() == -1.0 and outlined[:, 4, 8].min() > 0.0  # flat inside, bright on edges
+    moved = outliers.make("translated", images, seed=1)
+    assert np.all(np.sort(moved.reshape(4, -1), axis=1) == np.sort(images.reshape(4, -1), axis=1))
+    assert not np.array_equal(moved, images)
+    mosaic = outliers.make("mosaic", images)
+    np.testing.assert_allclose(mosaic[:, :8, :8, 0], images[:, ::2, ::2, 0])  # the image at half scale, top left
+    low = outliers.make("low_contrast", rng.uniform(-1, 1, (3, 8, 8, 1)))
+    assert np.abs(low).max() <= 0.3 + 1e-6
+    with pytest.raises(ValueError, match="Unknown outlier or shift kind 'nope'"):
+        outliers.make("nope", images)
+    with pytest.raises(ValueError, match="must return finite images of shape"):
+        outliers.make("mine", images, function=lambda x, value_range, seed: x[:1])
+    with pytest.raises(ValueError, match="Unknown outlier kind 'nope'"):
+        outliers.resolve(["inverted", "nope"], role="outlier")
+    with pytest.raises(ValueError, match="given twice"):
+        outliers.resolve(["inverted", "inverted"], role="outlier")
+
+
+def test_a_min_detector_flags_inputs_atypical_in_any_term():
+    components = {"a": np.array([0.0, 5.0, 0.0, -1.0]), "b": np.array([0.0, 0.0, -5.0, 1.0])}
+    detector = OODDetector("any", (Term("a", two_sided=True), Term("b", weight=2.0)), reduce="min")
+    np.testing.assert_allclose(detector.combine(components), [0.0, -5.0, -10.0, -1.0])
+    tensors = {k: tf.constant(v, tf.float32) for k, v in components.items()}
+    np.testing.assert_allclose(detector.combine(tensors).numpy(), detector.combine(components), rtol=1e-6)
+    assert OODDetector.from_dict(detector.to_dict()) == detector
+    assert OODDetector.from_dict({k: v for k, v in single("log_px").to_dict().items() if k != "reduce"}).reduce == "sum"
+    with pytest.raises(ValueError, match="`reduce` must be one of"):
+        OODDetector("bad", (Term("a"),), reduce="max")
+    names = {c.name for c in ood.default_candidates(ood.COMPONENTS)}
+    assert "any_atypical(log_px,mahalanobis,png_bits)" in names
+
+
+def _scaled(factor):
+    return lambda images, value_range, seed: images * factor
+
+
+def test_accepted_shifts_never_count_against_a_candidate():
+    """log p(x) flags wide inputs and calls shrunk ones *more* typical than the data; a two-sided z-score
+    flags both. With shrunk inputs as outliers the two-sided score wins; as an accepted shift they do not
+    count, and the one that accepts them is chosen."""
+    scorer = OODScorer(gaussian_backbone(), value_range=(-4.0, 4.0))
+    validation = np.random.default_rng(0).normal(0, 0.5, (200, 4, 4, 1)).astype(np.float32)
+    candidates = [single("log_px"), OODDetector("typical", (Term("log_px", standardized=True, two_sided=True),))]
+    _, report = ood.select_detector(scorer, validation, candidates=candidates, accepted_shifts=[],
+                                    outlier_kinds={"wide": _scaled(3.0), "shrunk": _scaled(0.2)})
+    assert report["chosen"] == "typical" and report["candidates"]["log_px"]["shrunk"] < 0.01
+    detector, report = ood.select_detector(scorer, validation, candidates=candidates,
+                                           outlier_kinds={"wide": _scaled(3.0)},
+                                           accepted_shifts={"shrunk": _scaled(0.2)})
+    assert report["chosen"] == detector.name == "log_px"
+    assert report["accepted_shifts"] == ["shrunk"] and report["outlier_kinds"] == ["wide"]
+    rows = report["candidates"]
+    assert rows["log_px"]["worst"] == rows["typical"]["worst"] == 1.0
+    assert rows["log_px"]["accepted_shifts"]["shrunk"]["accepted"] == 1.0
+    assert rows["typical"]["accepted_shifts"]["shrunk"]["accepted"] < 0.05
+    with pytest.raises(ValueError, match="both as outliers and as accepted shifts"):
+        ood.select_detector(scorer, validation, outlier_kinds=["inverted"], accepted_shifts=["inverted"])
+    with pytest.raises(ValueError, match="at least one outlier kind"):
+        ood.select_detector(scorer, validation, outlier_kinds=[])
 
 
 class SpyScorer(OODScorer):
@@ -121,11 +189,12 @@ def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them(t
     ood_sets = {"wide": rng.normal(0, 2.0, (30, 4, 4, 1)).astype(np.float32)}
     scorer = SpyScorer(backbone, value_range=(-4.0, 4.0))
     detector, report = ood.select_detector(scorer, validation, seed=0)
-    made = [ood.selection_outliers(kind, validation, value_range=(-4.0, 4.0), seed=1 + i)
-            for i, kind in enumerate(ood.SELECTION_OUTLIERS)]
+    kinds = outliers.OUTLIER_KINDS + outliers.ACCEPTED_SHIFTS
+    made = [outliers.make(kind, validation, value_range=(-4.0, 4.0), seed=1 + i) for i, kind in enumerate(kinds)]
     allowed = _rows(validation).union(*(_rows(m) for m in made))
     assert all(_rows(batch) <= allowed for batch in scorer.seen)
-    assert report["chosen"] == detector.name and set(report["outlier_kinds"]) == set(ood.SELECTION_OUTLIERS)
+    assert report["chosen"] == detector.name and report["outlier_kinds"] == list(outliers.OUTLIER_KINDS)
+    assert report["accepted_shifts"] == list(outliers.ACCEPTED_SHIFTS)
 
     # Inside the evaluation, the selection gets the validation images only: changing the test images and the
     # OOD sets does not change the choice or its threshold; the evaluation then reports it on those sets.
@@ -139,7 +208,7 @@ def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them(t
         result = evaluate_ood(FakeModel(), test + shift, {k: v + shift for k, v in ood_sets.items()},
                               out_dir=str(tmp_path), scorer=spy, val_images=validation)
         chosen.append((result["detector"]["chosen"], result["detector"]["detector"]["threshold"]))
-        selection_batches = spy.seen[:1 + len(ood.SELECTION_OUTLIERS)]
+        selection_batches = spy.seen[:1 + len(kinds)]
         assert all(_rows(batch) <= allowed for batch in selection_batches)
         assert result["detector"]["chosen"] in result["metrics"]
     assert chosen[0] == chosen[1]
@@ -155,3 +224,18 @@ def test_default_candidates_need_only_what_the_scorer_has(scorer):
         ood.select_detector(scorer, np.zeros((5, 4, 4, 1), np.float32))
     with pytest.raises(ValueError, match="temperature"):
         OODScorer(gaussian_backbone(), temperature=0.0)
+
+
+def test_auroc_standard_error_and_the_tie_tolerance():
+    # Hanley & McNeil's worked example: AUROC 0.8 with 50 and 50 cases has a standard error of about 0.043.
+    assert abs(ood.auroc_standard_error(0.8, 50, 50) - 0.043) < 0.002
+    assert ood.auroc_standard_error(0.9, 6000, 6000) < ood.auroc_standard_error(0.9, 144, 144) / 5
+    scorer = OODScorer(gaussian_backbone(), value_range=(-4.0, 4.0))
+    validation = np.random.default_rng(0).normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
+    _, report = ood.select_detector(scorer, validation)
+    best = max(row["worst"] for row in report["candidates"].values())
+    assert report["tie_tolerance"] == max(1e-3, ood.auroc_standard_error(best, 40, 40))
+    assert report["chosen"] in report["finalists"]
+    assert set(report["finalists"]) == {name for name, row in report["candidates"].items()
+                                        if row["worst"] >= best - report["tie_tolerance"]}
+

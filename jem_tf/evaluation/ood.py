@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from jem_tf import figures
+from jem_tf import figures, outliers
 from jem_tf.data import load_dataset
 from jem_tf.evaluation import metrics as metrics_lib
 from jem_tf.jem import JEM
@@ -73,12 +74,15 @@ def ood_scores(model: JEM, images: np.ndarray, *, temperature: float = 1.0,
 
 def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.ndarray], *, out_dir: str,
                  scorer: Optional[OODScorer] = None, val_images: Optional[np.ndarray] = None,
-                 temperature_source: str = "given", tpr: float = 0.95, seed: int = 0, batch_size: int = 256) -> dict:
+                 temperature_source: str = "given", tpr: float = 0.95, seed: int = 0,
+                 outlier_kinds: outliers.Kinds = outliers.OUTLIER_KINDS,
+                 accepted_shifts: outliers.Kinds = outliers.ACCEPTED_SHIFTS, batch_size: int = 256) -> dict:
     """OOD detection metrics of every candidate detector of :mod:`jem_tf.ood` (each component alone and the
     combinations) on every OOD set, plus one histogram PNG per component and for the chosen detector.
 
     With ``val_images`` (the run's validation split) the detector the export would carry is selected by
-    :func:`jem_tf.ood.select_detector` from those images and outliers made from them alone, and reported as
+    :func:`jem_tf.ood.select_detector` from those images and the ``outlier_kinds`` and ``accepted_shifts``
+    made from them alone (:mod:`jem_tf.outliers`), and reported as
     ``detector`` (``chosen``, its threshold, the selection table, and how it does on each OOD set here).
     ``scorer``: a fitted :class:`~jem_tf.ood.OODScorer` (default: temperature 1, no Mahalanobis).
     """
@@ -95,6 +99,7 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
     if val_images is not None and len(val_images) >= 20:
         reference = scorer.arrays(val_images, components, batch_size=batch_size)
         chosen, selection = select_detector(scorer, val_images, candidates=candidates, tpr=tpr, seed=seed,
+                                            outlier_kinds=outlier_kinds, accepted_shifts=accepted_shifts,
                                             batch_size=batch_size, validation_components=reference)
     # All sets scored in one pass (one compiled function), then split.
     names = list(ood_sets)
@@ -117,7 +122,7 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
                       for i, set_name in enumerate(names)} for name, score in scores.items()}
     histograms = {}
     for name in [c for c in OOD_SCORES if c in scores] + ([chosen.name] if chosen is not None else []):
-        path = os.path.join(out_dir, f"ood_hist_{name.replace('*', 'x')}.png")
+        path = os.path.join(out_dir, "ood_hist_" + re.sub(r"[^A-Za-z0-9_.+-]", "_", name.replace("*", "x")) + ".png")
         figures.score_histograms({"in-distribution (test)": part(scores[name], 0),
                                   **{set_name: part(scores[name], i + 1) for i, set_name in enumerate(names)}},
                                  path, title=f"OOD score: {name}", xlabel=detectors[name].description or name)

@@ -263,6 +263,14 @@ def summary_lines(report: dict) -> List[str]:
             lines.append(f"temperature {t['temperature']:.3f}: ECE {t['ece']:.4f}  NLL {t['nll']:.4f}")
     if "ood" in report:
         chosen = report["ood"].get("detector", {}).get("chosen")
+        if chosen is not None:
+            selection = report["ood"]["detector"]["selection"]
+            row = selection["candidates"][chosen]
+            accepted = "" if row["mean_accepted"] is None else (
+                f"; accepts {row['mean_accepted']:.0%} of the accepted shifts "
+                f"({', '.join(selection['accepted_shifts'])})")
+            lines.append(f"OOD detector {chosen}: worst AUROC {row['worst']:.4f} over outliers made from the "
+                         f"validation split ({', '.join(selection['outlier_kinds'])}){accepted}")
         for score, per_set in report["ood"]["metrics"].items():
             mark = " (chosen)" if score == chosen else ""
             lines.append(f"OOD AUROC [{score}]{mark} " + "  ".join(f"{n} {m['auroc']:.4f}" for n, m in per_set.items()))
