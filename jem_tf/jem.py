@@ -414,7 +414,9 @@ class JEM(keras.Model):
             return None
         return self.optimizer.iterations >= self.energy_start_step
 
-    def _run_chains(self, batch_size, position, draw_salt, sgld_salt, labels=None):
+    def _run_chains(self, batch_size, position, draw_salt, sgld_salt, labels=None, labelled=None):
+        """SGLD chains drawn from the replay buffer (of class ``labels[i]`` for row ``i`` when given) and written
+        back; ``labelled`` (bool ``[batch]``): the rows whose chains are written back (the others are discarded)."""
         draw = self.replay_buffer.draw(batch_size, self._step_seed(draw_salt), labels=labels, position=position)
         context = () if labels is None else (labels,)
         active = self._energy_terms_active()
@@ -424,7 +426,7 @@ class JEM(keras.Model):
             self._sgld_energy, draw.x, self._step_seed(sgld_salt), context=context, position=position,
             n_steps=n_steps,
         )
-        self.replay_buffer.update(draw.indices, samples)
+        self.replay_buffer.update(draw.indices, samples, keep=labelled)
         return samples, diagnostics
 
     def train_step(self, data):
@@ -463,8 +465,15 @@ class JEM(keras.Model):
             sizes.append(batch_size)
             grad_norms.append(diagnostics.grad_norm_trace)
         if self.pxy_weight > 0:
+            # p(x|y) needs labels: an unlabelled row (weight 0) carries a placeholder, so its chain is drawn from
+            # the slots of class (row mod K) instead, weighs 0 in the loss and is never written back (no class's
+            # slots are rewritten by unlabelled data).
+            labelled = None if sample_weight is None else sample_weight > 0
+            labels = y if labelled is None else tf.where(
+                labelled, y, tf.math.floormod(tf.range(batch_size, dtype=y.dtype) + tf.cast(position[0], y.dtype),
+                                             self.num_classes))
             x_cond, diagnostics = self._run_chains(batch_size, position, seeds.STEP_DRAW_CONDITIONAL,
-                                                   seeds.STEP_SGLD_CONDITIONAL, labels=y)
+                                                   seeds.STEP_SGLD_CONDITIONAL, labels=labels, labelled=labelled)
             batches.append(x_cond)
             sizes.append(batch_size)
             grad_norms.append(diagnostics.grad_norm_trace)

@@ -113,3 +113,33 @@ def test_npz_headers_that_claim_more_than_the_file_holds_are_refused_before_allo
     np.savez(honest, x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.array([0, 1, 0, 1]),
              x_test=np.zeros((4, 8, 8), np.uint8), y_test=np.array([0, 1, 0, 1]))
     assert load_npz_dataset(str(honest)).x_train.shape == (4, 8, 8, 1)
+
+
+# ------------------------------------------------------------------ 10: semi-supervised p(x|y), several steps
+@pytest.mark.parametrize("px_weight", [0.0, 1.0])
+def test_unlabelled_rows_never_draw_or_write_class_conditional_chains(tiny_data, px_weight):
+    from conftest import tiny_jem
+    from jem_tf import SGLDSampler
+
+    x, y = tiny_data
+    x = x[:32]
+    weights = (np.arange(32) % 4 == 0).astype("float32")  # 8 labelled rows (classes 1 and 2), 24 unlabelled
+    labelled_classes = 1 + (np.arange(32) // 4) % 2
+    runs = []
+    for placeholder in (0, 2):  # what the unlabelled rows carry must not matter
+        labels = np.where(weights > 0, labelled_classes, placeholder).astype("int32")
+        model = tiny_jem(data_noise_std=0.0, restart_prob=0.0, pxy_weight=1.0, px_weight=px_weight,
+                         sampler=SGLDSampler(n_steps=2, noise_std=0.0))
+        initial = model.replay_buffer.samples.numpy().copy()
+        for _ in range(3):
+            model.train_on_batch(x, labels, sample_weight=weights)
+        runs.append((initial, model.replay_buffer.samples.numpy(), [v.numpy() for v in model.trainable_variables]))
+    (initial, buffer_a, weights_a), (_, buffer_b, weights_b) = runs
+    np.testing.assert_array_equal(buffer_a, buffer_b)
+    for a, b in zip(weights_a, weights_b):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    slot = 64 // 3  # slots per class (buffer 64, 3 classes): class 0 is rows [0, 21)
+    changed = np.any(buffer_a != initial, axis=(1, 2, 3))
+    assert changed[slot:].any()  # the labelled classes' chains were written back
+    if px_weight == 0:  # only p(x|y) writes: class 0 has no labelled row, so its slots are untouched
+        assert not changed[:slot].any()
