@@ -358,23 +358,42 @@ class JEM(keras.Model):
 
         return data.map(check)
 
+    def _check_eagerly(self, x, y=None) -> None:
+        """Checks in-memory inputs before Keras sees them: numpy arrays always, tensors under XLA (whose compiled
+        step drops the in-graph checks); other inputs (``tf.data``) are checked in the step or its pipeline."""
+        if not self.validate_inputs:
+            return
+        if isinstance(x, np.ndarray) or (getattr(self, "jit_compile", False) and tf.is_tensor(x)):
+            self.check_arrays(np.asarray(x), None if y is None else np.asarray(y))
+
     def fit(self, x=None, y=None, *args, **kwargs):
-        """``keras.Model.fit``; numpy inputs are checked first (see :meth:`check_arrays`), ``tf.data`` inputs
-        in the compiled step (or, under XLA, in the input pipeline)."""
-        if isinstance(x, np.ndarray) and self.validate_inputs:
-            self.check_arrays(x, y)
-            validation_data = kwargs.get("validation_data")
-            if isinstance(validation_data, tuple) and isinstance(validation_data[0], np.ndarray):
-                self.check_arrays(validation_data[0], validation_data[1] if len(validation_data) > 1 else None)
+        """``keras.Model.fit``; numpy inputs are checked first (see :meth:`check_arrays`), and so are tensors
+        under XLA; ``tf.data`` inputs in the compiled step (or, under XLA, in the input pipeline)."""
+        self._check_eagerly(x, y)
+        validation_data = kwargs.get("validation_data")
+        if isinstance(validation_data, tuple) and validation_data:
+            self._check_eagerly(validation_data[0], validation_data[1] if len(validation_data) > 1 else None)
         if "validation_data" in kwargs:
             kwargs["validation_data"] = self._checked(kwargs["validation_data"])
         return super().fit(self._checked(x), y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """``keras.Model.evaluate`` with the same input checks as :meth:`fit`."""
-        if isinstance(x, np.ndarray) and self.validate_inputs:
-            self.check_arrays(x, y)
+        self._check_eagerly(x, y)
         return super().evaluate(self._checked(x), y, *args, **kwargs)
+
+    def train_on_batch(self, x, y=None, *args, **kwargs):
+        """``keras.Model.train_on_batch``; under XLA the batch is checked eagerly first (the compiled step drops
+        the in-graph checks that hold without XLA)."""
+        if getattr(self, "jit_compile", False):
+            self._check_eagerly(np.asarray(x) if not tf.is_tensor(x) else x, y)
+        return super().train_on_batch(x, y, *args, **kwargs)
+
+    def test_on_batch(self, x, y=None, *args, **kwargs):
+        """``keras.Model.test_on_batch`` with the same input checks as :meth:`train_on_batch`."""
+        if getattr(self, "jit_compile", False):
+            self._check_eagerly(np.asarray(x) if not tf.is_tensor(x) else x, y)
+        return super().test_on_batch(x, y, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- training
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):

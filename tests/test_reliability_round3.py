@@ -143,3 +143,32 @@ def test_unlabelled_rows_never_draw_or_write_class_conditional_chains(tiny_data,
     assert changed[slot:].any()  # the labelled classes' chains were written back
     if px_weight == 0:  # only p(x|y) writes: class 0 has no labelled row, so its slots are untouched
         assert not changed[:slot].any()
+
+
+# ----------------------------------------------------------------------- 11: every input path under XLA
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_train_on_batch_and_fit_on_tensors_are_checked_under_xla_as_without(tiny_data, jit_compile):
+    import keras
+    import tensorflow as tf
+
+    from conftest import tiny_jem
+
+    x, y = tiny_data
+    model = tiny_jem()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
+    initial = model.backbone.get_weights()
+    errors = (ValueError, tf.errors.InvalidArgumentError)  # eager check / in-graph check (without XLA)
+    bright, nan = tf.constant(np.full_like(x[:32], 5.0)), tf.constant(np.full_like(x[:32], np.nan))
+    labels, bad_labels = tf.constant(y[:32]), tf.constant(np.full_like(y[:32], 7))
+    for call in (lambda: model.train_on_batch(bright, labels),
+                 lambda: model.train_on_batch(np.full_like(x[:32], 5.0), y[:32]),
+                 lambda: model.train_on_batch(tf.constant(x[:32]), bad_labels),
+                 lambda: model.fit(bright, labels, epochs=1, verbose=0),
+                 lambda: model.fit(nan, labels, epochs=1, verbose=0),
+                 lambda: model.test_on_batch(bright, labels)):
+        with pytest.raises(errors, match=r"(?i)lie in \[-1.0, 1.0\]|NaN|Labels must be"):
+            call()
+    for before, after in zip(initial, model.backbone.get_weights()):  # no step trained on bad data
+        np.testing.assert_array_equal(before, after)
+    if jit_compile:  # checked before Keras is called: not even the step counter moved
+        assert int(model.optimizer.iterations.numpy()) == 0
