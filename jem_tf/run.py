@@ -124,8 +124,13 @@ def split_train_validation(config: TrainConfig, images: np.ndarray, labels: np.n
     ``validation_fraction`` and ``seed``; ``validation`` is ``None`` when the fraction is 0."""
     if config.validation_fraction <= 0:
         return Split(images, labels), None
-    (x_train, y_train), (x_val, y_val) = split_validation(images, labels, fraction=config.validation_fraction,
-                                                          seed=config.seed)
+    try:
+        (x_train, y_train), (x_val, y_val) = split_validation(images, labels, fraction=config.validation_fraction,
+                                                              seed=config.seed)
+    except ValueError as error:
+        raise ValueError(f"Dataset {config.dataset!r}: cannot split off the validation split "
+                         f"(validation_fraction={config.validation_fraction}): {error}; change --validation-fraction "
+                         "(0: no validation split) or give more training images.") from error
     return Split(x_train, y_train), Split(x_val, y_val)
 
 

@@ -81,6 +81,50 @@ def _npz(path, y_train, y_test, image_shape=(8, 8)):
     return str(path)
 
 
+# ------------------------------------------------------------- 9: split messages, recipe files, downloads
+def test_scikit_learn_split_errors_are_ours():
+    from jem_tf.config import TrainConfig
+    from jem_tf.run import split_train_validation
+
+    x = np.zeros((30, 8, 8, 1), np.float32)
+    y = np.arange(30) % 10
+    with pytest.raises(ValueError, match=r"'mine.npz'.*validation_fraction=0.1\): its 3 validation image\(s\) of 30 "
+                                         r"are fewer than the 10 classes"):
+        split_train_validation(TrainConfig(dataset="mine.npz", validation_fraction=0.1), x, y)
+    with pytest.raises(ValueError, match=r"it leaves 3 training image\(s\) of 30, fewer than the 10 classes"):
+        split_train_validation(TrainConfig(validation_fraction=0.9), x, y)
+    train, validation = split_train_validation(TrainConfig(validation_fraction=0.34), x, y)
+    assert len(train.images) == 19 and len(validation.images) == 11
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "huge"])
+def test_recipes_that_are_not_regular_files_or_too_big(kind, tmp_path):
+    if kind == "device":
+        recipe = "/dev/zero"
+    elif kind == "fifo":
+        recipe = str(tmp_path / "recipe.json")
+        os.mkfifo(recipe)  # opening it would block forever
+    else:
+        recipe = str(tmp_path / "huge.json")
+        with open(recipe, "wb") as f:
+            f.truncate(1 << 30)  # 1 GiB (sparse): refused by its size, never read
+    result = _cli("--recipe", recipe, "--workdir", str(tmp_path / "new"), timeout=120)
+    assert result.returncode == 2
+    line = _error_line(result)
+    if kind == "huge":
+        assert f"Recipe {recipe!r} is 1,073,741,824 bytes, more than a recipe's limit of 1,048,576" in line, line
+    else:
+        assert f"Recipe {recipe!r} is not a regular file" in line, line
+    assert not (tmp_path / "new").exists()
+
+
+def test_missing_tfds_data_says_how_to_download(tmp_path):
+    from jem_tf.data import DataNotFoundError, load_dataset
+
+    with pytest.raises(DataNotFoundError, match="or pass --download true"):
+        load_dataset("mnist", data_dir=str(tmp_path))
+
+
 # ----------------------------------------------------------------------------------------- 7: forged npz
 def _forged_npz(path, claimed_images=10 ** 9):
     header = io.BytesIO()
