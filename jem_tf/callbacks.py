@@ -149,6 +149,18 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
         """``(epoch, directory)`` of the complete generations, newest first."""
         return _numbered_entries(self.backup_dir, self.PATTERN)[::-1]
 
+    @classmethod
+    def epochs_done(cls, backup_dir: str) -> int:
+        """The epochs a backup in ``backup_dir`` holds (its newest generation whose metadata reads; 0: none),
+        read without loading it, e.g. to check a resumed run's ``epochs`` before anything is written."""
+        for _, directory in _numbered_entries(backup_dir, cls.PATTERN)[::-1]:
+            try:
+                with open(os.path.join(directory, cls.METADATA)) as f:
+                    return int(json.load(f)["epoch"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return 0
+
     def restore(self, model: keras.Model) -> int:
         """Loads the newest loadable generation into ``model``; returns its epoch (0: nothing to resume)."""
         self._restored = True

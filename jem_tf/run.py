@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional, Tuple
 import keras
 import numpy as np
 
+from jem_tf.callbacks import ChiefBackupAndRestore
 from jem_tf.config import TrainConfig
 from jem_tf.conversion import file_sha256, logits_network
 from jem_tf.data import ImageDataset, load_dataset, split_validation
@@ -132,6 +133,27 @@ def split_train_validation(config: TrainConfig, images: np.ndarray, labels: np.n
                          f"(validation_fraction={config.validation_fraction}): {error}; change --validation-fraction "
                          "(0: no validation split) or give more training images.") from error
     return Split(x_train, y_train), Split(x_val, y_val)
+
+
+def check_training_split(config: TrainConfig, train: Split, *, num_classes: int) -> None:
+    """A run's training split must hold images of every one of its ``num_classes`` classes (the largest label + 1),
+    and of at least 2: a classifier of one class, or of classes it never sees, trains without error and means
+    nothing.
+
+    Raises:
+        ValueError: naming the dataset and the classes without training images.
+    """
+    present = np.unique(train.labels)
+    where = "training split" + (" (after the validation split)" if config.validation_fraction > 0 else "")
+    if len(present) < 2:
+        raise ValueError(f"Dataset {config.dataset!r}: the {where} has images of {len(present)} class(es) "
+                         f"({', '.join(str(c) for c in present) or 'none'}); a JEM needs at least 2 classes.")
+    missing = sorted(set(range(num_classes)) - {int(c) for c in present})
+    if missing:
+        shown = ", ".join(str(c) for c in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(f"Dataset {config.dataset!r}: class(es) {shown} of {num_classes} (class ids 0..the largest "
+                         f"label) have no images in the {where}; label the classes 0..K-1, each with training "
+                         "images.")
 
 
 def load_run_dataset(dataset_name: Optional[str] = None, *, config: Optional[TrainConfig] = None,
@@ -311,6 +333,11 @@ def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool =
                          "it, or choose another --workdir.")
     if state == "interrupted" and not overwrite:
         previous = load_run_config(layout.workdir)
+        done = ChiefBackupAndRestore.epochs_done(layout.backup)
+        if config.epochs < done:
+            raise ValueError(f"{layout.workdir} holds an interrupted run with {done} epoch(s) done; --epochs "
+                             f"{config.epochs} is fewer: rerun with --epochs {done} or more to resume, or pass "
+                             "--overwrite to start over.")
         if previous is not None:
             differing = [f"{name}: {getattr(previous, name)!r} -> {getattr(config, name)!r}"
                          for name in RESUME_FIXED_FIELDS if getattr(previous, name) != getattr(config, name)]

@@ -81,6 +81,44 @@ def _npz(path, y_train, y_test, image_shape=(8, 8)):
     return str(path)
 
 
+# ---------------------------------------------------------------------------- 6, 8: checks before writes
+def test_resume_with_fewer_epochs_than_done_is_refused_before_any_write(interrupted_run):
+    before = _snapshot(interrupted_run)
+    result = _cli(*TINY, "--workdir", interrupted_run)  # --epochs 1, 2 done
+    assert result.returncode == 2
+    line = _error_line(result)
+    assert "2 epoch(s) done; --epochs 1 is fewer" in line and "--epochs 2 or more" in line, line
+    assert _snapshot(interrupted_run) == before  # config.json is not rewritten
+
+
+@pytest.mark.parametrize("case", ["single_class_uniform", "single_class_default_recipe", "absent_class",
+                                  "five_images", "validation_fraction_0.99"])
+def test_data_problems_are_one_line_errors_before_the_work_directory_is_written(case, tmp_path):
+    workdir = tmp_path / "new"
+    if case.startswith("single_class"):  # labels all 3: a "4-class" model of one class
+        data = _npz(tmp_path / "one.npz", [3] * 40, [3] * 10)
+        argv = ([*TINY, "--dataset", data, *UNIFORM] if case.endswith("uniform")
+                else ["--dataset", data, "--epochs", "1", "--verbose", "0"])  # the digits recipe's class Gaussians
+        expected = ("the training split (after the validation split) has images of 1 class(es) (3); a JEM needs at "
+                    "least 2")
+    elif case == "absent_class":  # class 1 only in the test split
+        data = _npz(tmp_path / "gap.npz", [0, 2] * 20, [0, 1, 2] * 4)
+        argv = [*TINY, "--dataset", data, *UNIFORM]
+        expected = "class(es) 1 of 3 (class ids 0..the largest label) have no images in the training split"
+    elif case == "five_images":
+        data = _npz(tmp_path / "five.npz", [0, 1, 2, 0, 1], [0, 1, 2])
+        argv = [*TINY, "--dataset", data]
+        expected = (f"Dataset {data!r}: cannot split off the validation split (validation_fraction=0.1): class 2 "
+                    "has 1 image (of 5)")
+    else:  # 14 training images of 10 digits: a class Gaussian of one image
+        argv = [*TINY, "--validation-fraction", "0.99", "--chain-init", "class_gaussian"]
+        expected = "Every class needs at least 2 images to fit its Gaussian"
+    result = _cli(*argv, "--workdir", str(workdir))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in _error_line(result), _error_line(result)
+    assert not workdir.exists()
+
+
 # ------------------------------------------------------------- 9: split messages, recipe files, downloads
 def test_scikit_learn_split_errors_are_ours():
     from jem_tf.config import TrainConfig
