@@ -14,6 +14,8 @@ runs back. Everything that must agree between them lives here, once:
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -29,6 +31,7 @@ from jem_tf.callbacks import ChiefBackupAndRestore
 from jem_tf.config import TrainConfig
 from jem_tf.conversion import file_sha256, logits_network
 from jem_tf.data import ImageDataset, load_dataset, split_validation
+from jem_tf.files import atomic_write_json, check_free_space, process_alive, remove_path, write_atomically
 from jem_tf.jem import JEM
 
 
@@ -273,14 +276,6 @@ RESUME_FIXED_FIELDS = ("dataset", "validation_fraction", "seed", "backbone", "wi
                        "pxy_weight", "labels_per_class", "labelled_batch_size", "init_from", "init_from_sha256")
 
 
-def atomic_write_json(path: str, values) -> None:
-    """Writes ``values`` as JSON to ``path`` through a temporary file and a rename (never a torn file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(values, f, indent=2)
-    os.replace(tmp, path)
-
-
 def save_model_atomically(model: keras.Model, path: str) -> None:
     """``model.save(path)`` through a temporary file and a rename: a kill mid-write leaves the previous file
     (or none), never a truncated one."""
@@ -371,51 +366,115 @@ class WorkdirBusy(ValueError):
 
 
 class WorkdirLock:
-    """An exclusive lock on a work directory: ``layout.lock`` created with ``O_EXCL``, holding the owner's
-    pid, host and start time. A lock whose process is gone (same host, pid not running) is stale and taken
-    over; a live one raises :class:`WorkdirBusy` naming the process. Use as a context manager."""
+    """An exclusive lock on a work directory: ``layout.lock``, held with ``fcntl.flock`` for as long as the run
+    lasts and holding the owner's pid, host and start time (to name it in errors).
+
+    The kernel releases an ``flock`` when its process dies, however it dies, so a lock nobody holds is stale
+    whatever it contains (empty or garbage: a crash between creating and writing it; another program's
+    JSON) and is taken over, with a message. The take-over is atomic: two processes can never both hold the
+    lock, as ``flock`` grants it to one. A lock file that names a live process of this host (a jem-tf older than
+    the ``flock``) or any process of another host (where ``flock`` may not reach, e.g. some network file
+    systems) is respected: delete the file by hand once that process is gone. Use as a context manager;
+    :meth:`check` tells, writing nothing, whether :meth:`acquire` would fail.
+    """
 
     def __init__(self, layout: RunLayout, *, log=print):
         self.path, self.log = layout.lock, log
         self.held = False
+        self._fd = None
 
-    def _owner(self) -> Optional[dict]:
+    def _owner(self, fd: int) -> Optional[dict]:
+        """The lock file's owner record, or ``None`` when it is empty or not one (garbage)."""
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, 4096)
+            owner = json.loads(data.decode("utf-8"))
         except (OSError, ValueError):
             return None
+        if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int) or not isinstance(
+                owner.get("host"), str):
+            return None
+        return owner
+
+    def _busy(self, owner: Optional[dict], why: str) -> WorkdirBusy:
+        if owner is None:
+            who = "another process (its lock file is still being written)"
+        else:
+            started = owner.get("started_unix")
+            since = (f" (since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))})"
+                     if isinstance(started, (int, float)) else "")
+            who = f"process {owner['pid']} on {owner['host']}{since}"
+        return WorkdirBusy(f"{os.path.dirname(self.path)} is in use by {who}: one training per work directory. "
+                           f"Wait for it to finish{why}.")
+
+    def _judge(self, fd: int, locked_by_other: bool) -> Optional[dict]:
+        """Raises :class:`WorkdirBusy` when the lock is held; else returns the stale owner record (or ``None``)."""
+        owner = self._owner(fd)
+        if locked_by_other:
+            raise self._busy(owner, "")
+        if owner is not None and owner["pid"] != os.getpid():
+            if owner["host"] != socket.gethostname():
+                raise self._busy(owner, f"; if that process is gone, delete {self.path} (a lock of another host "
+                                        "cannot be checked from here)")
+            if process_alive(owner["pid"]):
+                raise self._busy(owner, f"; if that process is not a jem-tf training, delete {self.path}")
+        return owner
+
+    def check(self) -> None:
+        """Raises :class:`WorkdirBusy` naming the holder when the lock is held; writes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return  # no lock (or a work directory that prepare_workdir reports)
+        except IsADirectoryError:
+            raise WorkdirBusy(f"{self.path} is a directory, not a lock file; remove it.") from None
+        try:
+            self._judge(fd, not _try_flock(fd))
+        finally:
+            os.close(fd)  # closing drops a flock taken just to test
 
     def acquire(self) -> "WorkdirLock":
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started_unix": int(time.time())}
-        for _ in range(2):
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner and owner.get("host") == me["host"] and not _process_alive(owner.get("pid")):
-                    if self.log:
-                        self.log(f"Removing the stale lock of process {owner.get('pid')} (no longer running).")
-                    os.remove(self.path)
+                if not _try_flock(fd):
+                    self._judge(fd, True)
+                # A holder that released (and removed the file) between our open and flock: lock the new file.
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
                     continue
-                who = (f"process {owner.get('pid')} on {owner.get('host')} (since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started_unix', 0)))})"
-                       if owner else "another process (lock file unreadable)")
-                raise WorkdirBusy(f"{os.path.dirname(self.path)} is in use by {who}: one training per work "
-                                  f"directory. Wait for it, or delete {self.path} if that process is gone.")
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+                stale = self._judge(fd, False)
+                if os.fstat(fd).st_size and self.log:
+                    self.log("Taking over the stale lock of " + (
+                        f"process {stale['pid']} (no longer running)." if stale else
+                        f"{self.path} (empty or unreadable, and no process holds it)."))
+                record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started_unix": int(time.time())}).encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, record, 0)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd, self.held = fd, True
             return self
-        raise WorkdirBusy(f"Could not lock {self.path}.")
+        raise WorkdirBusy(f"Could not lock {self.path}: it kept changing.")
 
     def release(self) -> None:
         if self.held:
-            owner = self._owner()
-            if owner and owner.get("pid") == os.getpid():
-                os.remove(self.path)
-            self.held = False
+            try:
+                if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                    os.remove(self.path)  # while still holding the flock
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(self._fd)
+                self._fd, self.held = None, False
 
     def __enter__(self):
         return self.acquire()
@@ -425,15 +484,16 @@ class WorkdirLock:
         return False
 
 
-def _process_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+def _try_flock(fd: int) -> bool:
+    """Whether an exclusive ``flock`` on ``fd`` was taken (without waiting)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
     return True
 
 

@@ -100,7 +100,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     keras.utils.set_random_seed(config.seed)
     layout = RunLayout(workdir)
     state = "empty"
-    if chief:  # before anything is loaded or written: a finished run, a mismatched resume, bad paths
+    if chief:  # before anything is loaded or written: a live run in it, a finished run, a mismatched resume, bad paths
+        WorkdirLock(layout).check()
         state = prepare_workdir(layout, config, overwrite=overwrite)
     resume = state == "interrupted" and not overwrite
     # Everything is checked and built before the work directory is written (the lock, config.json, precision.json):

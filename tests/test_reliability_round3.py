@@ -197,6 +197,98 @@ def test_npz_headers_that_claim_more_than_the_file_holds_are_refused_before_allo
     assert load_npz_dataset(str(honest)).x_train.shape == (4, 8, 8, 1)
 
 
+# ---------------------------------------------------------------------------------------------- 3, 4: locks
+HOLD_LOCK = """
+import sys, time
+from jem_tf.run import RunLayout, WorkdirLock
+lock = WorkdirLock(RunLayout(sys.argv[1]), log=None).acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold_lock(workdir, seconds=600):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, workdir, str(seconds)], stdout=subprocess.PIPE,
+                              text=True, env=ENV)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_live_lock_is_reported_before_any_other_check(interrupted_run):
+    holder = _hold_lock(interrupted_run)
+    try:
+        before = _snapshot(interrupted_run)
+        # Other settings than the backup's (buffer_size): the busy directory is what must be reported.
+        result = _cli(*[a if a != "100" else "200" for a in TINY], "--epochs", "3", "--workdir", interrupted_run)
+        assert result.returncode == 2
+        line = _error_line(result)
+        assert f"is in use by process {holder.pid} on {os.uname().nodename}" in line, line
+        assert "interrupted run" not in line
+        assert _snapshot(interrupted_run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("content", [b"", b"[1]", b"\x00\xffgarbage", b'{"pid": "x"}',
+                                     b'{"pid": 999999999, "host": "%s"}'])
+def test_an_empty_or_garbage_lock_nobody_holds_is_stale(content, tmp_path):
+    layout = RunLayout(str(tmp_path))
+    content = content.replace(b"%s", os.uname().nodename.encode())
+    open(layout.lock, "wb").write(content)
+    messages = []
+    WorkdirLock(layout).check()  # not held: no error
+    with WorkdirLock(layout, log=messages.append):
+        assert json.load(open(layout.lock))["pid"] == os.getpid()
+        with pytest.raises(WorkdirBusy, match=f"in use by process {os.getpid()}"):
+            WorkdirLock(layout).acquire()  # held (a second open file of this same process)
+    assert not os.path.exists(layout.lock)
+    assert bool(messages) == bool(content) and all("stale lock" in m for m in messages)
+
+
+def test_a_lock_of_another_host_is_respected_and_the_way_past_it_is_named(tmp_path):
+    layout = RunLayout(str(tmp_path))
+    json.dump({"pid": 1, "host": "elsewhere.example", "started_unix": 0}, open(layout.lock, "w"))
+    with pytest.raises(WorkdirBusy, match=rf"process 1 on elsewhere.example .*if that process is gone, delete "
+                                          rf"{layout.lock}"):
+        WorkdirLock(layout).acquire()
+    os.remove(layout.lock)  # the documented way past it
+    with WorkdirLock(layout, log=None):
+        pass
+
+
+RACE = """
+import os, sys, time
+from jem_tf.run import RunLayout, WorkdirBusy, WorkdirLock
+go = sys.argv[2]
+open(f"{go}.ready.{os.getpid()}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.005)
+try:
+    lock = WorkdirLock(RunLayout(sys.argv[1]), log=None).acquire()
+except WorkdirBusy:
+    print("busy", flush=True)
+else:
+    print("won", flush=True)
+    time.sleep(3)
+"""
+
+
+def test_two_processes_taking_over_the_same_stale_lock_never_both_hold_it(tmp_path):
+    layout = RunLayout(str(tmp_path))
+    json.dump({"pid": 999999999, "host": os.uname().nodename}, open(layout.lock, "w"))  # stale
+    go = str(tmp_path / "go")
+    racers = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), go], stdout=subprocess.PIPE, text=True,
+                               env=ENV) for _ in range(3)]
+    deadline = time.time() + 120
+    while sum(name.startswith("go.ready.") for name in os.listdir(tmp_path)) < len(racers):  # all imported
+        assert time.time() < deadline
+        time.sleep(0.05)
+    open(go, "w").close()
+    outcomes = sorted(r.communicate(timeout=120)[0].strip() for r in racers)
+    assert outcomes == ["busy", "busy", "won"], outcomes
+
+
 # ------------------------------------------------------------------ 10: semi-supervised p(x|y), several steps
 @pytest.mark.parametrize("px_weight", [0.0, 1.0])
 def test_unlabelled_rows_never_draw_or_write_class_conditional_chains(tiny_data, px_weight):
