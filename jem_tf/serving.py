@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from typing import Optional, Sequence
@@ -43,6 +44,7 @@ import tensorflow as tf
 import jem_tf
 from jem_tf import energy as energy_lib
 from jem_tf import seeds
+from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern
 from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
 from jem_tf.jem import JEM
 from jem_tf.ood import FittedDetector, OODScorer, fit_ood_detector, single
@@ -54,6 +56,9 @@ SIGNATURES = ("classify", "energy", "sample")
 # (max_num_samples x H x W x C float32; SGLD's activations and gradients need a multiple of that) must fit in
 # 1 GiB, and a request runs at most 100,000 SGLD steps.
 MAX_SAMPLE_BYTES = 2 ** 30
+# An export is written to EXPORT_DIR/.tmp-export-HOST-PID and renamed to its version when complete.
+EXPORT_TMP_PREFIX = ".tmp-export"
+_OLD_EXPORT_TMP = re.compile(r"^\.tmp-\d+-(?P<pid>\d+)$")  # .tmp-VERSION-PID, before jem-tf named the host
 MAX_N_STEPS_LIMIT = 100_000
 # The most images one classify or energy request may hold (a larger request fails in-graph before any work).
 DEFAULT_MAX_BATCH_SIZE = 1024
@@ -306,7 +311,9 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                               "tpr": None})
     module, signatures = build_serving_module(model, ood=ood, max_batch_size=max_batch_size, **limits)
     os.makedirs(export_dir, exist_ok=True)
-    tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
+    # Temporaries of exports killed mid-write (this host's dead processes) go; then ours is written.
+    remove_stale_temporaries(export_dir, temporary_pattern(EXPORT_TMP_PREFIX), _OLD_EXPORT_TMP)
+    tmp = os.path.join(export_dir, temporary_name(EXPORT_TMP_PREFIX))
     shutil.rmtree(tmp, ignore_errors=True)
     tf.saved_model.save(module, tmp, signatures=signatures)
     low, high = model.value_range

@@ -289,6 +289,47 @@ def test_two_processes_taking_over_the_same_stale_lock_never_both_hold_it(tmp_pa
     assert outcomes == ["busy", "busy", "won"], outcomes
 
 
+# ------------------------------------------------- 5: Ctrl-C (export temporaries: tests/test_serving_limits.py)
+UNTIL_EVENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "train_until_event.py")
+
+
+def _start_until_event(event, when, *argv):
+    """A training that stops at ``when`` (see helpers/train_until_event.py), signals ``event`` and waits there."""
+    run = subprocess.Popen([sys.executable, UNTIL_EVENT, str(event), when, *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while not os.path.exists(event):
+        if run.poll() is not None or time.time() > deadline:
+            run.kill()
+            out, err = run.communicate()
+            pytest.fail(f"the run ended before its event ({run.returncode}):\n{err[-3000:]}")
+        time.sleep(0.05)
+    return run
+
+
+def _leftovers(workdir):
+    """Temporary files anywhere below ``workdir``."""
+    return [os.path.join(root, name) for root, dirs, files in os.walk(workdir) for name in files + dirs
+            if ".tmp" in name or name.startswith(".overwrite-")]
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    argv = [*TINY, "--epochs", "2", "--workdir", workdir]
+    run = _start_until_event(tmp_path / "event", "batch:1:2", *argv)  # mid-epoch 2 (of 6 batches)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("python -m jem_tf.train")]
+    assert ours == ["python -m jem_tf.train: interrupted; rerun the same command to resume from epoch 2"], err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    layout = RunLayout(workdir)
+    assert not os.path.exists(layout.lock) and not os.path.exists(layout.model) and not _leftovers(workdir)
+    result = _cli(*argv)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resuming from the backup" in result.stdout and "1 epoch(s) done" in result.stdout
+
+
 # ------------------------------------------------------------------ 10: semi-supervised p(x|y), several steps
 @pytest.mark.parametrize("px_weight", [0.0, 1.0])
 def test_unlabelled_rows_never_draw_or_write_class_conditional_chains(tiny_data, px_weight):

@@ -1,5 +1,5 @@
 """The exported signatures' bounds (issue 23): ``classify`` and ``energy`` take at most ``max_batch_size`` images
-per request, checked in-graph like ``sample``'s bounds."""
+per request, checked in-graph like ``sample``'s bounds; and an export cleans up what killed exports left."""
 
 import json
 import os
@@ -35,6 +35,11 @@ def export(tmp_path_factory):
         os.makedirs(export_dir / name / "variables")
     path = export_saved_model(_tiny_jem(), str(export_dir), ood_threshold=0.0, max_batch_size=4)
     return export_dir, path, kept
+
+
+def test_exports_remove_the_temporaries_of_killed_exports_only(export):
+    export_dir, path, kept = export
+    assert sorted(os.listdir(export_dir)) == sorted(["1"] + kept) and path == str(export_dir / "1")
 
 
 def test_classify_and_energy_refuse_batches_above_max_batch_size_in_graph(export):
