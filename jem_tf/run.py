@@ -347,18 +347,33 @@ def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool =
 
 
 def clear_run(layout: RunLayout, *, log=print) -> None:
-    """Removes a run's files from its work directory (``--overwrite``, after every check has passed)."""
-    removed = []
-    for path in layout.run_files():
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-        else:
-            continue
-        removed.append(os.path.basename(path))
-    if removed and log:
-        log(f"--overwrite: removed {', '.join(removed)} from {layout.workdir}.")
+    """Removes a run's files from its work directory (``--overwrite``, after every check has passed).
+
+    Each is first renamed into a folder ``.overwrite-PID`` of the work directory (a link is moved as a link: a
+    link out of the work directory is never followed), so a failure puts back what was moved and deletes
+    nothing (``ValueError`` naming the path); only then is that folder deleted.
+    """
+    present = [path for path in layout.run_files() if os.path.lexists(path)]
+    if not present:
+        return
+    trash = os.path.join(layout.workdir, f".overwrite-{os.getpid()}")
+    remove_path(trash)
+    os.makedirs(trash)
+    moved = []
+    try:
+        for path in present:
+            os.rename(path, os.path.join(trash, os.path.basename(path)))
+            moved.append(path)
+    except OSError as error:
+        failed = path
+        for path in reversed(moved):  # put back what was moved
+            os.rename(os.path.join(trash, os.path.basename(path)), path)
+        os.rmdir(trash)
+        raise ValueError(f"--overwrite cannot remove {failed} ({error.strerror or error}); nothing was "
+                         "deleted.") from error
+    shutil.rmtree(trash)  # links inside are removed, not followed
+    if log:
+        log(f"--overwrite: removed {', '.join(os.path.basename(p) for p in present)} from {layout.workdir}.")
 
 
 class WorkdirBusy(ValueError):

@@ -330,6 +330,71 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path):
     assert "Resuming from the backup" in result.stdout and "1 epoch(s) done" in result.stdout
 
 
+# ------------------------------------------------------------------------------ 2: --overwrite and links
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    copy = str(tmp_path / "run")
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def test_overwrite_never_follows_a_link_out_of_the_work_directory(run_copy, tmp_path):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the run's")
+    layout = RunLayout(run_copy)
+    shutil.rmtree(layout.logs)
+    os.symlink(str(outside), layout.logs)
+    result = _cli(*TINY, "--workdir", run_copy, "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (outside / "keep.txt").read_text() == "not the run's" and os.listdir(outside) == ["keep.txt"]
+    assert os.path.isdir(layout.logs) and not os.path.islink(layout.logs) and not _leftovers(run_copy)
+
+
+def _mount_tmpfs(path, size):
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs to mount a tmpfs (root in a machine that allows it)")
+
+
+def _fill(path):
+    """Writes ``path`` until its file system is full (unbuffered: nothing is left to flush on close)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, bytes(size))
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def _umount(path):
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_overwrite_that_fails_half_way_deletes_nothing(run_copy):
+    layout = RunLayout(run_copy)
+    saved = layout.checkpoints + ".saved"
+    shutil.move(layout.checkpoints, saved)
+    _mount_tmpfs(layout.checkpoints, "16m")  # a mount point cannot be renamed away: the removal fails there
+    try:
+        for name in os.listdir(saved):
+            shutil.copy(os.path.join(saved, name), layout.checkpoints)
+        shutil.rmtree(saved)
+        before = _snapshot(run_copy)
+        result = _cli(*TINY, "--workdir", run_copy, "--overwrite")
+        assert result.returncode == 2
+        line = _error_line(result)
+        assert f"--overwrite cannot remove {layout.checkpoints}" in line and "nothing was deleted" in line, line
+        assert _snapshot(run_copy) == before and not _leftovers(run_copy)
+    finally:
+        _umount(layout.checkpoints)
+
+
 # ------------------------------------------------------------------ 10: semi-supervised p(x|y), several steps
 @pytest.mark.parametrize("px_weight", [0.0, 1.0])
 def test_unlabelled_rows_never_draw_or_write_class_conditional_chains(tiny_data, px_weight):
