@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -27,7 +28,7 @@ from typing import NamedTuple, Optional, Tuple
 import keras
 import numpy as np
 
-from jem_tf.callbacks import ChiefBackupAndRestore
+from jem_tf.callbacks import ChiefBackupAndRestore, saved_state_bytes
 from jem_tf.config import TrainConfig
 from jem_tf.conversion import file_sha256, logits_network
 from jem_tf.data import ImageDataset, load_dataset, split_validation
@@ -103,6 +104,19 @@ class RunLayout:
         """The paths a training run writes (files and directories), whether they exist or not."""
         return [self.model, self.config, self.metrics, self.samples, self.precision, self.checkpoints, self.logs,
                 self.backup]
+
+    def temporaries(self) -> list:
+        """The temporary files and directories of interrupted writes (``model.keras``, JSON files, checkpoints, a
+        backup generation, the sample grid); only the lock's holder writes, so under the lock they are stale."""
+        found = []
+        for directory, pattern in ((self.workdir, re.compile(r"^\.?[\w.]+\.tmp-\d+(\.keras)?$")),
+                                   (self.workdir, re.compile(r"^\.overwrite-\d+$")),
+                                   (self.workdir, re.compile(r"^samples\.png\.tmp$")),
+                                   (self.checkpoints, re.compile(r"^\.epoch_\d+\.tmp\.keras$")),
+                                   (self.backup, re.compile(r"^\.tmp_epoch_\d+$"))):
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                found += [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if pattern.match(n)]
+        return found
 
     def state(self) -> str:
         """``"empty"`` (no run's files), ``"interrupted"`` (a backup to resume from) or ``"finished"`` (a
@@ -278,10 +292,12 @@ RESUME_FIXED_FIELDS = ("dataset", "validation_fraction", "seed", "backbone", "wi
 
 def save_model_atomically(model: keras.Model, path: str) -> None:
     """``model.save(path)`` through a temporary file and a rename: a kill mid-write leaves the previous file
-    (or none), never a truncated one."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    (or none), never a truncated one; a full disk is a :class:`~jem_tf.files.DiskFullError` naming ``path``, with
+    the temporary file removed."""
+    directory = os.path.dirname(path) or "."
+    check_free_space(directory, saved_state_bytes(model), path)
+    write_atomically(path, model.save,
+                     tmp=os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}.keras"))
 
 
 def _check_writable_dir(path: str, what: str) -> None:

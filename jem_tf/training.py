@@ -24,6 +24,7 @@ from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, check_steps_per_execution,
                               compile_jem, resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
+from jem_tf.files import remove_path
 from jem_tf.ood import fit_ood_detector
 from jem_tf.run import (ClassifierSource, RunLayout, WorkdirLock, atomic_write_json, check_training_split,
                         classifier_file, clear_run, load_classifier, load_run_dataset, prepare_workdir,
@@ -132,6 +133,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     with WorkdirLock(layout) if chief else contextlib.nullcontext():
         if chief:
             state = prepare_workdir(layout, config, overwrite=overwrite, log=None)  # again, under the lock
+            for path in layout.temporaries():  # of a killed process (only the lock's holder writes here)
+                remove_path(path)
             if overwrite and state != "empty":
                 clear_run(layout)
             atomic_write_json(layout.config, config.to_dict())

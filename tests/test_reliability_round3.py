@@ -395,6 +395,53 @@ def test_overwrite_that_fails_half_way_deletes_nothing(run_copy):
         _umount(layout.checkpoints)
 
 
+# ------------------------------------------------------------------------------------------- 1: disk full
+def test_a_full_disk_is_one_line_keeps_the_last_good_backup_and_the_rerun_completes(tmp_path):
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "64m")
+    try:
+        workdir = str(disk / "run")
+        argv = [*TINY, "--epochs", "3", "--workdir", workdir]
+        event = tmp_path / "event"
+        run = _start_until_event(event, "batch:1:5", *argv)  # epoch 1 backed up; the last batch of epoch 2
+        filler = disk / "filler"
+        _fill(filler)  # the disk fills up while the run trains
+        os.remove(event)  # the run goes on: epoch 2's backup does not fit
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 1, err[-3000:]
+        line = [line for line in err.splitlines() if line.startswith("python -m jem_tf.train")]
+        assert len(line) == 1 and "Traceback" not in err, err[-3000:]
+        backup = os.path.join(workdir, "backup")
+        assert (f"error: cannot write {os.path.join(backup, 'epoch_0002')}: the disk is full (no space left on "
+                f"device); the last good epoch (1) is kept in {backup}; free space and rerun the same command to resume"
+                in line[0]), line
+        layout = RunLayout(workdir)
+        assert os.listdir(layout.backup) == ["epoch_0001"] and not _leftovers(workdir)
+        assert not os.path.exists(layout.lock) and not os.path.exists(layout.model)
+        os.remove(filler)  # space freed: the same command completes
+        result = _cli(*argv)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "1 epoch(s) done" in result.stdout and os.path.isfile(layout.model) and not _leftovers(workdir)
+    finally:
+        _umount(disk)
+
+
+def test_json_writes_on_a_full_disk_keep_the_previous_file(tmp_path):
+    from jem_tf.files import DiskFullError, atomic_write_json
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "1m")
+    try:
+        path = str(disk / "config.json")
+        atomic_write_json(path, {"epochs": 1})
+        _fill(disk / "filler")
+        with pytest.raises(DiskFullError, match=f"cannot write {path}: the disk is full"):
+            atomic_write_json(path, {"epochs": 2, "padding": "x" * 100_000})
+        assert json.load(open(path)) == {"epochs": 1} and sorted(os.listdir(disk)) == ["config.json", "filler"]
+    finally:
+        _umount(disk)
+
+
 # ------------------------------------------------------------------ 10: semi-supervised p(x|y), several steps
 @pytest.mark.parametrize("px_weight", [0.0, 1.0])
 def test_unlabelled_rows_never_draw_or_write_class_conditional_chains(tiny_data, px_weight):
