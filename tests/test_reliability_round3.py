@@ -499,3 +499,23 @@ def test_train_on_batch_and_fit_on_tensors_are_checked_under_xla_as_without(tiny
         np.testing.assert_array_equal(before, after)
     if jit_compile:  # checked before Keras is called: not even the step counter moved
         assert int(model.optimizer.iterations.numpy()) == 0
+
+
+# ---------------------------------------------------------------- 13: kills that land where they are meant to
+def test_a_kill_of_the_real_writer_during_the_final_save_loses_nothing(tmp_path):
+    workdir = str(tmp_path / "run")
+    argv = [*TINY, "--epochs", "2", "--workdir", workdir]
+    run = _start_until_event(tmp_path / "event", "final-save", *argv)  # model.keras written, not yet renamed
+    layout = RunLayout(workdir)
+    partial = [name for name in os.listdir(workdir) if name.startswith(".model.keras.tmp-")]
+    assert len(partial) == 1 and not os.path.exists(layout.model)  # the kill lands during the final save
+    run.kill()
+    run.communicate()
+    assert run.returncode == -signal.SIGKILL and os.path.isdir(layout.backup)  # the backup survives the kill
+    result = _cli(*argv)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resuming from the backup" in result.stdout and "2 epoch(s) done" in result.stdout
+    import keras
+
+    assert keras.models.load_model(layout.model).optimizer.iterations.numpy() == 2 * 6  # 1,293 images / 256
+    assert not os.path.exists(layout.backup) and not _leftovers(workdir)  # the killed writer's file is gone
