@@ -12,7 +12,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jem_tf.files import DiskFullError, check_free_space, is_disk_full, remove_path, write_atomically
 from jem_tf.figures import image_grid, upscale, write_png
+
+
+def saved_state_bytes(model: keras.Model) -> int:
+    """About the bytes a save of ``model`` (weights, optimizer slots, replay buffer) takes, with a margin: checked
+    as free space before writing (h5py can crash the process on a full disk instead of raising)."""
+    variables = list(model.variables) + (list(model.optimizer.variables) if model.optimizer is not None else [])
+    raw = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    return int(raw * 1.1) + (1 << 20)
 
 
 def _numbered_entries(directory: str, pattern: re.Pattern):
@@ -97,9 +106,9 @@ class RotatingCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"epoch_{epoch + 1:04d}.keras")
-        tmp = os.path.join(self.directory, f".epoch_{epoch + 1:04d}.tmp.keras")
-        self.model.save(tmp)
-        os.replace(tmp, path)
+        check_free_space(self.directory, saved_state_bytes(self.model), path)
+        write_atomically(path, self.model.save,
+                         tmp=os.path.join(self.directory, f".epoch_{epoch + 1:04d}.tmp.keras"))
         for old in self.checkpoints()[:-self.keep]:
             os.remove(old)
 
@@ -149,6 +158,18 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
         """``(epoch, directory)`` of the complete generations, newest first."""
         return _numbered_entries(self.backup_dir, self.PATTERN)[::-1]
 
+    @classmethod
+    def epochs_done(cls, backup_dir: str) -> int:
+        """The epochs a backup in ``backup_dir`` holds (its newest generation whose metadata reads; 0: none),
+        read without loading it, e.g. to check a resumed run's ``epochs`` before anything is written."""
+        for _, directory in _numbered_entries(backup_dir, cls.PATTERN)[::-1]:
+            try:
+                with open(os.path.join(directory, cls.METADATA)) as f:
+                    return int(json.load(f)["epoch"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return 0
+
     def restore(self, model: keras.Model) -> int:
         """Loads the newest loadable generation into ``model``; returns its epoch (0: nothing to resume)."""
         self._restored = True
@@ -189,13 +210,23 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
         tmp = os.path.join(self.backup_dir, f".tmp_{name}")
         target = os.path.join(self.backup_dir, name)
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self.model.save_weights(os.path.join(tmp, self.WEIGHTS), overwrite=True)
-        with open(os.path.join(tmp, self.METADATA), "w") as f:
-            json.dump({"epoch": self._current_epoch,
-                       "optimizer_step": int(self.model.optimizer.iterations.numpy())}, f)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(tmp, target)  # atomic: a generation is complete or absent
+        try:
+            # A full disk is refused before h5py starts (it can crash the process instead of raising).
+            check_free_space(self.backup_dir, saved_state_bytes(self.model), target)
+            os.makedirs(tmp)
+            self.model.save_weights(os.path.join(tmp, self.WEIGHTS), overwrite=True)
+            with open(os.path.join(tmp, self.METADATA), "w") as f:
+                json.dump({"epoch": self._current_epoch,
+                           "optimizer_step": int(self.model.optimizer.iterations.numpy())}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(tmp, target)  # atomic: a generation is complete or absent
+        except BaseException as error:  # the previous generations stay: the last good epoch is kept
+            remove_path(tmp)
+            if is_disk_full(error) and not isinstance(error, DiskFullError):
+                raise DiskFullError(target) from error
+            raise
         for _, old in self.generations()[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
 

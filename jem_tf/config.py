@@ -19,6 +19,7 @@ from jem_tf.networks import NORMALIZATIONS, PRECISIONS
 from jem_tf.replay_buffer import STORAGES
 
 OPTIMIZERS = ("adam", "sgd")
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: a recipe is a small JSON object; a larger file is refused unread
 CONFIG_PRECISIONS = PRECISIONS + ("auto",)
 
 
@@ -289,8 +290,13 @@ def load_recipe(name_or_path: str) -> TrainConfig:
         path = name_or_path
         if os.path.isdir(path):
             raise ValueError(f"Recipe {path!r} is a directory, not a JSON file.")
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ValueError(f"Recipe file {path!r} does not exist.")
+        if not os.path.isfile(path):  # a device (/dev/zero), a FIFO, a socket: reading could block or never end
+            raise ValueError(f"Recipe {path!r} is not a regular file (a device, FIFO or socket); pass a JSON file.")
+        if os.path.getsize(path) > MAX_RECIPE_BYTES:
+            raise ValueError(f"Recipe {path!r} is {os.path.getsize(path):,} bytes, more than a recipe's limit of "
+                             f"{MAX_RECIPE_BYTES:,} (a recipe is a small JSON object of config fields).")
     else:
         if name_or_path not in available_recipes():
             raise ValueError(
@@ -299,10 +305,15 @@ def load_recipe(name_or_path: str) -> TrainConfig:
             )
         path = os.path.join(recipes_dir(), name_or_path + ".json")
     try:
-        with open(path) as f:
-            values = json.load(f)
-    except json.JSONDecodeError as error:
+        with open(path, "rb") as f:
+            text = f.read(MAX_RECIPE_BYTES + 1)  # bounded even if the file grew since it was checked
+        if len(text) > MAX_RECIPE_BYTES:
+            raise ValueError(f"Recipe {path!r} is more than a recipe's limit of {MAX_RECIPE_BYTES:,} bytes.")
+        values = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"Recipe {path!r} is not valid JSON: {error}") from error
+    except OSError as error:
+        raise ValueError(f"Recipe {path!r} cannot be read: {error.strerror or error}") from error
     if not isinstance(values, dict):
         raise ValueError(f"Recipe {path!r} must be a JSON object of config fields.")
     return TrainConfig().replace(**values).validate(complete=False)

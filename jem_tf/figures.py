@@ -18,6 +18,8 @@ from typing import Dict, Sequence
 import numpy as np
 import tensorflow as tf
 
+from jem_tf.files import write_atomically
+
 
 # ------------------------------------------------------------------------------------- image grids
 def image_grid(images: np.ndarray, *, value_range: Sequence[float] = (-1.0, 1.0), columns: int = 0,
@@ -50,10 +52,12 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 def write_png(path: str, image: np.ndarray) -> None:
     """Writes a uint8 ``[H, W, C]`` image (C = 1 or 3) to ``path`` atomically."""
     data = tf.io.encode_png(tf.constant(image, tf.uint8)).numpy()
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_atomically(path, write, tmp=path + ".tmp")
 
 
 # ------------------------------------------------------------------------------------- matplotlib figures

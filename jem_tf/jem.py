@@ -358,23 +358,42 @@ class JEM(keras.Model):
 
         return data.map(check)
 
+    def _check_eagerly(self, x, y=None) -> None:
+        """Checks in-memory inputs before Keras sees them: numpy arrays always, tensors under XLA (whose compiled
+        step drops the in-graph checks); other inputs (``tf.data``) are checked in the step or its pipeline."""
+        if not self.validate_inputs:
+            return
+        if isinstance(x, np.ndarray) or (getattr(self, "jit_compile", False) and tf.is_tensor(x)):
+            self.check_arrays(np.asarray(x), None if y is None else np.asarray(y))
+
     def fit(self, x=None, y=None, *args, **kwargs):
-        """``keras.Model.fit``; numpy inputs are checked first (see :meth:`check_arrays`), ``tf.data`` inputs
-        in the compiled step (or, under XLA, in the input pipeline)."""
-        if isinstance(x, np.ndarray) and self.validate_inputs:
-            self.check_arrays(x, y)
-            validation_data = kwargs.get("validation_data")
-            if isinstance(validation_data, tuple) and isinstance(validation_data[0], np.ndarray):
-                self.check_arrays(validation_data[0], validation_data[1] if len(validation_data) > 1 else None)
+        """``keras.Model.fit``; numpy inputs are checked first (see :meth:`check_arrays`), and so are tensors
+        under XLA; ``tf.data`` inputs in the compiled step (or, under XLA, in the input pipeline)."""
+        self._check_eagerly(x, y)
+        validation_data = kwargs.get("validation_data")
+        if isinstance(validation_data, tuple) and validation_data:
+            self._check_eagerly(validation_data[0], validation_data[1] if len(validation_data) > 1 else None)
         if "validation_data" in kwargs:
             kwargs["validation_data"] = self._checked(kwargs["validation_data"])
         return super().fit(self._checked(x), y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """``keras.Model.evaluate`` with the same input checks as :meth:`fit`."""
-        if isinstance(x, np.ndarray) and self.validate_inputs:
-            self.check_arrays(x, y)
+        self._check_eagerly(x, y)
         return super().evaluate(self._checked(x), y, *args, **kwargs)
+
+    def train_on_batch(self, x, y=None, *args, **kwargs):
+        """``keras.Model.train_on_batch``; under XLA the batch is checked eagerly first (the compiled step drops
+        the in-graph checks that hold without XLA)."""
+        if getattr(self, "jit_compile", False):
+            self._check_eagerly(np.asarray(x) if not tf.is_tensor(x) else x, y)
+        return super().train_on_batch(x, y, *args, **kwargs)
+
+    def test_on_batch(self, x, y=None, *args, **kwargs):
+        """``keras.Model.test_on_batch`` with the same input checks as :meth:`train_on_batch`."""
+        if getattr(self, "jit_compile", False):
+            self._check_eagerly(np.asarray(x) if not tf.is_tensor(x) else x, y)
+        return super().test_on_batch(x, y, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- training
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -414,7 +433,9 @@ class JEM(keras.Model):
             return None
         return self.optimizer.iterations >= self.energy_start_step
 
-    def _run_chains(self, batch_size, position, draw_salt, sgld_salt, labels=None):
+    def _run_chains(self, batch_size, position, draw_salt, sgld_salt, labels=None, labelled=None):
+        """SGLD chains drawn from the replay buffer (of class ``labels[i]`` for row ``i`` when given) and written
+        back; ``labelled`` (bool ``[batch]``): the rows whose chains are written back (the others are discarded)."""
         draw = self.replay_buffer.draw(batch_size, self._step_seed(draw_salt), labels=labels, position=position)
         context = () if labels is None else (labels,)
         active = self._energy_terms_active()
@@ -424,7 +445,7 @@ class JEM(keras.Model):
             self._sgld_energy, draw.x, self._step_seed(sgld_salt), context=context, position=position,
             n_steps=n_steps,
         )
-        self.replay_buffer.update(draw.indices, samples)
+        self.replay_buffer.update(draw.indices, samples, keep=labelled)
         return samples, diagnostics
 
     def train_step(self, data):
@@ -463,8 +484,15 @@ class JEM(keras.Model):
             sizes.append(batch_size)
             grad_norms.append(diagnostics.grad_norm_trace)
         if self.pxy_weight > 0:
+            # p(x|y) needs labels: an unlabelled row (weight 0) carries a placeholder, so its chain is drawn from
+            # the slots of class (row mod K) instead, weighs 0 in the loss and is never written back (no class's
+            # slots are rewritten by unlabelled data).
+            labelled = None if sample_weight is None else sample_weight > 0
+            labels = y if labelled is None else tf.where(
+                labelled, y, tf.math.floormod(tf.range(batch_size, dtype=y.dtype) + tf.cast(position[0], y.dtype),
+                                             self.num_classes))
             x_cond, diagnostics = self._run_chains(batch_size, position, seeds.STEP_DRAW_CONDITIONAL,
-                                                   seeds.STEP_SGLD_CONDITIONAL, labels=y)
+                                                   seeds.STEP_SGLD_CONDITIONAL, labels=labels, labelled=labelled)
             batches.append(x_cond)
             sizes.append(batch_size)
             grad_norms.append(diagnostics.grad_norm_trace)

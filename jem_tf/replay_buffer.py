@@ -252,15 +252,33 @@ class ReplayBuffer(keras.layers.Layer):
         x = tf.where(mask, noise, x)
         return BufferDraw(x=x, indices=indices, restarted=restarted)
 
-    def update(self, indices: tf.Tensor, samples: tf.Tensor) -> None:
+    def update(self, indices: tf.Tensor, samples: tf.Tensor, keep: Optional[tf.Tensor] = None) -> None:
         """Writes ``samples`` back to the slots ``indices`` in place (a scatter update).
+
+        ``keep``: optional bool ``[batch]``; rows where it is False write nothing (e.g. the class-conditional chains
+        of unlabelled rows, whose label is a placeholder). Shapes stay static: such a row repeats the write of the
+        first kept row (the same slot and value), or rewrites its slot's stored value when no row is kept.
 
         Under a ``tf.distribute`` strategy every replica all-gathers every replica's
         ``(indices, samples)`` and applies the same scatter, so all copies stay identical and hold
         every replica's chains (see the class docstring).
         """
-        indices, samples = all_gather_rows(tf.cast(indices, tf.int32), tf.cast(samples, tf.float32))
-        self.samples.value.scatter_update(tf.IndexedSlices(self._encode(samples), indices))
+        if keep is None:
+            indices, samples = all_gather_rows(tf.cast(indices, tf.int32), tf.cast(samples, tf.float32))
+            self.samples.value.scatter_update(tf.IndexedSlices(self._encode(samples), indices))
+            return
+        indices, samples, keep = all_gather_rows(tf.cast(indices, tf.int32), tf.cast(samples, tf.float32),
+                                                 tf.cast(keep, tf.int32))
+        keep = keep > 0
+        encoded = self._encode(samples)
+        first = tf.argmax(tf.cast(keep, tf.int32), output_type=tf.int32)  # the first kept row (0 when none)
+        any_kept = tf.reduce_any(keep)
+        stored = tf.gather(self.samples.value, indices)  # what the slots hold (for when no row is kept)
+        fallback_indices = tf.where(any_kept, tf.fill(tf.shape(indices), indices[first]), indices)
+        fallback_values = tf.where(any_kept, tf.broadcast_to(encoded[first], tf.shape(encoded)), stored)
+        row_mask = tf.reshape(keep, [-1] + [1] * len(self.image_shape))
+        self.samples.value.scatter_update(tf.IndexedSlices(tf.where(row_mask, encoded, fallback_values),
+                                                           tf.where(keep, indices, fallback_indices)))
 
     def reset(self, seed) -> None:
         """Refills the whole buffer from the start distribution (e.g. after divergence)."""

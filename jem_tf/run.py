@@ -14,8 +14,11 @@ runs back. Everything that must agree between them lives here, once:
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -25,9 +28,11 @@ from typing import NamedTuple, Optional, Tuple
 import keras
 import numpy as np
 
+from jem_tf.callbacks import ChiefBackupAndRestore, saved_state_bytes
 from jem_tf.config import TrainConfig
 from jem_tf.conversion import file_sha256, logits_network
 from jem_tf.data import ImageDataset, load_dataset, split_validation
+from jem_tf.files import atomic_write_json, check_free_space, process_alive, remove_path, write_atomically
 from jem_tf.jem import JEM
 
 
@@ -100,6 +105,19 @@ class RunLayout:
         return [self.model, self.config, self.metrics, self.samples, self.precision, self.checkpoints, self.logs,
                 self.backup]
 
+    def temporaries(self) -> list:
+        """The temporary files and directories of interrupted writes (``model.keras``, JSON files, checkpoints, a
+        backup generation, the sample grid); only the lock's holder writes, so under the lock they are stale."""
+        found = []
+        for directory, pattern in ((self.workdir, re.compile(r"^\.?[\w.]+\.tmp-\d+(\.keras)?$")),
+                                   (self.workdir, re.compile(r"^\.overwrite-\d+$")),
+                                   (self.workdir, re.compile(r"^samples\.png\.tmp$")),
+                                   (self.checkpoints, re.compile(r"^\.epoch_\d+\.tmp\.keras$")),
+                                   (self.backup, re.compile(r"^\.tmp_epoch_\d+$"))):
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                found += [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if pattern.match(n)]
+        return found
+
     def state(self) -> str:
         """``"empty"`` (no run's files), ``"interrupted"`` (a backup to resume from) or ``"finished"`` (a
         final model, metrics or checkpoints and no backup)."""
@@ -124,9 +142,35 @@ def split_train_validation(config: TrainConfig, images: np.ndarray, labels: np.n
     ``validation_fraction`` and ``seed``; ``validation`` is ``None`` when the fraction is 0."""
     if config.validation_fraction <= 0:
         return Split(images, labels), None
-    (x_train, y_train), (x_val, y_val) = split_validation(images, labels, fraction=config.validation_fraction,
-                                                          seed=config.seed)
+    try:
+        (x_train, y_train), (x_val, y_val) = split_validation(images, labels, fraction=config.validation_fraction,
+                                                              seed=config.seed)
+    except ValueError as error:
+        raise ValueError(f"Dataset {config.dataset!r}: cannot split off the validation split "
+                         f"(validation_fraction={config.validation_fraction}): {error}; change --validation-fraction "
+                         "(0: no validation split) or give more training images.") from error
     return Split(x_train, y_train), Split(x_val, y_val)
+
+
+def check_training_split(config: TrainConfig, train: Split, *, num_classes: int) -> None:
+    """A run's training split must hold images of every one of its ``num_classes`` classes (the largest label + 1),
+    and of at least 2: a classifier of one class, or of classes it never sees, trains without error and means
+    nothing.
+
+    Raises:
+        ValueError: naming the dataset and the classes without training images.
+    """
+    present = np.unique(train.labels)
+    where = "training split" + (" (after the validation split)" if config.validation_fraction > 0 else "")
+    if len(present) < 2:
+        raise ValueError(f"Dataset {config.dataset!r}: the {where} has images of {len(present)} class(es) "
+                         f"({', '.join(str(c) for c in present) or 'none'}); a JEM needs at least 2 classes.")
+    missing = sorted(set(range(num_classes)) - {int(c) for c in present})
+    if missing:
+        shown = ", ".join(str(c) for c in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(f"Dataset {config.dataset!r}: class(es) {shown} of {num_classes} (class ids 0..the largest "
+                         f"label) have no images in the {where}; label the classes 0..K-1, each with training "
+                         "images.")
 
 
 def load_run_dataset(dataset_name: Optional[str] = None, *, config: Optional[TrainConfig] = None,
@@ -246,20 +290,14 @@ RESUME_FIXED_FIELDS = ("dataset", "validation_fraction", "seed", "backbone", "wi
                        "pxy_weight", "labels_per_class", "labelled_batch_size", "init_from", "init_from_sha256")
 
 
-def atomic_write_json(path: str, values) -> None:
-    """Writes ``values`` as JSON to ``path`` through a temporary file and a rename (never a torn file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(values, f, indent=2)
-    os.replace(tmp, path)
-
-
 def save_model_atomically(model: keras.Model, path: str) -> None:
     """``model.save(path)`` through a temporary file and a rename: a kill mid-write leaves the previous file
-    (or none), never a truncated one."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    (or none), never a truncated one; a full disk is a :class:`~jem_tf.files.DiskFullError` naming ``path``, with
+    the temporary file removed."""
+    directory = os.path.dirname(path) or "."
+    check_free_space(directory, saved_state_bytes(model), path)
+    write_atomically(path, model.save,
+                     tmp=os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}.keras"))
 
 
 def _check_writable_dir(path: str, what: str) -> None:
@@ -306,6 +344,11 @@ def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool =
                          "it, or choose another --workdir.")
     if state == "interrupted" and not overwrite:
         previous = load_run_config(layout.workdir)
+        done = ChiefBackupAndRestore.epochs_done(layout.backup)
+        if config.epochs < done:
+            raise ValueError(f"{layout.workdir} holds an interrupted run with {done} epoch(s) done; --epochs "
+                             f"{config.epochs} is fewer: rerun with --epochs {done} or more to resume, or pass "
+                             "--overwrite to start over.")
         if previous is not None:
             differing = [f"{name}: {getattr(previous, name)!r} -> {getattr(config, name)!r}"
                          for name in RESUME_FIXED_FIELDS if getattr(previous, name) != getattr(config, name)]
@@ -320,18 +363,33 @@ def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool =
 
 
 def clear_run(layout: RunLayout, *, log=print) -> None:
-    """Removes a run's files from its work directory (``--overwrite``, after every check has passed)."""
-    removed = []
-    for path in layout.run_files():
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-        else:
-            continue
-        removed.append(os.path.basename(path))
-    if removed and log:
-        log(f"--overwrite: removed {', '.join(removed)} from {layout.workdir}.")
+    """Removes a run's files from its work directory (``--overwrite``, after every check has passed).
+
+    Each is first renamed into a folder ``.overwrite-PID`` of the work directory (a link is moved as a link: a
+    link out of the work directory is never followed), so a failure puts back what was moved and deletes
+    nothing (``ValueError`` naming the path); only then is that folder deleted.
+    """
+    present = [path for path in layout.run_files() if os.path.lexists(path)]
+    if not present:
+        return
+    trash = os.path.join(layout.workdir, f".overwrite-{os.getpid()}")
+    remove_path(trash)
+    os.makedirs(trash)
+    moved = []
+    try:
+        for path in present:
+            os.rename(path, os.path.join(trash, os.path.basename(path)))
+            moved.append(path)
+    except OSError as error:
+        failed = path
+        for path in reversed(moved):  # put back what was moved
+            os.rename(os.path.join(trash, os.path.basename(path)), path)
+        os.rmdir(trash)
+        raise ValueError(f"--overwrite cannot remove {failed} ({error.strerror or error}); nothing was "
+                         "deleted.") from error
+    shutil.rmtree(trash)  # links inside are removed, not followed
+    if log:
+        log(f"--overwrite: removed {', '.join(os.path.basename(p) for p in present)} from {layout.workdir}.")
 
 
 class WorkdirBusy(ValueError):
@@ -339,51 +397,115 @@ class WorkdirBusy(ValueError):
 
 
 class WorkdirLock:
-    """An exclusive lock on a work directory: ``layout.lock`` created with ``O_EXCL``, holding the owner's
-    pid, host and start time. A lock whose process is gone (same host, pid not running) is stale and taken
-    over; a live one raises :class:`WorkdirBusy` naming the process. Use as a context manager."""
+    """An exclusive lock on a work directory: ``layout.lock``, held with ``fcntl.flock`` for as long as the run
+    lasts and holding the owner's pid, host and start time (to name it in errors).
+
+    The kernel releases an ``flock`` when its process dies, however it dies, so a lock nobody holds is stale
+    whatever it contains (empty or garbage: a crash between creating and writing it; another program's
+    JSON) and is taken over, with a message. The take-over is atomic: two processes can never both hold the
+    lock, as ``flock`` grants it to one. A lock file that names a live process of this host (a jem-tf older than
+    the ``flock``) or any process of another host (where ``flock`` may not reach, e.g. some network file
+    systems) is respected: delete the file by hand once that process is gone. Use as a context manager;
+    :meth:`check` tells, writing nothing, whether :meth:`acquire` would fail.
+    """
 
     def __init__(self, layout: RunLayout, *, log=print):
         self.path, self.log = layout.lock, log
         self.held = False
+        self._fd = None
 
-    def _owner(self) -> Optional[dict]:
+    def _owner(self, fd: int) -> Optional[dict]:
+        """The lock file's owner record, or ``None`` when it is empty or not one (garbage)."""
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, 4096)
+            owner = json.loads(data.decode("utf-8"))
         except (OSError, ValueError):
             return None
+        if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int) or not isinstance(
+                owner.get("host"), str):
+            return None
+        return owner
+
+    def _busy(self, owner: Optional[dict], why: str) -> WorkdirBusy:
+        if owner is None:
+            who = "another process (its lock file is still being written)"
+        else:
+            started = owner.get("started_unix")
+            since = (f" (since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))})"
+                     if isinstance(started, (int, float)) else "")
+            who = f"process {owner['pid']} on {owner['host']}{since}"
+        return WorkdirBusy(f"{os.path.dirname(self.path)} is in use by {who}: one training per work directory. "
+                           f"Wait for it to finish{why}.")
+
+    def _judge(self, fd: int, locked_by_other: bool) -> Optional[dict]:
+        """Raises :class:`WorkdirBusy` when the lock is held; else returns the stale owner record (or ``None``)."""
+        owner = self._owner(fd)
+        if locked_by_other:
+            raise self._busy(owner, "")
+        if owner is not None and owner["pid"] != os.getpid():
+            if owner["host"] != socket.gethostname():
+                raise self._busy(owner, f"; if that process is gone, delete {self.path} (a lock of another host "
+                                        "cannot be checked from here)")
+            if process_alive(owner["pid"]):
+                raise self._busy(owner, f"; if that process is not a jem-tf training, delete {self.path}")
+        return owner
+
+    def check(self) -> None:
+        """Raises :class:`WorkdirBusy` naming the holder when the lock is held; writes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return  # no lock (or a work directory that prepare_workdir reports)
+        except IsADirectoryError:
+            raise WorkdirBusy(f"{self.path} is a directory, not a lock file; remove it.") from None
+        try:
+            self._judge(fd, not _try_flock(fd))
+        finally:
+            os.close(fd)  # closing drops a flock taken just to test
 
     def acquire(self) -> "WorkdirLock":
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started_unix": int(time.time())}
-        for _ in range(2):
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner and owner.get("host") == me["host"] and not _process_alive(owner.get("pid")):
-                    if self.log:
-                        self.log(f"Removing the stale lock of process {owner.get('pid')} (no longer running).")
-                    os.remove(self.path)
+                if not _try_flock(fd):
+                    self._judge(fd, True)
+                # A holder that released (and removed the file) between our open and flock: lock the new file.
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
                     continue
-                who = (f"process {owner.get('pid')} on {owner.get('host')} (since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started_unix', 0)))})"
-                       if owner else "another process (lock file unreadable)")
-                raise WorkdirBusy(f"{os.path.dirname(self.path)} is in use by {who}: one training per work "
-                                  f"directory. Wait for it, or delete {self.path} if that process is gone.")
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+                stale = self._judge(fd, False)
+                if os.fstat(fd).st_size and self.log:
+                    self.log("Taking over the stale lock of " + (
+                        f"process {stale['pid']} (no longer running)." if stale else
+                        f"{self.path} (empty or unreadable, and no process holds it)."))
+                record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started_unix": int(time.time())}).encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, record, 0)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd, self.held = fd, True
             return self
-        raise WorkdirBusy(f"Could not lock {self.path}.")
+        raise WorkdirBusy(f"Could not lock {self.path}: it kept changing.")
 
     def release(self) -> None:
         if self.held:
-            owner = self._owner()
-            if owner and owner.get("pid") == os.getpid():
-                os.remove(self.path)
-            self.held = False
+            try:
+                if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                    os.remove(self.path)  # while still holding the flock
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(self._fd)
+                self._fd, self.held = None, False
 
     def __enter__(self):
         return self.acquire()
@@ -393,15 +515,16 @@ class WorkdirLock:
         return False
 
 
-def _process_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+def _try_flock(fd: int) -> bool:
+    """Whether an exclusive ``flock`` on ``fd`` was taken (without waiting)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
     return True
 
 

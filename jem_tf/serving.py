@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from typing import Optional, Sequence
@@ -43,6 +44,7 @@ import tensorflow as tf
 import jem_tf
 from jem_tf import energy as energy_lib
 from jem_tf import seeds
+from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern
 from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
 from jem_tf.jem import JEM
 from jem_tf.ood import FittedDetector, OODScorer, fit_ood_detector, single
@@ -54,7 +56,12 @@ SIGNATURES = ("classify", "energy", "sample")
 # (max_num_samples x H x W x C float32; SGLD's activations and gradients need a multiple of that) must fit in
 # 1 GiB, and a request runs at most 100,000 SGLD steps.
 MAX_SAMPLE_BYTES = 2 ** 30
+# An export is written to EXPORT_DIR/.tmp-export-HOST-PID and renamed to its version when complete.
+EXPORT_TMP_PREFIX = ".tmp-export"
+_OLD_EXPORT_TMP = re.compile(r"^\.tmp-\d+-(?P<pid>\d+)$")  # .tmp-VERSION-PID, before jem-tf named the host
 MAX_N_STEPS_LIMIT = 100_000
+# The most images one classify or energy request may hold (a larger request fails in-graph before any work).
+DEFAULT_MAX_BATCH_SIZE = 1024
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -70,6 +77,17 @@ def max_num_samples_limit(image_shape: Sequence[int]) -> int:
     """The largest ``max_num_samples`` allowed for images of ``image_shape``: ``MAX_SAMPLE_BYTES`` (1 GiB) of
     float32 samples per request."""
     return MAX_SAMPLE_BYTES // (4 * int(np.prod(image_shape)))
+
+
+def check_max_batch_size(model: JEM, max_batch_size: int) -> int:
+    """``max_batch_size`` of the ``classify`` and ``energy`` signatures, checked: an int in ``[1,
+    max_num_samples_limit(image_shape)]`` (1 GiB of float32 images per request); ``ValueError`` naming it."""
+    limit = max_num_samples_limit(model.image_shape)
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= limit:
+        raise ValueError(f"`max_batch_size` must be an int in [1, {limit}] for images of shape "
+                         f"{list(model.image_shape)} (1 GiB of float32 images per request); "
+                         f"received {max_batch_size!r}")
+    return max_batch_size
 
 
 def sample_limits(model: JEM, *, max_num_samples: int = 256, max_n_steps: int = 1000,
@@ -103,7 +121,7 @@ def sample_limits(model: JEM, *, max_num_samples: int = 256, max_n_steps: int = 
 
 def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: int = 256,
                          max_n_steps: int = 1000, max_step_size: Optional[float] = None,
-                         max_noise_std: Optional[float] = None):
+                         max_noise_std: Optional[float] = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
     """``(module, signatures)`` for ``tf.saved_model.save``: a ``tf.Module`` that tracks the backbone's
     variables only, and the three signatures (see the module docstring) plus ``serving_default``.
 
@@ -123,12 +141,17 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
 
     Both must be finite and > 0, and not below the trained values (which requests get by default).
 
+    ``classify`` and ``energy`` take at most ``max_batch_size`` images per request (default 1024, at most 1 GiB of
+    float32 images): a larger batch fails in-graph before the network runs, with an ``InvalidArgumentError``
+    naming the bound (a client splits its images into batches; a million images at once would exhaust the server).
+
     (``keras.export.ExportArchive`` would work too, but it checkpoints every variable twice, doubling
     the export's size.)
     """
     limits = sample_limits(model, max_num_samples=max_num_samples, max_n_steps=max_n_steps,
                            max_step_size=max_step_size, max_noise_std=max_noise_std)
     max_step_size, max_noise_std = limits["max_step_size"], limits["max_noise_std"]
+    max_batch_size = check_max_batch_size(model, max_batch_size)
     detector, scorer = ood.detector, ood.scorer
     if detector.threshold is None or not np.isfinite(detector.threshold):
         raise ValueError(f"The OOD detector needs a finite threshold; received {detector.threshold!r}")
@@ -143,7 +166,14 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
         return tf.cast(backbone(images, training=False), tf.float32)
 
     def checked(images):
-        return check_images_in_graph(check_image_shape_in_graph(images, image_shape), value_range)
+        images = check_image_shape_in_graph(images, image_shape)  # first: the batch bound needs a batch axis
+        too_many = tf.debugging.assert_less_equal(
+            tf.shape(images)[0], max_batch_size,
+            message=f"a request holds at most max_batch_size = {max_batch_size} images (send larger sets in batches); "
+                    "got")
+        with tf.control_dependencies([too_many]):
+            images = tf.identity(images)
+        return check_images_in_graph(images, value_range)
 
     def classify(images):
         logits = logits_of(checked(images))
@@ -228,7 +258,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                        calibration_split: str = "given", ood_threshold: Optional[float] = None,
                        tpr: float = 0.95, max_num_samples: int = 256, max_n_steps: int = 1000,
                        max_step_size: Optional[float] = None, max_noise_std: Optional[float] = None,
-                       preprocessing: str = "", dataset: str = "") -> str:
+                       preprocessing: str = "", dataset: str = "",
+                       max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> str:
     """Exports ``model`` for TensorFlow Serving to ``export_dir/<version>/`` and returns that path.
 
     Args:
@@ -246,6 +277,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         max_num_samples, max_n_steps, max_step_size, max_noise_std: Hard upper bounds of the ``sample``
             signature (:func:`build_serving_module`). Defaults 256 (at most 1 GiB of float32 samples), 1000 (at most
             100,000), 10x the trained step size, ``max(10x the trained noise_std, value range width)``.
+        max_batch_size: The most images a ``classify`` or ``energy`` request may hold (default 1024; see
+            :func:`build_serving_module`); recorded in the metadata.
         preprocessing: How raw inputs map to the model's value range (recorded in the metadata).
         dataset: Name of the training data (recorded in the metadata).
 
@@ -265,6 +298,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         raise ValueError(f"Version {version} already exists at {target!r}; versions are never overwritten.")
     limits = sample_limits(model, max_num_samples=max_num_samples, max_n_steps=max_n_steps,
                            max_step_size=max_step_size, max_noise_std=max_noise_std)  # before the calibration
+    check_max_batch_size(model, max_batch_size)
     if calibration_images is not None:
         ood = fit_ood_detector(model, calibration_images, calibration_split=calibration_split, tpr=tpr)
     elif ood_threshold is not None:
@@ -275,9 +309,11 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                              dataclasses.replace(detector, threshold=float(ood_threshold)),
                              {"calibration_split": "none (explicit threshold)", "num_calibration_images": 0,
                               "tpr": None})
-    module, signatures = build_serving_module(model, ood=ood, **limits)
+    module, signatures = build_serving_module(model, ood=ood, max_batch_size=max_batch_size, **limits)
     os.makedirs(export_dir, exist_ok=True)
-    tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
+    # Temporaries of exports killed mid-write (this host's dead processes) go; then ours is written.
+    remove_stale_temporaries(export_dir, temporary_pattern(EXPORT_TMP_PREFIX), _OLD_EXPORT_TMP)
+    tmp = os.path.join(export_dir, temporary_name(EXPORT_TMP_PREFIX))
     shutil.rmtree(tmp, ignore_errors=True)
     tf.saved_model.save(module, tmp, signatures=signatures)
     low, high = model.value_range
@@ -291,6 +327,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         "input": {"name": "images", "dtype": "float32", "shape": [None, *model.image_shape],
                   "value_range": [low, high], "preprocessing": preprocessing or f"scale inputs to [{low}, {high}]"},
         "num_classes": model.num_classes,
+        "max_batch_size": max_batch_size,  # of classify and energy: a larger request fails before any work
         "ood": ood.metadata(),
         "sample": {**limits, "clipped_to_value_range": True,
                    "sampler": model.sampler.get_config(),

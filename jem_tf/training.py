@@ -24,19 +24,24 @@ from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, check_steps_per_execution,
                               compile_jem, resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
+from jem_tf.files import remove_path
 from jem_tf.ood import fit_ood_detector
-from jem_tf.run import (ClassifierSource, RunLayout, WorkdirLock, atomic_write_json, classifier_file, clear_run,
-                        load_classifier, load_run_dataset, prepare_workdir, save_model_atomically, select_labelled,
-                        split_train_validation)
+from jem_tf.run import (ClassifierSource, RunLayout, WorkdirLock, atomic_write_json, check_training_split,
+                        classifier_file, clear_run, load_classifier, load_run_dataset, prepare_workdir,
+                        save_model_atomically, select_labelled, split_train_validation)
 from jem_tf.serving import export_saved_model
 
 
 def resolve_run_precision(config: TrainConfig, layout: RunLayout, *, image_shape, num_classes: int, batch_size: int,
-                          log=print, write: bool = True, backbone=None) -> Tuple[TrainConfig, dict]:
+                          log=print, write: bool = True, backbone=None, resume: Optional[bool] = None
+                          ) -> Tuple[TrainConfig, dict]:
     """:func:`~jem_tf.factories.resolve_config_precision` once per run: ``precision="auto"`` is probed when
     the run starts and the choice recorded in ``layout.precision``; a run that resumes from a backup reuses
-    it (a second probe, on a busy machine, could choose the other precision and break exact resumption)."""
-    if config.precision == "auto" and os.path.isdir(layout.backup) and os.path.isfile(layout.precision):
+    it (a second probe, on a busy machine, could choose the other precision and break exact resumption).
+    ``resume``: whether the run resumes (default: whether ``layout`` holds a backup); ``write=False`` records
+    nothing (call :func:`write_run_precision` once writing is allowed)."""
+    resume = os.path.isdir(layout.backup) if resume is None else resume
+    if config.precision == "auto" and resume and os.path.isfile(layout.precision):
         with open(layout.precision) as f:
             report = json.load(f)
         if report.get("precision") in ("float32", "mixed_bfloat16"):
@@ -46,10 +51,16 @@ def resolve_run_precision(config: TrainConfig, layout: RunLayout, *, image_shape
             return config.replace(precision=report["precision"]), report
     run_config, report = resolve_config_precision(config, image_shape=image_shape, num_classes=num_classes, log=log,
                                                   batch_size=batch_size, backbone=backbone)
-    if write and config.precision == "auto":
+    if write:
+        write_run_precision(config, layout, report)
+    return run_config, report
+
+
+def write_run_precision(config: TrainConfig, layout: RunLayout, report: dict) -> None:
+    """Records the choice of ``precision="auto"`` in ``layout.precision`` (not a choice reused on resume)."""
+    if config.precision == "auto" and "reused on resume" not in report.get("reason", ""):
         os.makedirs(layout.workdir, exist_ok=True)
         atomic_write_json(layout.precision, report)
-    return run_config, report
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
@@ -89,45 +100,53 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     chief = is_chief(strategy)
     keras.utils.set_random_seed(config.seed)
     layout = RunLayout(workdir)
-    if chief:  # before anything is loaded or written: a finished run, a mismatched resume, bad paths
-        prepare_workdir(layout, config, overwrite=overwrite)
+    state = "empty"
+    if chief:  # before anything is loaded or written: a live run in it, a finished run, a mismatched resume, bad paths
+        WorkdirLock(layout).check()
+        state = prepare_workdir(layout, config, overwrite=overwrite)
+    resume = state == "interrupted" and not overwrite
+    # Everything is checked and built before the work directory is written (the lock, config.json, precision.json):
+    # a bad invocation never touches a run's files.
     if data is None:
         data = load_run_dataset(config=config, download=config.download)
     train, validation = split_train_validation(config, data.x_train, data.y_train)
+    check_training_split(config, train, num_classes=data.num_classes)
     # Semi-supervised: the few labelled images (validation keeps all its labels; every training image trains p(x)).
     labelled = select_labelled(config, train) if config.labels_per_class is not None else None
     steps_per_epoch = count_steps_per_epoch(config, len(train.images))
     check_steps_per_execution(config, steps_per_epoch)
-    # Conversion: the classifier is read and checked against the data before anything is written.
+    # Conversion: the classifier is read and checked against the data.
     source = None if config.init_from is None else load_classifier(
         config.init_from, image_shape=data.image_shape, num_classes=data.num_classes, sha256=config.init_from_sha256)
-    # One training per work directory (the chief's lock), and nothing written before every input is known
-    # to be good, so a bad invocation never touches a run's files.
-    with WorkdirLock(layout) if chief else contextlib.nullcontext():
-        if chief:
-            state = prepare_workdir(layout, config, overwrite=overwrite, log=None)  # again, under the lock
-            if overwrite and state != "empty":
-                clear_run(layout)
-            atomic_write_json(layout.config, config.to_dict())
-        return _train(config, layout, data, train, validation, labelled, strategy=strategy, chief=chief,
-                      steps_per_epoch=steps_per_epoch, verbose=verbose, callbacks=callbacks, source=source)
-
-
-def _train(config: TrainConfig, layout: RunLayout, data: ImageDataset, train, validation, labelled, *, strategy,
-           chief: bool, steps_per_epoch: int, verbose, callbacks, source: Optional[ClassifierSource]) -> dict:
-    """The locked part of :func:`train_and_evaluate`: build, resume, fit, save, evaluate, export."""
     # The precision probe times a single-device copy of the network at the per-replica batch: outside the
     # strategy's scope (its variables would be distributed).
     run_config, precision_report = resolve_run_precision(
         config, layout, image_shape=data.image_shape, num_classes=data.num_classes, log=print if chief else None,
-        batch_size=max(1, config.batch_size // strategy.num_replicas_in_sync), write=chief,
+        batch_size=max(1, config.batch_size // strategy.num_replicas_in_sync), write=False, resume=resume,
         backbone=None if source is None else source.network)
     with strategy.scope():
         model = build_jem(run_config, image_shape=data.image_shape, num_classes=data.num_classes,
                           train_data=train if labelled is None else labelled, steps_per_epoch=steps_per_epoch,
                           backbone=None if source is None else source.network)
         compile_jem(model, run_config, steps_per_epoch=steps_per_epoch)
+    # One training per work directory (the chief's lock); only now is anything written.
+    with WorkdirLock(layout) if chief else contextlib.nullcontext():
+        if chief:
+            state = prepare_workdir(layout, config, overwrite=overwrite, log=None)  # again, under the lock
+            for path in layout.temporaries():  # of a killed process (only the lock's holder writes here)
+                remove_path(path)
+            if overwrite and state != "empty":
+                clear_run(layout)
+            atomic_write_json(layout.config, config.to_dict())
+            write_run_precision(config, layout, precision_report)
+        return _train(config, model, layout, data, train, validation, labelled, strategy=strategy, chief=chief,
+                      verbose=verbose, callbacks=callbacks, source=source, precision_report=precision_report)
 
+
+def _train(config: TrainConfig, model, layout: RunLayout, data: ImageDataset, train, validation, labelled, *,
+           strategy, chief: bool, verbose, callbacks, source: Optional[ClassifierSource], precision_report: dict
+           ) -> dict:
+    """The locked part of :func:`train_and_evaluate`: resume, fit, save, evaluate, export."""
     # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that
     # the data pipeline can start at the right epoch.
     backup = ChiefBackupAndRestore(layout.backup, is_chief=chief, delete_on_completion=False)

@@ -26,7 +26,7 @@ from jem_tf.distribution import make_strategy
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, compile_jem,
                               resolve_config_precision, steps_per_epoch)
 from jem_tf.ood import OODScorer, auroc
-from jem_tf.run import load_classifier, split_train_validation
+from jem_tf.run import check_training_split, load_classifier, split_train_validation
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")
 OBJECTIVES = ("val_accuracy", "combined")
@@ -136,6 +136,7 @@ class JEMHyperModel(keras_tuner.HyperModel):
         self.verbose = verbose
         self.data = data
         self.train, self.validation = split_train_validation(self.base_config, data.x_train, data.y_train)
+        check_training_split(self.base_config, self.train, num_classes=data.num_classes)
 
     @property
     def keras_objective(self) -> keras_tuner.Objective:

@@ -148,7 +148,8 @@ class _Cluster:
         self.logs = tmp_path
         self.procs = []
 
-    def launch(self, tag):
+    def launch(self, tag, event_of_worker_1=()):
+        """Starts both workers; ``event_of_worker_1``: ``(EVENT_FILE, EPOCH, BATCH)`` where worker 1 stops and waits."""
         self.procs = []
         for index in range(2):
             tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in self.ports]},
@@ -156,7 +157,8 @@ class _Cluster:
             env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2"}
             log = open(self.logs / f"worker{index}-{tag}.log", "w")
             self.procs.append(subprocess.Popen(
-                [sys.executable, HELPER, str(self.out), str(self.workdir), str(self.epochs)],
+                [sys.executable, HELPER, str(self.out), str(self.workdir), str(self.epochs),
+                 *([str(a) for a in event_of_worker_1] if index == 1 else [])],
                 env=env, stdout=log, stderr=subprocess.STDOUT))
 
     def wait(self, timeout):
@@ -199,26 +201,27 @@ def test_multi_worker_fit_ends_with_identical_weights_and_buffers(tmp_path):
 
 def test_multi_worker_killed_worker_restarts_from_backup(tmp_path):
     cluster = _Cluster(tmp_path, epochs=6)
-    cluster.launch("first")
+    event = tmp_path / "event"
+    cluster.launch("first", event_of_worker_1=(event, 2, 3))  # worker 1 stops in epoch 3 and waits
     deadline = time.time() + 180
-    while time.time() < deadline:
-        if (cluster.workdir / "backup" / "epoch_0002").is_dir():  # generations appear complete (renamed)
-            break
-        time.sleep(0.2)
-    else:
-        cluster.kill()
-        pytest.fail("no backup after 180 s:\n" + cluster.log(0, "first")[-3000:])
-    cluster.procs[1].send_signal(signal.SIGKILL)  # a worker dies mid-run
+    while not event.exists():
+        if time.time() > deadline or any(p.poll() is not None for p in cluster.procs):
+            cluster.kill()
+            pytest.fail("worker 1 did not reach epoch 3:\n" + cluster.log(0, "first")[-3000:])
+        time.sleep(0.1)
+    cluster.procs[1].send_signal(signal.SIGKILL)  # a worker dies mid-run (in epoch 3, two epochs backed up)
     try:
         # The survivor notices the missing heartbeats and fails its collectives.
         assert cluster.procs[0].wait(timeout=90) != 0
     finally:
         cluster.kill()
+    assert os.listdir(cluster.out) == []  # neither worker finished: the kill landed mid-run
+    assert sorted(os.listdir(cluster.workdir / "backup")) == ["epoch_0001", "epoch_0002"]
     cluster.launch("second")  # the cluster manager restarts the job with the same command
     codes = cluster.wait(timeout=240)
     assert codes == [0, 0], cluster.log(0, "second")[-3000:]
     assert "Resuming from the backup" in cluster.log(0, "second")
     a, b = cluster.results()
     _assert_identical(a, b)
-    assert int(a["resumed_from"]) >= 2
+    assert int(a["resumed_from"]) == 2
     assert int(a["iterations"]) == 6 * 8  # all six epochs' steps, none repeated or lost

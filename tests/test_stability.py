@@ -179,6 +179,9 @@ RUN = [sys.executable, "-m", "jem_tf.train", "--precision", "float32", "--epochs
        "--warmup-steps", "20", "--learning-rate", "0.002", "--augment", "crop", "--verbose", "2"]
 
 
+UNTIL_EVENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "train_until_event.py")
+
+
 def _run(workdir, log_path, **kwargs):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.Popen(RUN + ["--workdir", str(workdir)], stdout=open(log_path, "w"),
@@ -194,21 +197,26 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     reference = _run(tmp_path / "reference", tmp_path / "reference.log")
     assert reference.wait(timeout=400) == 0, (tmp_path / "reference.log").read_text()[-3000:]
 
-    victim = _run(tmp_path / "victim", tmp_path / "first.log")
+    # The victim stops after batch 20 of its epoch 3 (of 45), signals, and waits there: the kill lands mid-run.
+    event = tmp_path / "event"
+    victim = subprocess.Popen([sys.executable, UNTIL_EVENT, str(event), "batch:2:20", *RUN[3:], "--workdir",
+                               str(tmp_path / "victim")], stdout=open(tmp_path / "first.log", "w"),
+                              stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     deadline = time.time() + 300
-    while not (tmp_path / "victim" / "backup" / "epoch_0002").is_dir():
+    while not event.exists():
         assert victim.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.05)
-    time.sleep(0.3)  # into epoch 3
     victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    assert victim.wait() == -signal.SIGKILL
+    backup = tmp_path / "victim" / "backup"
+    assert sorted(os.listdir(backup)) == ["epoch_0001", "epoch_0002"]  # killed in epoch 3: mid-run
     assert not (tmp_path / "victim" / "model.keras").exists()
     restarted = _run(tmp_path / "victim", tmp_path / "second.log")
     assert restarted.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-3000:]
     log = (tmp_path / "second.log").read_text()
     assert "Resuming from the backup" in log and "epoch(s) done" in log
     metrics = json.load(open(tmp_path / "victim" / "metrics.json"))
-    assert metrics["resumed_from_epoch"] >= 2 and metrics["steps"] == 4 * 45  # 1,437 images / 32
+    assert metrics["resumed_from_epoch"] == 2 and metrics["steps"] == 4 * 45  # 1,437 images / 32
 
     weights, buffer, optimizer = _final_state(tmp_path / "victim")
     ref_weights, ref_buffer, ref_optimizer = _final_state(tmp_path / "reference")

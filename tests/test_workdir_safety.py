@@ -146,38 +146,7 @@ def test_a_work_directory_in_use_is_refused_naming_the_process(run_copy, tmp_pat
     assert "stale lock" in result.stdout and not os.path.exists(layout.lock)
 
 
-KILL_DURING_FINAL_SAVE = """
-import os, signal, sys
-import jem_tf.training as training
-
-def save_then_die(model, path):
-    # The final save is interrupted half-way: a partial temporary file, then SIGKILL.
-    tmp = os.path.join(os.path.dirname(path), ".model.keras.partial.keras")
-    model.save(tmp)
-    with open(tmp, "r+b") as f:
-        f.truncate(os.path.getsize(tmp) // 2)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-training.save_model_atomically = save_then_die
-from jem_tf.train import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_a_kill_during_the_final_save_loses_nothing(tmp_path):
-    workdir = str(tmp_path / "run")
-    killed = subprocess.run([sys.executable, "-c", KILL_DURING_FINAL_SAVE, *TINY, "--epochs", "2",
-                             "--workdir", workdir], capture_output=True, text=True, timeout=600, env=ENV)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    layout = RunLayout(workdir)
-    assert not os.path.exists(layout.model) and os.path.isdir(layout.backup)  # the backup survives the kill
-    result = _cli("train", *TINY, "--epochs", "2", "--workdir", workdir)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Resuming from the backup" in result.stdout and "2 epoch(s) done" in result.stdout
-    import keras
-
-    assert keras.models.load_model(layout.model).optimizer.iterations.numpy() == 2 * 6  # 1,293 images / 256
-    assert not os.path.exists(layout.backup)
+# The kill during the final save (of the real writer): tests/test_reliability_round3.py.
 
 
 def test_misleading_messages_now_name_the_real_problem(run_copy, tmp_path):

@@ -133,12 +133,34 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = 
     raise ValueError(f"Unknown dataset {name!r}; expected {dataset_problem(name)}.")
 
 
+def stratified_split_problem(y: np.ndarray, *, fraction: float) -> Optional[str]:
+    """Why :func:`split_validation` cannot split labels ``y`` with ``fraction``, or ``None`` when it can: every
+    class needs 2 images, and each side as many images as there are classes (scikit-learn's rules, stated in
+    our words: the validation split gets ``ceil(fraction * N)`` images)."""
+    classes, counts = np.unique(y, return_counts=True)
+    n_validation = int(np.ceil(fraction * len(y)))
+    n_train = len(y) - n_validation
+    if len(y) and counts.min() < 2:
+        return (f"class {classes[counts.argmin()]} has {counts.min()} image (of {len(y)}), and a stratified split "
+                "needs at least 2 images of every class")
+    if n_validation < len(classes):
+        return (f"its {n_validation} validation image(s) of {len(y)} are fewer than the {len(classes)} classes (each "
+                "class needs one)")
+    if n_train < len(classes):
+        return (f"it leaves {n_train} training image(s) of {len(y)}, fewer than the {len(classes)} classes (each "
+                "class needs one)")
+    return None
+
+
 def split_validation(x: np.ndarray, y: np.ndarray, *, fraction: float, seed: int):
     """Stratified, seeded split of ``(x, y)`` into ``(x_train, y_train), (x_val, y_val)``."""
     from sklearn import model_selection
 
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"`fraction` must be in (0, 1); received {fraction!r}")
+    problem = stratified_split_problem(y, fraction=fraction)
+    if problem is not None:
+        raise ValueError(problem)
     x_train, x_val, y_train, y_val = model_selection.train_test_split(
         x, y, test_size=fraction, stratify=y, random_state=seed
     )

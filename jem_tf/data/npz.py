@@ -52,17 +52,18 @@ def read_npz_headers(path: str) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
                 raise ValueError(f"{path!r} lacks the array(s) {', '.join(missing)}; a .npz dataset needs "
                                  f"{', '.join(NPZ_KEYS)} (found: {', '.join(found) or 'none'}).")
             for key in NPZ_KEYS:
+                info = archive.getinfo(f"{key}.npy")
+                _check_zip_member_size(path, key, info, os.path.getsize(resolved))
                 try:
-                    with archive.open(f"{key}.npy") as f:
+                    with archive.open(info) as f:
                         version = np.lib.format.read_magic(f)
                         if version == (1, 0):
                             shape, _, dtype = np.lib.format.read_array_header_1_0(f)
                         elif version == (2, 0):
                             shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-                        else:  # format 3.0 (utf8 field names): no public header reader, so read the array
-                            with np.load(resolved, allow_pickle=False) as npz:
-                                array = npz[key]
-                            shape, dtype = array.shape, array.dtype
+                        else:  # format 3.0 (utf8 field names): numpy has no public reader of its header
+                            shape, _, dtype = np.lib.format._read_array_header(f, version)
+                        available = info.file_size - f.tell()
                 except _NPZ_READ_ERRORS as error:
                     if "allow_pickle" in str(error):
                         raise ValueError(f"{path!r}: {key} is an object array, which needs pickle (never loaded: "
@@ -71,10 +72,36 @@ def read_npz_headers(path: str) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
                 if dtype.hasobject:
                     raise ValueError(f"{path!r}: {key} is an object array (dtype {dtype}), which needs pickle (never "
                                      "loaded: allow_pickle=False); store numeric arrays, e.g. np.stack(images).")
+                _check_declared_size(path, key, shape, dtype, available)
                 headers[key] = (tuple(int(d) for d in shape), dtype)
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
         raise _npz_corrupt(path, "", error) from error
     return headers
+
+
+# The largest decompression ratio of deflate (about 1032:1): an entry claiming more is not a real zip member.
+_MAX_DEFLATE_RATIO = 1100
+
+
+def _check_zip_member_size(path: str, key: str, info: zipfile.ZipInfo, file_bytes: int) -> None:
+    """The sizes the zip directory gives member ``key`` must fit the file: stored bytes within it, and the
+    uncompressed size what its compressed bytes can hold (a forged directory is refused before reading)."""
+    if info.compress_size > file_bytes or (info.compress_type == zipfile.ZIP_STORED
+                                           and info.file_size != info.compress_size) or (
+            info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024):
+        raise ValueError(f"{path!r} is truncated or corrupt (array {key!r}: its zip entry claims "
+                         f"{info.file_size:,} bytes from {info.compress_size:,} stored bytes in a file of "
+                         f"{file_bytes:,} bytes).")
+
+
+def _check_declared_size(path: str, key: str, shape, dtype: np.dtype, available: int) -> None:
+    """An array's ``.npy`` header must not claim more data than its zip entry holds: checked before anything is
+    allocated (a forged header of 10^9 images would otherwise ask for gigabytes)."""
+    declared = int(np.prod([int(d) for d in shape], dtype=object)) * int(dtype.itemsize)
+    if declared > available:
+        raise ValueError(f"{path!r} is truncated or corrupt (array {key!r}: its header declares shape "
+                         f"{tuple(int(d) for d in shape)} of {dtype}, {declared:,} bytes, but the file holds "
+                         f"{max(available, 0):,} bytes of it).")
 
 
 def _npz_image_shape(path: str, key: str, shape: Tuple[int, ...]) -> Tuple[int, int, int]:

@@ -178,7 +178,7 @@ def load_tfds(name: str, *, data_dir: Optional[str] = None, download: bool = Fal
         where = data_dir or "tfds's default data directory (~/tensorflow_datasets)"
         raise DataNotFoundError(
             f"Dataset {name!r} was not found in {where}. Prepare it there (e.g. `tfds build {name}` "
-            f"on a machine with internet), point {data_dir_flag} (data_dir=) at it, or pass --download "
+            f"on a machine with internet), point {data_dir_flag} (data_dir=) at it, or pass --download true "
             f"(download=True). ({_tfds_first_line(error)})"
         ) from error
     return ImageDataset(name, *splits["train"], *splits["test"], num_classes=num_classes)

@@ -1,0 +1,126 @@
+"""Files written so that nothing is lost: a temporary name and a rename (a reader sees the whole file or the
+previous one), a one-line :class:`DiskFullError` instead of a traceback when the disk fills up, temporaries
+removed on any failure, and the clean-up of temporaries that killed processes left behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+from typing import Callable, Optional
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "errno = 28")
+
+
+class DiskFullError(RuntimeError):
+    """A write failed because the file system is full: names the path; its temporary files are removed."""
+
+    def __init__(self, path: str):
+        super().__init__(f"cannot write {path}: the disk is full (no space left on device)")
+        self.path = path
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from: Keras and h5py wrap ``OSError``) is a full disk."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DiskFullError) or getattr(error, "errno", None) in DISK_FULL_ERRNOS or any(
+                text in str(error) for text in _DISK_FULL_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def remove_path(path: str) -> None:
+    """Removes a file, link or directory tree at ``path`` if there is one (never following a link)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def check_free_space(directory: str, needed_bytes: int, path: str) -> None:
+    """Raises :class:`DiskFullError` naming ``path`` when ``directory``'s file system has less than ``needed_bytes``
+    free: checked before writers (h5py) that can crash the process on a full disk instead of raising."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return
+    if free < needed_bytes:
+        raise DiskFullError(path)
+
+
+def write_atomically(path: str, write: Callable[[str], None], *, tmp: Optional[str] = None) -> None:
+    """Calls ``write(tmp)`` and renames ``tmp`` (default ``PATH.tmp-PID``) to ``path``. On any failure (or an
+    interrupt) the temporary file or directory is removed and ``path`` is left as it was; a full disk raises
+    :class:`DiskFullError`."""
+    tmp = tmp or f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        remove_path(tmp)
+        if is_disk_full(error):
+            raise DiskFullError(path) from error
+        raise
+
+
+def atomic_write_json(path: str, values) -> None:
+    """Writes ``values`` as JSON to ``path`` through a temporary file and a rename (never a torn file)."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(values, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomically(path, write)
+
+
+def process_alive(pid) -> bool:
+    """Whether process ``pid`` (an int > 0) runs on this host."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def temporary_name(prefix: str) -> str:
+    """``PREFIX-HOST-PID``: a temporary name that :func:`remove_stale_temporaries` can tell is stale."""
+    return f"{prefix}-{socket.gethostname()}-{os.getpid()}"
+
+
+def temporary_pattern(prefix: str) -> re.Pattern:
+    """The names :func:`temporary_name` gives for ``prefix`` (groups ``host`` and ``pid``)."""
+    return re.compile(rf"^{re.escape(prefix)}-(?P<host>[^/]+)-(?P<pid>\d+)$")
+
+
+def remove_stale_temporaries(directory: str, *patterns: re.Pattern) -> list:
+    """Removes the entries of ``directory`` whose name matches one of ``patterns`` (a group ``pid``, optionally
+    ``host``; see :func:`temporary_pattern`) and that a process of this host which no longer runs left behind
+    (a kill mid-write); returns their paths. Those of live processes and of other hosts are kept."""
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        match = next((m for m in (p.match(name) for p in patterns) if m), None)
+        if match is None or match.groupdict().get("host") not in (None, socket.gethostname()):
+            continue
+        pid = int(match.group("pid"))
+        if pid != os.getpid() and not process_alive(pid):
+            remove_path(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+    return removed
