@@ -21,7 +21,8 @@ from jem_tf.data import DATASETS, DataNotFoundError, dataset_argument, preproces
 from jem_tf.ood import fit_ood_detector
 from jem_tf.run import (CALIBRATION_SPLITS, check_output_dir, load_run_dataset, load_trained_model,
                         ood_calibration_data)
-from jem_tf.serving import MAX_N_STEPS_LIMIT, export_saved_model, sample_limits
+from jem_tf.serving import (DEFAULT_MAX_BATCH_SIZE, MAX_N_STEPS_LIMIT, check_max_batch_size, export_saved_model,
+                            sample_limits)
 
 # The sample signature's bounds: library keyword -> flag.
 SAMPLE_LIMIT_FLAGS = {"max_num_samples": "--max-num-samples", "max_n_steps": "--max-n-steps",
@@ -55,6 +56,8 @@ def build_parser() -> OneLineErrorParser:
                         help="shifts the detector should accept; never counted against a candidate, reported "
                              f"(default: {' '.join(outliers.ACCEPTED_SHIFTS)}; none: the flag alone)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the outliers made for the selection")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="most images a classify or energy request may hold (at most 1 GiB of float32 images)")
     parser.add_argument("--max-num-samples", type=int, default=256,
                         help="upper bound of sample's num_samples (at most 1 GiB of float32 samples per request)")
     parser.add_argument("--max-n-steps", type=int, default=1000,
@@ -96,11 +99,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         check_output_dir(args.export_dir, "--export-dir")
         model, config = load_trained_model(args.model)
-        try:  # the bounds that depend on the model (1 GiB of samples, the trained sampler), before any data
+        try:  # the bounds that depend on the model (1 GiB of samples or images, the trained sampler), before any data
             sample_limits(model, **_sample_limit_kwargs(args))
+            check_max_batch_size(model, args.max_batch_size)
         except ValueError as error:
             message = str(error)
-            for name, flag in SAMPLE_LIMIT_FLAGS.items():
+            for name, flag in {**SAMPLE_LIMIT_FLAGS, "max_batch_size": "--max-batch-size"}.items():
                 message = message.replace(f"`{name}`", flag)
             parser.error(message)
         dataset = args.dataset or (config.dataset if config else None)
@@ -116,7 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                accepted_shifts=args.ood_accepted_shifts)
         path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
                                   preprocessing=preprocessing_of(dataset), dataset=dataset,
-                                  **_sample_limit_kwargs(args))
+                                  max_batch_size=args.max_batch_size, **_sample_limit_kwargs(args))
     except (ValueError, DataNotFoundError) as error:
         parser.error(str(error))
     print(f"exported {path} (OOD detector {ood.detector.name}, threshold {ood.detector.threshold:.4g}, "

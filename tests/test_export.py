@@ -381,12 +381,18 @@ def test_export_cli_from_a_training_workdir(tmp_path, capsys):
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "--max-num-samples must be <= 4194304 for images of shape [8, 8, 1] (1 GiB" in err
     assert sorted(os.listdir(tmp_path / "served")) == ["1"]
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--model", workdir, "--export-dir", str(tmp_path / "served"), "--max-batch-size", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--max-batch-size must be an int in [1, " in err
+    assert sorted(os.listdir(tmp_path / "served")) == ["1"]
     assert export_main(["--model", workdir, "--export-dir", str(tmp_path / "served"), "--max-n-steps", "100000",
                         "--max-step-size", "25", "--max-noise-std", "0.5", "--ood-outlier-kinds", "noised", "mosaic",
-                        "--ood-accepted-shifts", "blurred"]) == 0
+                        "--ood-accepted-shifts", "blurred", "--max-batch-size", "64"]) == 0
     assert "exported " + str(tmp_path / "served" / "2") in capsys.readouterr().out
     metadata = json.load(open(tmp_path / "served" / "2" / METADATA_FILE))
     assert metadata["sample"]["max_n_steps"] == 100_000 and metadata["sample"]["max_step_size"] == 25.0
+    assert metadata["max_batch_size"] == 64
     assert metadata["sample"]["max_noise_std"] == 0.5 and metadata["sample"]["clipped_to_value_range"] is True
     # Chosen and calibrated on the run's validation split (10 % of the 1,437 digits training images), with the
     # training split's feature statistics (so the Mahalanobis candidates were in the running).
