@@ -30,7 +30,9 @@ RULE = ("rule v1: among the candidates (n_steps x step_size, fixed noise_std and
         "validation accuracy is at least the plain validation accuracy minus `tolerance` and whose mean "
         "validation energy is lower than the plain one, the largest total step budget n_steps * step_size "
         "(ties: fewer steps); none qualifying: no refinement (0 steps)")
-DEFAULT_STEP_SIZES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+# Step sizes multiply the (clamped) energy gradient, whose per-pixel size depends on the model (often
+# well under 1): the grid spans three decades; the accuracy test of the rule removes the harmful ones.
+DEFAULT_STEP_SIZES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 DEFAULT_N_STEPS = (1, 2, 5, 10, 20)
 
 
