@@ -216,8 +216,9 @@ def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
                                 for a in range(0, len(x), batch_size)])
             done = k
             accuracy, energy_mean = _accuracy_and_energy(model, x, val_labels, batch_size)
+            qualifies = bool(accuracy >= plain_accuracy - tolerance and energy_mean < plain_energy)
             candidates.append({"n_steps": k, "step_size": step_size, "accuracy": accuracy, "energy_mean": energy_mean,
-                               "qualifies": bool(accuracy >= plain_accuracy - tolerance and energy_mean < plain_energy)})
+                               "qualifies": qualifies})
     qualified = [c for c in candidates if c["qualifies"]]
     plain = {"accuracy": plain_accuracy, "energy_mean": plain_energy, "num_images": int(len(val_images))}
     where = f"{len(val_images)} {split_name} images"
