@@ -155,7 +155,7 @@ def worker(args):
 
     # The sampler alone (JEM.refine: the training step's SGLD loop, compiled once): images x steps per second.
     chains = rng.uniform(-1, 1, (batch, *shape)).astype("float32")
-    sampler_s = _median_time(lambda: jem.refine(chains, n_steps=args.sgld_steps), args.repeats)
+    sampler_s = _median_time(lambda: jem.refine(chains, n_steps=args.sgld_steps, settings="sampler"), args.repeats)
 
     flops = forward_flops(jem.backbone)
     jem_flops = batch * (args.sgld_steps * 2 * flops + 2 * 3 * flops)

@@ -1,8 +1,9 @@
-"""Projected gradient descent (PGD, Madry et al. 2018) adversarial examples under L-inf and L2 budgets."""
+"""Projected gradient descent (PGD, Madry et al. 2018) adversarial examples under L-inf and L2 budgets, also
+against a classifier behind an input purification (BPDA with EOT, Athalye et al. 2018)."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -22,19 +23,33 @@ class PGD:
         steps: PGD iterations. Default 20.
         value_range: Adversarial images are clipped to this box.
         random_start: Start at a uniformly random point of the ball (L2: random direction, random radius).
+        preprocess: Optional defence ``preprocess(x, seed) -> x'`` applied before the classifier (e.g. SGLD
+            refinement, :func:`jem_tf.refinement.refinement_fn`); the attack then uses BPDA: the forward pass
+            runs ``logits_fn(preprocess(x))`` and the backward pass treats ``preprocess`` as the identity,
+            ``d loss / dx := d loss / dx'``. Default ``None``: attack ``logits_fn`` alone.
+        eot_samples: With ``preprocess``, the gradient of each step is the mean over this many draws of the
+            defence's randomness (expectation over transformation, EOT); use 1 for a deterministic defence.
+            Default 1.
 
     Example:
         >>> attack = PGD(lambda x: model(x), image_shape=(8, 8, 1), norm="linf")
         >>> x_adv = attack(x, y, eps=0.1, seed=0)
+
+    Reference:
+        Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Security", ICML 2018 (BPDA, EOT).
     """
 
     def __init__(self, logits_fn: Callable[[tf.Tensor], tf.Tensor], *, image_shape: Sequence[int], norm: str,
-                 steps: int = 20, value_range: Sequence[float] = (-1.0, 1.0), random_start: bool = True):
+                 steps: int = 20, value_range: Sequence[float] = (-1.0, 1.0), random_start: bool = True,
+                 preprocess: Optional[Callable[[tf.Tensor, tf.Tensor], tf.Tensor]] = None, eot_samples: int = 1):
         if norm not in NORMS:
             raise ValueError(f"`norm` must be one of {NORMS}; received {norm!r}")
         if not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"`steps` must be an int >= 1; received {steps!r}")
+        if not (isinstance(eot_samples, int) and eot_samples >= 1):
+            raise ValueError(f"`eot_samples` must be an int >= 1; received {eot_samples!r}")
         self.norm, self.steps, self.random_start = norm, steps, random_start
+        self.preprocess, self.eot_samples = preprocess, eot_samples
         self.value_range = tuple(float(v) for v in value_range)
         self.image_shape = tuple(int(d) for d in image_shape)
         self._logits_fn = logits_fn
@@ -45,6 +60,22 @@ class PGD:
     @staticmethod
     def _l2_norm(t):
         return tf.sqrt(tf.reduce_sum(tf.square(t), axis=[1, 2, 3], keepdims=True))
+
+    def _loss_gradient(self, x, y, seed):
+        """d CE / dx of the attacked model; behind a defence, BPDA: the gradient at the defended input
+        x' = preprocess(x) (identity backward), averaged over ``eot_samples`` draws of its randomness."""
+        if self.preprocess is None:
+            points = [x]
+        else:
+            points = [self.preprocess(x, tf.random.experimental.stateless_fold_in(seed, j))
+                      for j in range(self.eot_samples)]
+        grads = []
+        for point in points:
+            with tf.GradientTape() as tape:
+                tape.watch(point)
+                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, self._logits_fn(point)))
+            grads.append(tape.gradient(loss, point))
+        return grads[0] if len(grads) == 1 else tf.add_n(grads) / float(len(grads))
 
     def _attack_graph(self, x0, y, eps, step_size, seed):
         low, high = self.value_range
@@ -57,11 +88,8 @@ class PGD:
             radius = tf.random.stateless_uniform([tf.shape(x0)[0], 1, 1, 1], seed + 1, 0.0, eps)
             delta = direction / (self._l2_norm(direction) + 1e-12) * radius
         x = tf.clip_by_value(x0 + delta, low, high)
-        for _ in tf.range(self.steps):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, self._logits_fn(x)))
-            grad = tape.gradient(loss, x)
+        for i in tf.range(self.steps):
+            grad = self._loss_gradient(x, y, tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64) + 2))
             if self.norm == "linf":
                 x = x + step_size * tf.sign(grad)
                 x = x0 + tf.clip_by_value(x - x0, -eps, eps)

@@ -21,6 +21,7 @@ from jem_tf.cli import OneLineErrorParser
 from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, DataNotFoundError, dataset_argument
 from jem_tf.evaluation import (DEFAULT_PGD_EPS, INCEPTION, MODES, REPORT_FILE, SYNTHETIC_OOD, EvaluationConfig,
                                evaluate, load_feature_network, load_ood_sets, summary_lines)
+from jem_tf.refinement import REFINEMENT_SOURCES
 from jem_tf.run import (check_output_dir, held_out_split, labelled_training_split, load_run_dataset,
                         load_trained_model, split_train_validation)
 
@@ -51,8 +52,12 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--num-bins", type=int, default=defaults.num_bins, help="calibration bins (default 20)")
     parser.add_argument("--temperature-scaling", choices=["true", "false"],
                         default=str(defaults.temperature_scaling).lower())
-    parser.add_argument("--refine-steps", type=int, nargs="+", default=list(defaults.refine_steps),
-                        help="SGLD refinement steps (accuracy)")
+    parser.add_argument("--refinement", choices=REFINEMENT_SOURCES, default=defaults.refinement,
+                        help="refinement settings of modes accuracy and robustness: model (saved with the model; "
+                             "chosen on the validation split when it has none), choose (chosen anew on the "
+                             "validation split), sampler (the training sampler's, the old behaviour)")
+    parser.add_argument("--refine-steps", type=int, nargs="+", default=None,
+                        help="SGLD refinement steps (accuracy; default: the refinement settings')")
     parser.add_argument("--sample-steps", type=int, default=defaults.sample_steps, help="SGLD steps from fresh noise")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
     parser.add_argument("--long-chain-steps", type=int, default=defaults.long_chain_steps)
@@ -67,21 +72,24 @@ def build_parser() -> OneLineErrorParser:
                         help="L2 budgets in units of the pixel range")
     parser.add_argument("--pgd-steps", type=int, default=defaults.pgd_steps)
     parser.add_argument("--robustness-examples", type=int, default=defaults.robustness_examples)
-    parser.add_argument("--robustness-refine-steps", type=int, default=defaults.robustness_refine_steps)
+    parser.add_argument("--robustness-refine-steps", type=int, default=None,
+                        help="refinement steps of attacked images (default: the refinement settings')")
+    parser.add_argument("--bpda-eot-samples", type=int, default=defaults.bpda_eot_samples,
+                        help="noise draws per step of the adaptive BPDA attack when the refinement is random")
     return parser
 
 
 def _check_ranges(parser: OneLineErrorParser, args: argparse.Namespace) -> None:
     """Exits with a one-line error (code 2) on the first value out of its range."""
     for name in ("batch_size", "num_bins", "sample_steps", "num_samples", "frechet_images", "pgd_steps",
-                 "robustness_examples", "max_test_images", "max_ood_images"):
+                 "robustness_examples", "max_test_images", "max_ood_images", "bpda_eot_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; received {value}")
     for name in ("long_chain_steps", "robustness_refine_steps"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0; received {getattr(args, name)}")
-    if any(k < 0 for k in args.refine_steps) or args.input_noise_std < 0:
+    if any(k < 0 for k in args.refine_steps or ()) or args.input_noise_std < 0:
         parser.error("--refine-steps and --input-noise-std must be >= 0")
     if any(e < 0 for e in args.pgd_linf_eps + args.pgd_l2_eps):
         parser.error("PGD budgets must be >= 0")
@@ -91,11 +99,13 @@ def evaluation_config_from_args(args: argparse.Namespace) -> EvaluationConfig:
     """The :class:`EvaluationConfig` that parsed flags ask for."""
     return EvaluationConfig(
         modes=tuple(args.modes), seed=args.seed, input_noise_std=args.input_noise_std, num_bins=args.num_bins,
-        temperature_scaling=args.temperature_scaling == "true", refine_steps=tuple(args.refine_steps),
+        temperature_scaling=args.temperature_scaling == "true", refinement=args.refinement,
+        refine_steps=None if args.refine_steps is None else tuple(args.refine_steps),
         sample_steps=args.sample_steps, num_samples=args.num_samples, long_chain_steps=args.long_chain_steps,
         frechet_images=args.frechet_images, pgd_eps={"linf": tuple(args.pgd_linf_eps), "l2": tuple(args.pgd_l2_eps)},
         pgd_steps=args.pgd_steps, robustness_examples=args.robustness_examples,
-        robustness_refine_steps=args.robustness_refine_steps, batch_size=args.batch_size)
+        robustness_refine_steps=args.robustness_refine_steps, bpda_eot_samples=args.bpda_eot_samples,
+        batch_size=args.batch_size)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -15,6 +15,7 @@ from jem_tf.chain_init import ClassGaussian
 from jem_tf.conversion import logits_network, softmax_head
 from jem_tf.distribution import global_batch_position, replica_random
 from jem_tf.objective import jem_objective
+from jem_tf.refinement import RefinementSettings
 from jem_tf.replay_buffer import ReplayBuffer
 from jem_tf.seeds import SeedState, as_stateless_seed
 from jem_tf.sgld import SGLDSampler
@@ -67,6 +68,10 @@ class JEM(keras.Model):
             restarts) that start from uniform noise instead (see :class:`ReplayBuffer`). Default 0.
         energy_start_step: Optimizer step from which the energy terms and SGLD are on (a classifier warm
             start before it). Default 0.
+        refinement: The :class:`~jem_tf.refinement.RefinementSettings` of :meth:`refine` (test-time
+            refinement), saved with the model; usually chosen on the validation split by
+            :func:`jem_tf.refinement.choose_refinement` (training does it). Default ``None``: none chosen,
+            :meth:`refine` falls back to the training sampler's settings with 10 steps.
 
     Example:
         >>> backbone = jem_tf.networks.small_cnn(num_classes=10, input_shape=(8, 8, 1))
@@ -101,6 +106,7 @@ class JEM(keras.Model):
         chain_init: Optional[ClassGaussian] = None,
         chain_init_uniform_fraction: float = 0.0,
         energy_start_step: int = 0,
+        refinement: Optional[RefinementSettings] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -150,8 +156,14 @@ class JEM(keras.Model):
         if pxy_weight > 0 and not class_conditional_buffer:
             raise ValueError("`pxy_weight` > 0 needs `class_conditional_buffer=True`.")
 
+        if isinstance(refinement, dict):
+            refinement = keras.saving.deserialize_keras_object(refinement)
+        if refinement is not None and not isinstance(refinement, RefinementSettings):
+            raise ValueError(f"`refinement` must be None or RefinementSettings; received {refinement!r}")
+
         self.backbone = backbone
         self.sampler = sampler
+        self.refinement = refinement
         self.image_shape = tuple(int(d) for d in image_shape)
         self.num_classes = int(num_classes)
         self.class_conditional_buffer = bool(class_conditional_buffer)
@@ -592,29 +604,52 @@ class JEM(keras.Model):
             x = tf.random.stateless_uniform([num_samples, *self.image_shape], seed=seed, minval=low, maxval=high)
         return self._run_sgld(x, seed, n_steps, step_size, noise_std, context)
 
-    def refine(self, images, *, n_steps: int, seed: int = 0, labels=None, step_size: Optional[float] = None,
-               noise_std: Optional[float] = None) -> np.ndarray:
-        """Runs ``n_steps`` SGLD steps on ``log p(x)`` (or ``log p(x|y)`` with ``labels``) starting at
-        ``images``: the paper's test-time refinement of inputs before classifying.
+    @property
+    def refinement_settings(self) -> RefinementSettings:
+        """The settings :meth:`refine` uses by default: :attr:`refinement` when chosen, else the training
+        sampler's (step size, noise, gradient clamp) with 10 steps."""
+        if self.refinement is not None:
+            return self.refinement
+        return RefinementSettings.from_sampler(
+            self.sampler, n_steps=10, source="the training sampler's settings (no refinement chosen for this model)")
+
+    def refine(self, images, *, n_steps: Optional[int] = None, seed: int = 0, labels=None,
+               step_size: Optional[float] = None, noise_std: Optional[float] = None, settings=None) -> np.ndarray:
+        """SGLD on ``log p(x)`` (or ``log p(x|y)`` with ``labels``) starting at ``images``: the paper's
+        test-time refinement of inputs before classifying, with the model's refinement settings.
 
         Args:
             images: ``[N, *image_shape]`` images in the model's value range.
-            n_steps: SGLD steps (0 returns the images unchanged).
+            n_steps: SGLD steps (0 returns the images unchanged). Default: the settings'.
             seed: Seed of the SGLD noise; the same seed gives the same result.
             labels: Optional int class ids ``[N]`` for class-conditional refinement.
-            step_size, noise_std: Optional overrides of the sampler's settings.
+            step_size, noise_std: Optional overrides of the settings.
+            settings: ``None`` (default: :attr:`refinement_settings`, the chosen ones), a
+                :class:`~jem_tf.refinement.RefinementSettings`, or ``"sampler"``: the training sampler itself
+                (its clamps too; for continuing sampling chains).
 
         Returns:
-            A numpy array of the refined images.
+            A numpy array of the refined images (in the value range, unless ``settings="sampler"`` and the
+            sampler does not clamp).
         """
         images = np.asarray(images, dtype=np.float32)
         if images.shape[1:] != tuple(self.image_shape) or images.shape[0] < 1:
             raise ValueError(f"`images` must be [N >= 1, {', '.join(map(str, self.image_shape))}]; "
                              f"received shape {images.shape}")
-        if not (isinstance(n_steps, int) and n_steps >= 0):
+        if n_steps is not None and not (isinstance(n_steps, int) and n_steps >= 0):
             raise ValueError(f"`n_steps` must be an int >= 0; received {n_steps!r}")
+        if settings == "sampler":
+            sampler = self.sampler
+        else:
+            if settings is None:
+                settings = self.refinement_settings
+            if not isinstance(settings, RefinementSettings):
+                raise ValueError(f"`settings` must be None, 'sampler' or RefinementSettings; received {settings!r}")
+            sampler = settings.sampler(self.value_range)
+            n_steps = settings.n_steps if n_steps is None else n_steps
         context = self._labels_context(labels, images.shape[0])
-        return self._run_sgld(tf.constant(images), as_stateless_seed(seed), n_steps, step_size, noise_std, context)
+        return self._run_sgld(tf.constant(images), as_stateless_seed(seed), n_steps, step_size, noise_std, context,
+                              sampler=sampler)
 
     def _labels_context(self, labels, num: int) -> tuple:
         """``()`` without labels, else ``(int32 labels,)`` after checking ``num`` ids in range."""
@@ -625,24 +660,29 @@ class JEM(keras.Model):
             raise ValueError(f"`labels` must be {num} class ids in [0, {self.num_classes}); received {labels!r}")
         return (tf.constant(labels, tf.int32),)
 
-    def _run_sgld(self, x, seed, n_steps, step_size, noise_std, context) -> np.ndarray:
-        """SGLD from ``x`` with one compiled sampler function shared by :meth:`sample` and :meth:`refine`."""
+    def _run_sgld(self, x, seed, n_steps, step_size, noise_std, context, sampler=None) -> np.ndarray:
+        """SGLD from ``x`` with one compiled sampler function shared by :meth:`sample` and :meth:`refine`
+        (``sampler``: default the training sampler; refinement passes its own)."""
+        sampler = self.sampler if sampler is None else sampler
         if n_steps == 0:
             return x.numpy()
-        # One tf.function per arity: a *context varargs function called with and without labels breaks
-        # tf.function's retracing relaxation (IndexError in TF 2.21).
-        sample_fn = self._sample_fns.get(len(context))
+        # One tf.function per arity and per sampler structure (step size, noise and steps are arguments): a
+        # *context varargs function called with and without labels breaks tf.function's retracing relaxation
+        # (IndexError in TF 2.21).
+        structure = {k: v for k, v in sampler.get_config().items() if k not in ("step_size", "noise_std", "n_steps")}
+        key = (len(context), repr(sorted(structure.items())))
+        sample_fn = self._sample_fns.get(key)
         if sample_fn is None:
-            sample_fn = self._sample_fns[len(context)] = tf.function(
-                lambda x, seed, n_steps, step_size, noise_std, *context: self.sampler.sample(
+            sample_fn = self._sample_fns[key] = tf.function(
+                lambda x, seed, n_steps, step_size, noise_std, *context: sampler.sample(
                     self._sgld_energy, x, seed, context=context, n_steps=n_steps,
                     step_size=step_size, noise_std=noise_std)[0],
                 reduce_retracing=True,
             )
         sgld_seed = seeds.fold(seed, seeds.SAMPLE_SGLD)
-        n_steps = self.sampler.n_steps if n_steps is None else n_steps
-        step_size = self.sampler.step_size if step_size is None else step_size
-        noise_std = self.sampler.noise_std if noise_std is None else noise_std
+        n_steps = sampler.n_steps if n_steps is None else n_steps
+        step_size = sampler.step_size if step_size is None else step_size
+        noise_std = sampler.noise_std if noise_std is None else noise_std
         return sample_fn(x, sgld_seed, tf.constant(n_steps, tf.int32), tf.constant(step_size, tf.float32),
                          tf.constant(noise_std, tf.float32), *context).numpy()
 
@@ -670,6 +710,7 @@ class JEM(keras.Model):
                 "chain_init": None if self.chain_init is None else keras.saving.serialize_keras_object(self.chain_init),
                 "chain_init_uniform_fraction": self.replay_buffer.uniform_fraction,
                 "energy_start_step": self.energy_start_step,
+                "refinement": None if self.refinement is None else keras.saving.serialize_keras_object(self.refinement),
             }
         )
         return config
@@ -679,6 +720,9 @@ class JEM(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"], custom_objects=custom_objects)
         config["sampler"] = keras.saving.deserialize_keras_object(config["sampler"], custom_objects=custom_objects)
+        if config.get("refinement") is not None:
+            config["refinement"] = keras.saving.deserialize_keras_object(config["refinement"],
+                                                                         custom_objects=custom_objects)
         if config.get("chain_init") is not None:
             config["chain_init"] = keras.saving.deserialize_keras_object(config["chain_init"],
                                                                          custom_objects=custom_objects)

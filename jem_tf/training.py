@@ -26,6 +26,7 @@ from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, 
                               compile_jem, resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
 from jem_tf.files import remove_path
 from jem_tf.ood import fit_ood_detector
+from jem_tf.refinement import choose_refinement
 from jem_tf.run import (ClassifierSource, RunLayout, WorkdirLock, atomic_write_json, check_training_split,
                         classifier_file, clear_run, load_classifier, load_run_dataset, prepare_workdir,
                         save_model_atomically, select_labelled, split_train_validation)
@@ -176,6 +177,11 @@ def _train(config: TrainConfig, model, layout: RunLayout, data: ImageDataset, tr
     train_seconds = time.time() - start
     if guard is not None:
         guard.raise_if_failed()  # the backup of the last good epoch stays in WORKDIR/backup
+    refinement = None
+    if len(validation.images) > 0:
+        # Test-time refinement settings for this model, chosen on the run's validation split and saved with it.
+        refinement = choose_refinement(model, validation.images, validation.labels, seed=config.seed)
+        model.refinement = refinement.settings
     if chief:
         save_model_atomically(model, layout.model)  # the backup stays until the run is complete
 
@@ -207,6 +213,9 @@ def _train(config: TrainConfig, model, layout: RunLayout, data: ImageDataset, tr
         "final_validation": {k[4:]: float(np.ravel(v[-1])[0]) for k, v in history.history.items()
                              if v and k.startswith("val_")},
     }
+    if refinement is not None:
+        metrics["refinement"] = {"settings": refinement.settings.describe(), "validation_plain": refinement.plain,
+                                 "candidates": refinement.candidates}
     if model.samples_contrastive:
         # Mean energy of the replay buffer's chains vs. the test data: close when p(x) is fitted.
         chains = model.replay_buffer.chains().numpy()

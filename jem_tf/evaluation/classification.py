@@ -11,21 +11,26 @@ from jem_tf import figures
 from jem_tf.evaluation import metrics as metrics_lib
 from jem_tf.evaluation.common import predict_logits, refine_in_batches
 from jem_tf.jem import JEM
+from jem_tf.refinement import RefinementSettings
 
 
-def evaluate_accuracy(model: JEM, images: np.ndarray, labels: np.ndarray, *, refine_steps: Sequence[int] = (10,),
+def evaluate_accuracy(model: JEM, images: np.ndarray, labels: np.ndarray, *,
+                      refine_steps: Optional[Sequence[int]] = None, refinement: Optional[RefinementSettings] = None,
                       seed: int = 0, batch_size: int = 256) -> dict:
-    """Test accuracy on the inputs as given and after each number of SGLD refinement steps."""
+    """Test accuracy on the inputs as given and after each number of SGLD refinement steps, with the
+    ``refinement`` settings (default: the model's :attr:`~JEM.refinement_settings`; ``refine_steps`` default:
+    their number of steps)."""
+    refinement = model.refinement_settings if refinement is None else refinement
+    refine_steps = (refinement.n_steps,) if refine_steps is None else tuple(refine_steps)
     results = {"accuracy": float((predict_logits(model, images, batch_size=batch_size).argmax(1) == labels).mean())}
     refined = {}
     for k in refine_steps:
         if k > 0:
-            x = refine_in_batches(model, images, n_steps=int(k), seed=seed, batch_size=batch_size)
+            x = refine_in_batches(model, images, n_steps=int(k), settings=refinement, seed=seed, batch_size=batch_size)
             refined[str(k)] = float((predict_logits(model, x, batch_size=batch_size).argmax(1) == labels).mean())
     results["accuracy_after_refinement"] = refined
     results["settings"] = {"num_examples": int(len(labels)), "refine_steps": [int(k) for k in refine_steps],
-                           "refinement": "unconditional SGLD on log p(x) with the model's sampler settings",
-                           "sampler": model.sampler.get_config(), "seed": seed}
+                           "refinement": refinement.describe(), "seed": seed}
     return results
 
 

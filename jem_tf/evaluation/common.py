@@ -3,7 +3,7 @@ energies of logits and sample grids as PNG files."""
 
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -11,6 +11,7 @@ import tensorflow as tf
 from jem_tf import energy as energy_lib
 from jem_tf.figures import image_grid, upscale, write_png
 from jem_tf.jem import JEM
+from jem_tf.refinement import RefinementSettings
 
 
 def batches(n: int, batch_size: int) -> Iterator[Tuple[int, int]]:
@@ -39,12 +40,17 @@ def input_gradient_norms(model: JEM, images: np.ndarray, *, batch_size: int = 25
     return np.concatenate([norms(tf.constant(images[a:b])).numpy() for a, b in batches(len(images), batch_size)])
 
 
-def refine_in_batches(model: JEM, images: np.ndarray, *, n_steps: int, seed: int = 0,
+def refine_in_batches(model: JEM, images: np.ndarray, *, n_steps: Optional[int] = None,
+                      settings: Optional[RefinementSettings] = None, seed: int = 0,
                       batch_size: int = 256) -> np.ndarray:
-    """:meth:`JEM.refine` over batches with one seed per batch (reproducible for a seed)."""
+    """:meth:`JEM.refine` over batches with one seed per batch (reproducible for a seed): ``settings``
+    (default the model's :attr:`~JEM.refinement_settings`), with ``n_steps`` steps when given."""
+    settings = model.refinement_settings if settings is None else settings
+    n_steps = settings.n_steps if n_steps is None else n_steps
     if n_steps == 0:
         return np.asarray(images, np.float32)
-    return np.concatenate([model.refine(images[a:b], n_steps=n_steps, seed=np.array([seed, a], np.int64))
+    return np.concatenate([model.refine(images[a:b], n_steps=n_steps, settings=settings,
+                                        seed=np.array([seed, a], np.int64))
                            for a, b in batches(len(images), batch_size)])
 
 

@@ -69,7 +69,7 @@ def evaluate_samples(model: JEM, *, out_dir: str, reference_images: np.ndarray, 
         x = model.sample(long_chain_num, seed=seed + 3, n_steps=0)
         snapshots, chain_energies = [x], [energies(predict_logits(model, x))]
         for i, (a, b) in enumerate(zip(checkpoints[:-1], checkpoints[1:])):
-            x = model.refine(x, n_steps=int(b - a), seed=np.array([seed + 3, i + 1], np.int64))
+            x = model.refine(x, n_steps=int(b - a), seed=np.array([seed + 3, i + 1], np.int64), settings="sampler")
             snapshots.append(x)
             chain_energies.append(energies(predict_logits(model, x)))
         # Rows = chains, columns = snapshots in step order.

@@ -15,10 +15,11 @@ import numpy as np
 from jem_tf.evaluation.classification import evaluate_accuracy, evaluate_calibration
 from jem_tf.evaluation.frechet import FeatureNetwork, evaluate_frechet
 from jem_tf.evaluation.ood import evaluate_ood
-from jem_tf.evaluation.robustness import DEFAULT_PGD_EPS, evaluate_robustness
+from jem_tf.evaluation.robustness import DEFAULT_EOT_SAMPLES, DEFAULT_PGD_EPS, evaluate_robustness
 from jem_tf.evaluation.samples import evaluate_samples
 from jem_tf.jem import JEM
 from jem_tf.ood import OODScorer
+from jem_tf.refinement import REFINEMENT_SOURCES, RefinementSettings, resolve_refinement
 
 MODES = ("accuracy", "calibration", "ood", "samples", "frechet", "robustness")
 DEFAULT_MODES = ("accuracy", "calibration", "ood", "samples")
@@ -36,7 +37,12 @@ class EvaluationConfig:
         input_noise_std: Gaussian noise std added to every evaluated input (0: inputs as given).
         num_bins: Calibration bins (mode ``calibration``).
         temperature_scaling: Fit a temperature on the validation data (mode ``calibration``).
-        refine_steps: Numbers of SGLD refinement steps before classifying (mode ``accuracy``).
+        refinement: Which refinement settings modes ``accuracy`` and ``robustness`` use (see
+            :func:`jem_tf.refinement.resolve_refinement`): ``"model"`` (the model's saved settings, else chosen
+            on the validation split), ``"choose"`` (chosen anew on the validation split) or ``"sampler"`` (the
+            training sampler's settings, the old behaviour).
+        refine_steps: Numbers of SGLD refinement steps before classifying (mode ``accuracy``); ``None``: the
+            refinement settings' number.
         sample_steps: SGLD steps of fresh chains (modes ``samples`` and ``frechet``).
         num_samples: Images per sample grid (mode ``samples``).
         long_chain_steps: Steps of the long chain (mode ``samples``; 0: none).
@@ -46,7 +52,9 @@ class EvaluationConfig:
         pgd_steps: Steps of each PGD attack (mode ``robustness``).
         robustness_examples: Test images attacked (mode ``robustness``).
         robustness_refine_steps: SGLD refinement steps of attacked images before classifying (mode
-            ``robustness``).
+            ``robustness``); ``None``: the refinement settings' number.
+        bpda_eot_samples: Noise draws averaged per step of the adaptive (BPDA) attack when the refinement
+            is random (mode ``robustness``).
         batch_size: Batch size of the forward and backward passes.
     """
 
@@ -55,7 +63,8 @@ class EvaluationConfig:
     input_noise_std: float = 0.0
     num_bins: int = 20
     temperature_scaling: bool = True
-    refine_steps: Sequence[int] = (10,)
+    refinement: str = "model"
+    refine_steps: Optional[Sequence[int]] = None
     sample_steps: int = 200
     num_samples: int = 64
     long_chain_steps: int = 1000
@@ -63,7 +72,8 @@ class EvaluationConfig:
     pgd_eps: Optional[Mapping[str, Sequence[float]]] = None
     pgd_steps: int = 20
     robustness_examples: int = 500
-    robustness_refine_steps: int = 10
+    robustness_refine_steps: Optional[int] = None
+    bpda_eot_samples: int = DEFAULT_EOT_SAMPLES
     batch_size: int = 256
 
     @classmethod
@@ -84,6 +94,8 @@ class EvaluationConfig:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             raise ValueError(f"`modes` must be a non-empty subset of {MODES}; received {list(self.modes)}")
+        if self.refinement not in REFINEMENT_SOURCES:
+            raise ValueError(f"`refinement` must be one of {REFINEMENT_SOURCES}; received {self.refinement!r}")
         if not self.input_noise_std >= 0:
             raise ValueError(f"`input_noise_std` must be >= 0; received {self.input_noise_std!r}")
         return self
@@ -105,13 +117,14 @@ class ModeContext:
     train_labels: Optional[np.ndarray]
     ood_sets: Mapping[str, np.ndarray]
     feature_network: Optional[FeatureNetwork]
+    refinement: RefinementSettings
     report: dict
 
 
 def _accuracy(run: ModeContext) -> dict:
     c = run.config
-    return evaluate_accuracy(run.model, run.test_images, run.test_labels, refine_steps=c.refine_steps, seed=c.seed,
-                             batch_size=c.batch_size)
+    return evaluate_accuracy(run.model, run.test_images, run.test_labels, refine_steps=c.refine_steps,
+                             refinement=run.refinement, seed=c.seed, batch_size=c.batch_size)
 
 
 def _calibration(run: ModeContext) -> dict:
@@ -154,8 +167,10 @@ def _frechet(run: ModeContext) -> dict:
 def _robustness(run: ModeContext) -> dict:
     c = run.config
     return evaluate_robustness(run.model, run.test_images, run.test_labels, eps=c.pgd_eps or DEFAULT_PGD_EPS,
-                               steps=c.pgd_steps, refine_steps=c.robustness_refine_steps,
-                               max_examples=c.robustness_examples, seed=c.seed, batch_size=c.batch_size)
+                               steps=c.pgd_steps,
+                               refinement=run.refinement.replace(n_steps=c.robustness_refine_steps),
+                               max_examples=c.robustness_examples, eot_samples=c.bpda_eot_samples, seed=c.seed,
+                               batch_size=c.batch_size)
 
 
 # Each mode's report section from its context; `evaluate` runs them in the order of MODES.
@@ -228,13 +243,20 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
                            "batch_size": config.batch_size, "num_test": int(len(test_labels)),
                            "value_range": list(model.value_range)},
               "timing_s": {}}
+    refinement = model.refinement_settings
+    if "accuracy" in config.modes or "robustness" in config.modes:
+        # Chosen on the validation split when the model has none saved (never on test images).
+        refinement = resolve_refinement(model, config.refinement, val_images=val_images, val_labels=val_labels,
+                                        seed=config.seed, batch_size=config.batch_size)
+        report["settings"]["refinement"] = refinement.describe()
     report["model"].update({"num_params": int(model.backbone.count_params()), "image_shape": list(model.image_shape),
                             "num_classes": model.num_classes, "px_weight": model.px_weight,
-                            "sampler": model.sampler.get_config()})
+                            "sampler": model.sampler.get_config(),
+                            "refinement": None if model.refinement is None else model.refinement.describe()})
     run = ModeContext(model=model, config=config, out_dir=out_dir, test_images=test_images, test_labels=test_labels,
                       val_images=val_images, val_labels=val_labels, train_images=train_images,
                       train_labels=train_labels, ood_sets=ood_sets,
-                      feature_network=feature_network, report=report)
+                      feature_network=feature_network, refinement=refinement, report=report)
     for mode in MODES:
         if mode not in config.modes:
             continue
@@ -278,7 +300,11 @@ def summary_lines(report: dict) -> List[str]:
         name = report["frechet"]["settings"]["metric_name"]
         lines.append(f"{name} " + "  ".join(f"{k} {v[name]:.3f}" for k, v in report["frechet"]["distances"].items()))
     if "robustness" in report:
-        lines.append("robust accuracy (plain / refined) " + "  ".join(
-            f"{k} {v['accuracy']:.3f}/{v['accuracy_refined']:.3f}" for k, v in report["robustness"].items()
-            if k != "settings"))
+        r = report["robustness"]["settings"]["refinement"]
+        lines.append(f"refinement: {r['n_steps']} steps, step {r['step_size']:g}, noise {r['noise_std']:g}, "
+                     f"grad clamp {r['grad_clamp']} ({r['source']})")
+        lines.append("robust accuracy (plain / refined, non-adaptive attack / refined, BPDA attack) " + "  ".join(
+            f"{k} {v['accuracy']:.3f}/{v['accuracy_refined']:.3f}"
+            + (f"/{v['accuracy_refined_bpda']:.3f}" if "accuracy_refined_bpda" in v else "")
+            for k, v in report["robustness"].items() if k != "settings"))
     return lines

@@ -1,0 +1,266 @@
+"""Test-time refinement of inputs (the paper's robustness defence): a few SGLD steps down the energy
+before classifying, with settings chosen for the model on its validation split.
+
+Refinement runs ``x <- clip(x - step_size * clamp(dE/dx, +-grad_clamp) + noise_std * N(0, I), value_range)``
+``n_steps`` times. The training sampler's settings (e.g. step 1.0 with a per-pixel clamp of 1: one step may
+move a pixel by half its range) are made for short negative chains, not for refining data: they can
+destroy clean accuracy. :func:`choose_refinement` picks settings on held-out *validation* images by one
+documented rule (:data:`RULE`), and the chosen :class:`RefinementSettings` are saved with the model
+(``JEM(refinement=...)``), which :meth:`jem_tf.JEM.refine`, ``python -m jem_tf.evaluate`` and the robustness
+mode use by default.
+
+The module sees a model only through ``model.logits(x, training=False)``, ``model.value_range`` and
+``model.refine`` (duck-typed), so :mod:`jem_tf.jem` can import it.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from jem_tf import energy as energy_lib
+from jem_tf import seeds
+from jem_tf.sgld import SGLDSampler
+
+RULE = ("rule v1: among the candidates (n_steps x step_size, fixed noise_std and grad_clamp) whose refined "
+        "validation accuracy is at least the plain validation accuracy minus `tolerance` and whose mean "
+        "validation energy is lower than the plain one, the largest total step budget n_steps * step_size "
+        "(ties: fewer steps); none qualifying: no refinement (0 steps)")
+# Step sizes multiply the (clamped) energy gradient, whose per-pixel size depends on the model (often
+# well under 1): the grid spans three decades; the accuracy test of the rule removes the harmful ones.
+DEFAULT_STEP_SIZES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+DEFAULT_N_STEPS = (1, 2, 5, 10, 20)
+
+
+@keras.saving.register_keras_serializable(package="jem_tf")
+class RefinementSettings:
+    """How a model refines its inputs: ``n_steps`` SGLD steps of ``step_size`` on the energy, with
+    per-pixel gradient clamp ``grad_clamp`` and noise ``noise_std``, images clipped to the value range.
+
+    Args:
+        n_steps: SGLD steps (0: no refinement, the identity). Default 10.
+        step_size: Coefficient on the (clamped) energy gradient. Default 0.01.
+        noise_std: Std of the Gaussian noise added at every step. Default 0.
+        grad_clamp: Per-pixel clamp of the gradient (``None``: none); with it and no noise, no pixel moves by
+            more than ``step_size * grad_clamp`` per step. Default 1.0.
+        source: Where the settings come from (a free-text record kept in reports), e.g. the rule and the
+            validation split they were chosen on. Default ``"manual"``.
+
+    Example:
+        >>> settings = RefinementSettings(n_steps=10, step_size=0.01)
+        >>> model.refinement = settings       # saved with the model
+        >>> refined = model.refine(images)    # uses them
+    """
+
+    def __init__(self, n_steps: int = 10, step_size: float = 0.01, noise_std: float = 0.0,
+                 grad_clamp: Optional[float] = 1.0, source: str = "manual"):
+        if not (isinstance(n_steps, (int, np.integer)) and not isinstance(n_steps, bool) and n_steps >= 0):
+            raise ValueError(f"`n_steps` must be an int >= 0; received n_steps={n_steps!r}")
+        if not (isinstance(step_size, (int, float)) and np.isfinite(step_size) and step_size > 0):
+            raise ValueError(f"`step_size` must be a finite number > 0; received step_size={step_size!r}")
+        if not (isinstance(noise_std, (int, float)) and np.isfinite(noise_std) and noise_std >= 0):
+            raise ValueError(f"`noise_std` must be a finite number >= 0; received noise_std={noise_std!r}")
+        if grad_clamp is not None and not (isinstance(grad_clamp, (int, float)) and grad_clamp > 0):
+            raise ValueError(f"`grad_clamp` must be None or > 0; received grad_clamp={grad_clamp!r}")
+        self.n_steps = int(n_steps)
+        self.step_size = float(step_size)
+        self.noise_std = float(noise_std)
+        self.grad_clamp = None if grad_clamp is None else float(grad_clamp)
+        self.source = str(source)
+        self._samplers = {}
+
+    @classmethod
+    def from_sampler(cls, sampler: SGLDSampler, *, n_steps: int = 10, source: str = "the training sampler"
+                     ) -> "RefinementSettings":
+        """The training sampler's step size, noise and gradient clamp (the behaviour before settings were chosen)."""
+        return cls(n_steps=n_steps, step_size=sampler.step_size, noise_std=sampler.noise_std,
+                   grad_clamp=sampler.grad_clamp, source=source)
+
+    @property
+    def is_random(self) -> bool:
+        """Whether refining draws noise (then an adaptive attack takes an expectation over it)."""
+        return self.n_steps > 0 and self.noise_std > 0
+
+    def replace(self, **changes) -> "RefinementSettings":
+        """A copy with ``changes`` (``n_steps``, ``step_size``, ``noise_std``, ``grad_clamp``, ``source``);
+        ``None`` values are ignored, except for ``grad_clamp``."""
+        config = self.get_config()
+        for name, value in changes.items():
+            if name not in config:
+                raise ValueError(f"Unknown refinement setting {name!r}; known: {', '.join(config)}")
+            if value is not None or name == "grad_clamp":
+                config[name] = value
+        return RefinementSettings(**config)
+
+    def sampler(self, value_range: Sequence[float]) -> SGLDSampler:
+        """The :class:`SGLDSampler` that runs these settings on images in ``value_range`` (built once)."""
+        key = tuple(float(v) for v in value_range)
+        if key not in self._samplers:
+            self._samplers[key] = SGLDSampler(step_size=self.step_size, noise_std=self.noise_std,
+                                              n_steps=max(1, self.n_steps), grad_clamp=self.grad_clamp,
+                                              clamp_range=key)
+        return self._samplers[key]
+
+    def describe(self) -> dict:
+        """The settings as a JSON-ready dict for reports."""
+        return self.get_config()
+
+    def get_config(self) -> dict:
+        return {"n_steps": self.n_steps, "step_size": self.step_size, "noise_std": self.noise_std,
+                "grad_clamp": self.grad_clamp, "source": self.source}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RefinementSettings":
+        return cls(**config)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RefinementSettings) and self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.get_config().items()))
+
+    def __repr__(self) -> str:
+        return "RefinementSettings(" + ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()) + ")"
+
+
+def refinement_fn(model, settings: RefinementSettings) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """``fn(x, seed) -> refined x``, a TensorFlow function of a batch (usable inside ``tf.function``, e.g. an
+    attack's graph) that equals ``model.refine(x, seed=seed, settings=settings)``: unconditional SGLD on
+    ``E(x) = -logsumexp_y f(x)[y]``. The result carries no gradient."""
+    if settings.n_steps == 0:
+        return lambda x, seed: x
+    sampler = settings.sampler(model.value_range)
+
+    def energy_fn(x):
+        # logits -> E(x) = -logsumexp_y f(x)[y], in inference mode.
+        return energy_lib.energy(model.logits(x, training=False))
+
+    def fn(x, seed):
+        return sampler.sample(energy_fn, x, seeds.fold(seeds.as_stateless_seed(seed), seeds.SAMPLE_SGLD),
+                              n_steps=settings.n_steps)[0]
+
+    return fn
+
+
+RefinementChoice = collections.namedtuple("RefinementChoice", ["settings", "candidates", "plain"])
+RefinementChoice.__doc__ = """What :func:`choose_refinement` returns: the chosen :class:`RefinementSettings`,
+the measured candidates (a list of dicts: n_steps, step_size, accuracy, energy_mean, qualifies) and the plain
+validation figures (accuracy, energy_mean, num_images)."""
+
+
+def _accuracy_and_energy(model, images, labels, batch_size):
+    logits = np.concatenate([model.logits(tf.constant(images[a:a + batch_size]), training=False).numpy()
+                             for a in range(0, len(images), batch_size)])
+    energies = -np.logaddexp.reduce(logits.astype(np.float64), axis=1)
+    return float((logits.argmax(1) == labels).mean()), float(energies.mean())
+
+
+def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
+                      step_sizes: Sequence[float] = DEFAULT_STEP_SIZES, n_steps: Sequence[int] = DEFAULT_N_STEPS,
+                      noise_std: float = 0.0, grad_clamp: Optional[float] = 1.0, tolerance: float = 0.005,
+                      max_images: int = 1000, seed: int = 0, batch_size: int = 256,
+                      split_name: str = "validation") -> RefinementChoice:
+    """Chooses refinement settings for ``model`` on held-out validation images by :data:`RULE`.
+
+    Every candidate ``(k, step_size)`` refines the first ``max_images`` validation images ``k`` steps; the
+    chosen settings keep refined validation accuracy within ``tolerance`` of the plain one while lowering
+    the mean energy, with the largest budget ``k * step_size``. Never pass test images: the choice is part
+    of the model.
+
+    Args:
+        model: A :class:`jem_tf.JEM` (anything with ``logits``, ``value_range`` and ``refine``).
+        val_images, val_labels: Validation images in the model's value range and their int labels.
+        step_sizes: Candidate step sizes (input units). Default :data:`DEFAULT_STEP_SIZES`.
+        n_steps: Candidate numbers of steps (each >= 1). Default :data:`DEFAULT_N_STEPS`.
+        noise_std: Noise of every candidate. Default 0 (then the longer candidates continue the shorter
+            ones exactly; with noise they continue them with fresh seeds).
+        grad_clamp: Per-pixel gradient clamp of every candidate. Default 1.0.
+        tolerance: Accuracy the refinement may cost, as a fraction (0.005 = half a point). Default 0.005.
+        max_images: Validation images used. Default 1000.
+        seed: Seed of the refinement noise. Default 0.
+        batch_size: Images refined at once. Default 256.
+        split_name: Name of the split recorded in the settings' ``source``. Default ``"validation"``.
+
+    Returns:
+        A :data:`RefinementChoice`.
+
+    Example:
+        >>> choice = choose_refinement(model, x_val, y_val)
+        >>> model.refinement = choice.settings
+    """
+    val_images = np.asarray(val_images, np.float32)[:max_images]
+    val_labels = np.asarray(val_labels).astype(np.int64)[:max_images]
+    if len(val_images) == 0 or val_labels.shape != (len(val_images),):
+        raise ValueError(f"`val_images` and `val_labels` must be N >= 1 images and N labels; received "
+                         f"{val_images.shape} and {val_labels.shape}")
+    if not step_sizes or any(not s > 0 for s in step_sizes):
+        raise ValueError(f"`step_sizes` must be numbers > 0; received {step_sizes!r}")
+    if not n_steps or any(not (isinstance(k, int) and k >= 1) for k in n_steps):
+        raise ValueError(f"`n_steps` must be ints >= 1; received {n_steps!r}")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"`tolerance` must be in [0, 1); received {tolerance!r}")
+    plain_accuracy, plain_energy = _accuracy_and_energy(model, val_images, val_labels, batch_size)
+    checkpoints = sorted(set(int(k) for k in n_steps))
+    candidates = []
+    for step_size in sorted(float(s) for s in step_sizes):
+        x, done = val_images, 0
+        for k in checkpoints:
+            segment = RefinementSettings(n_steps=k - done, step_size=step_size, noise_std=noise_std,
+                                         grad_clamp=grad_clamp)
+            x = np.concatenate([model.refine(x[a:a + batch_size], settings=segment,
+                                             seed=np.array([seed, k * 100_003 + a], np.int64))
+                                for a in range(0, len(x), batch_size)])
+            done = k
+            accuracy, energy_mean = _accuracy_and_energy(model, x, val_labels, batch_size)
+            qualifies = bool(accuracy >= plain_accuracy - tolerance and energy_mean < plain_energy)
+            candidates.append({"n_steps": k, "step_size": step_size, "accuracy": accuracy, "energy_mean": energy_mean,
+                               "qualifies": qualifies})
+    qualified = [c for c in candidates if c["qualifies"]]
+    plain = {"accuracy": plain_accuracy, "energy_mean": plain_energy, "num_images": int(len(val_images))}
+    where = f"{len(val_images)} {split_name} images"
+    if not qualified:
+        settings = RefinementSettings(n_steps=0, step_size=min(step_sizes), noise_std=noise_std, grad_clamp=grad_clamp,
+                                      source=f"chosen on {where} by rule v1: no candidate qualified")
+        return RefinementChoice(settings, candidates, plain)
+    best = max(qualified, key=lambda c: (c["n_steps"] * c["step_size"], -c["n_steps"]))
+    settings = RefinementSettings(
+        n_steps=best["n_steps"], step_size=best["step_size"], noise_std=noise_std, grad_clamp=grad_clamp,
+        source=(f"chosen on {where} by rule v1 (tolerance {tolerance:g}): validation accuracy "
+                f"{plain_accuracy:.4f} -> {best['accuracy']:.4f}, mean energy {plain_energy:.3f} -> "
+                f"{best['energy_mean']:.3f}"))
+    return RefinementChoice(settings, candidates, plain)
+
+
+REFINEMENT_SOURCES = ("model", "choose", "sampler")
+
+
+def resolve_refinement(model, source: str = "model", *, val_images: Optional[np.ndarray] = None,
+                       val_labels: Optional[np.ndarray] = None, seed: int = 0,
+                       batch_size: int = 256) -> RefinementSettings:
+    """The refinement settings an evaluation uses.
+
+    Args:
+        model: A :class:`jem_tf.JEM`.
+        source: ``"model"`` (default: the settings saved with the model; when it has none and validation data
+            is given, chosen on it by :func:`choose_refinement`; else the training sampler's), ``"choose"``
+            (chosen anew on the validation data, which is then required) or ``"sampler"`` (the training
+            sampler's step size, noise and clamp with 10 steps: the behaviour before settings were chosen).
+        val_images, val_labels: The validation split (never test images).
+        seed, batch_size: Of :func:`choose_refinement`.
+    """
+    if source not in REFINEMENT_SOURCES:
+        raise ValueError(f"`refinement` must be one of {REFINEMENT_SOURCES}; received {source!r}")
+    has_validation = val_images is not None and len(val_images) > 0
+    if source == "sampler":
+        return RefinementSettings.from_sampler(model.sampler, source="the training sampler's settings (requested)")
+    if source == "model" and model.refinement is not None:
+        return model.refinement
+    if has_validation:
+        return choose_refinement(model, val_images, val_labels, seed=seed, batch_size=batch_size).settings
+    if source == "choose":
+        raise ValueError("refinement='choose' needs a validation split (refinement is never chosen on test data)")
+    return model.refinement_settings

@@ -1,0 +1,144 @@
+"""Test-time refinement: a descent on the energy that stays in the value range and is seeded; the settings
+are chosen on validation data by the documented rule and saved with the model; BPDA through an identity
+refinement is the plain attack."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_jem
+from jem_tf import evaluation as ev
+from jem_tf import refinement as refinement_lib
+from jem_tf.attacks import PGD
+from jem_tf.refinement import RefinementSettings, choose_refinement, refinement_fn
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny JEM trained on separable 8x8 data, with validation and test splits."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200).astype("int32")
+    x = np.clip(rng.uniform(-1, 1, (200, 8, 8, 1)) * 0.3 + (y[:, None, None, None] - 1) * 0.6, -1, 1)
+    x = x.astype("float32")
+    model = tiny_jem()
+    model.fit(x[:120], y[:120], batch_size=32, epochs=3, verbose=0)
+    return model, (x[120:160], y[120:160]), (x[160:], y[160:])
+
+
+def test_refinement_raises_log_px_on_average_and_stays_in_range(trained):
+    model, _, (x_test, _) = trained
+    settings = RefinementSettings(n_steps=5, step_size=0.01, noise_std=0.0, grad_clamp=1.0)
+    refined = model.refine(x_test, settings=settings, seed=0)
+    # A descent on E(x) = -log p(x) (up to log Z): the mean log p(x) never goes down.
+    assert model.log_px(refined).mean() >= model.log_px(x_test).mean()
+    assert not np.array_equal(refined, x_test)
+    # With noise and a large step, images still stay in the value range.
+    wild = model.refine(x_test, settings=RefinementSettings(n_steps=5, step_size=1.0, noise_std=0.5), seed=0)
+    low, high = model.value_range
+    assert wild.min() >= low and wild.max() <= high
+
+
+def test_refinement_is_seeded(trained):
+    model, _, (x_test, _) = trained
+    settings = RefinementSettings(n_steps=3, step_size=0.01, noise_std=0.05)
+    a = model.refine(x_test[:8], settings=settings, seed=4)
+    assert np.array_equal(a, model.refine(x_test[:8], settings=settings, seed=4))
+    assert not np.array_equal(a, model.refine(x_test[:8], settings=settings, seed=5))
+    # The graph version (used inside attacks) is the same function of (images, seed).
+    graph = refinement_fn(model, settings)(tf.constant(x_test[:8]), tf.constant([4, 0], tf.int64)).numpy()
+    np.testing.assert_allclose(graph, a, atol=1e-6)
+
+
+def test_model_uses_its_refinement_by_default_and_round_trips_through_keras(trained, tmp_path):
+    model, _, (x_test, _) = trained
+    chosen = RefinementSettings(n_steps=4, step_size=0.02, noise_std=0.0, grad_clamp=0.5, source="test")
+    clone = tiny_jem(refinement=chosen)
+    clone.set_weights(model.get_weights())
+    assert clone.refinement_settings is chosen
+    assert np.array_equal(clone.refine(x_test[:5], seed=1), model.refine(x_test[:5], settings=chosen, seed=1))
+    path = str(tmp_path / "refined.keras")
+    clone.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.refinement == chosen and loaded.refinement.source == "test"
+    assert np.array_equal(loaded.refine(x_test[:5], seed=1), clone.refine(x_test[:5], seed=1))
+    # Without chosen settings the model falls back to the training sampler's, and says so.
+    assert model.refinement is None and "training sampler" in model.refinement_settings.source
+
+
+def test_choice_follows_the_rule_on_validation_data(trained):
+    model, (x_val, y_val), _ = trained
+    choice = choose_refinement(model, x_val, y_val, step_sizes=(0.005, 0.05), n_steps=(1, 4), tolerance=0.01)
+    assert len(choice.candidates) == 4 and choice.plain["num_images"] == len(x_val)
+    for c in choice.candidates:
+        assert c["qualifies"] == (c["accuracy"] >= choice.plain["accuracy"] - 0.01
+                                  and c["energy_mean"] < choice.plain["energy_mean"])
+    qualified = [c for c in choice.candidates if c["qualifies"]]
+    assert qualified, choice.candidates
+    best = max(qualified, key=lambda c: c["n_steps"] * c["step_size"])
+    assert (choice.settings.n_steps, choice.settings.step_size) == (best["n_steps"], best["step_size"])
+    assert "validation" in choice.settings.source
+
+
+def test_evaluation_chooses_refinement_on_validation_never_test(trained, tmp_path, monkeypatch):
+    model, (x_val, y_val), (x_test, y_test) = trained
+    seen = []
+    real = refinement_lib.choose_refinement
+
+    def spy(model, images, labels, **kwargs):
+        seen.append(np.array(images))
+        return real(model, images, labels, step_sizes=(0.01,), n_steps=(2,), **kwargs)
+
+    monkeypatch.setattr(refinement_lib, "choose_refinement", spy)
+    report = ev.evaluate(model, test_images=x_test, test_labels=y_test, out_dir=str(tmp_path),
+                         modes=("accuracy", "robustness"), val_images=x_val, val_labels=y_val,
+                         pgd_eps={"linf": (0.05,)}, pgd_steps=2, robustness_examples=8, batch_size=32)
+    assert len(seen) == 1 and np.array_equal(seen[0], x_val)
+    used = report["settings"]["refinement"]
+    assert report["robustness"]["settings"]["refinement"] == used == report["accuracy"]["settings"]["refinement"]
+    assert "validation" in used["source"]
+    assert set(report["robustness"]["linf_eps_0.05"]) >= {"accuracy", "accuracy_refined", "accuracy_refined_bpda"}
+    # No validation split: nothing is chosen (the test split is never used for it).
+    ev.evaluate(model, test_images=x_test, test_labels=y_test, out_dir=str(tmp_path / "b"), modes=("accuracy",),
+                batch_size=32)
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match="validation"):
+        ev.evaluate(model, test_images=x_test, test_labels=y_test, out_dir=str(tmp_path / "c"), modes=("accuracy",),
+                    refinement="choose")
+
+
+def test_bpda_through_identity_refinement_is_the_plain_attack(trained):
+    model, _, (x_test, y_test) = trained
+
+    def logits_fn(x):
+        return model.logits(x, training=False)
+
+    identity = refinement_fn(model, RefinementSettings(n_steps=0))
+    for norm, eps in (("linf", 0.1), ("l2", 0.5)):
+        plain = PGD(logits_fn, image_shape=model.image_shape, norm=norm, steps=3)(x_test, y_test, eps=eps, seed=2)
+        bpda = PGD(logits_fn, image_shape=model.image_shape, norm=norm, steps=3, preprocess=identity,
+                   eot_samples=2)(x_test, y_test, eps=eps, seed=2)
+        np.testing.assert_array_equal(bpda, plain)
+    # Through a noisy refinement the attack differs, stays in its budget and is seeded.
+    noisy = refinement_fn(model, RefinementSettings(n_steps=2, step_size=0.01, noise_std=0.05))
+    attack = PGD(logits_fn, image_shape=model.image_shape, norm="linf", steps=3, preprocess=noisy, eot_samples=2)
+    a = attack(x_test[:10], y_test[:10], eps=0.1, seed=2)
+    assert np.array_equal(a, attack(x_test[:10], y_test[:10], eps=0.1, seed=2))
+    assert np.abs(a - x_test[:10]).max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("kwargs, name", [({"n_steps": -1}, "n_steps"), ({"step_size": 0.0}, "step_size"),
+                                          ({"noise_std": -0.1}, "noise_std"), ({"grad_clamp": 0}, "grad_clamp")])
+def test_bad_settings_raise_naming_the_value(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        RefinementSettings(**kwargs)
+
+
+def test_bad_choice_arguments_raise(trained):
+    model, (x_val, y_val), _ = trained
+    with pytest.raises(ValueError, match="n_steps"):
+        choose_refinement(model, x_val, y_val, n_steps=(0,))
+    with pytest.raises(ValueError, match="val_labels"):
+        choose_refinement(model, x_val, y_val[:3])
+    with pytest.raises(ValueError, match="sampler"):
+        model.refine(x_val[:2], settings="sgld")
