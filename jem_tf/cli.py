@@ -83,6 +83,11 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
         config = config_lib.load_recipe(args.recipe)
         overrides = {name: getattr(args, name) for name in config_lib.field_names()
                      if getattr(args, name) is not None}
+        if (overrides.get("chain_init", config.chain_init) != "class_gaussian"
+                and "chain_init_uniform_fraction" not in overrides):
+            # The recipe's share of uniform-noise starts among class-Gaussian ones: moot once every start is
+            # uniform noise (e.g. `--recipe digits --chain-init uniform`).
+            overrides["chain_init_uniform_fraction"] = 0.0
         return config.replace(**overrides).validate()
     except ValueError as error:
         parser.error(str(error))

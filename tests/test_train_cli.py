@@ -87,6 +87,16 @@ def test_overrides_and_types():
     assert config.learning_rate == 2e-4 and workdir == "runs/digits" and verbose == "auto"
 
 
+def test_chain_init_uniform_on_a_recipe_with_uniform_starts():
+    # The digits recipe starts 10 % of its class-Gaussian chains from noise; with --chain-init uniform every
+    # chain does, so the recipe's share no longer applies (an explicit one is still checked).
+    assert train.parse_config([])[0].chain_init_uniform_fraction == 0.1
+    config = train.parse_config(["--chain-init", "uniform"])[0]
+    assert config.chain_init == "uniform" and config.chain_init_uniform_fraction == 0.0
+    with pytest.raises(SystemExit):
+        train.parse_config(["--chain-init", "uniform", "--chain-init-uniform-fraction", "0.2"])
+
+
 def test_tiny_fast_jem_run_end_to_end(tmp_path, capsys):
     """Class-Gaussian starts, proximal SGLD and precision auto through the CLI; the Gaussians are saved with
     the final model and the checkpoints, and the probe's choice is logged and recorded."""
