@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import hashlib  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -38,3 +40,40 @@ def tiny_jem(num_classes=3, seed=0, **kwargs):
     model = JEM(backbone, seed=seed, **kwargs)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     return model
+
+
+# ------------------------------------------------------------------ the training CLI on tiny runs
+# A one-epoch digits run of a tiny network: what the work-directory and reliability tests train.
+TINY_TRAIN_ARGS = ["--epochs", "1", "--buffer-size", "100", "--sgld-steps", "1", "--width", "4", "--batch-size",
+                   "256", "--precision", "float32", "--verbose", "0"]
+CLI_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def cli_error_line(result):
+    """The one error line a failing command prints (TensorFlow's start-up chatter is filtered out)."""
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def file_snapshot(directory):
+    """{relative path: sha256} of every file below ``directory`` (links: their target's name)."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, directory)] = (
+                "link:" + os.readlink(path) if os.path.islink(path)
+                else hashlib.sha256(open(path, "rb").read()).hexdigest())
+    return out
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished tiny training run; tests copy it before touching it."""
+    from jem_tf import train
+
+    workdir = str(tmp_path_factory.mktemp("finished") / "run")
+    assert train.main(TINY_TRAIN_ARGS + ["--workdir", workdir]) == 0
+    return workdir
+

@@ -2,7 +2,6 @@
 hostile data and recipe files, Ctrl-C, a full disk and --overwrite across links. CLI cases run as subprocesses
 and check the exit code, the single message line and that the files are unchanged where nothing may change."""
 
-import hashlib
 import io
 import json
 import os
@@ -16,45 +15,15 @@ import zipfile
 import numpy as np
 import pytest
 
+from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, file_snapshot
 from jem_tf.run import RunLayout, WorkdirBusy, WorkdirLock
 
-TINY = ["--epochs", "1", "--buffer-size", "100", "--sgld-steps", "1", "--width", "4", "--batch-size", "256",
-        "--precision", "float32", "--verbose", "0"]
 UNIFORM = ["--chain-init", "uniform", "--chain-init-uniform-fraction", "0"]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def _cli(*argv, timeout=600):
     return subprocess.run([sys.executable, "-m", "jem_tf.train", *argv], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-
-
-def _error_line(result):
-    """The one error line a failing command prints (TensorFlow's start-up chatter is filtered out)."""
-    lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1, result.stderr[-2000:]
-    return lines[0]
-
-
-def _snapshot(directory):
-    """{relative path: sha256} of every file below ``directory`` (links: their target's name)."""
-    out = {}
-    for root, dirs, files in os.walk(directory):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, directory)] = (
-                "link:" + os.readlink(path) if os.path.islink(path)
-                else hashlib.sha256(open(path, "rb").read()).hexdigest())
-    return out
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from jem_tf import train
-
-    workdir = str(tmp_path_factory.mktemp("finished") / "run")
-    assert train.main(TINY + ["--workdir", workdir]) == 0
-    return workdir
+                          timeout=timeout, env=CLI_ENV)
 
 
 @pytest.fixture
@@ -83,12 +52,12 @@ def _npz(path, y_train, y_test, image_shape=(8, 8)):
 
 # ---------------------------------------------------------------------------- 6, 8: checks before writes
 def test_resume_with_fewer_epochs_than_done_is_refused_before_any_write(interrupted_run):
-    before = _snapshot(interrupted_run)
-    result = _cli(*TINY, "--workdir", interrupted_run)  # --epochs 1, 2 done
+    before = file_snapshot(interrupted_run)
+    result = _cli(*TINY_TRAIN_ARGS, "--workdir", interrupted_run)  # --epochs 1, 2 done
     assert result.returncode == 2
-    line = _error_line(result)
+    line = cli_error_line(result)
     assert "2 epoch(s) done; --epochs 1 is fewer" in line and "--epochs 2 or more" in line, line
-    assert _snapshot(interrupted_run) == before  # config.json is not rewritten
+    assert file_snapshot(interrupted_run) == before  # config.json is not rewritten
 
 
 @pytest.mark.parametrize("case", ["single_class_uniform", "single_class_default_recipe", "absent_class",
@@ -97,25 +66,25 @@ def test_data_problems_are_one_line_errors_before_the_work_directory_is_written(
     workdir = tmp_path / "new"
     if case.startswith("single_class"):  # labels all 3: a "4-class" model of one class
         data = _npz(tmp_path / "one.npz", [3] * 40, [3] * 10)
-        argv = ([*TINY, "--dataset", data, *UNIFORM] if case.endswith("uniform")
+        argv = ([*TINY_TRAIN_ARGS, "--dataset", data, *UNIFORM] if case.endswith("uniform")
                 else ["--dataset", data, "--epochs", "1", "--verbose", "0"])  # the digits recipe's class Gaussians
         expected = ("the training split (after the validation split) has images of 1 class(es) (3); a JEM needs at "
                     "least 2")
     elif case == "absent_class":  # class 1 only in the test split
         data = _npz(tmp_path / "gap.npz", [0, 2] * 20, [0, 1, 2] * 4)
-        argv = [*TINY, "--dataset", data, *UNIFORM]
+        argv = [*TINY_TRAIN_ARGS, "--dataset", data, *UNIFORM]
         expected = "class(es) 1 of 3 (class ids 0..the largest label) have no images in the training split"
     elif case == "five_images":
         data = _npz(tmp_path / "five.npz", [0, 1, 2, 0, 1], [0, 1, 2])
-        argv = [*TINY, "--dataset", data]
+        argv = [*TINY_TRAIN_ARGS, "--dataset", data]
         expected = (f"Dataset {data!r}: cannot split off the validation split (validation_fraction=0.1): class 2 "
                     "has 1 image (of 5)")
     else:  # 14 training images of 10 digits: a class Gaussian of one image
-        argv = [*TINY, "--validation-fraction", "0.99", "--chain-init", "class_gaussian"]
+        argv = [*TINY_TRAIN_ARGS, "--validation-fraction", "0.99", "--chain-init", "class_gaussian"]
         expected = "Every class needs at least 2 images to fit its Gaussian"
     result = _cli(*argv, "--workdir", str(workdir))
     assert result.returncode == 2, result.stderr[-2000:]
-    assert expected in _error_line(result), _error_line(result)
+    assert expected in cli_error_line(result), cli_error_line(result)
     assert not workdir.exists()
 
 
@@ -148,7 +117,7 @@ def test_recipes_that_are_not_regular_files_or_too_big(kind, tmp_path):
             f.truncate(1 << 30)  # 1 GiB (sparse): refused by its size, never read
     result = _cli("--recipe", recipe, "--workdir", str(tmp_path / "new"), timeout=120)
     assert result.returncode == 2
-    line = _error_line(result)
+    line = cli_error_line(result)
     if kind == "huge":
         assert f"Recipe {recipe!r} is 1,073,741,824 bytes, more than a recipe's limit of 1,048,576" in line, line
     else:
@@ -187,8 +156,8 @@ def test_npz_headers_that_claim_more_than_the_file_holds_are_refused_before_allo
                                          r"shape \(1000000000, 8, 8\) of uint8, 64,000,000,000 bytes, but the file "
                                          r"holds 640 bytes of it\)"):
         load_npz_dataset(path)
-    result = _cli(*TINY, "--dataset", path, "--workdir", str(tmp_path / "new"), timeout=120)
-    assert result.returncode == 2 and "64,000,000,000 bytes, but the file holds 640" in _error_line(result)
+    result = _cli(*TINY_TRAIN_ARGS, "--dataset", path, "--workdir", str(tmp_path / "new"), timeout=120)
+    assert result.returncode == 2 and "64,000,000,000 bytes, but the file holds 640" in cli_error_line(result)
     assert not (tmp_path / "new").exists()
     # A zip directory entry claiming more than its compressed bytes can hold is refused too.
     honest = tmp_path / "honest.npz"
@@ -209,7 +178,7 @@ time.sleep(float(sys.argv[2]))
 
 def _hold_lock(workdir, seconds=600):
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, workdir, str(seconds)], stdout=subprocess.PIPE,
-                              text=True, env=ENV)
+                              text=True, env=CLI_ENV)
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -217,14 +186,14 @@ def _hold_lock(workdir, seconds=600):
 def test_a_live_lock_is_reported_before_any_other_check(interrupted_run):
     holder = _hold_lock(interrupted_run)
     try:
-        before = _snapshot(interrupted_run)
+        before = file_snapshot(interrupted_run)
         # Other settings than the backup's (buffer_size): the busy directory is what must be reported.
-        result = _cli(*[a if a != "100" else "200" for a in TINY], "--epochs", "3", "--workdir", interrupted_run)
+        result = _cli(*[a if a != "100" else "200" for a in TINY_TRAIN_ARGS], "--epochs", "3", "--workdir", interrupted_run)
         assert result.returncode == 2
-        line = _error_line(result)
+        line = cli_error_line(result)
         assert f"is in use by process {holder.pid} on {os.uname().nodename}" in line, line
         assert "interrupted run" not in line
-        assert _snapshot(interrupted_run) == before
+        assert file_snapshot(interrupted_run) == before
     finally:
         holder.kill()
         holder.wait()
@@ -279,7 +248,7 @@ def test_two_processes_taking_over_the_same_stale_lock_never_both_hold_it(tmp_pa
     json.dump({"pid": 999999999, "host": os.uname().nodename}, open(layout.lock, "w"))  # stale
     go = str(tmp_path / "go")
     racers = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), go], stdout=subprocess.PIPE, text=True,
-                               env=ENV) for _ in range(3)]
+                               env=CLI_ENV) for _ in range(3)]
     deadline = time.time() + 120
     while sum(name.startswith("go.ready.") for name in os.listdir(tmp_path)) < len(racers):  # all imported
         assert time.time() < deadline
@@ -296,7 +265,7 @@ UNTIL_EVENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"
 def _start_until_event(event, when, *argv):
     """A training that stops at ``when`` (see helpers/train_until_event.py), signals ``event`` and waits there."""
     run = subprocess.Popen([sys.executable, UNTIL_EVENT, str(event), when, *argv], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=ENV)
+                           stderr=subprocess.PIPE, text=True, env=CLI_ENV)
     deadline = time.time() + 300
     while not os.path.exists(event):
         if run.poll() is not None or time.time() > deadline:
@@ -315,7 +284,7 @@ def _leftovers(workdir):
 
 def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path):
     workdir = str(tmp_path / "run")
-    argv = [*TINY, "--epochs", "2", "--workdir", workdir]
+    argv = [*TINY_TRAIN_ARGS, "--epochs", "2", "--workdir", workdir]
     run = _start_until_event(tmp_path / "event", "batch:1:2", *argv)  # mid-epoch 2 (of 6 batches)
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=120)
@@ -345,7 +314,7 @@ def test_overwrite_never_follows_a_link_out_of_the_work_directory(run_copy, tmp_
     layout = RunLayout(run_copy)
     shutil.rmtree(layout.logs)
     os.symlink(str(outside), layout.logs)
-    result = _cli(*TINY, "--workdir", run_copy, "--overwrite")
+    result = _cli(*TINY_TRAIN_ARGS, "--workdir", run_copy, "--overwrite")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (outside / "keep.txt").read_text() == "not the run's" and os.listdir(outside) == ["keep.txt"]
     assert os.path.isdir(layout.logs) and not os.path.islink(layout.logs) and not _leftovers(run_copy)
@@ -385,12 +354,12 @@ def test_overwrite_that_fails_half_way_deletes_nothing(run_copy):
         for name in os.listdir(saved):
             shutil.copy(os.path.join(saved, name), layout.checkpoints)
         shutil.rmtree(saved)
-        before = _snapshot(run_copy)
-        result = _cli(*TINY, "--workdir", run_copy, "--overwrite")
+        before = file_snapshot(run_copy)
+        result = _cli(*TINY_TRAIN_ARGS, "--workdir", run_copy, "--overwrite")
         assert result.returncode == 2
-        line = _error_line(result)
+        line = cli_error_line(result)
         assert f"--overwrite cannot remove {layout.checkpoints}" in line and "nothing was deleted" in line, line
-        assert _snapshot(run_copy) == before and not _leftovers(run_copy)
+        assert file_snapshot(run_copy) == before and not _leftovers(run_copy)
     finally:
         _umount(layout.checkpoints)
 
@@ -401,7 +370,7 @@ def test_a_full_disk_is_one_line_keeps_the_last_good_backup_and_the_rerun_comple
     _mount_tmpfs(disk, "64m")
     try:
         workdir = str(disk / "run")
-        argv = [*TINY, "--epochs", "3", "--workdir", workdir]
+        argv = [*TINY_TRAIN_ARGS, "--epochs", "3", "--workdir", workdir]
         event = tmp_path / "event"
         run = _start_until_event(event, "batch:1:5", *argv)  # epoch 1 backed up; the last batch of epoch 2
         filler = disk / "filler"
@@ -504,7 +473,7 @@ def test_train_on_batch_and_fit_on_tensors_are_checked_under_xla_as_without(tiny
 # ---------------------------------------------------------------- 13: kills that land where they are meant to
 def test_a_kill_of_the_real_writer_during_the_final_save_loses_nothing(tmp_path):
     workdir = str(tmp_path / "run")
-    argv = [*TINY, "--epochs", "2", "--workdir", workdir]
+    argv = [*TINY_TRAIN_ARGS, "--epochs", "2", "--workdir", workdir]
     run = _start_until_event(tmp_path / "event", "final-save", *argv)  # model.keras written, not yet renamed
     layout = RunLayout(workdir)
     partial = [name for name in os.listdir(workdir) if name.startswith(".model.keras.tmp-")]

@@ -2,7 +2,6 @@
 directories that hold runs, with hostile paths, recipes and values. CLI cases run as subprocesses and check
 the exit code, the single message line, and that the directory's files are byte-identical afterwards."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,42 +10,14 @@ import sys
 
 import pytest
 
+from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, file_snapshot
 from jem_tf.run import RunLayout
 
-TINY = ["--epochs", "1", "--buffer-size", "100", "--sgld-steps", "1", "--width", "4", "--batch-size", "256",
-        "--precision", "float32", "--verbose", "0"]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def _cli(module, *argv, cwd=None):
     return subprocess.run([sys.executable, "-m", f"jem_tf.{module}", *argv], capture_output=True, text=True,
-                          timeout=600, env=ENV, cwd=cwd)
-
-
-def _error_line(result):
-    """The one error line a failing command prints (TensorFlow's start-up chatter is filtered out)."""
-    lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1, result.stderr[-2000:]
-    return lines[0]
-
-
-def _snapshot(directory):
-    """{relative path: sha256} of every file below ``directory``."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, directory)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from jem_tf import train
-
-    workdir = str(tmp_path_factory.mktemp("finished") / "run")
-    assert train.main(TINY + ["--workdir", workdir]) == 0
-    return workdir
+                          timeout=600, env=CLI_ENV, cwd=cwd)
 
 
 @pytest.fixture
@@ -57,15 +28,15 @@ def run_copy(finished_run, tmp_path):
 
 
 def test_a_finished_run_is_never_overwritten_without_overwrite(run_copy):
-    before = _snapshot(run_copy)
-    result = _cli("train", *TINY, "--workdir", run_copy)
+    before = file_snapshot(run_copy)
+    result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", run_copy)
     assert result.returncode == 2
-    assert "holds a finished run" in _error_line(result) and "--overwrite" in _error_line(result)
-    assert _snapshot(run_copy) == before
+    assert "holds a finished run" in cli_error_line(result) and "--overwrite" in cli_error_line(result)
+    assert file_snapshot(run_copy) == before
     # With --overwrite the old run's files are replaced, and no stale checkpoint outranks the new ones.
     checkpoints = RunLayout(run_copy).checkpoints
     open(os.path.join(checkpoints, "epoch_0060.keras"), "wb").write(b"an old run's checkpoint")
-    result = _cli("train", *TINY, "--workdir", run_copy, "--overwrite")
+    result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", run_copy, "--overwrite")
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(os.listdir(checkpoints)) == ["epoch_0001.keras"]
     assert not os.path.exists(RunLayout(run_copy).backup) and not os.path.exists(RunLayout(run_copy).lock)
@@ -78,8 +49,8 @@ def test_a_finished_run_is_never_overwritten_without_overwrite(run_copy):
     (["--epochs", "1.5"], "--epochs: invalid int value"),
 ])
 def test_bad_values_are_one_line_errors_before_anything_is_written(argv, message, tmp_path):
-    result = _cli("train", *TINY, "--workdir", str(tmp_path / "new"), *argv)
-    assert result.returncode == 2 and message in _error_line(result)
+    result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", str(tmp_path / "new"), *argv)
+    assert result.returncode == 2 and message in cli_error_line(result)
     assert not os.path.exists(tmp_path / "new") and os.listdir(tmp_path) == []
 
 
@@ -91,25 +62,25 @@ def test_recipe_fields_of_the_wrong_type(value, message, tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text('{"epochs": %s}' % value)
     result = _cli("train", "--recipe", str(recipe), "--workdir", str(tmp_path / "new"))
-    assert result.returncode == 2 and message in _error_line(result)
+    assert result.returncode == 2 and message in cli_error_line(result)
     assert not os.path.exists(tmp_path / "new")
 
 
 def test_paths_that_are_files_or_directories_in_the_wrong_place(tmp_path, finished_run):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
-    result = _cli("train", *TINY, "--workdir", str(a_file))
-    assert result.returncode == 2 and "is a file, not a directory" in _error_line(result)
+    result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", str(a_file))
+    assert result.returncode == 2 and "is a file, not a directory" in cli_error_line(result)
     # --export-dir that is a file: refused before training, not after it.
-    result = _cli("train", *TINY, "--workdir", str(tmp_path / "new"), "--export-dir", str(a_file))
-    assert result.returncode == 2 and "--export-dir" in _error_line(result)
+    result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", str(tmp_path / "new"), "--export-dir", str(a_file))
+    assert result.returncode == 2 and "--export-dir" in cli_error_line(result)
     assert not os.path.exists(tmp_path / "new")
     result = _cli("export", "--model", finished_run, "--export-dir", str(a_file))
-    assert result.returncode == 2 and "--export-dir" in _error_line(result) and "is a file" in _error_line(result)
+    assert result.returncode == 2 and "--export-dir" in cli_error_line(result) and "is a file" in cli_error_line(result)
     result = _cli("evaluate", "--model", finished_run, "--out", str(a_file), "--modes", "accuracy")
-    assert result.returncode == 2 and "--out" in _error_line(result) and a_file.read_text() == "not a directory"
+    assert result.returncode == 2 and "--out" in cli_error_line(result) and a_file.read_text() == "not a directory"
     result = _cli("train", "--recipe", str(tmp_path), "--workdir", str(tmp_path / "new"))
-    assert result.returncode == 2 and "is a directory, not a JSON file" in _error_line(result)
+    assert result.returncode == 2 and "is a directory, not a JSON file" in cli_error_line(result)
 
 
 def test_resume_with_settings_that_do_not_fit_the_backup_is_refused(run_copy):
@@ -117,11 +88,11 @@ def test_resume_with_settings_that_do_not_fit_the_backup_is_refused(run_copy):
     # An interrupted run: its backup is what a resume would load.
     os.makedirs(os.path.join(layout.backup, "epoch_0001"))
     open(os.path.join(layout.backup, "epoch_0001", "state.weights.h5"), "wb").write(b"state")
-    before = _snapshot(run_copy)
-    result = _cli("train", *[a if a != "100" else "200" for a in TINY], "--workdir", run_copy)
+    before = file_snapshot(run_copy)
+    result = _cli("train", *[a if a != "100" else "200" for a in TINY_TRAIN_ARGS], "--workdir", run_copy)
     assert result.returncode == 2
-    assert "buffer_size: 100 -> 200" in _error_line(result) and "--overwrite" in _error_line(result)
-    assert _snapshot(run_copy) == before
+    assert "buffer_size: 100 -> 200" in cli_error_line(result) and "--overwrite" in cli_error_line(result)
+    assert file_snapshot(run_copy) == before
 
 
 def test_a_work_directory_in_use_is_refused_naming_the_process(run_copy, tmp_path):
@@ -133,15 +104,15 @@ def test_a_work_directory_in_use_is_refused_naming_the_process(run_copy, tmp_pat
     try:
         with open(layout.lock, "w") as f:
             json.dump({"pid": sleeper.pid, "host": os.uname().nodename, "started_unix": 0}, f)
-        before = _snapshot(run_copy)
-        result = _cli("train", *TINY, "--workdir", run_copy)
-        assert result.returncode == 2 and f"in use by process {sleeper.pid}" in _error_line(result)
-        assert _snapshot(run_copy) == before
+        before = file_snapshot(run_copy)
+        result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", run_copy)
+        assert result.returncode == 2 and f"in use by process {sleeper.pid}" in cli_error_line(result)
+        assert file_snapshot(run_copy) == before
     finally:
         sleeper.kill()
         sleeper.wait()
     # The holder is gone: the lock is stale and the run goes ahead.
-    result = _cli("train", *TINY, "--workdir", run_copy)
+    result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", run_copy)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stale lock" in result.stdout and not os.path.exists(layout.lock)
 
@@ -154,13 +125,13 @@ def test_misleading_messages_now_name_the_real_problem(run_copy, tmp_path):
     data = open(layout.model, "rb").read()
     open(layout.model, "wb").write(data[: len(data) // 3])
     result = _cli("export", "--model", run_copy, "--export-dir", str(tmp_path / "served"))
-    assert result.returncode == 2 and "not a .keras archive (truncated or corrupt" in _error_line(result)
+    assert result.returncode == 2 and "not a .keras archive (truncated or corrupt" in cli_error_line(result)
     open(layout.model, "wb").write(data)
     open(layout.config, "w").write("{ junk")
     result = _cli("evaluate", "--model", run_copy, "--out", str(tmp_path / "eval"), "--modes", "accuracy")
-    assert result.returncode == 2 and f"{layout.config} is not a valid run config" in _error_line(result)
+    assert result.returncode == 2 and f"{layout.config} is not a valid run config" in cli_error_line(result)
     empty = tmp_path / "empty"
     empty.mkdir()
     result = _cli("evaluate", "--model", layout.model, "--dataset", "digits", "--out", str(tmp_path / "eval"),
                   "--modes", "ood", "--ood", "mnist_5k", "--ood-data-dir", str(empty))
-    assert result.returncode == 2 and f"--ood-data-dir {str(empty)!r}" in _error_line(result)
+    assert result.returncode == 2 and f"--ood-data-dir {str(empty)!r}" in cli_error_line(result)
