@@ -29,6 +29,14 @@ def tiny_data():
     return x, y
 
 
+def separable_data(n):
+    """``n`` 8x8x1 images in [-1, 1] of 3 classes separated by mean brightness, with their labels (seed 0)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n).astype("int32")
+    x = np.clip(rng.uniform(-1, 1, (n, 8, 8, 1)) * 0.3 + (y[:, None, None, None] - 1) * 0.6, -1, 1)
+    return x.astype("float32"), y
+
+
 def tiny_jem(num_classes=3, seed=0, **kwargs):
     import keras
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_jem
+from conftest import separable_data, tiny_jem
 from jem_tf import evaluate as evaluate_cli
 from jem_tf import evaluation as ev
 from jem_tf import train
@@ -35,10 +35,7 @@ SCHEMA = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny JEM trained on separable 8x8 data, its held-out data, and its .keras file."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 240).astype("int32")
-    x = np.clip(rng.uniform(-1, 1, (240, 8, 8, 1)) * 0.3 + (y[:, None, None, None] - 1) * 0.6, -1, 1)
-    x = x.astype("float32")
+    x, y = separable_data(240)
     model = tiny_jem()
     model.fit(x[:160], y[:160], batch_size=32, epochs=3, verbose=0)
     path = str(tmp_path_factory.mktemp("model") / "tiny.keras")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_jem
+from conftest import separable_data, tiny_jem
 from jem_tf import evaluation as ev
 from jem_tf import refinement as refinement_lib
 from jem_tf.attacks import PGD
@@ -17,10 +17,7 @@ from jem_tf.refinement import RefinementSettings, choose_refinement, refinement_
 @pytest.fixture(scope="module")
 def trained():
     """A tiny JEM trained on separable 8x8 data, with validation and test splits."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 200).astype("int32")
-    x = np.clip(rng.uniform(-1, 1, (200, 8, 8, 1)) * 0.3 + (y[:, None, None, None] - 1) * 0.6, -1, 1)
-    x = x.astype("float32")
+    x, y = separable_data(200)
     model = tiny_jem()
     model.fit(x[:120], y[:120], batch_size=32, epochs=3, verbose=0)
     return model, (x[120:160], y[120:160]), (x[160:], y[160:])
