@@ -445,6 +445,16 @@ class JEM(keras.Model):
             return None
         return self.optimizer.iterations >= self.energy_start_step
 
+    def _px_chain_count(self, batch_size, position, sample_weight):
+        """``(count, position)`` of the p(x) chains: one per row, or, in a semi-supervised batch (rows of weight
+        0 next to labelled rows), one per unlabelled row: the labelled rows feed the cross-entropy and are
+        already among the unlabelled images of an epoch, so chains for them would only add cost."""
+        if sample_weight is None or getattr(self, "jit_compile", False):
+            return batch_size, position  # (XLA needs a static chain count.)
+        unlabelled = tf.reduce_sum(tf.cast(tf.equal(sample_weight, 0.0), tf.int32))
+        count = tf.where(unlabelled > 0, unlabelled, batch_size)
+        return count, global_batch_position(count)
+
     def _run_chains(self, batch_size, position, draw_salt, sgld_salt, labels=None, labelled=None):
         """SGLD chains drawn from the replay buffer (of class ``labels[i]`` for row ``i`` when given) and written
         back; ``labelled`` (bool ``[batch]``): the rows whose chains are written back (the others are discarded)."""
@@ -491,9 +501,10 @@ class JEM(keras.Model):
             x = x + self.data_noise_std * noise
         batches, sizes, grad_norms = [x], [batch_size], []
         if self.px_weight > 0:
-            x_sample, diagnostics = self._run_chains(batch_size, position, seeds.STEP_DRAW, seeds.STEP_SGLD)
+            num_chains, chain_position = self._px_chain_count(batch_size, position, sample_weight)
+            x_sample, diagnostics = self._run_chains(num_chains, chain_position, seeds.STEP_DRAW, seeds.STEP_SGLD)
             batches.append(x_sample)
-            sizes.append(batch_size)
+            sizes.append(num_chains)
             grad_norms.append(diagnostics.grad_norm_trace)
         if self.pxy_weight > 0:
             # p(x|y) needs labels: an unlabelled row (weight 0) carries a placeholder, so its chain is drawn from

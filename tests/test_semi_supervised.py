@@ -39,6 +39,27 @@ def test_unlabelled_rows_never_reach_the_label_terms(tiny_data, pxy_weight):
         pytest.approx(logs_a["ce"], rel=1e-3)
 
 
+def test_p_x_chains_run_for_the_unlabelled_rows_only(tiny_data):
+    """A semi-supervised batch runs one p(x) chain per unlabelled row (the labelled rows feed the cross-entropy
+    and are among the unlabelled images of an epoch); a batch without weight-0 rows runs one per row."""
+    x, y = tiny_data
+    x, y = x[:32], y[:32]
+
+    def rewritten_slots(weights):
+        model = tiny_jem(buffer_size=100_000, restart_prob=0.0, sampler=SGLDSampler(n_steps=1, noise_std=0.0))
+        model.build((None, 8, 8, 1))
+        before = model.replay_buffer.samples.numpy()
+        model.train_on_batch(x, y, sample_weight=weights)
+        changed = np.any(model.replay_buffer.samples.numpy() != before, axis=(1, 2, 3))
+        return int(changed.sum())
+
+    labelled = (np.arange(32) % 4 == 0).astype("float32")  # 8 labelled rows, 24 unlabelled
+    # Chains are drawn with replacement from 100,000 slots, so (almost surely) one slot per chain.
+    assert rewritten_slots(labelled) == 24
+    assert rewritten_slots(np.ones(32, "float32")) == 32
+    assert rewritten_slots(None) == 32
+
+
 def test_labelled_selection_is_balanced_seeded_and_disjoint_from_validation():
     data = load_digits(seed=0)
     config = TrainConfig(labels_per_class=10, seed=3)
