@@ -1,6 +1,6 @@
 """Robustness of a JEM and its plain classifier under PGD, plain / refined (non-adaptive) / refined (BPDA).
 
-    python bench/robustness.py --jem RUN_DIR --classifier RUN_DIR --tag digits --examples 360
+    python bench/robustness.py --jem RUN_DIR --classifier RUN_DIR --converted RUN_DIR --tag digits --examples 360
 
 Each model refines with its saved settings (chosen on its run's validation split at the end of training);
 a model saved without them, or with ``--refinement choose``, gets them chosen now on the run's validation
@@ -69,11 +69,13 @@ def targets(results: dict) -> dict:
             rob["clean"]["accuracy_refined"] >= rob["clean"]["accuracy"] - 0.01)
         checks[f"{name}: refined >= plain at every budget (non-adaptive)"] = all(
             v["accuracy_refined"] >= v["accuracy"] for k, v in rob.items() if k not in ("settings", "clean"))
-    if {"jem", "classifier"} <= set(results):
-        jem, clf = results["jem"]["robustness"], results["classifier"]["robustness"]
-        budgets = [k for k in jem if k not in ("settings", "clean")]
-        for key in ("accuracy", "accuracy_refined"):
-            checks[f"jem >= classifier at every budget ({key})"] = all(jem[b][key] >= clf[b][key] for b in budgets)
+    for name in ("jem", "converted"):
+        if {name, "classifier"} <= set(results):
+            jem, clf = results[name]["robustness"], results["classifier"]["robustness"]
+            budgets = [k for k in jem if k not in ("settings", "clean")]
+            for key in ("accuracy", "accuracy_refined"):
+                checks[f"{name} >= classifier at every budget ({key})"] = all(jem[b][key] >= clf[b][key]
+                                                                             for b in budgets)
     return checks
 
 
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jem", required=True, help="work directory of the JEM run")
     parser.add_argument("--classifier", default=None, help="work directory of the same recipe with --px-weight 0")
+    parser.add_argument("--converted", default=None, help="work directory of the classifier's conversion run")
     parser.add_argument("--tag", required=True, help="name of the result file: robustness_TAG.json")
     parser.add_argument("--examples", type=int, default=360)
     parser.add_argument("--linf", type=float, nargs="*", default=[0.01, 0.02, 0.05])
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
     results = {}
-    for name, path in (("jem", args.jem), ("classifier", args.classifier)):
+    for name, path in (("jem", args.jem), ("classifier", args.classifier), ("converted", args.converted)):
         if path:
             results[name] = measure(path, examples=args.examples, linf=args.linf, l2=args.l2, steps=args.pgd_steps,
                                     seed=args.seed, data_dir=args.data_dir, eot_samples=args.eot_samples,

@@ -2,12 +2,15 @@
 
     python bench/semi_supervised.py --recipe digits --labels-per-class 10 --seeds 0 1 2 \
         --out bench/results/semi_supervised_digits.json
+    python bench/semi_supervised.py --recipe fashion_mnist --labels-per-class 100 --ood uniform constant \
+        permuted mnist_5k --out bench/results/semi_supervised_fashion_mnist.json
     python bench/semi_supervised.py --summarize-only --out bench/results/semi_supervised_digits.json
 
 For each seed: `python -m jem_tf.train --labels-per-class N` (the JEM: p(x) on every training image, the
 label terms on the N per class), the same with `--px-weight 0 --pxy-weight 0 --energy-l2-weight 0` (the
 labelled-only classifier: the same batches of labelled rows, the unlabelled rows weigh nothing), then
-`python -m jem_tf.evaluate --modes calibration ood` on both. Prints test accuracy, NLL, ECE and OOD AUROC per
+`python -m jem_tf.evaluate --modes calibration ood` on both. A run already evaluated is read, not rerun; one
+that was stopped resumes from its backup (delete a run's directory to redo it); the JSON is rewritten after every run. Prints test accuracy, NLL, ECE and OOD AUROC per
 seed, the mean and sample standard deviation, and the JEM's margin. Nothing is tuned on the test split.
 """
 
@@ -32,7 +35,8 @@ def record(workdir):
     chosen = ood["detector"]["chosen"]
     return {"workdir": workdir, "test_accuracy": metrics["test_accuracy"], "test_nll": metrics["test_nll"],
             "ece": report["calibration"]["uncalibrated"]["ece"], "num_labelled": metrics["num_labelled"],
-            "train_seconds": metrics["train_seconds"],
+            "train_seconds": metrics["train_seconds"], "seconds_per_step": metrics["seconds_per_step"],
+            "validation_accuracy": metrics["final_validation"]["accuracy"],
             "ood_auroc_log_px": {k: v["auroc"] for k, v in ood["metrics"]["log_px"].items()},
             "ood_detector": chosen, "ood_auroc_detector": {k: v["auroc"] for k, v in ood["metrics"][chosen].items()}}
 
@@ -71,18 +75,27 @@ def main(argv=None):
         for kind, flags in (("jem", []), ("labelled_only", ["--px-weight", "0", "--pxy-weight", "0",
                                                              "--energy-l2-weight", "0"])):
             workdir = os.path.join(args.runs, f"{args.recipe}_{args.labels_per_class}pc_{kind}_s{seed}")
-            if not args.summarize_only:
-                run(["jem_tf.train", "--recipe", args.recipe, "--labels-per-class", str(args.labels_per_class),
-                     "--seed", str(seed), "--workdir", workdir, "--verbose", "0", "--overwrite", *flags, *args.extra])
+            report = os.path.join(workdir, "eval", "report.json")
+            if not args.summarize_only and not os.path.exists(report):
+                if not os.path.exists(os.path.join(workdir, "metrics.json")):
+                    # A run that was stopped resumes from its backup (same flags); an empty one starts.
+                    run(["jem_tf.train", "--recipe", args.recipe, "--labels-per-class", str(args.labels_per_class),
+                         "--seed", str(seed), "--workdir", workdir, "--verbose", "0", *flags, *args.extra])
                 run(["jem_tf.evaluate", "--model", workdir, "--out", os.path.join(workdir, "eval"), "--modes",
                      "calibration", "ood", "--ood", *args.ood])
-            results[kind].append(record(workdir))
-    summarize(results)
+            if os.path.exists(report):
+                results[kind].append(record(workdir))
+                write(args, results)  # after every run: a long measurement may span sessions
+    if all(results.values()):
+        summarize(results)
+
+
+def write(args, results):
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"recipe": args.recipe, "labels_per_class": args.labels_per_class, "seeds": args.seeds,
                        **results}, f, indent=2)
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

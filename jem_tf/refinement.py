@@ -16,7 +16,7 @@ The module sees a model only through ``model.logits(x, training=False)``, ``mode
 from __future__ import annotations
 
 import collections
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
@@ -24,12 +24,19 @@ import tensorflow as tf
 
 from jem_tf import energy as energy_lib
 from jem_tf import seeds
+from jem_tf.attacks import NORMS, PGD
 from jem_tf.sgld import SGLDSampler
 
-RULE = ("rule v1: among the candidates (n_steps x step_size, fixed noise_std and grad_clamp) whose refined "
-        "validation accuracy is at least the plain validation accuracy minus `tolerance` and whose mean "
-        "validation energy is lower than the plain one, the largest total step budget n_steps * step_size "
-        "(ties: fewer steps); none qualifying: no refinement (0 steps)")
+RULE = ("rule v2: PGD attacks the plain classifier on the validation images at every budget of "
+        "`attack_eps` (non-adaptive: the attack never sees the refinement); a candidate (n_steps x step_size, "
+        "fixed noise_std and grad_clamp) qualifies when its refined accuracy is at least the plain accuracy "
+        "minus `tolerance` on the clean validation images and at least the plain accuracy on the attacked "
+        "images of every budget; the chosen one has the largest mean gain over the budgets (ties: the smaller "
+        "budget n_steps * step_size, then fewer steps); no qualifying candidate with a positive gain: no "
+        "refinement (0 steps)")
+# The budgets the choice attacks (fractions of the pixel range): those the robustness targets are quoted at.
+DEFAULT_ATTACK_EPS = {"linf": (0.01, 0.02, 0.05), "l2": (0.5, 1.0)}
+DEFAULT_ATTACK_STEPS = 10
 # Step sizes multiply the (clamped) energy gradient, whose per-pixel size depends on the model (often
 # well under 1): the grid spans three decades; the accuracy test of the rule removes the harmful ones.
 DEFAULT_STEP_SIZES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -148,28 +155,48 @@ def refinement_fn(model, settings: RefinementSettings) -> Callable[[tf.Tensor, t
 
 RefinementChoice = collections.namedtuple("RefinementChoice", ["settings", "candidates", "plain"])
 RefinementChoice.__doc__ = """What :func:`choose_refinement` returns: the chosen :class:`RefinementSettings`,
-the measured candidates (a list of dicts: n_steps, step_size, accuracy, energy_mean, qualifies) and the plain
-validation figures (accuracy, energy_mean, num_images)."""
+the measured candidates (a list of dicts: n_steps, step_size, accuracy, energy_mean, attacked_accuracy (per
+budget), gain, qualifies) and the plain validation figures (accuracy, energy_mean, attacked_accuracy,
+num_images)."""
+
+
+def _predict(model, images, batch_size):
+    return np.concatenate([model.logits(tf.constant(images[a:a + batch_size]), training=False).numpy()
+                           for a in range(0, len(images), batch_size)])
 
 
 def _accuracy_and_energy(model, images, labels, batch_size):
-    logits = np.concatenate([model.logits(tf.constant(images[a:a + batch_size]), training=False).numpy()
-                             for a in range(0, len(images), batch_size)])
+    logits = _predict(model, images, batch_size)
     energies = -np.logaddexp.reduce(logits.astype(np.float64), axis=1)
     return float((logits.argmax(1) == labels).mean()), float(energies.mean())
+
+
+def _attacked_validation(model, images, labels, *, attack_eps, attack_steps, seed, batch_size):
+    """``{budget name: adversarial images}``: PGD on the plain classifier at every budget of ``attack_eps``."""
+    low, high = model.value_range
+    attacked = {}
+    for norm in sorted(attack_eps):
+        attack = PGD(lambda x: tf.cast(model.logits(x, training=False), tf.float32), image_shape=images.shape[1:],
+                     norm=norm, steps=attack_steps, value_range=(low, high))
+        for eps in attack_eps[norm]:
+            attacked[f"{norm}_eps_{eps:g}"] = attack(images, labels, eps=float(eps) * (high - low), seed=seed,
+                                                     batch_size=batch_size)
+    return attacked
 
 
 def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
                       step_sizes: Sequence[float] = DEFAULT_STEP_SIZES, n_steps: Sequence[int] = DEFAULT_N_STEPS,
                       noise_std: float = 0.0, grad_clamp: Optional[float] = 1.0, tolerance: float = 0.005,
-                      max_images: int = 1000, seed: int = 0, batch_size: int = 256,
-                      split_name: str = "validation") -> RefinementChoice:
+                      attack_eps: Optional[Mapping[str, Sequence[float]]] = None,
+                      attack_steps: int = DEFAULT_ATTACK_STEPS, max_images: int = 1000, seed: int = 0,
+                      batch_size: int = 256, split_name: str = "validation") -> RefinementChoice:
     """Chooses refinement settings for ``model`` on held-out validation images by :data:`RULE`.
 
-    Every candidate ``(k, step_size)`` refines the first ``max_images`` validation images ``k`` steps; the
-    chosen settings keep refined validation accuracy within ``tolerance`` of the plain one while lowering
-    the mean energy, with the largest budget ``k * step_size``. Never pass test images: the choice is part
-    of the model.
+    The first ``max_images`` validation images are attacked with PGD at every budget of ``attack_eps``
+    (against the plain classifier); every candidate ``(k, step_size)`` refines the clean and the attacked
+    images ``k`` steps. The chosen settings keep the clean validation accuracy within ``tolerance``, never
+    lower the accuracy on the attacked images of any budget, and raise it the most on average; refinement that
+    does not help is not used (0 steps). Never pass test images: the choice is part of the model.
 
     Args:
         model: A :class:`jem_tf.JEM` (anything with ``logits``, ``value_range`` and ``refine``).
@@ -179,9 +206,13 @@ def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
         noise_std: Noise of every candidate. Default 0 (then the longer candidates continue the shorter
             ones exactly; with noise they continue them with fresh seeds).
         grad_clamp: Per-pixel gradient clamp of every candidate. Default 1.0.
-        tolerance: Accuracy the refinement may cost, as a fraction (0.005 = half a point). Default 0.005.
+        tolerance: Clean accuracy the refinement may cost, as a fraction (0.005 = half a point). Default 0.005.
+        attack_eps: ``{norm: budgets}`` attacked on the validation images, in fractions of the pixel range.
+            Default :data:`DEFAULT_ATTACK_EPS`; ``{}``: no attacked images (then no candidate has a gain and
+            nothing is chosen).
+        attack_steps: PGD iterations of those attacks. Default :data:`DEFAULT_ATTACK_STEPS`.
         max_images: Validation images used. Default 1000.
-        seed: Seed of the refinement noise. Default 0.
+        seed: Seed of the attacks' random starts and of the refinement noise. Default 0.
         batch_size: Images refined at once. Default 256.
         split_name: Name of the split recorded in the settings' ``source``. Default ``"validation"``.
 
@@ -194,6 +225,7 @@ def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
     """
     val_images = np.asarray(val_images, np.float32)[:max_images]
     val_labels = np.asarray(val_labels).astype(np.int64)[:max_images]
+    attack_eps = DEFAULT_ATTACK_EPS if attack_eps is None else attack_eps
     if len(val_images) == 0 or val_labels.shape != (len(val_images),):
         raise ValueError(f"`val_images` and `val_labels` must be N >= 1 images and N labels; received "
                          f"{val_images.shape} and {val_labels.shape}")
@@ -203,35 +235,50 @@ def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
         raise ValueError(f"`n_steps` must be ints >= 1; received {n_steps!r}")
     if not 0 <= tolerance < 1:
         raise ValueError(f"`tolerance` must be in [0, 1); received {tolerance!r}")
+    if set(attack_eps) - set(NORMS) or any(not e > 0 for budgets in attack_eps.values() for e in budgets):
+        raise ValueError(f"`attack_eps` must map norms {NORMS} to budgets > 0; received {attack_eps!r}")
+    attacked = _attacked_validation(model, val_images, val_labels, attack_eps=attack_eps,
+                                    attack_steps=attack_steps, seed=seed, batch_size=batch_size)
+    sets = {"clean": val_images, **attacked}
     plain_accuracy, plain_energy = _accuracy_and_energy(model, val_images, val_labels, batch_size)
+    plain_attacked = {name: _accuracy_and_energy(model, x, val_labels, batch_size)[0] for name, x in attacked.items()}
     checkpoints = sorted(set(int(k) for k in n_steps))
     candidates = []
     for step_size in sorted(float(s) for s in step_sizes):
-        x, done = val_images, 0
+        current, done = dict(sets), 0
         for k in checkpoints:
             segment = RefinementSettings(n_steps=k - done, step_size=step_size, noise_std=noise_std,
                                          grad_clamp=grad_clamp)
-            x = np.concatenate([model.refine(x[a:a + batch_size], settings=segment,
-                                             seed=np.array([seed, k * 100_003 + a], np.int64))
-                                for a in range(0, len(x), batch_size)])
+            for index, (name, x) in enumerate(current.items()):
+                current[name] = np.concatenate([
+                    model.refine(x[a:a + batch_size], settings=segment,
+                                 seed=np.array([seed, k * 100_003 + index * 1_000_003 + a], np.int64))
+                    for a in range(0, len(x), batch_size)])
             done = k
-            accuracy, energy_mean = _accuracy_and_energy(model, x, val_labels, batch_size)
-            qualifies = bool(accuracy >= plain_accuracy - tolerance and energy_mean < plain_energy)
+            accuracy, energy_mean = _accuracy_and_energy(model, current["clean"], val_labels, batch_size)
+            attacked_accuracy = {name: _accuracy_and_energy(model, current[name], val_labels, batch_size)[0]
+                                 for name in attacked}
+            gains = [attacked_accuracy[name] - plain_attacked[name] for name in attacked]
+            qualifies = bool(accuracy >= plain_accuracy - tolerance and all(g >= 0 for g in gains))
             candidates.append({"n_steps": k, "step_size": step_size, "accuracy": accuracy, "energy_mean": energy_mean,
-                               "qualifies": qualifies})
-    qualified = [c for c in candidates if c["qualifies"]]
-    plain = {"accuracy": plain_accuracy, "energy_mean": plain_energy, "num_images": int(len(val_images))}
+                               "attacked_accuracy": attacked_accuracy,
+                               "gain": float(np.mean(gains)) if gains else 0.0, "qualifies": qualifies})
+    plain = {"accuracy": plain_accuracy, "energy_mean": plain_energy, "attacked_accuracy": plain_attacked,
+             "num_images": int(len(val_images)), "attack": f"PGD-{attack_steps} on the plain classifier",
+             "attack_eps": {norm: [float(e) for e in budgets] for norm, budgets in attack_eps.items()}}
     where = f"{len(val_images)} {split_name} images"
-    if not qualified:
-        settings = RefinementSettings(n_steps=0, step_size=min(step_sizes), noise_std=noise_std, grad_clamp=grad_clamp,
-                                      source=f"chosen on {where} by rule v1: no candidate qualified")
+    helpful = [c for c in candidates if c["qualifies"] and c["gain"] > 0]
+    if not helpful:
+        settings = RefinementSettings(
+            n_steps=0, step_size=min(step_sizes), noise_std=noise_std, grad_clamp=grad_clamp,
+            source=f"chosen on {where} by rule v2: no candidate raised the attacked accuracy without a cost")
         return RefinementChoice(settings, candidates, plain)
-    best = max(qualified, key=lambda c: (c["n_steps"] * c["step_size"], -c["n_steps"]))
+    best = max(helpful, key=lambda c: (c["gain"], -c["n_steps"] * c["step_size"], -c["n_steps"]))
     settings = RefinementSettings(
         n_steps=best["n_steps"], step_size=best["step_size"], noise_std=noise_std, grad_clamp=grad_clamp,
-        source=(f"chosen on {where} by rule v1 (tolerance {tolerance:g}): validation accuracy "
-                f"{plain_accuracy:.4f} -> {best['accuracy']:.4f}, mean energy {plain_energy:.3f} -> "
-                f"{best['energy_mean']:.3f}"))
+        source=(f"chosen on {where} by rule v2 (tolerance {tolerance:g}, PGD-{attack_steps}): clean accuracy "
+                f"{plain_accuracy:.4f} -> {best['accuracy']:.4f}, attacked accuracy +{best['gain'] * 100:.2f} "
+                "points on average"))
     return RefinementChoice(settings, candidates, plain)
 
 

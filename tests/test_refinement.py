@@ -65,16 +65,30 @@ def test_model_uses_its_refinement_by_default_and_round_trips_through_keras(trai
 
 def test_choice_follows_the_rule_on_validation_data(trained):
     model, (x_val, y_val), _ = trained
-    choice = choose_refinement(model, x_val, y_val, step_sizes=(0.005, 0.05), n_steps=(1, 4), tolerance=0.01)
-    assert len(choice.candidates) == 4 and choice.plain["num_images"] == len(x_val)
+    eps = {"linf": (0.05, 0.2)}
+    choice = choose_refinement(model, x_val, y_val, step_sizes=(0.005, 0.05, 0.5), n_steps=(1, 4), tolerance=0.01,
+                               attack_eps=eps, attack_steps=3)
+    assert len(choice.candidates) == 6 and choice.plain["num_images"] == len(x_val)
+    # The attacked validation images are those of PGD on the plain classifier, and it hurt.
+    attack = PGD(lambda x: model.logits(x, training=False), image_shape=model.image_shape, norm="linf", steps=3)
+    for budget in (0.05, 0.2):
+        adversarial = attack(x_val, y_val, eps=budget * 2, seed=0)
+        assert choice.plain["attacked_accuracy"][f"linf_eps_{budget:g}"] == pytest.approx(
+            float((model.logits(adversarial, training=False).numpy().argmax(1) == y_val).mean()))
+    assert choice.plain["attacked_accuracy"]["linf_eps_0.2"] < choice.plain["accuracy"]
     for c in choice.candidates:
-        assert c["qualifies"] == (c["accuracy"] >= choice.plain["accuracy"] - 0.01
-                                  and c["energy_mean"] < choice.plain["energy_mean"])
-    qualified = [c for c in choice.candidates if c["qualifies"]]
-    assert qualified, choice.candidates
-    best = max(qualified, key=lambda c: c["n_steps"] * c["step_size"])
-    assert (choice.settings.n_steps, choice.settings.step_size) == (best["n_steps"], best["step_size"])
-    assert "validation" in choice.settings.source
+        gains = [c["attacked_accuracy"][name] - plain for name, plain in choice.plain["attacked_accuracy"].items()]
+        assert c["gain"] == pytest.approx(np.mean(gains))
+        assert c["qualifies"] == (c["accuracy"] >= choice.plain["accuracy"] - 0.01 and min(gains) >= 0)
+    helpful = [c for c in choice.candidates if c["qualifies"] and c["gain"] > 0]
+    if helpful:
+        best = max(helpful, key=lambda c: (c["gain"], -c["n_steps"] * c["step_size"]))
+        assert (choice.settings.n_steps, choice.settings.step_size) == (best["n_steps"], best["step_size"])
+    else:
+        assert choice.settings.n_steps == 0
+    assert "validation" in choice.settings.source and "rule v2" in choice.settings.source
+    # Without attacked images no candidate can show a gain: refinement is not used.
+    assert choose_refinement(model, x_val, y_val, step_sizes=(0.05,), n_steps=(1,), attack_eps={}).settings.n_steps == 0
 
 
 def test_evaluation_chooses_refinement_on_validation_never_test(trained, tmp_path, monkeypatch):
