@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from jem_tf.files import DiskFullError, check_free_space, is_disk_full, remove_path, write_atomically
 from jem_tf.figures import image_grid, upscale, write_png
+from jem_tf.keras_workarounds import set_initial_epoch
 
 
 def saved_state_bytes(model: keras.Model) -> int:
@@ -192,7 +193,7 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
                          "trying the previous one.")
                 continue
             self.resumed_from_epoch = int(metadata["epoch"])
-            model._initial_epoch = self.resumed_from_epoch  # what Keras's BackupAndRestore sets
+            set_initial_epoch(model, self.resumed_from_epoch)  # what Keras's BackupAndRestore does
             self.log(f"Resuming from the backup in {directory}: {self.resumed_from_epoch} epoch(s) done, "
                      f"optimizer step {int(model.optimizer.iterations.numpy())}.")
             return self.resumed_from_epoch

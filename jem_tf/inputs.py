@@ -9,7 +9,10 @@ A JEM's inputs are images ``[batch, *image_shape]`` in a documented ``value_rang
 * :func:`check_images_in_graph`: the in-graph range/finiteness check alone (also used by the exported
   signatures);
 * :func:`check_image_shape_in_graph`: the full image shape, in-graph (the exported signatures: serving
-  runtimes do not enforce a SignatureDef's shape).
+  runtimes do not enforce a SignatureDef's shape);
+* :func:`fit_inputs`, :func:`evaluate_inputs`, :func:`check_batch`: what a model's ``fit``, ``evaluate`` and
+  ``train_on_batch``/``test_on_batch`` check before Keras sees the data, in every compile mode (XLA drops the
+  in-graph checks, so under XLA datasets get them in their pipeline and tensors are checked eagerly).
 """
 
 from __future__ import annotations
@@ -149,3 +152,71 @@ def check_arrays(x, y=None, *, image_shape: Sequence[int], num_classes: int,
             raise ValueError(
                 f"Labels must be integer class ids in [0, {num_classes}); received label {bad!r}."
             )
+
+
+# ----------------------------------------------------------------------------- a model's fit and evaluate
+# These read a model (a jem_tf.JEM) through `image_shape`, `num_classes`, `value_range`, `validate_inputs` and
+# Keras's `jit_compile`.
+def _spec(model) -> dict:
+    return dict(image_shape=model.image_shape, num_classes=model.num_classes, value_range=model.value_range)
+
+
+def _xla(model) -> bool:
+    return bool(getattr(model, "jit_compile", False))
+
+
+def checked_in_pipeline(model, data):
+    """``data`` with the input checks mapped into its pipeline when the model's compiled step cannot hold them
+    (a ``tf.data.Dataset`` under XLA, which drops TensorFlow's in-graph ``Assert`` ops); else ``data`` as is.
+    Elements ``(images, labels, ...)`` get :func:`prepare_batch`'s checks, bare images
+    :func:`check_images_in_graph`'s; the elements themselves pass unchanged."""
+    if not (model.validate_inputs and _xla(model) and isinstance(data, tf.data.Dataset)):
+        return data
+
+    def check(*element):
+        x, rest = element[0], element[1:]
+        if rest:
+            checked, _ = prepare_batch(x, rest[0], **_spec(model))
+        else:
+            checked = check_images_in_graph(tf.cast(x, tf.float32), model.value_range)
+        with tf.control_dependencies([checked]):
+            x = tf.identity(x)
+        return (x, *rest) if rest else x
+
+    return data.map(check)
+
+
+def check_in_memory(model, x, y=None) -> None:
+    """Checks in-memory inputs with :func:`check_arrays` before Keras sees them: numpy arrays always, tensors
+    under XLA (whose compiled step drops the in-graph checks); other inputs (``tf.data``) are checked in the
+    step or its pipeline. Nothing when the model's ``validate_inputs`` is off."""
+    if not model.validate_inputs:
+        return
+    if isinstance(x, np.ndarray) or (_xla(model) and tf.is_tensor(x)):
+        check_arrays(np.asarray(x), None if y is None else np.asarray(y), **_spec(model))
+
+
+def fit_inputs(model, x, y, fit_kwargs: dict):
+    """``(x, fit_kwargs)`` for ``keras.Model.fit`` after the checks: ``x, y`` and a ``validation_data`` tuple
+    checked in memory (:func:`check_in_memory`), datasets given their pipeline checks under XLA
+    (:func:`checked_in_pipeline`). ``fit_kwargs`` is not modified."""
+    check_in_memory(model, x, y)
+    validation_data = fit_kwargs.get("validation_data")
+    if isinstance(validation_data, tuple) and validation_data:
+        check_in_memory(model, validation_data[0], validation_data[1] if len(validation_data) > 1 else None)
+    if "validation_data" in fit_kwargs:
+        fit_kwargs = {**fit_kwargs, "validation_data": checked_in_pipeline(model, validation_data)}
+    return checked_in_pipeline(model, x), fit_kwargs
+
+
+def evaluate_inputs(model, x, y):
+    """``x`` for ``keras.Model.evaluate`` after the same checks as :func:`fit_inputs`."""
+    check_in_memory(model, x, y)
+    return checked_in_pipeline(model, x)
+
+
+def check_batch(model, x, y=None) -> None:
+    """The checks of ``train_on_batch``/``test_on_batch``: under XLA the batch is checked eagerly (the compiled
+    step drops the in-graph checks that hold without XLA); without XLA the step checks it."""
+    if _xla(model):
+        check_in_memory(model, np.asarray(x) if not tf.is_tensor(x) else x, y)

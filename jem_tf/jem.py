@@ -10,14 +10,14 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import energy as energy_lib
-from jem_tf import inputs, seeds
+from jem_tf import generation, inputs, keras_workarounds, seeds
 from jem_tf.chain_init import ClassGaussian
 from jem_tf.conversion import logits_network, softmax_head
 from jem_tf.distribution import global_batch_position, replica_random
 from jem_tf.objective import jem_objective
 from jem_tf.refinement import RefinementSettings
 from jem_tf.replay_buffer import ReplayBuffer
-from jem_tf.seeds import SeedState, as_stateless_seed
+from jem_tf.seeds import SeedState
 from jem_tf.sgld import SGLDSampler
 
 
@@ -191,7 +191,7 @@ class JEM(keras.Model):
         # Batch norm statistics must never see SGLD samples, so with batch norm the data and the
         # samples take separate forward passes; without it one concatenated pass is cheaper.
         self._has_batch_norm = any(
-            isinstance(layer, keras.layers.BatchNormalization) for layer in backbone._flatten_layers()
+            isinstance(layer, keras.layers.BatchNormalization) for layer in keras_workarounds.all_layers(backbone)
         )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.ce_tracker = keras.metrics.Mean(name="ce")
@@ -206,7 +206,8 @@ class JEM(keras.Model):
         self.seed_state = SeedState(name="seed_state")
         # Python side effects run only while TensorFlow traces: counts the train step's (re)tracings.
         self.train_step_trace_count = 0
-        self._sample_fns = {}  # compiled SGLD, one per signature: unconditional / class-conditional
+        # sample / refine, with the compiled SGLD they share, and the energy of every SGLD chain (training's too).
+        self._generator = generation.Generator(self)
         self.build((None,) + self.image_shape)
 
     @classmethod
@@ -290,13 +291,6 @@ class JEM(keras.Model):
         logits = self.predict(x, batch_size=batch_size, verbose=0)
         return energy_lib.log_px(tf.constant(logits, tf.float32)).numpy()
 
-    def _sgld_energy(self, x, labels=None):
-        # The sampler sees the network in inference mode (no dropout, no BN statistic updates).
-        logits = self.logits(x, training=False)
-        if labels is None:
-            return energy_lib.energy(logits)
-        return energy_lib.conditional_energy(logits, labels)
-
     # ----------------------------------------------------------------------------- randomness
     def _step_seed(self, salt: int) -> tf.Tensor:
         """The training stream ``salt`` at the current optimizer step (:func:`jem_tf.seeds.step_seed`):
@@ -309,17 +303,7 @@ class JEM(keras.Model):
         self.seed_state.reseeds.assign_add(1)
         return int(self.seed_state.reseeds.numpy())
 
-    # ----------------------------------------------------------------------------- validation
-    def _prepare_batch(self, x, y):
-        """Checks shapes statically and values in-graph; returns float32 images, int32 labels."""
-        return inputs.prepare_batch(x, y, image_shape=self.image_shape, num_classes=self.num_classes,
-                                    value_range=self.value_range, validate=self.validate_inputs)
-
-    def check_arrays(self, x, y=None) -> None:
-        """Eagerly checks numpy images/labels, raising ``ValueError`` naming the bad value."""
-        inputs.check_arrays(x, y, image_shape=self.image_shape, num_classes=self.num_classes,
-                            value_range=self.value_range)
-
+    # ----------------------------------------------------------------------------- compile
     def compile(self, optimizer="adam", loss=None, metrics=None, *, jit_compile=False, **kwargs):
         """``keras.Model.compile`` for a JEM.
 
@@ -352,82 +336,43 @@ class JEM(keras.Model):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
-    def _checked(self, data):
-        """``data`` with the input checks in its pipeline when the compiled step cannot hold them (XLA)."""
-        if not (self.validate_inputs and getattr(self, "jit_compile", False) and isinstance(data, tf.data.Dataset)):
-            return data
+    # ----------------------------------------------------------------------------- input checks (jem_tf.inputs)
+    def _prepare_batch(self, x, y):
+        """Checks shapes statically and values in-graph; returns float32 images, int32 labels."""
+        return inputs.prepare_batch(x, y, image_shape=self.image_shape, num_classes=self.num_classes,
+                                    value_range=self.value_range, validate=self.validate_inputs)
 
-        def check(*element):
-            x, rest = element[0], element[1:]
-            if rest:
-                checked, _ = inputs.prepare_batch(x, rest[0], image_shape=self.image_shape,
-                                                  num_classes=self.num_classes, value_range=self.value_range)
-            else:
-                checked = inputs.check_images_in_graph(tf.cast(x, tf.float32), self.value_range)
-            with tf.control_dependencies([checked]):
-                x = tf.identity(x)
-            return (x, *rest) if rest else x
-
-        return data.map(check)
-
-    def _check_eagerly(self, x, y=None) -> None:
-        """Checks in-memory inputs before Keras sees them: numpy arrays always, tensors under XLA (whose compiled
-        step drops the in-graph checks); other inputs (``tf.data``) are checked in the step or its pipeline."""
-        if not self.validate_inputs:
-            return
-        if isinstance(x, np.ndarray) or (getattr(self, "jit_compile", False) and tf.is_tensor(x)):
-            self.check_arrays(np.asarray(x), None if y is None else np.asarray(y))
+    def check_arrays(self, x, y=None) -> None:
+        """Eagerly checks numpy images/labels, raising ``ValueError`` naming the bad value."""
+        inputs.check_arrays(x, y, image_shape=self.image_shape, num_classes=self.num_classes,
+                            value_range=self.value_range)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """``keras.Model.fit``; numpy inputs are checked first (see :meth:`check_arrays`), and so are tensors
-        under XLA; ``tf.data`` inputs in the compiled step (or, under XLA, in the input pipeline)."""
-        self._check_eagerly(x, y)
-        validation_data = kwargs.get("validation_data")
-        if isinstance(validation_data, tuple) and validation_data:
-            self._check_eagerly(validation_data[0], validation_data[1] if len(validation_data) > 1 else None)
-        if "validation_data" in kwargs:
-            kwargs["validation_data"] = self._checked(kwargs["validation_data"])
-        return super().fit(self._checked(x), y, *args, **kwargs)
+        under XLA; ``tf.data`` inputs in the compiled step (or, under XLA, in the input pipeline): see
+        :func:`jem_tf.inputs.fit_inputs`."""
+        x, kwargs = inputs.fit_inputs(self, x, y, kwargs)
+        return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """``keras.Model.evaluate`` with the same input checks as :meth:`fit`."""
-        self._check_eagerly(x, y)
-        return super().evaluate(self._checked(x), y, *args, **kwargs)
+        return super().evaluate(inputs.evaluate_inputs(self, x, y), y, *args, **kwargs)
 
     def train_on_batch(self, x, y=None, *args, **kwargs):
         """``keras.Model.train_on_batch``; under XLA the batch is checked eagerly first (the compiled step drops
         the in-graph checks that hold without XLA)."""
-        if getattr(self, "jit_compile", False):
-            self._check_eagerly(np.asarray(x) if not tf.is_tensor(x) else x, y)
+        inputs.check_batch(self, x, y)
         return super().train_on_batch(x, y, *args, **kwargs)
 
     def test_on_batch(self, x, y=None, *args, **kwargs):
         """``keras.Model.test_on_batch`` with the same input checks as :meth:`train_on_batch`."""
-        if getattr(self, "jit_compile", False):
-            self._check_eagerly(np.asarray(x) if not tf.is_tensor(x) else x, y)
+        inputs.check_batch(self, x, y)
         return super().test_on_batch(x, y, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- training
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Workaround for keras-team/keras#20585: under a strategy, Keras's TF trainer pulls a batch
-        # and reduces it across replicas to build the model symbolically; under
-        # MultiWorkerMirroredStrategy that fails on the `PerReplica` batch of a subclassed model.
-        # A JEM is fully built in `__init__` and compiles no losses or metrics, so the symbolic build
-        # has nothing to do but build the optimizer (and Keras's post-build hook).
-        if self.optimizer is not None and not self.optimizer.built:
-            with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
-        self._post_build()
-
-    @staticmethod
-    def _logs(metrics) -> dict:
-        logs = {m.name: m.result() for m in metrics}
-        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
-            # Workaround (keras-team/keras#20585 family): under MultiWorkerMirroredStrategy Keras
-            # reduces step logs with `strategy.reduce("MEAN", v, axis=0)`, which fails on scalars;
-            # shape-[1] logs reduce to the same scalar.
-            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
-        return logs
+        # Overrides a private Keras hook (keras-team/keras#20585): see keras_workarounds.build_for_distributed_fit.
+        keras_workarounds.build_for_distributed_fit(self)
 
     def _forward(self, inputs, sizes):
         """Logits of several input groups, in one pass unless the backbone has batch norm."""
@@ -464,7 +409,7 @@ class JEM(keras.Model):
         # Before energy_start_step the chains take no SGLD step (the loop runs zero times).
         n_steps = None if active is None else tf.where(active, self.sampler.n_steps, 0)
         samples, diagnostics = self.sampler.sample(
-            self._sgld_energy, draw.x, self._step_seed(sgld_salt), context=context, position=position,
+            self._generator.energy, draw.x, self._step_seed(sgld_salt), context=context, position=position,
             n_steps=n_steps,
         )
         self.replay_buffer.update(draw.indices, samples, keep=labelled)
@@ -554,7 +499,7 @@ class JEM(keras.Model):
             self.sample_abs_max_tracker.update_state(tf.reduce_max(tf.abs(tf.concat(batches[1:], axis=0))))
         if grad_norms:
             self.sgld_grad_norm_tracker.update_state(tf.concat(grad_norms, axis=0))
-        return self._logs(self.metrics)
+        return keras_workarounds.step_logs(self.metrics)
 
     def test_step(self, data):
         """Cross-entropy, accuracy and mean energy of clean (noise-free) data."""
@@ -566,7 +511,8 @@ class JEM(keras.Model):
         self.ce_tracker.update_state(ce, sample_weight=sample_weight)
         self.accuracy_metric.update_state(y, logits, sample_weight=sample_weight)
         self.e_data_tracker.update_state(energy_lib.energy(logits))
-        return self._logs([self.loss_tracker, self.ce_tracker, self.accuracy_metric, self.e_data_tracker])
+        return keras_workarounds.step_logs([self.loss_tracker, self.ce_tracker, self.accuracy_metric,
+                                            self.e_data_tracker])
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -592,28 +538,8 @@ class JEM(keras.Model):
         Returns:
             A numpy array ``[num_samples, *image_shape]``.
         """
-        if not (isinstance(num_samples, int) and num_samples >= 1):
-            raise ValueError(f"`num_samples` must be an int >= 1; received {num_samples!r}")
-        inits = ("default", "uniform", "class_gaussian", "buffer")
-        if init not in inits:
-            raise ValueError(f"`init` must be one of {inits}; received {init!r}")
-        if init == "class_gaussian" and self.chain_init is None:
-            raise ValueError("`init='class_gaussian'` needs a model built with a fitted `chain_init`.")
-        if n_steps is not None and not (isinstance(n_steps, int) and n_steps >= 0):
-            raise ValueError(f"`n_steps` must be an int >= 0; received {n_steps!r}")
-        context = self._labels_context(labels, num_samples)
-        seed = as_stateless_seed(seed)
-        if init == "buffer":
-            # Stored chains (from the labels' class slots when the buffer has them), without restarts.
-            draw_labels = context[0] if context and self.class_conditional_buffer else None
-            indices = self.replay_buffer.draw(num_samples, seed, labels=draw_labels).indices
-            x = self.replay_buffer.read(indices)
-        elif init in ("default", "class_gaussian") and self.chain_init is not None:
-            x = self.chain_init.sample(num_samples, seed, labels=context[0] if context else None)
-        else:
-            low, high = self.value_range
-            x = tf.random.stateless_uniform([num_samples, *self.image_shape], seed=seed, minval=low, maxval=high)
-        return self._run_sgld(x, seed, n_steps, step_size, noise_std, context)
+        return self._generator.sample(num_samples, seed=seed, n_steps=n_steps, labels=labels, init=init,
+                                      step_size=step_size, noise_std=noise_std)
 
     @property
     def refinement_settings(self) -> RefinementSettings:
@@ -643,59 +569,8 @@ class JEM(keras.Model):
             A numpy array of the refined images (in the value range, unless ``settings="sampler"`` and the
             sampler does not clamp).
         """
-        images = np.asarray(images, dtype=np.float32)
-        if images.shape[1:] != tuple(self.image_shape) or images.shape[0] < 1:
-            raise ValueError(f"`images` must be [N >= 1, {', '.join(map(str, self.image_shape))}]; "
-                             f"received shape {images.shape}")
-        if n_steps is not None and not (isinstance(n_steps, int) and n_steps >= 0):
-            raise ValueError(f"`n_steps` must be an int >= 0; received {n_steps!r}")
-        if settings == "sampler":
-            sampler = self.sampler
-        else:
-            if settings is None:
-                settings = self.refinement_settings
-            if not isinstance(settings, RefinementSettings):
-                raise ValueError(f"`settings` must be None, 'sampler' or RefinementSettings; received {settings!r}")
-            sampler = settings.sampler(self.value_range)
-            n_steps = settings.n_steps if n_steps is None else n_steps
-        context = self._labels_context(labels, images.shape[0])
-        return self._run_sgld(tf.constant(images), as_stateless_seed(seed), n_steps, step_size, noise_std, context,
-                              sampler=sampler)
-
-    def _labels_context(self, labels, num: int) -> tuple:
-        """``()`` without labels, else ``(int32 labels,)`` after checking ``num`` ids in range."""
-        if labels is None:
-            return ()
-        labels = np.asarray(labels)
-        if labels.shape != (num,) or labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"`labels` must be {num} class ids in [0, {self.num_classes}); received {labels!r}")
-        return (tf.constant(labels, tf.int32),)
-
-    def _run_sgld(self, x, seed, n_steps, step_size, noise_std, context, sampler=None) -> np.ndarray:
-        """SGLD from ``x`` with one compiled sampler function shared by :meth:`sample` and :meth:`refine`
-        (``sampler``: default the training sampler; refinement passes its own)."""
-        sampler = self.sampler if sampler is None else sampler
-        if n_steps == 0:
-            return x.numpy()
-        # One tf.function per arity and per sampler structure (step size, noise and steps are arguments): a
-        # *context varargs function called with and without labels breaks tf.function's retracing relaxation
-        # (IndexError in TF 2.21).
-        structure = {k: v for k, v in sampler.get_config().items() if k not in ("step_size", "noise_std", "n_steps")}
-        key = (len(context), repr(sorted(structure.items())))
-        sample_fn = self._sample_fns.get(key)
-        if sample_fn is None:
-            sample_fn = self._sample_fns[key] = tf.function(
-                lambda x, seed, n_steps, step_size, noise_std, *context: sampler.sample(
-                    self._sgld_energy, x, seed, context=context, n_steps=n_steps,
-                    step_size=step_size, noise_std=noise_std)[0],
-                reduce_retracing=True,
-            )
-        sgld_seed = seeds.fold(seed, seeds.SAMPLE_SGLD)
-        n_steps = sampler.n_steps if n_steps is None else n_steps
-        step_size = sampler.step_size if step_size is None else step_size
-        noise_std = sampler.noise_std if noise_std is None else noise_std
-        return sample_fn(x, sgld_seed, tf.constant(n_steps, tf.int32), tf.constant(step_size, tf.float32),
-                         tf.constant(noise_std, tf.float32), *context).numpy()
+        return self._generator.refine(images, n_steps=n_steps, seed=seed, labels=labels, step_size=step_size,
+                                      noise_std=noise_std, settings=settings)
 
     # ----------------------------------------------------------------------------- config
     def get_config(self) -> dict:

@@ -43,7 +43,7 @@ import tensorflow as tf
 
 import jem_tf
 from jem_tf import energy as energy_lib
-from jem_tf import seeds
+from jem_tf import generation, seeds
 from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern
 from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
 from jem_tf.jem import JEM
@@ -187,11 +187,8 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
         return {"energy": energy_lib.energy(logits), "log_px": energy_lib.log_px(logits), "ood_score": ood_score,
                 "is_in_distribution": ood_score >= tf.constant(detector.threshold, tf.float32)}
 
-    def sampling_energy(x, labels):
-        logits = logits_of(x)
-        # class_label -1: unconditional E(x); otherwise the joint energy E(x, y) = -f(x)[y].
-        conditional = energy_lib.conditional_energy(logits, tf.maximum(labels, 0))
-        return tf.where(labels >= 0, conditional, energy_lib.energy(logits))
+    # class_label -1: unconditional E(x); otherwise the joint energy E(x, y) = -f(x)[y].
+    sampling_energy = generation.sgld_energy_per_row(logits_of)
 
     def sample(num_samples, n_steps, seed, class_label, step_size, noise_std):
         checks = [
@@ -216,19 +213,15 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
         noise_std = tf.where(noise_std >= 0, noise_std, sampler.noise_std)
         stateless_seed = tf.stack([seed, tf.constant(0, tf.int64)])
         labels = tf.fill([num_samples], class_label)
-        low, high = value_range
-        if chain_init is None:
-            x0 = tf.random.stateless_uniform(tf.concat([[num_samples], image_shape], 0), seed=stateless_seed,
-                                             minval=low, maxval=high)
-        else:
-            # The model's class Gaussians: of class_label, or of classes drawn with the class prior.
-            start_labels = tf.where(labels >= 0, labels, chain_init.draw_labels(num_samples, stateless_seed))
-            x0 = chain_init.sample(num_samples, stateless_seed, labels=start_labels)
+        # The model's start distribution: its class Gaussians (of class_label, or of classes drawn with the class
+        # prior), else uniform noise.
+        x0 = generation.fresh_chains(num_samples, stateless_seed, image_shape=image_shape, value_range=value_range,
+                                     chain_init=chain_init, labels=labels)
         samples, _ = sampler.sample(
             sampling_energy, x0, seeds.fold(stateless_seed, seeds.SERVING_SGLD),
             context=(labels,), n_steps=n_steps, step_size=step_size, noise_std=noise_std)
         # Clipped to the value range: every sample is a valid input of classify and energy.
-        samples = tf.clip_by_value(samples, low, high)
+        samples = tf.clip_by_value(samples, *value_range)
         return {"samples": samples, "energy": energy_lib.energy(logits_of(samples))}
 
     module = tf.Module(name="jem_serving")

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jem_tf.keras_workarounds import learning_rate_or_schedule
 from jem_tf.schedules import ScaledSchedule
 from jem_tf.seeds import buffer_reset_seed
 
@@ -138,7 +139,7 @@ class StabilityGuard(keras.callbacks.Callback):
     def _lower_learning_rate(self) -> Optional[float]:
         # A LossScaleOptimizer (mixed_float16) keeps the schedule on its inner optimizer.
         optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
-        current = optimizer._learning_rate  # the schedule or variable itself, not its current value
+        current = learning_rate_or_schedule(optimizer)  # the schedule or variable itself, not its current value
         if isinstance(current, keras.optimizers.schedules.LearningRateSchedule):
             optimizer.learning_rate = ScaledSchedule(current, self.lr_factor)
         else:
