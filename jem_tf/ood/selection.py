@@ -20,7 +20,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from jem_tf import outliers
+from jem_tf import outliers, seeds
 from jem_tf.metrics import auroc, auroc_standard_error
 from jem_tf.ood.detectors import OODDetector, default_candidates, single
 from jem_tf.ood.scorer import OODScorer
@@ -69,8 +69,9 @@ def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Op
     else:
         in_components = scorer.arrays(val_images, needed, batch_size=batch_size)
     functions = {**outlier_functions, **shift_functions}
-    made = {kind: scorer.arrays(outliers.make(kind, val_images, value_range=scorer.value_range, seed=seed + 1 + i,
-                                              function=functions[kind]), needed, batch_size=batch_size)
+    made = {kind: scorer.arrays(outliers.make(kind, val_images, value_range=scorer.value_range,
+                                              seed=seed + seeds.OUTLIER_KIND_OFFSET + i, function=functions[kind]),
+                                needed, batch_size=batch_size)
             for i, kind in enumerate(outlier_names + shift_names)}
     table, fitted = {}, {}
     for candidate in candidates:
