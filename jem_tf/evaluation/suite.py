@@ -5,7 +5,6 @@ writes ``report.json``."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -17,6 +16,7 @@ from jem_tf.evaluation.frechet import FeatureNetwork, evaluate_frechet
 from jem_tf.evaluation.ood_benchmark import evaluate_ood
 from jem_tf.evaluation.robustness import DEFAULT_EOT_SAMPLES, DEFAULT_PGD_EPS, evaluate_robustness
 from jem_tf.evaluation.samples import evaluate_samples
+from jem_tf.files import atomic_write_json
 from jem_tf.jem import JEM
 from jem_tf.ood import OODScorer
 from jem_tf.refinement import REFINEMENT_SOURCES, RefinementSettings, resolve_refinement
@@ -263,10 +263,7 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
         start = time.perf_counter()
         report[mode] = MODE_TABLE[mode](run)
         report["timing_s"][mode] = round(time.perf_counter() - start, 2)
-    tmp = os.path.join(out_dir, REPORT_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, REPORT_FILE))
+    atomic_write_json(os.path.join(out_dir, REPORT_FILE), report)
     return report
 
 
