@@ -8,6 +8,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from jem_tf import seeds
+
 NORMS = ("linf", "l2")
 
 
@@ -85,11 +87,12 @@ class PGD:
             delta = tf.random.stateless_uniform(tf.shape(x0), seed, -eps, eps)
         else:
             direction = tf.random.stateless_normal(tf.shape(x0), seed)
-            radius = tf.random.stateless_uniform([tf.shape(x0)[0], 1, 1, 1], seed + 1, 0.0, eps)
+            radius = tf.random.stateless_uniform([tf.shape(x0)[0], 1, 1, 1], seed + seeds.PGD_START_RADIUS, 0.0, eps)
             delta = direction / (self._l2_norm(direction) + 1e-12) * radius
         x = tf.clip_by_value(x0 + delta, low, high)
         for i in tf.range(self.steps):
-            grad = self._loss_gradient(x, y, tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64) + 2))
+            step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64) + seeds.PGD_FIRST_STEP)
+            grad = self._loss_gradient(x, y, step_seed)
             if self.norm == "linf":
                 x = x + step_size * tf.sign(grad)
                 x = x0 + tf.clip_by_value(x - x0, -eps, eps)

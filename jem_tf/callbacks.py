@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from jem_tf.files import DiskFullError, check_free_space, is_disk_full, remove_path, write_atomically
+from jem_tf.files import check_free_space, write_atomically
 from jem_tf.figures import image_grid, upscale, write_png
 from jem_tf.keras_workarounds import set_initial_epoch
 
@@ -208,10 +208,9 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
             return
         os.makedirs(self.backup_dir, exist_ok=True)
         name = f"epoch_{self._current_epoch:04d}"
-        tmp = os.path.join(self.backup_dir, f".tmp_{name}")
         target = os.path.join(self.backup_dir, name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+
+        def write_generation(tmp):
             # A full disk is refused before h5py starts (it can crash the process instead of raising).
             check_free_space(self.backup_dir, saved_state_bytes(self.model), target)
             os.makedirs(tmp)
@@ -221,13 +220,10 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
                            "optimizer_step": int(self.model.optimizer.iterations.numpy())}, f)
                 f.flush()
                 os.fsync(f.fileno())
-            shutil.rmtree(target, ignore_errors=True)
-            os.rename(tmp, target)  # atomic: a generation is complete or absent
-        except BaseException as error:  # the previous generations stay: the last good epoch is kept
-            remove_path(tmp)
-            if is_disk_full(error) and not isinstance(error, DiskFullError):
-                raise DiskFullError(target) from error
-            raise
+
+        # A generation is complete or absent; on a failure the previous generations stay (the last good epoch).
+        write_atomically(target, write_generation, tmp=os.path.join(self.backup_dir, f".tmp_{name}"),
+                         replace_directory=True)
         for _, old in self.generations()[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -12,13 +12,12 @@ Every file is written atomically (a temporary file, then renamed).
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from jem_tf.files import write_atomically
+from jem_tf.files import atomic_write_bytes, write_atomically
 
 
 # ------------------------------------------------------------------------------------- image grids
@@ -51,20 +50,13 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 
 def write_png(path: str, image: np.ndarray) -> None:
     """Writes a uint8 ``[H, W, C]`` image (C = 1 or 3) to ``path`` atomically."""
-    data = tf.io.encode_png(tf.constant(image, tf.uint8)).numpy()
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    write_atomically(path, write, tmp=path + ".tmp")
+    atomic_write_bytes(path, tf.io.encode_png(tf.constant(image, tf.uint8)).numpy(), tmp=path + ".tmp")
 
 
 # ------------------------------------------------------------------------------------- matplotlib figures
 def _save(figure, path: str) -> str:
-    tmp = path + ".tmp.png"
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    # The temporary name ends in .png: savefig takes the format from it.
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight"), tmp=path + ".tmp.png")
     return path
 
 

@@ -58,31 +58,51 @@ def check_free_space(directory: str, needed_bytes: int, path: str) -> None:
         raise DiskFullError(path)
 
 
-def write_atomically(path: str, write: Callable[[str], None], *, tmp: Optional[str] = None) -> None:
-    """Calls ``write(tmp)`` and renames ``tmp`` (default ``PATH.tmp-PID``) to ``path``. On any failure (or an
-    interrupt) the temporary file or directory is removed and ``path`` is left as it was; a full disk raises
-    :class:`DiskFullError`."""
+def write_atomically(path: str, write: Callable[[str], None], *, tmp: Optional[str] = None,
+                     replace_directory: bool = False) -> None:
+    """The one atomic write: calls ``write(tmp)``, which creates a file or a directory at ``tmp`` (default
+    ``PATH.tmp-PID``), and renames ``tmp`` to ``path``, so that ``path`` holds the previous content or the new
+    one, never a part. Any writer fits (``model.save``, ``figure.savefig``, ``tf.saved_model.save``, ...); a
+    ``tmp`` left by a killed process is removed first.
+
+    On any failure (or an interrupt) the temporary file or directory is removed and ``path`` is left as it
+    was; a full disk raises :class:`DiskFullError` naming ``path``. A directory cannot be renamed over a
+    non-empty one: with ``replace_directory`` an existing directory at ``path`` is removed just before the
+    rename (the one moment a reader finds neither); without it, renaming over one fails.
+
+    Example:
+        >>> write_atomically("model.keras", model.save, tmp=".model.keras.tmp-1234.keras")
+    """
     tmp = tmp or f"{path}.tmp-{os.getpid()}"
     try:
+        remove_path(tmp)
         write(tmp)
+        if replace_directory and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException as error:
         remove_path(tmp)
-        if is_disk_full(error):
+        if is_disk_full(error) and not isinstance(error, DiskFullError):
             raise DiskFullError(path) from error
         raise
 
 
-def atomic_write_json(path: str, values) -> None:
-    """Writes ``values`` as JSON to ``path`` through a temporary file and a rename (never a torn file)."""
+def atomic_write_bytes(path: str, data: bytes, *, tmp: Optional[str] = None) -> None:
+    """Writes ``data`` to ``path`` with :func:`write_atomically`, flushed to disk before the rename."""
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(values, f, indent=2)
+    def write(tmp_path):
+        with open(tmp_path, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
-    write_atomically(path, write)
+    write_atomically(path, write, tmp=tmp)
+
+
+def atomic_write_json(path: str, values, *, tmp: Optional[str] = None) -> None:
+    """Writes ``values`` as JSON (indented by 2) to ``path`` with :func:`atomic_write_bytes` (never a torn
+    file)."""
+    atomic_write_bytes(path, json.dumps(values, indent=2).encode("utf-8"), tmp=tmp)
 
 
 def process_alive(pid) -> bool:

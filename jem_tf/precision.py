@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import energy as energy_lib
+from jem_tf import seeds
 from jem_tf.networks import with_precision
 
 AUTO_CANDIDATES = ("float32", "mixed_bfloat16")
@@ -32,8 +33,8 @@ def time_jem_step(backbone: keras.Model, *, batch_size: int, repeats: int = 5, w
     plus the energies of data and samples (what a training step computes), on random inputs."""
     shape = (batch_size,) + tuple(backbone.input_shape[1:])
     num_classes = backbone.output_shape[-1]
-    x = tf.random.stateless_uniform(shape, seed=[seed, 1], minval=-1.0, maxval=1.0)
-    y = tf.random.stateless_uniform([batch_size], seed=[seed, 2], maxval=num_classes, dtype=tf.int32)
+    x = tf.random.stateless_uniform(shape, seed=[seed, seeds.PROBE_IMAGES], minval=-1.0, maxval=1.0)
+    y = tf.random.stateless_uniform([batch_size], seed=[seed, seeds.PROBE_LABELS], maxval=num_classes, dtype=tf.int32)
 
     @tf.function
     def step(x, y):

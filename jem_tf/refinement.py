@@ -252,7 +252,7 @@ def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
             segment = RefinementSettings(n_steps=k - done, step_size=step_size, noise_std=noise_std,
                                          grad_clamp=grad_clamp)
             x = np.concatenate([model.refine(x[a:a + batch_size], settings=segment,
-                                             seed=np.array([seed, k * 100_003 + a], np.int64))
+                                             seed=np.array([seed, k * seeds.REFINE_STEPS_STRIDE + a], np.int64))
                                 for a in range(0, len(x), batch_size)])
             done = k
             logits = _predict(model, x, batch_size)

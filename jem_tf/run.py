@@ -34,6 +34,7 @@ from jem_tf.conversion import file_sha256, logits_network
 from jem_tf.data import ImageDataset, load_dataset, split_validation
 from jem_tf.files import atomic_write_json, check_free_space, process_alive, remove_path, write_atomically
 from jem_tf.jem import JEM
+from jem_tf.seeds import LABELLED_SUBSET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +221,7 @@ def select_labelled(config: TrainConfig, train: Split) -> Split:
         smallest = classes[counts.argmin()]
         raise ValueError(f"labels_per_class ({n}) is more than the {counts.min()} training images of class "
                          f"{smallest} (after the validation split); use at most {counts.min()}.")
-    rng = np.random.default_rng([config.seed, 2])
+    rng = np.random.default_rng([config.seed, LABELLED_SUBSET])
     chosen = np.concatenate([rng.choice(np.flatnonzero(train.labels == c), size=n, replace=False) for c in classes])
     chosen.sort()
     return Split(train.images[chosen], train.labels[chosen])

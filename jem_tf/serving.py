@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from typing import Optional, Sequence
 
@@ -44,7 +43,7 @@ import tensorflow as tf
 import jem_tf
 from jem_tf import energy as energy_lib
 from jem_tf import generation, seeds
-from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern
+from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern, write_atomically
 from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
 from jem_tf.jem import JEM
 from jem_tf.ood import FittedDetector, OODScorer, fit_ood_detector, single
@@ -306,9 +305,6 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
     os.makedirs(export_dir, exist_ok=True)
     # Temporaries of exports killed mid-write (this host's dead processes) go; then ours is written.
     remove_stale_temporaries(export_dir, temporary_pattern(EXPORT_TMP_PREFIX), _OLD_EXPORT_TMP)
-    tmp = os.path.join(export_dir, temporary_name(EXPORT_TMP_PREFIX))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tf.saved_model.save(module, tmp, signatures=signatures)
     low, high = model.value_range
     metadata = {
         "format": "jem-tf SavedModel for TensorFlow Serving",
@@ -340,8 +336,13 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                       "clipped samples)",
         },
     }
-    os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
-    with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
-    os.rename(tmp, target)  # atomic: a polling server sees the whole version or nothing
+
+    def write_version(tmp):
+        tf.saved_model.save(module, tmp, signatures=signatures)
+        os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=2)
+
+    # Atomic: a polling server sees the whole version or nothing.
+    write_atomically(target, write_version, tmp=os.path.join(export_dir, temporary_name(EXPORT_TMP_PREFIX)))
     return target

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from jem_tf.evaluation import metrics
+from jem_tf import metrics
 
 
 def _logits(probabilities):
@@ -68,6 +68,23 @@ def test_ood_metrics_match_hand_computed_values():
     assert (result["num_in"], result["num_out"]) == (3, 2)
 
 
+def test_auroc_counts_ordered_pairs_and_ties_as_one_half():
+    assert metrics.auroc([0.9, 0.8, 0.4], [0.7, 0.3]) == pytest.approx(5 / 6)
+    assert metrics.auroc([1.0, 2.0], [1.0, 0.0]) == pytest.approx((1.5 + 2) / 4)  # one tie of four pairs
+    assert metrics.auroc([5.0, 6.0], [1.0, 2.0]) == 1.0 and metrics.auroc([1.0, 2.0], [5.0, 6.0]) == 0.0
+    rng = np.random.default_rng(4)
+    scores_in, scores_out = rng.normal(1.0, 1.0, 300).round(1), rng.normal(0.0, 1.0, 200).round(1)
+    assert metrics.auroc(scores_in, scores_out) == pytest.approx(
+        metrics.ood_metrics(scores_in, scores_out)["auroc"], abs=1e-12)
+
+
+def test_the_evaluation_path_names_the_same_metrics():
+    from jem_tf.evaluation import metrics as evaluation_metrics
+
+    assert evaluation_metrics.ood_metrics is metrics.ood_metrics and evaluation_metrics.auroc is metrics.auroc
+    assert set(evaluation_metrics.__all__) <= set(dir(metrics))
+
+
 def test_fpr_at_95_tpr_uses_the_highest_threshold_that_keeps_95_percent():
     scores_in = np.arange(1, 21, dtype=float)  # threshold 2 keeps 19 of 20 = 95 %
     result = metrics.ood_metrics(scores_in, [0.5, 1.5, 2.5, 30.0])
@@ -102,3 +119,13 @@ def test_frechet_distance_closed_forms():
 def test_bad_inputs_are_value_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_metrics_is_a_leaf_module():
+    """The OOD detectors and the evaluation both import jem_tf.metrics: it imports nothing from jem_tf."""
+    import ast
+
+    tree = ast.parse(open(metrics.__file__).read())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [name for name in imported if name and name.split(".")[0] == "jem_tf"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jem_tf import ood, outliers
+from jem_tf import metrics, ood, outliers
 from jem_tf.ood import OODDetector, OODScorer, Term, single
 
 
@@ -36,7 +36,7 @@ def test_log_px_and_gradient_norm_of_a_known_density(scorer):
     np.testing.assert_allclose(values["max_softmax"], 1.0)
     # A narrow Gaussian (in) against a wide one (out): log p(x) separates them almost perfectly.
     wide = np.random.default_rng(1).normal(0, 2.0, (50, 4, 4, 1)).astype(np.float32)
-    assert ood.auroc(values["log_px"], scorer.arrays(wide, ["log_px"])["log_px"]) > 0.99
+    assert metrics.auroc(values["log_px"], scorer.arrays(wide, ["log_px"])["log_px"]) > 0.99
 
 
 def test_the_compressor_ranks_a_constant_image_as_simple():
@@ -228,14 +228,32 @@ def test_default_candidates_need_only_what_the_scorer_has(scorer):
 
 def test_auroc_standard_error_and_the_tie_tolerance():
     # Hanley & McNeil's worked example: AUROC 0.8 with 50 and 50 cases has a standard error of about 0.043.
-    assert abs(ood.auroc_standard_error(0.8, 50, 50) - 0.043) < 0.002
-    assert ood.auroc_standard_error(0.9, 6000, 6000) < ood.auroc_standard_error(0.9, 144, 144) / 5
+    assert abs(metrics.auroc_standard_error(0.8, 50, 50) - 0.043) < 0.002
+    assert metrics.auroc_standard_error(0.9, 6000, 6000) < metrics.auroc_standard_error(0.9, 144, 144) / 5
     scorer = OODScorer(gaussian_backbone(), value_range=(-4.0, 4.0))
     validation = np.random.default_rng(0).normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
     _, report = ood.select_detector(scorer, validation)
     best = max(row["worst"] for row in report["candidates"].values())
-    assert report["tie_tolerance"] == max(1e-3, ood.auroc_standard_error(best, 40, 40))
+    assert report["tie_tolerance"] == max(1e-3, metrics.auroc_standard_error(best, 40, 40))
     assert report["chosen"] in report["finalists"]
     assert set(report["finalists"]) == {name for name, row in report["candidates"].items()
                                         if row["worst"] >= best - report["tie_tolerance"]}
 
+
+
+def test_the_detectors_import_no_orchestration_module():
+    """jem_tf.ood sits before the evaluation, the export and the tuner: it imports only leaf modules."""
+    import ast
+    import os
+
+    allowed = {"jem_tf.metrics", "jem_tf.outliers", "jem_tf.seeds", "jem_tf.ood.scorer", "jem_tf.ood.detectors",
+               "jem_tf.ood.selection"}
+    directory = os.path.dirname(ood.__file__)
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(directory, name)).read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jem_tf"):
+                    modules = ({f"{node.module}.{a.name}" for a in node.names} if node.module == "jem_tf"
+                               else {node.module})
+                    assert modules <= allowed, (name, modules)

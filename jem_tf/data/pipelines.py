@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from jem_tf import seeds
+
 
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
 
@@ -17,7 +19,8 @@ def augment_images(images: tf.Tensor, *, kind: str, seed: tf.Tensor, pad: int = 
         raise ValueError(f"Unknown augmentation {kind!r}; expected one of {AUGMENTATIONS}.")
     if kind == "none":
         return images
-    crop_seed, flip_seed = (tf.random.experimental.stateless_fold_in(seed, s) for s in (1, 2))
+    crop_seed, flip_seed = (tf.random.experimental.stateless_fold_in(seed, s)
+                             for s in (seeds.AUGMENT_CROP, seeds.AUGMENT_FLIP))
     if "crop" in kind:
         shape = tf.shape(images)
         padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
@@ -100,17 +103,17 @@ def make_semi_supervised_dataset(x: np.ndarray, labelled_x: np.ndarray, labelled
         def gather(index, batch):
             batch_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
             pick = tf.random.stateless_uniform([labelled_batch_size], seed=tf.random.experimental.stateless_fold_in(
-                batch_seed, 1), minval=0, maxval=num_labelled, dtype=tf.int32)
+                batch_seed, seeds.BATCH_PICK_LABELLED), minval=0, maxval=num_labelled, dtype=tf.int32)
             unlabelled = tf.gather(images, batch)
             batch_images = tf.concat([unlabelled, tf.gather(labelled_images, pick)], axis=0)
             labels = tf.concat([tf.zeros([tf.shape(unlabelled)[0]], tf.int32), tf.gather(labelled_labels, pick)], 0)
             weights = tf.concat([tf.zeros([tf.shape(unlabelled)[0]]), tf.ones([labelled_batch_size])], 0)
             rows = tf.argsort(tf.random.stateless_uniform([tf.shape(labels)[0]], seed=tf.random.experimental.
-                                                          stateless_fold_in(batch_seed, 2)))
+                                                          stateless_fold_in(batch_seed, seeds.BATCH_SHUFFLE_ROWS)))
             batch_images = tf.gather(batch_images, rows)
             if augment != "none":
-                batch_images = augment_images(batch_images, kind=augment,
-                                              seed=tf.random.experimental.stateless_fold_in(batch_seed, 3))
+                augment_seed = tf.random.experimental.stateless_fold_in(batch_seed, seeds.BATCH_AUGMENT)
+                batch_images = augment_images(batch_images, kind=augment, seed=augment_seed)
             return batch_images, tf.gather(labels, rows), tf.gather(weights, rows)
 
         return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -132,7 +135,7 @@ def make_dataset(x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool
         dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if augment != "none":
-        base = tf.constant([seed, 7], tf.int64)
+        base = tf.constant([seed, seeds.MAKE_DATASET_AUGMENT], tf.int64)
         dataset = dataset.enumerate().map(
             lambda i, batch: (augment_images(batch[0], kind=augment,
                                              seed=tf.random.experimental.stateless_fold_in(base, i)), batch[1]),

@@ -7,7 +7,7 @@ that produced it) and PNG figures. The modes, one module each:
   steps of the inputs.
 * ``calibration`` (:mod:`~jem_tf.evaluation.classification`): ECE (``tfp.stats``), MCE, NLL, Brier, a
   reliability diagram, and temperature scaling fitted on the run's validation split (never on test data).
-* ``ood`` (:mod:`~jem_tf.evaluation.ood`): scores log p(x), max p(y|x), the input-gradient norm
+* ``ood`` (:mod:`~jem_tf.evaluation.ood_benchmark`): scores log p(x), max p(y|x), the input-gradient norm
   ("approximate mass") and the temperature-scaled energy against any loadable dataset and the synthetic
   sets ``uniform``, ``constant`` and ``permuted``; AUROC, AUPR-in/out and FPR at 95 % TPR with
   in-distribution positive.
@@ -20,8 +20,9 @@ that produced it) and PNG figures. The modes, one module each:
   refinement before classifying.
 
 :mod:`~jem_tf.evaluation.suite` holds :class:`EvaluationConfig` (every mode's settings) and runs the
-modes; :mod:`~jem_tf.evaluation.common` the helpers they share; :mod:`~jem_tf.evaluation.metrics` the
-metrics on plain numpy arrays. The figures are drawn by :mod:`jem_tf.figures`.
+modes; :mod:`~jem_tf.evaluation.common` the helpers they share; :mod:`jem_tf.metrics` (also importable as
+``jem_tf.evaluation.metrics``) the metrics on plain numpy arrays. The figures are drawn by
+:mod:`jem_tf.figures`.
 
 Nothing is hidden: inputs are used as loaded (the training-time data noise is off) unless
 ``input_noise_std`` is given, and the report lists the transforms applied.
@@ -30,8 +31,8 @@ Nothing is hidden: inputs are used as loaded (the training-time data noise is of
 from jem_tf.evaluation.classification import evaluate_accuracy, evaluate_calibration
 from jem_tf.evaluation.common import input_gradient_norms, predict_logits, refine_in_batches
 from jem_tf.evaluation.frechet import INCEPTION, FeatureNetwork, evaluate_frechet, load_feature_network
-from jem_tf.evaluation.ood import (OOD_SCORES, SYNTHETIC_OOD, evaluate_ood, load_ood_sets, ood_scores,
-                                   synthetic_ood_images)
+from jem_tf.evaluation.ood_benchmark import (OOD_SCORES, SYNTHETIC_OOD, evaluate_ood, load_ood_sets, ood_scores,
+                                             synthetic_ood_images)
 from jem_tf.evaluation.robustness import DEFAULT_PGD_EPS, evaluate_robustness
 from jem_tf.evaluation.samples import evaluate_samples
 from jem_tf.evaluation.suite import (DEFAULT_MODES, MODES, REPORT_FILE, SCHEMA_VERSION, EvaluationConfig, evaluate,

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jem_tf import seeds
 from jem_tf.evaluation import metrics as metrics_lib
 from jem_tf.evaluation.common import batches
 from jem_tf.evaluation.samples import start_distribution
@@ -101,7 +102,8 @@ def evaluate_frechet(model: JEM, test_images: np.ndarray, *, network: FeatureNet
     sets = {
         "buffer": model.sample(min(n, model.buffer_size), seed=seed, n_steps=0, init="buffer"),
         f"{start_distribution(model)}_{sample_steps}_steps": np.concatenate(
-            [model.sample(b - a, seed=seed + 1 + a, n_steps=sample_steps) for a, b in batches(n, batch_size)]),
+            [model.sample(b - a, seed=seed + seeds.FRECHET_SAMPLES_OFFSET + a, n_steps=sample_steps)
+             for a, b in batches(n, batch_size)]),
     }
     if held_out_images is not None and len(held_out_images) >= 2:
         sets["held_out_real_images"] = held_out_images[:n]

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from jem_tf import figures
+from jem_tf import figures, seeds
 from jem_tf.evaluation import metrics as metrics_lib
 from jem_tf.evaluation.common import energies, predict_logits, save_grid
 from jem_tf.jem import JEM
@@ -47,29 +47,30 @@ def evaluate_samples(model: JEM, *, out_dir: str, reference_images: np.ndarray, 
     results = {"reference": _sample_summary(model, reference_images)}
 
     start = start_distribution(model)
-    x = model.sample(num_samples, seed=seed, n_steps=sample_steps)
+    x = model.sample(num_samples, seed=seed + seeds.SAMPLES_UNCONDITIONAL, n_steps=sample_steps)
     results["unconditional"] = {**_sample_summary(model, x), "init": start, "n_steps": sample_steps,
                                 "file": os.path.basename(save_grid(os.path.join(out_dir, "samples_unconditional.png"),
                                                                    x, model))}
     labels = np.repeat(np.arange(k), per_class).astype(np.int32)
     # The same chains' starting points: how much of the class agreement the start alone already gives.
-    x = model.sample(len(labels), seed=seed + 1, n_steps=0, labels=labels)
+    x = model.sample(len(labels), seed=seed + seeds.SAMPLES_CONDITIONAL, n_steps=0, labels=labels)
     results["conditional_start"] = {**_sample_summary(model, x, labels), "init": start, "n_steps": 0}
-    x = model.sample(len(labels), seed=seed + 1, n_steps=sample_steps, labels=labels)
+    x = model.sample(len(labels), seed=seed + seeds.SAMPLES_CONDITIONAL, n_steps=sample_steps, labels=labels)
     results["conditional"] = {**_sample_summary(model, x, labels), "init": start, "n_steps": sample_steps,
                               "layout": f"row i = class i, {per_class} per row",
                               "file": os.path.basename(save_grid(os.path.join(out_dir, "samples_conditional.png"),
                                                                  x, model, columns=per_class))}
-    x = model.sample(num_samples, seed=seed + 2, n_steps=0, init="buffer")
+    x = model.sample(num_samples, seed=seed + seeds.SAMPLES_BUFFER, n_steps=0, init="buffer")
     results["buffer"] = {**_sample_summary(model, x), "init": "replay buffer (as stored, no extra steps)",
                          "file": os.path.basename(save_grid(os.path.join(out_dir, "samples_buffer.png"), x, model))}
 
     if long_chain_steps > 0:
         checkpoints = np.unique(np.linspace(0, long_chain_steps, long_chain_snapshots + 1).round().astype(int))
-        x = model.sample(long_chain_num, seed=seed + 3, n_steps=0)
+        x = model.sample(long_chain_num, seed=seed + seeds.SAMPLES_LONG_CHAIN, n_steps=0)
         snapshots, chain_energies = [x], [energies(predict_logits(model, x))]
         for i, (a, b) in enumerate(zip(checkpoints[:-1], checkpoints[1:])):
-            x = model.refine(x, n_steps=int(b - a), seed=np.array([seed + 3, i + 1], np.int64), settings="sampler")
+            segment_seed = np.array([seed + seeds.SAMPLES_LONG_CHAIN, i + 1], np.int64)
+            x = model.refine(x, n_steps=int(b - a), seed=segment_seed, settings="sampler")
             snapshots.append(x)
             chain_energies.append(energies(predict_logits(model, x)))
         # Rows = chains, columns = snapshots in step order.

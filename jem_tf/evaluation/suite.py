@@ -5,7 +5,6 @@ writes ``report.json``."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -14,9 +13,10 @@ import numpy as np
 
 from jem_tf.evaluation.classification import evaluate_accuracy, evaluate_calibration
 from jem_tf.evaluation.frechet import FeatureNetwork, evaluate_frechet
-from jem_tf.evaluation.ood import evaluate_ood
+from jem_tf.evaluation.ood_benchmark import evaluate_ood
 from jem_tf.evaluation.robustness import DEFAULT_EOT_SAMPLES, DEFAULT_PGD_EPS, evaluate_robustness
 from jem_tf.evaluation.samples import evaluate_samples
+from jem_tf.files import atomic_write_json
 from jem_tf.jem import JEM
 from jem_tf.ood import OODScorer
 from jem_tf.refinement import REFINEMENT_SOURCES, RefinementSettings, resolve_refinement
@@ -219,7 +219,7 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
         train_images, train_labels: The run's training split, for the Mahalanobis statistics of mode ``ood``
             (optional: without it that score is left out).
         ood_sets: ``{name: images}`` out-of-distribution sets (mode ``ood``); see
-            :func:`~jem_tf.evaluation.ood.synthetic_ood_images`.
+            :func:`~jem_tf.evaluation.ood_benchmark.synthetic_ood_images`.
         feature_network: Needed by mode ``frechet``; see :func:`~jem_tf.evaluation.frechet.load_feature_network`.
         model_info: Entries for the report's ``model`` section (its path, dataset, ...).
         **settings: :class:`EvaluationConfig` fields that override ``config`` (``modes=("accuracy",)``,
@@ -263,10 +263,7 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
         start = time.perf_counter()
         report[mode] = MODE_TABLE[mode](run)
         report["timing_s"][mode] = round(time.perf_counter() - start, 2)
-    tmp = os.path.join(out_dir, REPORT_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, REPORT_FILE))
+    atomic_write_json(os.path.join(out_dir, REPORT_FILE), report)
     return report
 
 

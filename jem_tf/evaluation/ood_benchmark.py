@@ -1,4 +1,9 @@
-"""Mode ``ood``: out-of-distribution detection with several scores against loaded and synthetic sets."""
+"""Mode ``ood``: benchmarks every OOD detector of :mod:`jem_tf.ood` against loaded and synthetic OOD sets.
+
+The detectors themselves (scores, combinations, the selection rule) live in :mod:`jem_tf.ood`; this module
+makes or loads the OOD sets, measures each detector on them (:func:`jem_tf.metrics.ood_metrics`) and draws
+the score histograms.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,8 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from jem_tf import figures, outliers
+from jem_tf import figures, metrics, outliers, seeds
 from jem_tf.data import load_dataset
-from jem_tf.evaluation import metrics as metrics_lib
 from jem_tf.jem import JEM
 from jem_tf.ood import COMPONENTS, OODScorer, default_candidates, select_detector
 
@@ -48,12 +52,13 @@ def synthetic_ood_images(kind: str, like: np.ndarray, *, value_range: Sequence[f
 def load_ood_sets(names: Sequence[str], test_images: np.ndarray, *, value_range, seed: int,
                   data_dir: Optional[str], max_images: Optional[int]) -> Dict[str, np.ndarray]:
     """``{name: images}`` for each OOD set name: a :data:`SYNTHETIC_OOD` set shaped like ``test_images``
-    (the ``i``-th name seeded with ``seed + 1 + i``) or the test split of a dataset in ``data_dir``; each
-    cut to its first ``max_images`` images when given."""
+    (the ``i``-th name seeded with ``seed + OOD_SET_OFFSET + i``, :data:`jem_tf.seeds.OOD_SET_OFFSET` = 1) or the
+    test split of a dataset in ``data_dir``; each cut to its first ``max_images`` images when given."""
     sets = {}
     for i, name in enumerate(names):
         if name in SYNTHETIC_OOD:
-            images = synthetic_ood_images(name, test_images, value_range=value_range, seed=seed + 1 + i)
+            images = synthetic_ood_images(name, test_images, value_range=value_range,
+                                          seed=seed + seeds.OOD_SET_OFFSET + i)
         else:
             images = load_dataset(name, data_dir=data_dir, data_dir_flag="--ood-data-dir").x_test
         sets[name] = images[:max_images] if max_images else images
@@ -118,7 +123,7 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
     if chosen is not None:
         detectors[chosen.name] = chosen
     scores = {name: detector.combine(values) for name, detector in detectors.items()}
-    results = {name: {set_name: metrics_lib.ood_metrics(part(score, 0), part(score, i + 1), tpr=tpr)
+    results = {name: {set_name: metrics.ood_metrics(part(score, 0), part(score, i + 1), tpr=tpr)
                       for i, set_name in enumerate(names)} for name, score in scores.items()}
     histograms = {}
     for name in [c for c in OOD_SCORES if c in scores] + ([chosen.name] if chosen is not None else []):

@@ -1,0 +1,109 @@
+"""The one atomic write of jem_tf.files: the target holds the old content or the new one, never a part, and the
+temporary file or directory is gone after a failure."""
+
+import errno
+import json
+import os
+
+import pytest
+
+from jem_tf.files import DiskFullError, atomic_write_bytes, atomic_write_json, write_atomically
+
+
+def test_bytes_and_json_replace_the_whole_file(tmp_path):
+    path = str(tmp_path / "a.bin")
+    atomic_write_bytes(path, b"old")
+    atomic_write_bytes(path, b"new content")
+    assert open(path, "rb").read() == b"new content"
+    target = str(tmp_path / "report.json")
+    values = {"auroc": 0.5, "name": "Fréchet", "list": [1, 2]}
+    atomic_write_json(target, values)
+    # The bytes json.dump(values, f, indent=2) writes.
+    assert open(target).read() == json.dumps(values, indent=2) and json.load(open(target)) == values
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "report.json"]
+
+
+def test_a_failing_writer_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = str(tmp_path / "model.keras")
+    atomic_write_bytes(path, b"complete")
+    seen = []
+
+    def half_write(tmp):
+        seen.append(tmp)
+        with open(tmp, "wb") as f:
+            f.write(b"part")
+        assert open(path, "rb").read() == b"complete"  # the target is untouched while the writer runs
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        write_atomically(path, half_write)
+    assert seen == [f"{path}.tmp-{os.getpid()}"]
+    assert open(path, "rb").read() == b"complete" and os.listdir(tmp_path) == ["model.keras"]
+
+    def interrupted(tmp):
+        open(tmp, "wb").close()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # an interrupt too
+        write_atomically(path, interrupted)
+    assert os.listdir(tmp_path) == ["model.keras"]
+
+
+def test_a_full_disk_is_one_error_naming_the_target(tmp_path):
+    path = str(tmp_path / "config.json")
+
+    def full(tmp):
+        open(tmp, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match=f"cannot write {path}: the disk is full"):
+        write_atomically(path, full)
+    assert os.listdir(tmp_path) == []
+
+    def refused(tmp):  # a free-space check before the write
+        raise DiskFullError("elsewhere")
+
+    with pytest.raises(DiskFullError, match="cannot write elsewhere"):  # passed on as it is
+        write_atomically(path, refused)
+
+
+def test_a_stale_temporary_is_replaced_and_a_custom_name_is_used(tmp_path):
+    path, tmp = str(tmp_path / "samples.png"), str(tmp_path / "samples.png.tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"left by a killed process, longer than the new content")
+
+    def write(name):
+        assert name == tmp and not os.path.exists(name)
+        with open(name, "wb") as f:
+            f.write(b"png")
+
+    write_atomically(path, write, tmp=tmp)
+    assert open(path, "rb").read() == b"png" and os.listdir(tmp_path) == ["samples.png"]
+
+
+def _write_directory(content):
+    def write(tmp):
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "state"), "w") as f:
+            f.write(content)
+    return write
+
+
+def test_directories(tmp_path):
+    target = str(tmp_path / "epoch_0001")
+    write_atomically(target, _write_directory("one"), tmp=str(tmp_path / ".tmp_epoch_0001"))
+    assert open(os.path.join(target, "state")).read() == "one"
+    # Over an existing directory only with replace_directory; a failure keeps the old one and no temporary.
+    with pytest.raises(OSError):
+        write_atomically(target, _write_directory("two"))
+    assert open(os.path.join(target, "state")).read() == "one" and os.listdir(tmp_path) == ["epoch_0001"]
+
+    def broken(tmp):
+        _write_directory("two")(tmp)
+        raise RuntimeError("h5py failed")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(target, broken, replace_directory=True)
+    assert open(os.path.join(target, "state")).read() == "one" and os.listdir(tmp_path) == ["epoch_0001"]
+    write_atomically(target, _write_directory("two"), replace_directory=True)
+    assert open(os.path.join(target, "state")).read() == "two" and os.listdir(tmp_path) == ["epoch_0001"]
