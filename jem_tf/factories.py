@@ -177,7 +177,7 @@ def build_datasets(config: TrainConfig, train: Split, validation: Optional[Split
     if labelled is not None:
         train_ds = make_semi_supervised_dataset(
             train.images, labelled.images, labelled.labels, batch_size=config.batch_size,
-            labelled_batch_size=config.labelled_batch_size or config.batch_size, seed=config.seed,
+            labelled_batch_size=config.labelled_batch_size or max(1, config.batch_size // 4), seed=config.seed,
             first_epoch=first_epoch, num_epochs=num_epochs, augment=config.augment)
         epoch_steps = steps_per_epoch(config, len(train.images))
     elif config.strategy == "multi_worker":
