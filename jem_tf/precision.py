@@ -1,12 +1,11 @@
 """``precision="auto"``: pick the compute precision from what this machine really does, by measuring it.
 
-Mixed bfloat16 is not uniformly faster on CPUs: on a 2-core AMD Zen 4 machine it made the JEM step 2x
-faster, on a 2-core Intel Xeon with AVX512_BF16 but no AMX 1.6x *slower* than float32 (bf16 convolutions
-ran at half float32's rate there), and on a Xeon with AMX 2x faster again. No CPU flag predicts this
-reliably, so :func:`resolve_precision` times the actual network: a few JEM-shaped steps (an SGLD input
-gradient and a weight gradient of cross-entropy plus energy, on a batch of the training shape) in each
-candidate precision, and keeps bfloat16 only if it is clearly faster than float32 (by ``min_speedup``),
-so ``auto`` is never slower than float32 beyond the probe's noise. The choice and the timings are
+Mixed bfloat16 is not uniformly faster on CPUs: depending on the processor (AMX, AVX512_BF16 without AMX,
+other vendors) it has measured clearly faster or clearly slower than float32 for the same JEM step (figures in
+docs/performance.md). No CPU flag predicts this reliably, so :func:`resolve_precision` times the actual
+network: a few JEM-shaped steps (an SGLD input gradient and a weight gradient of cross-entropy plus energy,
+on a batch of the training shape) in each candidate precision, and keeps bfloat16 only if it is clearly
+faster than float32 (by ``min_speedup``), so ``auto`` is never slower than float32 beyond the probe's noise. The choice and the timings are
 returned for the run's log and ``metrics.json``.
 """
 
