@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from jem_tf import seeds
 from jem_tf.distribution import BatchPosition, replica_random
+from jem_tf.inputs import check_value_range
 
 CHAIN_INITS = ("uniform", "class_gaussian")
 DEFAULT_MAX_FULL_DIM = 1024
@@ -71,9 +72,7 @@ class ClassGaussian(keras.layers.Layer):
             raise ValueError(f"`num_classes` must be an int >= 1; received {num_classes!r}")
         if not (isinstance(rank, int) and 1 <= rank <= dim):
             raise ValueError(f"`rank` must be an int in [1, {dim}] (the image's size); received {rank!r}")
-        value_range = tuple(float(v) for v in value_range)
-        if len(value_range) != 2 or not value_range[0] < value_range[1]:
-            raise ValueError(f"`value_range` must be (low, high) with low < high; received {value_range!r}")
+        value_range = check_value_range(value_range)
         self.image_shape, self.num_classes, self.rank, self.value_range = image_shape, num_classes, rank, value_range
         self.dim = dim
 

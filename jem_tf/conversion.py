@@ -23,6 +23,7 @@ for users; :func:`jem_tf.run.load_classifier` reads a classifier from a file for
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import keras
@@ -142,6 +143,22 @@ def logits_network(classifier: keras.Model, *, image_shape: Optional[Sequence[in
     else:
         network = keras.Model(clone.inputs, clone.layers[-1].input, name=clone.name)
     return network, [f"took the logits that enter the last layer: {head}, now removed"]
+
+
+def backbone_from_classifier(classifier: keras.Model, *, image_shape: Optional[Sequence[int]] = None,
+                             num_classes: Optional[int] = None) -> keras.Model:
+    """The backbone :meth:`jem_tf.JEM.from_classifier` trains: :func:`logits_network` of ``classifier``, with a
+    ``UserWarning`` that says what was changed (none when nothing was).
+
+    The JEM trains a copy (weights copied exactly; the user's model is never changed). Nothing else carries
+    over: the optimizer state is the new ``compile``'s, and the replay buffer starts from the JEM's
+    ``chain_init`` (or uniform noise).
+    """
+    backbone, changes = logits_network(classifier, image_shape=image_shape, num_classes=num_classes)
+    if changes:
+        # stacklevel: the warning points at the caller of JEM.from_classifier.
+        warnings.warn(f"JEM.from_classifier: {'; '.join(changes)}.", UserWarning, stacklevel=3)
+    return backbone
 
 
 def file_sha256(path: str, *, chunk_bytes: int = 1 << 20) -> str:

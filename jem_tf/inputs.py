@@ -3,6 +3,8 @@
 A JEM's inputs are images ``[batch, *image_shape]`` in a documented ``value_range`` and class ids in
 ``[0, num_classes)``. Bad inputs are rejected with a message that names the bad value:
 
+* :func:`check_value_range`: a ``(low, high)`` value range itself (the model's, its buffer's, its
+  chain initialisation's);
 * :func:`check_arrays`: eagerly, for numpy arrays (``JEM.fit``, calibration data);
 * :func:`prepare_batch`: in a compiled training/test step, static shape checks at trace time and
   in-graph value checks;
@@ -10,6 +12,7 @@ A JEM's inputs are images ``[batch, *image_shape]`` in a documented ``value_rang
   signatures);
 * :func:`check_image_shape_in_graph`: the full image shape, in-graph (the exported signatures: serving
   runtimes do not enforce a SignatureDef's shape);
+* :func:`prepare_model_batch`: :func:`prepare_batch` for a model's training/test step;
 * :func:`fit_inputs`, :func:`evaluate_inputs`, :func:`check_batch`: what a model's ``fit``, ``evaluate`` and
   ``train_on_batch``/``test_on_batch`` check before Keras sees the data, in every compile mode (XLA drops the
   in-graph checks, so under XLA datasets get them in their pipeline and tensors are checked eagerly).
@@ -34,6 +37,15 @@ def static_shape_tuple(shape) -> Optional[tuple]:
     if any(d is None for d in shape):
         return None
     return tuple(int(d) for d in shape)
+
+
+def check_value_range(value_range: Sequence[float]) -> Tuple[float, float]:
+    """``value_range`` as a ``(low, high)`` tuple of floats; ``ValueError`` unless it is two numbers with
+    ``low < high``."""
+    value_range = tuple(float(v) for v in value_range)
+    if len(value_range) != 2 or not value_range[0] < value_range[1]:
+        raise ValueError(f"`value_range` must be (low, high) with low < high; received {value_range!r}")
+    return value_range
 
 
 def check_images_in_graph(images: tf.Tensor, value_range: Sequence[float]) -> tf.Tensor:
@@ -157,12 +169,19 @@ def check_arrays(x, y=None, *, image_shape: Sequence[int], num_classes: int,
 # ----------------------------------------------------------------------------- a model's fit and evaluate
 # These read a model (a jem_tf.JEM) through `image_shape`, `num_classes`, `value_range`, `validate_inputs` and
 # Keras's `jit_compile`.
-def _spec(model) -> dict:
+def model_spec(model) -> dict:
+    """``image_shape``, ``num_classes`` and ``value_range`` of ``model``: the keyword arguments of the checks."""
     return dict(image_shape=model.image_shape, num_classes=model.num_classes, value_range=model.value_range)
 
 
 def _xla(model) -> bool:
     return bool(getattr(model, "jit_compile", False))
+
+
+def prepare_model_batch(model, x, y) -> Tuple[tf.Tensor, tf.Tensor]:
+    """:func:`prepare_batch` for ``model``'s training/test step (in-graph value checks when its
+    ``validate_inputs`` is on)."""
+    return prepare_batch(x, y, **model_spec(model), validate=model.validate_inputs)
 
 
 def checked_in_pipeline(model, data):
@@ -176,7 +195,7 @@ def checked_in_pipeline(model, data):
     def check(*element):
         x, rest = element[0], element[1:]
         if rest:
-            checked, _ = prepare_batch(x, rest[0], **_spec(model))
+            checked, _ = prepare_batch(x, rest[0], **model_spec(model))
         else:
             checked = check_images_in_graph(tf.cast(x, tf.float32), model.value_range)
         with tf.control_dependencies([checked]):
@@ -193,7 +212,7 @@ def check_in_memory(model, x, y=None) -> None:
     if not model.validate_inputs:
         return
     if isinstance(x, np.ndarray) or (_xla(model) and tf.is_tensor(x)):
-        check_arrays(np.asarray(x), None if y is None else np.asarray(y), **_spec(model))
+        check_arrays(np.asarray(x), None if y is None else np.asarray(y), **model_spec(model))
 
 
 def fit_inputs(model, x, y, fit_kwargs: dict):

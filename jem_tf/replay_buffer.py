@@ -13,6 +13,7 @@ import tensorflow as tf
 from jem_tf.chain_init import ClassGaussian
 from jem_tf import seeds
 from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
+from jem_tf.inputs import check_value_range
 
 # A buffer larger than this gets a warning with its size before it is allocated.
 LARGE_BUFFER_BYTES = 1 << 30
@@ -101,9 +102,7 @@ class ReplayBuffer(keras.layers.Layer):
             raise ValueError(
                 f"`num_classes` must be None or an int in [1, size={size}]; received {num_classes!r}"
             )
-        value_range = tuple(float(v) for v in value_range)
-        if len(value_range) != 2 or not value_range[0] < value_range[1]:
-            raise ValueError(f"`value_range` must be (low, high) with low < high; received {value_range!r}")
+        value_range = check_value_range(value_range)
         if storage not in STORAGES:
             raise ValueError(f"`storage` must be one of {STORAGES}; received {storage!r}")
         if isinstance(init, dict):

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 # ------------------------------------------------------------------ salts folded into a seed (fold)
-# JEM.train_step: data noise, replay-buffer draws and SGLD of the p(x) chains, the same for p(x|y).
+# JEM.train_step (jem_tf.chains): data noise, replay-buffer draws and SGLD of the p(x) chains, the same for p(x|y).
 STEP_DATA_NOISE, STEP_DRAW, STEP_SGLD, STEP_DRAW_CONDITIONAL, STEP_SGLD_CONDITIONAL = 1, 2, 3, 4, 5
 # JEM.sample / JEM.refine: the SGLD noise (the start is drawn from the caller's seed itself).
 SAMPLE_SGLD = STEP_SGLD

@@ -26,6 +26,16 @@ def test_static_shape_tuple():
     assert inputs.static_shape_tuple(tf.TensorShape([8, 8, 1])) == (8, 8, 1)
 
 
+@pytest.mark.parametrize("value_range", [(1, 0), (0, 0), (0, 1, 2), (0,)])
+def test_check_value_range_names_the_bad_range(value_range):
+    with pytest.raises(ValueError, match=r"`value_range` must be \(low, high\) with low < high; received"):
+        inputs.check_value_range(value_range)
+
+
+def test_check_value_range_returns_floats():
+    assert inputs.check_value_range([0, 255]) == (0.0, 255.0)
+
+
 # ----------------------------------------------------------------------------- eager checks of numpy arrays
 def test_check_arrays_accepts_valid_inputs_within_the_rounding_tolerance():
     inputs.check_arrays(_images(value=1.0 + inputs.RANGE_TOLERANCE), np.array([0, 1, 2, 2]), **SPEC)
