@@ -1,13 +1,17 @@
-"""Command-line helpers shared by ``jem_tf.train``, ``jem_tf.tune`` and ``jem_tf.export``: one-line
-errors with exit code 2, and one flag per :class:`jem_tf.config.TrainConfig` field."""
+"""Command-line helpers shared by ``jem_tf.train``, ``jem_tf.tune``, ``jem_tf.evaluate`` and ``jem_tf.export``:
+one-line errors with exit code 2 for bad flags and for :class:`~jem_tf.errors.UsageError` (every other error keeps
+its traceback), and one flag per :class:`jem_tf.config.TrainConfig` field."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import typing
 from typing import List
 
 from jem_tf import config as config_lib
+from jem_tf.config_rules import choices
+from jem_tf.errors import UsageError
 
 DEFAULT_RECIPE = "digits"
 _NONE_WORDS = ("none", "null")
@@ -18,6 +22,15 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    @contextlib.contextmanager
+    def usage_errors(self):
+        """Inside: a :class:`~jem_tf.errors.UsageError` is reported as one line (exit code 2); any other exception
+        propagates with its traceback."""
+        try:
+            yield
+        except UsageError as error:
+            self.error(str(error))
 
 
 def _parse_bool(text: str) -> bool:
@@ -72,14 +85,14 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         if name == "devices":
             help_text = "devices for --strategy mirrored, comma-separated (default: all GPUs) " + help_text
         if name == "strategy":
-            overrides.add_argument(flag, dest=name, choices=config_lib.STRATEGIES, default=None, help=help_text)
+            overrides.add_argument(flag, dest=name, choices=choices()["strategy"], default=None, help=help_text)
             continue
         overrides.add_argument(flag, dest=name, type=_parser_for(annotation), default=None, help=help_text)
 
 
-def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
+def config_from_args(parser: OneLineErrorParser, args: argparse.Namespace):
     """The recipe named by ``args.recipe`` with the override flags applied; bad values exit with code 2."""
-    try:
+    with parser.usage_errors():
         config = config_lib.load_recipe(args.recipe)
         overrides = {name: getattr(args, name) for name in config_lib.field_names()
                      if getattr(args, name) is not None}
@@ -89,8 +102,6 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
             # uniform noise (e.g. `--recipe digits --chain-init uniform`).
             overrides["chain_init_uniform_fraction"] = 0.0
         return config.replace(**overrides).validate()
-    except ValueError as error:
-        parser.error(str(error))
 
 
 def recipe_name(recipe: str) -> str:

@@ -1,26 +1,20 @@
 """Training configuration: one dataclass of defaults, recipes (JSON files in the repository's
 ``trainers/`` folder, installed as the package :mod:`jem_tf.recipes`) that override some fields, and
-command-line overrides of any field."""
+command-line overrides of any field. The rules about the fields' values are in :mod:`jem_tf.config_rules`."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
 import json
-import math
 import os
 import typing
 from typing import List, Optional
 
-from jem_tf.chain_init import CHAIN_INITS
-from jem_tf.data import AUGMENTATIONS, dataset_problem
-from jem_tf.distribution import STRATEGIES
-from jem_tf.networks import NORMALIZATIONS, PRECISIONS
-from jem_tf.replay_buffer import STORAGES
+from jem_tf.config_rules import check_config
+from jem_tf.errors import UsageError
 
-OPTIMIZERS = ("adam", "sgd")
 MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: a recipe is a small JSON object; a larger file is refused unread
-CONFIG_PRECISIONS = PRECISIONS + ("auto",)
 
 
 @dataclasses.dataclass
@@ -40,15 +34,16 @@ class TrainConfig:
     # Semi-supervised: keep the labels of N training images per class (balanced, seeded; the validation split
     # keeps all its labels) and train p(x) on every training image. labelled_batch_size: labelled rows added
     # to each batch of `batch_size` unlabelled rows (default: batch_size // 4, chosen on the digits validation
-    # split: as accurate as batch_size, lower NLL, cheaper; docs/semi_supervised.md). See jem_tf.run.select_labelled.
+    # split: as accurate as batch_size, lower NLL, cheaper; docs/semi_supervised.md). See
+    # jem_tf.splits.select_labelled.
     labels_per_class: Optional[int] = None
     labelled_batch_size: Optional[int] = None
     augment: str = "none"
     # Conversion: start from a trained classifier instead of the backbone below: a training work directory or a
     # .keras file holding a jem-tf model or any Keras classifier of the data's image shape and class count
     # (weights copied exactly; a softmax head gives its logits; the optimizer state and replay buffer start
-    # fresh; see jem_tf.run.load_classifier). init_from_sha256: the source file's SHA-256, recorded when the run
-    # starts; given in advance it pins the file (another one is refused), and a resumed run checks it.
+    # fresh; see jem_tf.model_files.load_classifier). init_from_sha256: the source file's SHA-256, recorded when
+    # the run starts; given in advance it pins the file (another one is refused), and a resumed run checks it.
     init_from: Optional[str] = None
     init_from_sha256: Optional[str] = None
     # A fine-tuning recipe (e.g. fashion_mnist_finetune): its settings are made for a trained classifier, so
@@ -125,134 +120,21 @@ class TrainConfig:
     export_dir: Optional[str] = None
 
     def validate(self, *, complete: bool = True) -> "TrainConfig":
-        """Raises ``ValueError`` naming the first bad field; returns ``self``. ``complete=False``: a recipe on its
-        own, before the command line gives what it leaves to the user (a fine-tuning recipe's ``init_from``)."""
-
-        def fail(field, expected):
-            raise ValueError(f"{field} must be {expected}; received {getattr(self, field)!r}")
-
-        # Types first (recipes are JSON: "one", null, 1.5 or true where an int belongs), and finite numbers.
-        for field, annotation in field_types().items():
-            if not _has_type(getattr(self, field), annotation):
-                fail(field, _type_name(annotation))
-
-        # A known name, another tfds image classification name or an existing .npz file with training images.
-        dataset_expected = dataset_problem(self.dataset, training=True)
-        if dataset_expected is not None:
-            fail("dataset", dataset_expected)
-        choices = {"augment": AUGMENTATIONS, "normalization": NORMALIZATIONS,
-                   "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": CONFIG_PRECISIONS,
-                   "buffer_storage": STORAGES, "chain_init": CHAIN_INITS}
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                fail(field, f"one of {', '.join(allowed)}")
-        if not (self.backbone == "small_cnn" or _is_wrn_name(self.backbone)):
-            fail("backbone", "'small_cnn' or 'wrn-DEPTH-WIDTH' with DEPTH = 6n+4 (e.g. wrn-28-10)")
-        for field in ("epochs", "batch_size", "width", "sgld_steps", "buffer_size", "num_sample_images",
-                      "checkpoints_to_keep", "sample_every_epochs", "steps_per_execution"):
-            if getattr(self, field) < 1:
-                fail(field, "an integer >= 1")
-        for field in ("warmup_steps", "cpu_devices", "max_rollbacks", "rollback_extra_sgld_steps", "classifier_epochs"):
-            if getattr(self, field) < 0:
-                fail(field, "an integer >= 0")
-        for field in ("learning_rate", "sgld_step_size", "decay_rate", "max_abs_energy", "max_energy_gap"):
-            if not getattr(self, field) > 0:
-                fail(field, "a number > 0")
-        for field in ("weight_decay", "pyx_weight", "px_weight", "pxy_weight", "energy_l2_weight",
-                      "data_noise_std", "sgld_noise_std"):
-            if not getattr(self, field) >= 0:
-                fail(field, "a number >= 0")
-        if not 0.0 <= self.chain_init_uniform_fraction <= 1.0:
-            fail("chain_init_uniform_fraction", "in [0, 1]")
-        if self.chain_init_uniform_fraction > 0 and self.chain_init != "class_gaussian":
-            fail("chain_init_uniform_fraction", "0 unless chain_init is 'class_gaussian'")
-        for field in ("dropout", "restart_prob"):
-            if not 0.0 <= getattr(self, field) <= 1.0 or (field == "dropout" and self.dropout == 1.0):
-                fail(field, "in [0, 1)" if field == "dropout" else "in [0, 1]")
-        if not 0.0 < self.rollback_lr_factor <= 1.0:
-            fail("rollback_lr_factor", "in (0, 1]")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            fail("validation_fraction", "in [0, 1)")
-        for field in ("sgld_grad_clip", "sgld_grad_clamp"):
-            if getattr(self, field) is not None and not getattr(self, field) > 0:
-                fail(field, "a number > 0 or none")
-        if self.precision == "auto" and self.strategy == "multi_worker":
-            # Each machine would time its own probe and could choose differently.
-            fail("precision", "explicit (float32 or mixed_bfloat16) under multi_worker, not auto")
-        if self.classifier_epochs >= self.epochs and self.classifier_epochs > 0:
-            fail("classifier_epochs", f"fewer than epochs ({self.epochs})")
-        for field in ("labels_per_class", "labelled_batch_size", "chain_init_rank"):
-            if getattr(self, field) is not None and getattr(self, field) < 1:
-                fail(field, "an integer >= 1 or none")
-        if complete and self.finetune and self.init_from is None:
-            fail("init_from", "the trained classifier this fine-tuning recipe converts (--init-from PATH: a "
-                              "training work directory or a .keras file)")
-        if self.init_from is not None and not self.init_from.strip():
-            fail("init_from", "a path to a .keras file or a training work directory, or none")
-        if self.init_from_sha256 is not None and (
-                self.init_from is None or len(self.init_from_sha256) != 64
-                or any(c not in "0123456789abcdef" for c in self.init_from_sha256)):
-            fail("init_from_sha256", "none, or the 64 lowercase hex digits of init_from's SHA-256 (with init_from)")
-        if self.labelled_batch_size is not None and self.labels_per_class is None:
-            fail("labelled_batch_size", "none unless labels_per_class is set")
-        if self.labels_per_class is not None and self.strategy == "multi_worker":
-            fail("labels_per_class", "none under multi_worker (semi-supervised batches are not sharded by element)")
-        if any(e < 1 for e in self.decay_epochs) or self.decay_epochs != sorted(self.decay_epochs):
-            fail("decay_epochs", "increasing epochs >= 1")
-        if self.devices and self.strategy != "mirrored":
-            fail("devices", "empty unless strategy is 'mirrored'")
-        if self.export_dir and self.validation_fraction <= 0:
-            # The export's OOD detector is selected and calibrated on the validation split, never the test split.
-            fail("validation_fraction", "> 0 when export_dir is set (the OOD detector is calibrated on the "
-                                        "validation split; export later with `python -m jem_tf.export "
-                                        "--calibration-split test` to use the test split explicitly)")
-        if self.pxy_weight > 0 and self.buffer_size < 10:
-            fail("buffer_size", "at least the number of classes when pxy_weight > 0")
+        """Raises :class:`~jem_tf.errors.UsageError` (a ``ValueError``) naming the first bad field; returns ``self``.
+        ``complete=False``: a recipe on its own, before the command line gives what it leaves to the user (a
+        fine-tuning recipe's ``init_from``). The rules: :mod:`jem_tf.config_rules`."""
+        check_config(self, complete=complete)
         return self
 
     def replace(self, **overrides) -> "TrainConfig":
-        """A copy with ``overrides`` applied (unknown names raise ``ValueError``)."""
+        """A copy with ``overrides`` applied (unknown names raise :class:`~jem_tf.errors.UsageError`)."""
         unknown = sorted(set(overrides) - set(field_names()))
         if unknown:
-            raise ValueError(f"Unknown config field(s) {unknown}; known fields: {', '.join(field_names())}")
+            raise UsageError(f"Unknown config field(s) {unknown}; known fields: {', '.join(field_names())}")
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _has_type(value, annotation) -> bool:
-    """Whether ``value`` is of the field type ``annotation`` (bools are not numbers; floats are finite)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:
-        return any(_has_type(value, a) for a in args)
-    if annotation is type(None):
-        return value is None
-    if origin in (list, List):
-        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, annotation)
-
-
-def _type_name(annotation) -> str:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:
-        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
-    if origin in (list, List):
-        return "a list of " + {int: "integers", float: "finite numbers", str: "strings"}.get(args[0], "values")
-    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
-        annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _is_wrn_name(name: str) -> bool:
-    parts = name.split("-")
-    return (len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit()
-            and int(parts[1]) >= 10 and (int(parts[1]) - 4) % 6 == 0 and int(parts[2]) >= 1)
 
 
 def field_names() -> List[str]:
@@ -270,7 +152,7 @@ def recipes_dir() -> str:
     try:
         from jem_tf import recipes
     except ImportError as error:  # a source tree used without `pip install`
-        raise ValueError("The bundled recipes (jem_tf.recipes) are not installed: `pip install -e .`, or pass "
+        raise UsageError("The bundled recipes (jem_tf.recipes) are not installed: `pip install -e .`, or pass "
                          "--recipe as a path to a JSON file.") from error
     return str(importlib.resources.files(recipes))
 
@@ -290,17 +172,17 @@ def load_recipe(name_or_path: str) -> TrainConfig:
     if name_or_path.endswith(".json") or os.sep in name_or_path:
         path = name_or_path
         if os.path.isdir(path):
-            raise ValueError(f"Recipe {path!r} is a directory, not a JSON file.")
+            raise UsageError(f"Recipe {path!r} is a directory, not a JSON file.")
         if not os.path.exists(path):
-            raise ValueError(f"Recipe file {path!r} does not exist.")
+            raise UsageError(f"Recipe file {path!r} does not exist.")
         if not os.path.isfile(path):  # a device (/dev/zero), a FIFO, a socket: reading could block or never end
-            raise ValueError(f"Recipe {path!r} is not a regular file (a device, FIFO or socket); pass a JSON file.")
+            raise UsageError(f"Recipe {path!r} is not a regular file (a device, FIFO or socket); pass a JSON file.")
         if os.path.getsize(path) > MAX_RECIPE_BYTES:
-            raise ValueError(f"Recipe {path!r} is {os.path.getsize(path):,} bytes, more than a recipe's limit of "
+            raise UsageError(f"Recipe {path!r} is {os.path.getsize(path):,} bytes, more than a recipe's limit of "
                              f"{MAX_RECIPE_BYTES:,} (a recipe is a small JSON object of config fields).")
     else:
         if name_or_path not in available_recipes():
-            raise ValueError(
+            raise UsageError(
                 f"Unknown recipe {name_or_path!r}; bundled recipes: {', '.join(available_recipes())} "
                 "(or pass a path to a JSON file)."
             )
@@ -309,12 +191,12 @@ def load_recipe(name_or_path: str) -> TrainConfig:
         with open(path, "rb") as f:
             text = f.read(MAX_RECIPE_BYTES + 1)  # bounded even if the file grew since it was checked
         if len(text) > MAX_RECIPE_BYTES:
-            raise ValueError(f"Recipe {path!r} is more than a recipe's limit of {MAX_RECIPE_BYTES:,} bytes.")
+            raise UsageError(f"Recipe {path!r} is more than a recipe's limit of {MAX_RECIPE_BYTES:,} bytes.")
         values = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"Recipe {path!r} is not valid JSON: {error}") from error
+        raise UsageError(f"Recipe {path!r} is not valid JSON: {error}") from error
     except OSError as error:
-        raise ValueError(f"Recipe {path!r} cannot be read: {error.strerror or error}") from error
+        raise UsageError(f"Recipe {path!r} cannot be read: {error.strerror or error}") from error
     if not isinstance(values, dict):
-        raise ValueError(f"Recipe {path!r} must be a JSON object of config fields.")
+        raise UsageError(f"Recipe {path!r} must be a JSON object of config fields.")
     return TrainConfig().replace(**values).validate(complete=False)

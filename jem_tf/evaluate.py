@@ -4,8 +4,8 @@ Evaluates a trained model (a training work directory, whose dataset, seed and va
 or a ``.keras`` file with ``--dataset``) with :func:`jem_tf.evaluation.evaluate`, writes ``DIR/report.json``
 and PNG figures, and prints a summary. The modes are described in :mod:`jem_tf.evaluation`; their settings
 are the fields of :class:`jem_tf.evaluation.EvaluationConfig`, with the same defaults, one flag each
-(``--sample-steps 50``; ``pgd_eps`` is ``--pgd-linf-eps`` and ``--pgd-l2-eps``). Bad flags or values print
-one line on stderr and exit with code 2.
+(``--sample-steps 50``; ``pgd_eps`` is ``--pgd-linf-eps`` and ``--pgd-l2-eps``). Bad flags or values (a
+:class:`~jem_tf.errors.UsageError`) print one line on stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import time
 from typing import List, Optional
 
 from jem_tf.cli import OneLineErrorParser
-from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, DataNotFoundError, dataset_argument
+from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, dataset_argument
+from jem_tf.errors import UsageError, as_usage_error
 from jem_tf.evaluation import (DEFAULT_PGD_EPS, INCEPTION, MODES, REPORT_FILE, SYNTHETIC_OOD, EvaluationConfig,
                                evaluate, load_feature_network, load_ood_sets, summary_lines)
+from jem_tf.model_files import load_trained_model
 from jem_tf.refinement import REFINEMENT_SOURCES
-from jem_tf.run import (check_output_dir, held_out_split, labelled_training_split, load_run_dataset,
-                        load_trained_model, split_train_validation)
+from jem_tf.splits import dataset_splits, load_run_dataset
+from jem_tf.workdir import check_output_dir
 
 def build_parser() -> OneLineErrorParser:
     defaults = EvaluationConfig()
@@ -108,45 +110,53 @@ def evaluation_config_from_args(args: argparse.Namespace) -> EvaluationConfig:
         batch_size=args.batch_size)
 
 
+def _load_ood_sets(args: argparse.Namespace, x_test, model) -> dict:
+    """The ``--ood`` sets, each checked against the model's image shape before any evaluation runs."""
+    with as_usage_error():  # data sets the user names: a .npz file's checks raise a plain ValueError
+        ood_sets = load_ood_sets(args.ood, x_test, value_range=model.value_range, seed=args.seed,
+                                 data_dir=args.ood_data_dir, max_images=args.max_ood_images)
+    for name, images in ood_sets.items():
+        if tuple(images.shape[1:]) != tuple(model.image_shape):
+            raise UsageError(f"OOD set {name!r} has images of shape {tuple(images.shape[1:])}; the model takes "
+                             f"{tuple(model.image_shape)}.")
+    return ood_sets
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_ranges(parser, args)
     config = evaluation_config_from_args(args)
     started = time.perf_counter()
-    try:
+    with parser.usage_errors():
         check_output_dir(args.out, "--out")
         model, train_config = load_trained_model(args.model)
         dataset = args.dataset or (train_config.dataset if train_config else None)
         if dataset is None:
             parser.error("--dataset is needed with a bare .keras file")
         data = load_run_dataset(dataset, config=train_config, data_dir=args.data_dir)
-        x_val, y_val, split = held_out_split(dataset, config=train_config, data=data)
-        x_train = y_train = None
-        if split != "validation":  # temperatures and OOD detectors are never fitted on test data
-            x_val = y_val = None
-        else:  # the images the run trained on: the Mahalanobis statistics of mode ood
-            train, _ = split_train_validation(train_config, data.x_train, data.y_train)
-            train = labelled_training_split(train_config, train)  # only the labels the run trained with
-            x_train, y_train = train.images, train.labels
-        x_test, y_test = data.x_test[:args.max_test_images], data.y_test[:args.max_test_images]
-        ood_sets = (load_ood_sets(args.ood, x_test, value_range=model.value_range, seed=args.seed,
-                                  data_dir=args.ood_data_dir, max_images=args.max_ood_images)
-                    if "ood" in config.modes else {})
+        splits = dataset_splits(dataset, config=train_config, data=data)
+        x_val = y_val = x_train = y_train = None
+        if splits.validation is not None:  # temperatures and OOD detectors are never fitted on test data
+            x_val, y_val = splits.validation
+            # The images the run trained on, with only the labels it used: the Mahalanobis statistics of mode ood.
+            x_train, y_train = splits.labelled
+        x_test, y_test = splits.test.images[:args.max_test_images], splits.test.labels[:args.max_test_images]
+        ood_sets = _load_ood_sets(args, x_test, model) if "ood" in config.modes else {}
         network = None
         if "frechet" in config.modes:
             if args.feature_model is None:
                 parser.error(f"--modes frechet needs --feature-model (a classifier's work directory / .keras file, "
                              f"or {INCEPTION} with --inception-weights); no FID is reported with another network")
-            network = load_feature_network(args.feature_model, image_shape=model.image_shape, layer=args.feature_layer,
-                                           inception_weights=args.inception_weights, batch_size=args.batch_size)
-        report = evaluate(
-            model, test_images=x_test, test_labels=y_test, out_dir=args.out, config=config, val_images=x_val,
-            val_labels=y_val, train_images=x_train, train_labels=y_train, ood_sets=ood_sets, feature_network=network,
-            model_info={"path": os.path.abspath(args.model), "dataset": dataset,
-                        "train_config": dataclasses.asdict(train_config) if train_config else None})
-    except (ValueError, DataNotFoundError) as error:
-        parser.error(str(error))
+            with as_usage_error():  # the file --feature-model names, read and checked against the images
+                network = load_feature_network(args.feature_model, image_shape=model.image_shape,
+                                               layer=args.feature_layer, inception_weights=args.inception_weights,
+                                               batch_size=args.batch_size)
+    report = evaluate(
+        model, test_images=x_test, test_labels=y_test, out_dir=args.out, config=config, val_images=x_val,
+        val_labels=y_val, train_images=x_train, train_labels=y_train, ood_sets=ood_sets, feature_network=network,
+        model_info={"path": os.path.abspath(args.model), "dataset": dataset,
+                    "train_config": dataclasses.asdict(train_config) if train_config else None})
     for line in summary_lines(report):
         print(line)
     print(f"wrote {os.path.join(args.out, REPORT_FILE)} ({time.perf_counter() - started:.0f} s)")

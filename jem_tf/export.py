@@ -6,23 +6,27 @@ calibrated on the run's validation split (or, only when asked with ``--calibrati
 test split). Bad flag values end with a one-line error (exit code 2) before anything is loaded; the bounds of the
 ``sample`` signature that depend on the model (``--max-num-samples``: at most 1 GiB of float32 samples per
 request; ``--max-step-size``/``--max-noise-std``: not below the trained sampler's) right after the model, before
-any data.
+any data. Bad input found later (a :class:`~jem_tf.errors.UsageError`) is one line too; any other error keeps its
+traceback (exit code 1).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import List, Optional
 
 from jem_tf import outliers
 from jem_tf.cli import OneLineErrorParser
-from jem_tf.data import DATASETS, DataNotFoundError, dataset_argument, preprocessing_of
+from jem_tf.data import DATASETS, dataset_argument, preprocessing_of
+from jem_tf.errors import UsageError
+from jem_tf.model_files import load_trained_model
 from jem_tf.ood import fit_ood_detector
-from jem_tf.run import (CALIBRATION_SPLITS, check_output_dir, load_run_dataset, load_trained_model,
-                        ood_calibration_data)
 from jem_tf.serving import (DEFAULT_MAX_BATCH_SIZE, MAX_N_STEPS_LIMIT, check_max_batch_size, export_saved_model,
                             sample_limits)
+from jem_tf.splits import CALIBRATION_SPLITS, load_run_dataset, ood_calibration_data
+from jem_tf.workdir import check_output_dir
 
 # The sample signature's bounds: library keyword -> flag.
 SAMPLE_LIMIT_FLAGS = {"max_num_samples": "--max-num-samples", "max_n_steps": "--max-n-steps",
@@ -96,8 +100,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
-    try:
+    with parser.usage_errors():
         check_output_dir(args.export_dir, "--export-dir")
+        target = None if args.version is None else os.path.join(args.export_dir, str(args.version))
+        if target is not None and os.path.exists(target):  # before the work; export_saved_model checks again
+            raise UsageError(f"Version {args.version} already exists at {target!r}; versions are never overwritten.")
         model, config = load_trained_model(args.model)
         try:  # the bounds that depend on the model (1 GiB of samples or images, the trained sampler), before any data
             sample_limits(model, **_sample_limit_kwargs(args))
@@ -113,16 +120,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         data = load_run_dataset(dataset, config=config, data_dir=args.data_dir)
         calibration, train = ood_calibration_data(dataset, config=config, data=data,
                                                   calibration_split=args.calibration_split)
-        ood = fit_ood_detector(model, calibration.images, calibration_split=args.calibration_split,
-                               calibration_labels=calibration.labels, train_images=train.images,
-                               train_labels=train.labels, select=args.ood_detector == "select", tpr=args.tpr,
-                               seed=args.seed, outlier_kinds=args.ood_outlier_kinds,
-                               accepted_shifts=args.ood_accepted_shifts)
-        path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
-                                  preprocessing=preprocessing_of(dataset), dataset=dataset,
-                                  max_batch_size=args.max_batch_size, **_sample_limit_kwargs(args))
-    except (ValueError, DataNotFoundError) as error:
-        parser.error(str(error))
+    ood = fit_ood_detector(model, calibration.images, calibration_split=args.calibration_split,
+                           calibration_labels=calibration.labels, train_images=train.images,
+                           train_labels=train.labels, select=args.ood_detector == "select", tpr=args.tpr,
+                           seed=args.seed, outlier_kinds=args.ood_outlier_kinds,
+                           accepted_shifts=args.ood_accepted_shifts)
+    path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
+                              preprocessing=preprocessing_of(dataset), dataset=dataset,
+                              max_batch_size=args.max_batch_size, **_sample_limit_kwargs(args))
     print(f"exported {path} (OOD detector {ood.detector.name}, threshold {ood.detector.threshold:.4g}, "
           f"calibrated on the {args.calibration_split} split)")
     return 0

@@ -16,13 +16,15 @@ import tensorflow as tf
 
 from jem_tf.chain_init import ClassGaussian
 from jem_tf.config import TrainConfig
+from jem_tf.config_rules import check_steps_per_execution
 from jem_tf.data import make_dataset, make_epochs_dataset, make_semi_supervised_dataset
+from jem_tf.errors import as_usage_error
 from jem_tf.jem import JEM
 from jem_tf.networks import build_backbone, with_precision
 from jem_tf.precision import resolve_precision
-from jem_tf.run import Split
 from jem_tf.schedules import WarmupPiecewiseSchedule
 from jem_tf.sgld import SGLDSampler
+from jem_tf.splits import RunSplits
 from jem_tf.stability import StabilityGuard
 
 
@@ -43,10 +45,11 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
     """Builds the backbone and the (uncompiled) JEM a config describes.
 
     ``backbone``: a float32 logits network to start from instead of the config's (a converted classifier,
-    :func:`jem_tf.run.load_classifier`), trained as the JEM's network (a 16-bit precision trains a copy).
+    :func:`jem_tf.model_files.load_classifier`), trained as the JEM's network (a 16-bit precision trains a copy).
 
-    ``train_data`` ``(images, labels)``: the training split, needed for ``chain_init="class_gaussian"``
-    (the class Gaussians are fitted to it). ``steps_per_epoch``: needed for ``classifier_epochs > 0``.
+    ``train_data`` ``(images, labels)``: the labelled training images (:attr:`jem_tf.splits.RunSplits.labelled`),
+    needed for ``chain_init="class_gaussian"`` (the class Gaussians are fitted to them). ``steps_per_epoch``:
+    needed for ``classifier_epochs > 0``.
     ``config.precision`` must be resolved (not ``"auto"``; see :func:`resolve_config_precision`).
     """
     if config.precision == "auto":
@@ -57,7 +60,8 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
     if config.chain_init == "class_gaussian":
         if train_data is None:
             raise ValueError("chain_init 'class_gaussian' needs the training data (`train_data=(images, labels)`).")
-        chain_init = ClassGaussian.fit(*train_data, num_classes=num_classes, rank=config.chain_init_rank)
+        with as_usage_error():  # the run's data cannot give every class its Gaussian (e.g. one image of a class)
+            chain_init = ClassGaussian.fit(*train_data, num_classes=num_classes, rank=config.chain_init_rank)
     if backbone is None:
         backbone = build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes)
     backbone = with_precision(backbone, config.precision)
@@ -133,15 +137,6 @@ def build_optimizer(config: TrainConfig, *, steps_per_epoch: int) -> keras.optim
     return optimizer
 
 
-def check_steps_per_execution(config: TrainConfig, steps_per_epoch: int) -> None:
-    """``steps_per_execution`` must divide the steps per epoch: a partial last execution would run into
-    the next epoch's batches (and break exact resumption)."""
-    if steps_per_epoch % config.steps_per_execution:
-        divisors = [str(d) for d in range(1, min(steps_per_epoch, 64) + 1) if steps_per_epoch % d == 0]
-        raise ValueError(f"steps_per_execution ({config.steps_per_execution}) must divide the {steps_per_epoch} "
-                         f"training steps per epoch (e.g. {', '.join(divisors)}).")
-
-
 def compile_jem(model: JEM, config: TrainConfig, *, steps_per_epoch: int) -> JEM:
     """Compiles ``model`` with :func:`build_optimizer`, the config's ``steps_per_execution`` and its
     ``jit_compile`` (XLA for the whole step; off unless asked for, on every device)."""
@@ -156,25 +151,26 @@ def steps_per_epoch(config: TrainConfig, num_train: int) -> int:
     return math.ceil(num_train / config.batch_size)
 
 
-def build_datasets(config: TrainConfig, train: Split, validation: Optional[Split], *, first_epoch: int = 0,
-                   num_epochs: Optional[int] = None, labelled: Optional[Split] = None
+def build_datasets(config: TrainConfig, splits: RunSplits, *, first_epoch: int = 0, num_epochs: Optional[int] = None
                    ) -> Tuple[tf.data.Dataset, Optional[tf.data.Dataset], Optional[int]]:
-    """``(train_ds, validation_ds, epoch_steps)`` for ``model.fit(train_ds, validation_data=validation_ds,
-    steps_per_epoch=epoch_steps, initial_epoch=first_epoch, epochs=num_epochs)``.
+    """``(train_ds, validation_ds, epoch_steps)`` of a run's ``splits`` (:func:`jem_tf.splits.run_splits`) for
+    ``model.fit(train_ds, validation_data=validation_ds, steps_per_epoch=epoch_steps, initial_epoch=first_epoch,
+    epochs=num_epochs)``.
 
     The training batches of epochs ``first_epoch .. num_epochs - 1`` are seeded per epoch, so a resumed
     run sees the batches an uninterrupted one would. Under ``multi_worker`` the dataset is one shuffled
     stream that Keras shards across workers (``epoch_steps`` ``None``); on resume the model state is exact
     but the data order of the remaining epochs differs from an uninterrupted run.
 
-    Semi-supervised (``config.labels_per_class``): ``labelled`` (:func:`jem_tf.run.select_labelled`) gives the
-    labelled rows of every batch (weight 1) next to ``batch_size`` rows of the whole training split
-    (weight 0: p(x) only); see :func:`jem_tf.data.make_semi_supervised_dataset`.
+    Semi-supervised (``config.labels_per_class``): ``splits.labelled`` gives the labelled rows of every batch
+    (weight 1) next to ``batch_size`` rows of the whole training split (weight 0: p(x) only); see
+    :func:`jem_tf.data.make_semi_supervised_dataset`.
     """
     num_epochs = config.epochs if num_epochs is None else num_epochs
-    if (config.labels_per_class is not None) != (labelled is not None):
-        raise ValueError("A semi-supervised config (labels_per_class) needs `labelled` images, and only it.")
-    if labelled is not None:
+    train, validation, labelled = splits.train, splits.validation, splits.labelled
+    if (config.labels_per_class is not None) != splits.semi_supervised:
+        raise ValueError("A semi-supervised config (labels_per_class) needs semi-supervised splits, and only it.")
+    if splits.semi_supervised:
         train_ds = make_semi_supervised_dataset(
             train.images, labelled.images, labelled.labels, batch_size=config.batch_size,
             labelled_batch_size=config.labelled_batch_size or max(1, config.batch_size // 4), seed=config.seed,

@@ -14,10 +14,11 @@ from typing import List, Optional
 
 from jem_tf.callbacks import ChiefBackupAndRestore
 from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name
+from jem_tf.errors import UsageError
 from jem_tf.files import DiskFullError
-from jem_tf.run import RunLayout
 from jem_tf.stability import TrainingDiverged
 from jem_tf.training import train_and_evaluate
+from jem_tf.workdir import RunLayout
 
 
 def build_parser() -> OneLineErrorParser:
@@ -60,7 +61,8 @@ def _interrupt_once(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Trains as ``argv`` says; returns the exit code: 0, 1 (diverged, disk full), 2 (bad input), 130 (Ctrl-C)."""
+    """Trains as ``argv`` says; returns the exit code: 0, 1 (diverged, disk full), 2 (bad input: a flag or a
+    :class:`~jem_tf.errors.UsageError`), 130 (Ctrl-C). Any other exception propagates with its traceback."""
     own_sigint = (threading.current_thread() is threading.main_thread()
                   and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     if own_sigint:
@@ -83,7 +85,7 @@ def _train(config, workdir: str, verbose, overwrite: bool) -> int:
     backup = RunLayout(workdir).backup
     try:
         metrics = train_and_evaluate(config, workdir, verbose=verbose, overwrite=overwrite)
-    except ValueError as error:  # bad inputs found once the data is known (DataNotFoundError is one)
+    except UsageError as error:  # bad inputs found once the data is known (DataNotFoundError is one)
         print(f"python -m jem_tf.train: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

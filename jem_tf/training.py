@@ -1,8 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the whole training pipeline, importable and testable.
 
-It loads the run's data and splits (:mod:`jem_tf.run`), builds what the config describes
-(:mod:`jem_tf.factories`), trains with resumption, checkpoints and the stability guard, evaluates on
-the test split and writes the work directory (:class:`jem_tf.run.RunLayout`).
+It loads the run's data and derives its splits once (:func:`jem_tf.splits.run_splits`), builds what the config
+describes (:mod:`jem_tf.factories`), trains with resumption, checkpoints and the stability guard, evaluates on
+the test split and writes the work directory (:class:`jem_tf.workdir.RunLayout`).
 """
 
 from __future__ import annotations
@@ -19,18 +19,21 @@ import numpy as np
 from jem_tf import energy as energy_lib
 from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
+from jem_tf.config_rules import check_steps_per_execution
 from jem_tf.conversion import file_sha256
 from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
 from jem_tf.distribution import is_chief, make_strategy
-from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, check_steps_per_execution,
-                              compile_jem, resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
-from jem_tf.files import remove_path
+from jem_tf.errors import as_usage_error
+from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, compile_jem,
+                              resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
+from jem_tf.files import atomic_write_json, remove_path
+from jem_tf.model_files import ClassifierSource, classifier_file, load_classifier
 from jem_tf.ood import fit_ood_detector
 from jem_tf.refinement import choose_refinement
-from jem_tf.run import (ClassifierSource, RunLayout, WorkdirLock, atomic_write_json, check_training_split,
-                        classifier_file, clear_run, load_classifier, load_run_dataset, prepare_workdir,
-                        save_model_atomically, select_labelled, split_train_validation)
 from jem_tf.serving import export_saved_model
+from jem_tf.splits import RunSplits, load_run_dataset, run_splits
+from jem_tf.workdir import RunLayout, clear_run, prepare_workdir, save_model_atomically
+from jem_tf.workdir_lock import WorkdirLock
 
 
 def resolve_run_precision(config: TrainConfig, layout: RunLayout, *, image_shape, num_classes: int, batch_size: int,
@@ -84,10 +87,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         config: The run's settings (validated here).
         workdir: Output directory (created).
         verbose: Keras ``fit`` verbosity.
-        data: Optional already-loaded dataset (else :func:`jem_tf.run.load_run_dataset`).
+        data: Optional already-loaded dataset (else :func:`jem_tf.splits.load_run_dataset`).
         callbacks: Extra Keras callbacks for ``fit`` (after the pipeline's own; e.g. a time budget).
         overwrite: Replace a finished run (or an interrupted one) in ``workdir``; without it a finished
-            run is an error and an interrupted one is resumed (see :func:`jem_tf.run.prepare_workdir`).
+            run is an error and an interrupted one is resumed (see :func:`jem_tf.workdir.prepare_workdir`).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -97,7 +100,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         # The source's hash is one of the run's settings: config.json records it and a resume must match it.
         config = config.replace(init_from_sha256=file_sha256(classifier_file(config.init_from)))
     # First: splitting the CPU into logical devices must happen before TensorFlow initialises.
-    strategy = make_strategy(config.strategy, devices=config.devices, cpu_devices=config.cpu_devices)
+    with as_usage_error():  # the machine does not offer what the config asks (TF_CONFIG, the CPU split)
+        strategy = make_strategy(config.strategy, devices=config.devices, cpu_devices=config.cpu_devices)
     chief = is_chief(strategy)
     keras.utils.set_random_seed(config.seed)
     layout = RunLayout(workdir)
@@ -110,11 +114,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     # a bad invocation never touches a run's files.
     if data is None:
         data = load_run_dataset(config=config, download=config.download)
-    train, validation = split_train_validation(config, data.x_train, data.y_train)
-    check_training_split(config, train, num_classes=data.num_classes)
-    # Semi-supervised: the few labelled images (validation keeps all its labels; every training image trains p(x)).
-    labelled = select_labelled(config, train) if config.labels_per_class is not None else None
-    steps_per_epoch = count_steps_per_epoch(config, len(train.images))
+    splits = run_splits(config, data)
+    steps_per_epoch = count_steps_per_epoch(config, len(splits.train.images))
     check_steps_per_execution(config, steps_per_epoch)
     # Conversion: the classifier is read and checked against the data.
     source = None if config.init_from is None else load_classifier(
@@ -127,7 +128,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         backbone=None if source is None else source.network)
     with strategy.scope():
         model = build_jem(run_config, image_shape=data.image_shape, num_classes=data.num_classes,
-                          train_data=train if labelled is None else labelled, steps_per_epoch=steps_per_epoch,
+                          train_data=splits.labelled, steps_per_epoch=steps_per_epoch,
                           backbone=None if source is None else source.network)
         compile_jem(model, run_config, steps_per_epoch=steps_per_epoch)
     # One training per work directory (the chief's lock); only now is anything written.
@@ -140,20 +141,19 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
                 clear_run(layout)
             atomic_write_json(layout.config, config.to_dict())
             write_run_precision(config, layout, precision_report)
-        return _train(config, model, layout, data, train, validation, labelled, strategy=strategy, chief=chief,
-                      verbose=verbose, callbacks=callbacks, source=source, precision_report=precision_report)
+        return _train(config, model, layout, splits, strategy=strategy, chief=chief, verbose=verbose,
+                      callbacks=callbacks, source=source, precision_report=precision_report)
 
 
-def _train(config: TrainConfig, model, layout: RunLayout, data: ImageDataset, train, validation, labelled, *,
-           strategy, chief: bool, verbose, callbacks, source: Optional[ClassifierSource], precision_report: dict
-           ) -> dict:
+def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, strategy, chief: bool, verbose,
+           callbacks, source: Optional[ClassifierSource], precision_report: dict) -> dict:
     """The locked part of :func:`train_and_evaluate`: resume, fit, save, evaluate, export."""
     # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that
     # the data pipeline can start at the right epoch.
     backup = ChiefBackupAndRestore(layout.backup, is_chief=chief, delete_on_completion=False)
     initial_epoch = backup.restore(model)
-    train_ds, val_ds, epoch_steps = build_datasets(config, train, validation, first_epoch=initial_epoch,
-                                                   labelled=labelled)
+    train_ds, val_ds, epoch_steps = build_datasets(config, splits, first_epoch=initial_epoch)
+    validation = splits.validation
 
     log_dir = layout.logs
     extra_callbacks, callbacks = list(callbacks), [backup]
@@ -186,7 +186,7 @@ def _train(config: TrainConfig, model, layout: RunLayout, data: ImageDataset, tr
         save_model_atomically(model, layout.model)  # the backup stays until the run is complete
 
     # Every worker evaluates (evaluation is a collective under multi_worker); only the chief writes.
-    test = model.evaluate(make_dataset(data.x_test, data.y_test, batch_size=256, shuffle=False),
+    test = model.evaluate(make_dataset(splits.test.images, splits.test.labels, batch_size=256, shuffle=False),
                           return_dict=True, verbose=0)
     metrics = {
         "dataset": config.dataset,
@@ -194,10 +194,10 @@ def _train(config: TrainConfig, model, layout: RunLayout, data: ImageDataset, tr
         "test_accuracy": float(test["accuracy"]),
         "test_nll": float(test["ce"]),
         "test_energy_mean": float(test["e_data"]),
-        "num_train": int(len(train.images)),
+        "num_train": int(len(splits.train.images)),
         "labels_per_class": config.labels_per_class,
-        "num_labelled": int(len(train.images) if labelled is None else len(labelled.images)),
-        "num_test": int(len(data.x_test)),
+        "num_labelled": int(len(splits.labelled.images)),
+        "num_test": int(len(splits.test.images)),
         "epochs": config.epochs,
         "strategy": config.strategy,
         "precision": precision_report,
@@ -224,10 +224,9 @@ def _train(config: TrainConfig, model, layout: RunLayout, data: ImageDataset, tr
     if chief and config.export_dir:
         # The OOD detector: chosen and calibrated on the validation split (config.validate requires one), with
         # the feature statistics of the training images whose labels the run used.
-        known = train if labelled is None else labelled
         ood = fit_ood_detector(model, validation.images, calibration_split="validation",
-                               calibration_labels=validation.labels, train_images=known.images,
-                               train_labels=known.labels, seed=config.seed)
+                               calibration_labels=validation.labels, train_images=splits.labelled.images,
+                               train_labels=splits.labelled.labels, seed=config.seed)
         metrics["export_path"] = export_saved_model(
             model, config.export_dir, ood=ood, preprocessing=preprocessing_of(config.dataset),
             dataset=config.dataset)

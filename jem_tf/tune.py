@@ -8,9 +8,10 @@ import sys
 from typing import List, Optional
 
 from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name
-from jem_tf.data import DataNotFoundError
-from jem_tf.run import load_run_dataset
+from jem_tf.errors import UsageError
+from jem_tf.splits import load_run_dataset
 from jem_tf.tuning import OBJECTIVES, TUNERS, run_search, search_space
+from jem_tf.workdir import check_output_dir
 
 
 def build_parser() -> OneLineErrorParser:
@@ -32,6 +33,16 @@ def build_parser() -> OneLineErrorParser:
     return parser
 
 
+def read_space(path: str):
+    """The search-space overrides in the JSON file ``--space PATH``; :class:`~jem_tf.errors.UsageError` when it
+    cannot be read or is not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UsageError(str(error)) from error
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -39,18 +50,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.max_trials < 1:
         parser.error(f"--max-trials must be >= 1; received {args.max_trials}")
     directory = args.directory or f"runs/tune-{recipe_name(args.recipe)}"
-    try:
-        overrides = None
-        if args.space:
-            with open(args.space) as f:
-                overrides = json.load(f)
+    with parser.usage_errors():
+        check_output_dir(directory, "--directory")
+        overrides = read_space(args.space) if args.space else None
         space = search_space(overrides, fixed=[n.strip() for n in args.fix.split(",") if n.strip()])
         data = load_run_dataset(config=config, download=config.download)
         summary = run_search(config, data, directory=directory, kind=args.tuner, max_trials=args.max_trials,
                              objective=args.objective, space=space, save_buffers=args.save_buffers,
                              overwrite=args.overwrite, verbose=args.verbose)
-    except (ValueError, OSError, DataNotFoundError) as error:
-        parser.error(str(error))
     best = summary["best"]
     print(f"{summary['num_trials']} trials ({summary['num_failed']} failed) in {summary['wall_seconds']:.0f} s; "
           + (f"best {summary['objective']} = {best['score']:.4f} with {best['hyperparameters']}; "

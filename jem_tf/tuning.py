@@ -23,10 +23,12 @@ from jem_tf.config import TrainConfig, field_names
 from jem_tf.conversion import logits_network
 from jem_tf.data import ImageDataset
 from jem_tf.distribution import make_strategy
+from jem_tf.errors import UsageError, as_usage_error
 from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, compile_jem,
                               resolve_config_precision, steps_per_epoch)
+from jem_tf.model_files import load_classifier
 from jem_tf.ood import OODScorer, auroc
-from jem_tf.run import check_training_split, load_classifier, split_train_validation
+from jem_tf.splits import RunSplits, Split, run_splits
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")
 OBJECTIVES = ("val_accuracy", "combined")
@@ -50,17 +52,17 @@ def search_space(overrides: Optional[dict] = None, fixed=()) -> Dict[str, dict]:
     space = copy.deepcopy(DEFAULT_SEARCH_SPACE)
     for name, spec in (overrides or {}).items():
         if name not in field_names():
-            raise ValueError(f"Search space entry {name!r} is not a config field.")
+            raise UsageError(f"Search space entry {name!r} is not a config field.")
         if spec is None:
             space.pop(name, None)
             continue
         if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "choice"):
-            raise ValueError(f"Search space entry {name!r} must be a dict with type float, int or choice; "
+            raise UsageError(f"Search space entry {name!r} must be a dict with type float, int or choice; "
                              f"received {spec!r}")
         space[name] = spec
     for name in fixed:
         if name not in space:
-            raise ValueError(f"Cannot fix {name!r}: it is not in the search space ({', '.join(space)}).")
+            raise UsageError(f"Cannot fix {name!r}: it is not in the search space ({', '.join(space)}).")
         space.pop(name)
     return space
 
@@ -107,7 +109,8 @@ class JEMHyperModel(keras_tuner.HyperModel):
 
     Args:
         base_config: The recipe; hyperparameters override its fields.
-        data: The dataset (train split is split again into train/validation by the recipe).
+        data: The recipe's dataset; every trial trains on its :func:`~jem_tf.splits.run_splits` (train,
+            validation and, for a semi-supervised recipe, the labelled images), as ``python -m jem_tf.train`` does.
         space: Search space (see :func:`search_space`).
         objective: ``"val_accuracy"`` or ``"combined"`` (validation accuracy + OOD AUROC of log p(x)
             against uniform noise; for users who care about the density).
@@ -121,7 +124,7 @@ class JEMHyperModel(keras_tuner.HyperModel):
         if objective not in OBJECTIVES:
             raise ValueError(f"`objective` must be one of {OBJECTIVES}; received {objective!r}")
         if base_config.validation_fraction <= 0:
-            raise ValueError("Tuning needs a validation split: validation_fraction must be > 0.")
+            raise UsageError("Tuning needs a validation split: validation_fraction must be > 0.")
         # A conversion (init_from): every trial starts from a fresh copy of the classifier's logits network.
         self.source = None if base_config.init_from is None else load_classifier(
             base_config.init_from, image_shape=data.image_shape, num_classes=data.num_classes,
@@ -135,8 +138,15 @@ class JEMHyperModel(keras_tuner.HyperModel):
         self.save_buffers = save_buffers
         self.verbose = verbose
         self.data = data
-        self.train, self.validation = split_train_validation(self.base_config, data.x_train, data.y_train)
-        check_training_split(self.base_config, self.train, num_classes=data.num_classes)
+        self.splits: RunSplits = run_splits(self.base_config, data)
+
+    @property
+    def train(self) -> Split:
+        return self.splits.train
+
+    @property
+    def validation(self) -> Split:
+        return self.splits.validation
 
     @property
     def keras_objective(self) -> keras_tuner.Objective:
@@ -153,7 +163,7 @@ class JEMHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         config = self.config_for(hp)
         model = build_jem(config, image_shape=self.data.image_shape, num_classes=self.data.num_classes,
-                          train_data=self.train, steps_per_epoch=self.steps_per_epoch(),
+                          train_data=self.splits.labelled, steps_per_epoch=self.steps_per_epoch(),
                           backbone=None if self.source is None else logits_network(self.source.network)[0])
         compile_jem(model, config, steps_per_epoch=self.steps_per_epoch())
         return model
@@ -175,8 +185,8 @@ class JEMHyperModel(keras_tuner.HyperModel):
         guard = build_stability_guard(config, log=lambda message: None)
         if self.objective == "combined":
             own_callbacks.insert(0, _CombinedScore(self))
-        train, validation, epoch_steps = build_datasets(config, self.train, self.validation,
-                                                        first_epoch=initial_epoch, num_epochs=epochs)
+        train, validation, epoch_steps = build_datasets(config, self.splits, first_epoch=initial_epoch,
+                                                        num_epochs=epochs)
         history = model.fit(train, validation_data=validation, epochs=epochs, initial_epoch=initial_epoch,
                             steps_per_epoch=epoch_steps, callbacks=[guard] + own_callbacks,
                             verbose=self.verbose, shuffle=False)
@@ -280,7 +290,9 @@ def run_search(base_config: TrainConfig, data: ImageDataset, *, directory: str, 
                max_trials: int = 10, objective: str = "val_accuracy", space=None, save_buffers: bool = False,
                overwrite: bool = False, verbose=0) -> dict:
     """Runs (or resumes) a search and writes its summary; see :func:`summarize`."""
-    strategy = make_strategy(base_config.strategy, devices=base_config.devices, cpu_devices=base_config.cpu_devices)
+    with as_usage_error():  # the machine does not offer what the config asks (TF_CONFIG, the CPU split)
+        strategy = make_strategy(base_config.strategy, devices=base_config.devices,
+                                 cpu_devices=base_config.cpu_devices)
     hypermodel = build_hypermodel(base_config, data, space=space, objective=objective, save_buffers=save_buffers,
                                   verbose=verbose)
     tuner = make_tuner(hypermodel, kind=kind, max_trials=max_trials, directory=directory, seed=base_config.seed,

@@ -3,12 +3,16 @@
 import configparser
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 import jem_tf
 from jem_tf import config as config_lib
 from jem_tf.config import TrainConfig
+from jem_tf.config_rules import RESUME_FIXED_FIELDS, check_labels_per_class, choices
+from jem_tf.errors import UsageError
 
 
 def test_bundled_recipes_are_valid():
@@ -106,3 +110,52 @@ def test_validate_names_the_bad_field(overrides, field):
 def test_round_trip_through_a_dict():
     config = config_lib.load_recipe("fashion_mnist")
     assert TrainConfig().replace(**json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_importing_the_config_imports_no_tensorflow():
+    # jem_tf/__init__.py imports the JEM (TensorFlow) for the package's public names; the config modules
+    # themselves must not, so the package is bound without running its __init__ here.
+    package_dir = os.path.dirname(os.path.abspath(jem_tf.__file__))
+    script = ("import sys, types\n"
+              f"package = types.ModuleType('jem_tf'); package.__path__ = [{package_dir!r}]\n"
+              "sys.modules['jem_tf'] = package\n"
+              "from jem_tf.config import TrainConfig, field_types\n"
+              "config = TrainConfig().replace(epochs=2)\n"
+              "assert config.to_dict()['epochs'] == 2 and 'dataset' in field_types()\n"
+              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'numpy'))\n"
+              "print('heavy:', heavy[:5])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "heavy: []"
+
+
+def test_validation_errors_are_usage_errors_and_value_errors():
+    with pytest.raises(UsageError, match="sgld_steps must be an integer >= 1; received 0") as error:
+        TrainConfig(sgld_steps=0).validate()
+    assert isinstance(error.value, ValueError)
+    with pytest.raises(UsageError, match="Unknown config field"):
+        TrainConfig().replace(sgld_stepz=1)
+    # Types are checked before any other rule: a string where an int belongs is never compared with a number.
+    with pytest.raises(UsageError, match="epochs must be an integer; received '3'"):
+        TrainConfig(epochs="3", classifier_epochs=5).validate()
+
+
+def test_labels_per_class_against_the_training_split_names_the_smallest_class():
+    config = TrainConfig(labels_per_class=5)
+    check_labels_per_class(config, {0: 9, 1: 5, 2: 7})
+    with pytest.raises(UsageError, match=r"labels_per_class \(5\) is more than the 4 training images of class 2 "
+                                         r"\(after the validation split\); use at most 4\."):
+        check_labels_per_class(config, {0: 9, 1: 6, 2: 4, 3: 4})
+    with pytest.raises(UsageError, match="labels_per_class must be an integer >= 1; received None"):
+        check_labels_per_class(TrainConfig(), {0: 9})
+
+
+def test_resume_fixed_fields_and_choices_name_config_fields():
+    assert set(RESUME_FIXED_FIELDS) <= set(config_lib.field_names())
+    allowed = choices()
+    assert allowed["strategy"] == ("default", "mirrored", "multi_worker", "tpu")
+    assert allowed["precision"][-1] == "auto" and allowed["optimizer"] == ("adam", "sgd")
+    for field, values in allowed.items():
+        assert TrainConfig().replace(**{field: values[0]}).validate() is not None
+        with pytest.raises(UsageError, match=f"{field} must be one of {', '.join(values)}; received 'nope'"):
+            TrainConfig().replace(**{field: "nope"}).validate()

@@ -1,5 +1,7 @@
-"""A run's layout, dataset and splits (jem_tf.run): one rule, used by training, tuning, evaluation and export."""
+"""A run's layout, dataset and splits (jem_tf.workdir, jem_tf.splits, jem_tf.model_files): one rule, used by training,
+tuning, evaluation and export."""
 
+import dataclasses
 import json
 import os
 
@@ -9,8 +11,11 @@ import pytest
 
 from jem_tf.config import TrainConfig
 from jem_tf.data import load_dataset
-from jem_tf.run import (RunLayout, held_out_split, load_run_config, load_run_dataset, load_trained_model,
-                        split_train_validation)
+from jem_tf.errors import UsageError
+from jem_tf.model_files import load_trained_model
+from jem_tf.splits import (RunSplits, dataset_splits, held_out_split, load_run_dataset, ood_calibration_data,
+                           run_splits, select_labelled, split_train_validation)
+from jem_tf.workdir import RunLayout, load_run_config
 
 
 def test_layout_names_every_file_of_a_work_directory(tmp_path):
@@ -113,3 +118,35 @@ def test_load_trained_model_reads_the_layout_and_names_what_is_wrong(tmp_path):
     keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(plain)
     with pytest.raises(ValueError, match="not a jem_tf.JEM"):
         load_trained_model(str(plain))
+
+
+def test_run_splits_are_derived_once_for_every_consumer():
+    config = TrainConfig(dataset="digits", validation_fraction=0.1, seed=2, labels_per_class=3)
+    data = load_run_dataset(config=config)
+    splits = run_splits(config, data)
+    train, validation = split_train_validation(config, data.x_train, data.y_train)
+    np.testing.assert_array_equal(splits.train.images, train.images)
+    np.testing.assert_array_equal(splits.validation.labels, validation.labels)
+    np.testing.assert_array_equal(splits.labelled.images, select_labelled(config, train).images)
+    assert splits.semi_supervised and len(splits.labelled.images) == 30
+    assert splits.test.images is data.x_test and splits.held_out()[1] == "validation"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        splits.train = None
+    # Export calibrates on the validation split with the statistics of the labels the run used; evaluation holds
+    # out the same validation split.
+    calibration, known = ood_calibration_data("digits", config=config, data=data)
+    np.testing.assert_array_equal(calibration.images, validation.images)
+    np.testing.assert_array_equal(known.labels, splits.labelled.labels)
+    np.testing.assert_array_equal(held_out_split("digits", config=config, data=data)[0], validation.images)
+
+    supervised = run_splits(config.replace(labels_per_class=None), data)
+    assert not supervised.semi_supervised and supervised.labelled is supervised.train
+    # Data that is not the run's (or no run config): all its training images, no validation split.
+    other = dataset_splits("digits", config=None, data=data)
+    assert isinstance(other, RunSplits) and other.validation is None and other.held_out()[1] == "test"
+    assert other.labelled.images is data.x_train
+    with pytest.raises(UsageError, match="Cannot calibrate the OOD detector on a validation split: there is no run "
+                                         "config"):
+        ood_calibration_data("digits", config=None, data=data)
+    with pytest.raises(UsageError, match=r"labels_per_class \(200\) is more than the"):
+        run_splits(config.replace(labels_per_class=200), data)

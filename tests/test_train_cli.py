@@ -141,7 +141,8 @@ def test_trains_on_a_npz_file_and_evaluates_against_a_npz_ood_set(tmp_path, monk
     OOD-only file is a one-line error."""
     from jem_tf import evaluate
     from jem_tf.data import load_dataset
-    from jem_tf.run import load_run_config, split_train_validation
+    from jem_tf.splits import split_train_validation
+    from jem_tf.workdir import load_run_config
 
     rng = np.random.default_rng(0)
     labels = np.arange(260) % 3

@@ -5,8 +5,11 @@ import os
 
 import pytest
 
+from jem_tf import tuning
 from jem_tf.config import TrainConfig, load_recipe
 from jem_tf.data import ImageDataset, load_digits
+from jem_tf.factories import build_datasets
+from jem_tf.splits import select_labelled, split_train_validation
 from jem_tf.training import train_and_evaluate
 from jem_tf.tuning import build_hypermodel, make_tuner, run_search, search_space
 
@@ -119,3 +122,34 @@ def test_search_space_validation():
     with pytest.raises(ValueError, match="type float, int or choice"):
         search_space({"learning_rate": {"type": "uniform"}})
     assert "learning_rate" not in search_space({"learning_rate": None})
+
+
+def test_a_semi_supervised_recipe_tunes_on_its_labelled_rows(small_digits, tmp_path, monkeypatch):
+    """Every trial trains as `python -m jem_tf.train` would: the labelled rows of its batches are the run's labelled
+    selection (select_labelled), next to rows of the whole training split that train p(x) only."""
+    config = _config(epochs=1, labels_per_class=3, labelled_batch_size=8)
+    train, _ = split_train_validation(config, small_digits.x_train, small_digits.y_train)
+    labelled = select_labelled(config, train)
+    assert len(labelled.images) == 30
+    fitted = []
+
+    def spy(config, splits, **kwargs):  # the datasets each trial fits on
+        datasets = build_datasets(config, splits, **kwargs)
+        fitted.append(datasets[0])
+        return datasets
+
+    monkeypatch.setattr(tuning, "build_datasets", spy)
+    space = search_space(fixed=FIXED + ["learning_rate"])
+    space["energy_l2_weight"] = {"type": "choice", "values": [0.0]}
+    summary = run_search(config, small_digits, directory=str(tmp_path), kind="grid", max_trials=1, space=space)
+    assert summary["num_trials"] == 1 and summary["num_failed"] == 0 and summary["best"] is not None
+    assert len(fitted) == 1
+    labelled_rows = {(row.tobytes(), int(label)) for row, label in zip(labelled.images, labelled.labels)}
+    batches = 0
+    for images, labels, weights in fitted[0]:
+        chosen = weights.numpy() > 0
+        assert chosen.sum() == 8  # labelled_batch_size labelled rows in every batch
+        assert {(row.tobytes(), int(label)) for row, label in zip(images.numpy()[chosen], labels.numpy()[chosen])} \
+            <= labelled_rows
+        batches += 1
+    assert batches == 6  # ceil(360 / 64): one epoch over every training image

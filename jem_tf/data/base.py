@@ -8,6 +8,8 @@ from typing import Tuple
 
 import numpy as np
 
+from jem_tf.errors import UsageError
+
 
 # Known names (for help texts and errors): any other tfds image classification name or a .npz path also works.
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
@@ -32,7 +34,7 @@ PREPROCESSING = {
 _UINT8_PREPROCESSING = "uint8 pixels {0..255} -> x / 127.5 - 1"
 
 
-class DataNotFoundError(ValueError):
+class DataNotFoundError(UsageError):
     """Raised when a dataset is not on disk and downloading was not asked for."""
 
 

@@ -13,6 +13,7 @@ from jem_tf.data.base import (DATASETS, EVALUATION_ONLY_DATASETS, MNIST_5K_FILE,
 from jem_tf.data.npz import _npz_layout, is_npz_path, load_npz_dataset, read_npz_headers, resolve_npz_path
 from jem_tf.data.sources import (find_idx_dir, find_mnist_5k, is_tfds_name, load_digits, load_idx_dataset,
                                 load_mnist_5k, load_tfds)
+from jem_tf.errors import UsageError
 
 
 def dataset_problem(name: str, *, training: bool = False) -> Optional[str]:
@@ -105,7 +106,7 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = 
 
     Raises:
         DataNotFoundError: the data is not there (and ``download`` is False).
-        ValueError: an unknown name (one line listing the options) or bad data.
+        UsageError: an unknown name (one line listing the options) or bad data (a ``ValueError``).
     """
     if data_dir is not None and not data_dir.strip():
         raise DataNotFoundError(f"{data_dir_flag} must not be empty (an unset shell variable?).")
@@ -130,7 +131,7 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = 
         return load_mnist_5k(path)
     if isinstance(name, str) and name and is_tfds_name(name):
         return load_tfds(name, data_dir=data_dir, download=download, data_dir_flag=data_dir_flag)
-    raise ValueError(f"Unknown dataset {name!r}; expected {dataset_problem(name)}.")
+    raise UsageError(f"Unknown dataset {name!r}; expected {dataset_problem(name)}.")
 
 
 def stratified_split_problem(y: np.ndarray, *, fraction: float) -> Optional[str]:

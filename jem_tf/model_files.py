@@ -1,0 +1,102 @@
+"""Trained models read back from files: a run's JEM (:func:`load_trained_model`, for ``evaluate`` and
+``export``) and a classifier to convert (:func:`load_classifier`, for ``--init-from``), each from a training work
+directory or a ``.keras`` file, with one-line errors naming the path."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import NamedTuple, Optional, Tuple
+
+import keras
+
+from jem_tf.config import TrainConfig
+from jem_tf.conversion import file_sha256, logits_network
+from jem_tf.errors import UsageError
+from jem_tf.jem import JEM
+from jem_tf.workdir import RunLayout, load_run_config
+
+
+def _load_keras_archive(path: str, what: str, *, compile: bool = True) -> keras.Model:
+    """``keras.models.load_model(path, compile=compile)`` (``safe_mode``: no code from the file) with one-line
+    errors."""
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path!r} is not a .keras archive (truncated or corrupt: not a zip file).")
+    try:
+        return keras.models.load_model(path, compile=compile)
+    except Exception as error:  # corrupt or foreign files raise many types
+        raise UsageError(f"Cannot load {path!r} as {what}: {error}") from error
+
+
+def load_trained_model(model_path: str) -> Tuple[JEM, Optional[TrainConfig]]:
+    """``(model, config)`` from a training work directory, or ``(model, None)`` from a ``.keras`` file.
+
+    Raises:
+        UsageError: nothing loadable at ``model_path``, or the file holds something other than a JEM.
+    """
+    config = None
+    if os.path.isdir(model_path):
+        config = load_run_config(model_path)
+        model_path = RunLayout(model_path).model
+    if not os.path.isfile(model_path):
+        raise UsageError(f"No model at {model_path!r} (expected a .keras file or a training work directory).")
+    model = _load_keras_archive(model_path, "a JEM .keras file")
+    if not isinstance(model, JEM):
+        raise UsageError(f"{model_path!r} holds a {type(model).__name__}, not a jem_tf.JEM.")
+    return model, config
+
+
+class ClassifierSource(NamedTuple):
+    """A trained classifier to convert (``--init-from``): its logits network and where it came from."""
+
+    network: keras.Model  # float32 logits network (jem_tf.conversion.logits_network)
+    path: str  # the .keras file read (a work directory's model.keras)
+    sha256: str
+    kind: str  # "jem-tf model" (its backbone) or "keras classifier"
+    changes: Tuple[str, ...]  # what was changed to get logits (empty: none)
+
+    def record(self) -> dict:
+        """The source as ``metrics.json`` records it."""
+        return {"path": os.path.abspath(self.path), "sha256": self.sha256, "kind": self.kind,
+                "changes": list(self.changes)}
+
+
+def classifier_file(path: str) -> str:
+    """The ``.keras`` file ``--init-from PATH`` names: ``PATH`` or, for a training work directory, its
+    ``model.keras``. ``UsageError`` naming the path when there is none."""
+    if os.path.isdir(path):
+        model = RunLayout(path).model
+        if not os.path.isfile(model):
+            raise UsageError(f"--init-from {path!r} is a directory without a trained model ({model} does not exist: "
+                             "is its training finished?).")
+        return model
+    if not os.path.exists(path):
+        raise UsageError(f"--init-from {path!r} does not exist.")
+    if not os.path.isfile(path):
+        raise UsageError(f"--init-from {path!r} is not a regular file.")
+    return path
+
+
+def load_classifier(path: str, *, image_shape, num_classes: int, sha256: Optional[str] = None) -> ClassifierSource:
+    """The trained classifier at ``path`` (a training work directory or a ``.keras`` file holding a jem-tf model,
+    whose backbone is taken, or any Keras classifier) as a float32 logits network for a JEM of ``image_shape``
+    images and ``num_classes`` classes (:func:`jem_tf.conversion.logits_network`).
+
+    Raises:
+        UsageError: one line naming the path: missing or unreadable file, another file than ``sha256`` pins,
+            not a classifier, or another image shape or class count.
+    """
+    file = classifier_file(path)
+    digest = file_sha256(file)
+    if sha256 is not None and digest != sha256:
+        raise UsageError(f"--init-from {file!r} has SHA-256 {digest}, not the {sha256} of init_from_sha256 (the file "
+                         "changed, or another file was given).")
+    model = _load_keras_archive(file, "a Keras classifier", compile=False)  # its loss and optimizer are not used
+    kind = "keras classifier"
+    if isinstance(model, JEM):
+        model, kind = model.backbone, "jem-tf model"
+    try:
+        network, changes = logits_network(model, image_shape=image_shape, num_classes=num_classes)
+    except ValueError as error:
+        raise UsageError(f"--init-from {file!r}: {error}") from error
+    return ClassifierSource(network, file, digest, kind, tuple(changes))

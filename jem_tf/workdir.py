@@ -1,0 +1,238 @@
+"""A run's work directory: its layout (:class:`RunLayout`), its config file, and the checks and clean-up done
+before a run writes to it.
+
+``python -m jem_tf.train --workdir DIR`` writes one run; ``tune``, ``evaluate`` and ``export`` read runs back.
+The lock that keeps one training per work directory is :mod:`jem_tf.workdir_lock`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from typing import Optional
+
+import keras
+
+from jem_tf.callbacks import ChiefBackupAndRestore, saved_state_bytes
+from jem_tf.config import TrainConfig
+from jem_tf.config_rules import RESUME_FIXED_FIELDS
+from jem_tf.errors import UsageError
+from jem_tf.files import check_free_space, remove_path, write_atomically
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """The files of a work directory ``workdir``.
+
+    * ``model.keras``: the final model (weights, optimizer, replay buffer);
+    * ``config.json``: the run's :class:`TrainConfig`; ``metrics.json``: its final metrics;
+    * ``samples.png``: replay-buffer samples at the end;
+    * ``checkpoints/``: the last epochs' ``.keras`` files; ``logs/``: TensorBoard;
+    * ``backup/``: the training state of the last finished epoch while training runs (resumption);
+    * ``precision.json``: the choice of ``precision="auto"`` (a resumed run reuses it);
+    * ``.lock``: held by the process training in it (:class:`WorkdirLock`).
+    """
+
+    workdir: str
+
+    MODEL_FILE = "model.keras"
+    CONFIG_FILE = "config.json"
+    METRICS_FILE = "metrics.json"
+    SAMPLES_FILE = "samples.png"
+    CHECKPOINTS_DIR = "checkpoints"
+    LOGS_DIR = "logs"
+    BACKUP_DIR = "backup"
+    PRECISION_FILE = "precision.json"
+    LOCK_FILE = ".lock"
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    @property
+    def model(self) -> str:
+        return self._path(self.MODEL_FILE)
+
+    @property
+    def config(self) -> str:
+        return self._path(self.CONFIG_FILE)
+
+    @property
+    def metrics(self) -> str:
+        return self._path(self.METRICS_FILE)
+
+    @property
+    def samples(self) -> str:
+        return self._path(self.SAMPLES_FILE)
+
+    @property
+    def checkpoints(self) -> str:
+        return self._path(self.CHECKPOINTS_DIR)
+
+    @property
+    def logs(self) -> str:
+        return self._path(self.LOGS_DIR)
+
+    @property
+    def backup(self) -> str:
+        return self._path(self.BACKUP_DIR)
+
+    @property
+    def precision(self) -> str:
+        return self._path(self.PRECISION_FILE)
+
+    @property
+    def lock(self) -> str:
+        return self._path(self.LOCK_FILE)
+
+    def run_files(self) -> list:
+        """The paths a training run writes (files and directories), whether they exist or not."""
+        return [self.model, self.config, self.metrics, self.samples, self.precision, self.checkpoints, self.logs,
+                self.backup]
+
+    def temporaries(self) -> list:
+        """The temporary files and directories of interrupted writes (``model.keras``, JSON files, checkpoints, a
+        backup generation, the sample grid); only the lock's holder writes, so under the lock they are stale."""
+        found = []
+        for directory, pattern in ((self.workdir, re.compile(r"^\.?[\w.]+\.tmp-\d+(\.keras)?$")),
+                                   (self.workdir, re.compile(r"^\.overwrite-\d+$")),
+                                   (self.workdir, re.compile(r"^samples\.png\.tmp$")),
+                                   (self.checkpoints, re.compile(r"^\.epoch_\d+\.tmp\.keras$")),
+                                   (self.backup, re.compile(r"^\.tmp_epoch_\d+$"))):
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                found += [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if pattern.match(n)]
+        return found
+
+    def state(self) -> str:
+        """``"empty"`` (no run's files), ``"interrupted"`` (a backup to resume from) or ``"finished"`` (a
+        final model, metrics or checkpoints and no backup)."""
+        if os.path.isdir(self.backup) and os.listdir(self.backup):
+            return "interrupted"
+        if (os.path.exists(self.model) or os.path.exists(self.metrics)
+                or (os.path.isdir(self.checkpoints) and os.listdir(self.checkpoints))):
+            return "finished"
+        return "empty"
+
+
+def load_run_config(workdir: str) -> Optional[TrainConfig]:
+    """The :class:`TrainConfig` a work directory's ``config.json`` holds, or ``None`` without one.
+
+    Raises:
+        UsageError: naming the file, when it is not a JSON object of valid config fields.
+    """
+    path = RunLayout(workdir).config
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+        return TrainConfig().replace(**values).validate()
+    except (ValueError, TypeError, OSError) as error:  # JSONDecodeError is a ValueError
+        raise UsageError(f"{path} is not a valid run config: {error}") from error
+
+
+def save_model_atomically(model: keras.Model, path: str) -> None:
+    """``model.save(path)`` through a temporary file and a rename: a kill mid-write leaves the previous file
+    (or none), never a truncated one; a full disk is a :class:`~jem_tf.files.DiskFullError` naming ``path``, with
+    the temporary file removed."""
+    directory = os.path.dirname(path) or "."
+    check_free_space(directory, saved_state_bytes(model), path)
+    write_atomically(path, model.save,
+                     tmp=os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}.keras"))
+
+
+def _check_writable_dir(path: str, what: str) -> None:
+    """``UsageError`` unless ``path`` is a directory that can be written or can be created."""
+    if not path:
+        raise UsageError(f"{what} must not be empty.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a file, not a directory.")
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep))
+    existing = existing or "."
+    if not os.path.isdir(existing):
+        raise UsageError(f"{what} {path!r} cannot be created: {existing!r} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path!r} is not writable (no write permission on {existing!r}).")
+
+
+def check_output_dir(path: Optional[str], what: str) -> None:
+    """Checks an output directory (``--out``, ``--export-dir``) before any work: not empty, not a file, and
+    writable or creatable; ``None`` passes."""
+    if path is not None:
+        _check_writable_dir(path, what)
+
+
+def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool = False, log=print) -> str:
+    """Checks a work directory before a run writes anything to it (it writes nothing itself) and returns its
+    :meth:`RunLayout.state`.
+
+    * a finished run is never replaced unless ``overwrite`` (then the caller removes it: :func:`clear_run`);
+    * an interrupted run (a backup) is resumed only with a config that matches it in
+      :data:`~jem_tf.config_rules.RESUME_FIXED_FIELDS` (else ``UsageError`` naming the differing fields;
+      ``overwrite`` starts over);
+    * the directory and ``config.export_dir`` must be writable directories (or creatable).
+
+    Raises:
+        UsageError: naming the problem and what to do.
+    """
+    _check_writable_dir(layout.workdir, "--workdir")
+    check_output_dir(config.export_dir, "--export-dir")
+    state = layout.state()
+    if state == "finished" and not overwrite:
+        present = [os.path.basename(p) for p in layout.run_files() if os.path.exists(p)]
+        raise UsageError(f"{layout.workdir} holds a finished run ({', '.join(present)}); pass --overwrite to replace "
+                         "it, or choose another --workdir.")
+    if state == "interrupted" and not overwrite:
+        previous = load_run_config(layout.workdir)
+        done = ChiefBackupAndRestore.epochs_done(layout.backup)
+        if config.epochs < done:
+            raise UsageError(f"{layout.workdir} holds an interrupted run with {done} epoch(s) done; --epochs "
+                             f"{config.epochs} is fewer: rerun with --epochs {done} or more to resume, or pass "
+                             "--overwrite to start over.")
+        if previous is not None:
+            differing = [f"{name}: {getattr(previous, name)!r} -> {getattr(config, name)!r}"
+                         for name in RESUME_FIXED_FIELDS if getattr(previous, name) != getattr(config, name)]
+            if differing:
+                raise UsageError(f"{layout.workdir} holds an interrupted run whose backup cannot be resumed with "
+                                 f"these settings ({'; '.join(differing)}); rerun with the run's settings to resume, "
+                                 "or pass --overwrite to start over.")
+            changed = [name for name in previous.to_dict() if getattr(previous, name) != getattr(config, name)]
+            if changed and log:
+                log(f"Resuming {layout.workdir} with changed settings: {', '.join(changed)}.")
+    return state
+
+
+def clear_run(layout: RunLayout, *, log=print) -> None:
+    """Removes a run's files from its work directory (``--overwrite``, after every check has passed).
+
+    Each is first renamed into a folder ``.overwrite-PID`` of the work directory (a link is moved as a link: a
+    link out of the work directory is never followed), so a failure puts back what was moved and deletes
+    nothing (``UsageError`` naming the path); only then is that folder deleted.
+    """
+    present = [path for path in layout.run_files() if os.path.lexists(path)]
+    if not present:
+        return
+    trash = os.path.join(layout.workdir, f".overwrite-{os.getpid()}")
+    remove_path(trash)
+    os.makedirs(trash)
+    moved = []
+    try:
+        for path in present:
+            os.rename(path, os.path.join(trash, os.path.basename(path)))
+            moved.append(path)
+    except OSError as error:
+        failed = path
+        for path in reversed(moved):  # put back what was moved
+            os.rename(os.path.join(trash, os.path.basename(path)), path)
+        os.rmdir(trash)
+        raise UsageError(f"--overwrite cannot remove {failed} ({error.strerror or error}); nothing was "
+                         "deleted.") from error
+    shutil.rmtree(trash)  # links inside are removed, not followed
+    if log:
+        log(f"--overwrite: removed {', '.join(os.path.basename(p) for p in present)} from {layout.workdir}.")

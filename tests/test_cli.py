@@ -1,0 +1,145 @@
+"""The command-line boundary (jem_tf.cli): one flag per config field, one-line errors with exit code 2 for bad
+input (flags and UsageError), and a traceback with exit code 1 for everything else."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CLI_ENV, TINY_TRAIN_ARGS
+from jem_tf import cli, evaluate, export, train, tune
+from jem_tf.errors import UsageError, as_usage_error
+
+
+def _parser():
+    parser = cli.OneLineErrorParser(prog="prog")
+    cli.add_recipe_arguments(parser)
+    return parser
+
+
+def _config(argv):
+    parser = _parser()
+    return cli.config_from_args(parser, parser.parse_args(argv))
+
+
+def _one_line_exit(capsys, call):
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("prog: error: "), err
+    return err
+
+
+def test_every_config_field_is_a_flag_parsed_by_its_type():
+    config = _config(["--recipe", "digits", "--chain-init-rank", "NONE", "--decay-epochs", "3,6", "--sgld-clamp",
+                      "off", "--sgld-grad-clip", "2.5", "--devices", "", "--labels-per-class", "4"])
+    assert config.chain_init_rank is None and config.decay_epochs == [3, 6] and config.sgld_clamp is False
+    assert config.sgld_grad_clip == 2.5 and config.devices == [] and config.labels_per_class == 4
+    assert config.learning_rate == 0.001 and config.epochs == 60  # the recipe's, not the built-in defaults
+    assert _config(["--recipe", "digits", "--chain-init-rank", "8"]).chain_init_rank == 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sgld-clamp", "maybe"], "argument --sgld-clamp: expected true or false, got 'maybe'"),
+    (["--decay-epochs", "3,x"], "argument --decay-epochs: invalid comma-separated int list value: '3,x'"),
+    (["--strategy", "gpu"], "argument --strategy: invalid choice: 'gpu'"),
+    (["--batch-size", "0"], "batch_size must be an integer >= 1; received 0"),  # the config's rule
+    (["--recipe", "nope"], "Unknown recipe 'nope'"),
+])
+def test_bad_flags_are_one_line_errors_naming_the_value(argv, message, capsys):
+    assert message in _one_line_exit(capsys, lambda: _config(argv))
+
+
+def test_uniform_starts_drop_the_recipes_share_of_uniform_starts():
+    assert _config([]).chain_init_uniform_fraction == 0.1  # digits: class-Gaussian starts, 10 % uniform
+    assert _config(["--chain-init", "uniform"]).chain_init_uniform_fraction == 0.0
+    assert _config(["--chain-init", "class_gaussian"]).chain_init_uniform_fraction == 0.1
+
+
+def test_recipe_name_of_a_name_or_a_path():
+    assert cli.recipe_name("digits") == "digits"
+    assert cli.recipe_name("runs/tune-digits/best_recipe.json") == "best_recipe"
+
+
+def test_usage_errors_are_one_line_and_other_errors_propagate(capsys):
+    parser = cli.OneLineErrorParser(prog="prog")
+
+    def fail(error):
+        with parser.usage_errors():
+            raise error
+
+    assert _one_line_exit(capsys, lambda: fail(UsageError("--thing 'x' is not a thing"))) == \
+        "prog: error: --thing 'x' is not a thing\n"
+    for error in (ValueError("an internal invariant"), KeyError("k"), argparse.ArgumentError(None, "m")):
+        with pytest.raises(type(error)):
+            fail(error)
+    with pytest.raises(UsageError, match="bad file") as converted:
+        with as_usage_error():
+            raise ValueError("bad file")
+    assert isinstance(converted.value, ValueError) and isinstance(converted.value.__cause__, ValueError)
+
+
+# Each command's boundary: the call inside it, the arguments that reach that call.
+COMMANDS = {
+    "train": (train, "train_and_evaluate", ["--workdir", "unused"]),
+    "evaluate": (evaluate, "load_trained_model", ["--model", "unused", "--out", "unused"]),
+    "export": (export, "load_trained_model", ["--model", "unused", "--export-dir", "unused"]),
+    "tune": (tune, "run_search", ["--directory", "unused"]),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_reports_usage_errors_in_one_line_and_lets_internal_errors_through(command, monkeypatch,
+                                                                                        capsys, tmp_path):
+    module, inner, argv = COMMANDS[command]
+    monkeypatch.chdir(tmp_path)  # "unused" paths are never created
+
+    def raise_(error):
+        def call(*args, **kwargs):
+            raise error
+        return call
+
+    monkeypatch.setattr(module, inner, raise_(UsageError("the data set 'x' is not there")))
+    try:
+        code = module.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"python -m jem_tf.{command}: error: the data set 'x' is not there\n"
+    monkeypatch.setattr(module, inner, raise_(ValueError("an internal invariant broke")))
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        module.main(argv)
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_an_internal_value_error_in_training_keeps_its_traceback_and_exits_1(tmp_path):
+    workdir = tmp_path / "run"
+    script = ("import sys\n"
+              "import jem_tf.train, jem_tf.training\n"
+              "def build_jem(*args, **kwargs):\n"
+              "    raise ValueError('an internal invariant broke')\n"
+              "jem_tf.training.build_jem = build_jem\n"
+              "sys.exit(jem_tf.train.main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", script, *TINY_TRAIN_ARGS, "--workdir", str(workdir)],
+                            capture_output=True, text=True, timeout=300, env=CLI_ENV)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "ValueError: an internal invariant broke" in result.stderr
+    assert "python -m jem_tf.train: error:" not in result.stderr
+    assert not workdir.exists()  # the model is built before anything is written
+
+
+def test_tune_reports_a_bad_search_directory_or_space_file_in_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    bad_json = tmp_path / "space.json"
+    bad_json.write_text("{ nope")
+    for argv, message in ((["--directory", str(a_file)], f"--directory {str(a_file)!r} is a file, not a directory"),
+                          (["--space", str(bad_json)], "Expecting property name enclosed in double quotes"),
+                          (["--space", str(tmp_path / "none.json")], "No such file or directory")):
+        with pytest.raises(SystemExit) as exit_info:
+            tune.main(["--directory", str(tmp_path / "search"), *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "search").exists()
