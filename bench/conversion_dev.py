@@ -6,7 +6,8 @@
 
 For each run (a training work directory): accuracy, ECE (20 bins) and NLL on the run's validation split,
 the AUROC of log p(x) between the validation images and each kind of outlier the library makes from them
-(`jem_tf.outliers`: accepted shifts and outlier kinds), the final training energy gap and the training time from `metrics.json`;
+(`jem_tf.outliers`: accepted shifts and outlier kinds), the final training energy gap and the training time
+from `metrics.json`;
 with --feature-model, the Fréchet distance between the validation images and 1,000 samples after 200 SGLD
 steps from the model's start distribution, in that classifier's penultimate features. No test image and no
 OOD set is read.
@@ -25,9 +26,9 @@ import numpy as np
 
 
 def dev_scores(workdir, feature_model=None):
+    from jem_tf import outliers
     from jem_tf.evaluation.frechet import evaluate_frechet, load_feature_network
     from jem_tf.evaluation.metrics import calibration_metrics
-    from jem_tf import outliers
     from jem_tf.ood import auroc
     from jem_tf.run import load_run_dataset, load_trained_model, split_train_validation
 

@@ -16,8 +16,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from jem_tf.evaluation.robustness import DEFAULT_EOT_SAMPLES, evaluate_robustness
 from jem_tf.refinement import REFINEMENT_SOURCES, resolve_refinement
 from jem_tf.run import held_out_split, load_run_dataset, load_trained_model

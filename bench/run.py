@@ -29,7 +29,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from export_latency import timings  # this folder (the script's own directory is on sys.path)
 
 MODELS = {  # name -> (TrainConfig.backbone, input shape)
@@ -123,7 +122,8 @@ def worker(args):
         config = TrainConfig().replace(
             backbone=backbone_name, precision=args.precision, batch_size=batch, learning_rate=1e-4, warmup_steps=0,
             sgld_steps=args.sgld_steps, sgld_step_size=1.0, sgld_noise_std=0.01,
-            sgld_jit_compile=args.sgld_jit_compile, jit_compile=args.jit_compile, buffer_size=10_000, buffer_storage=args.buffer_storage,
+            sgld_jit_compile=args.sgld_jit_compile, jit_compile=args.jit_compile, buffer_size=10_000,
+            buffer_storage=args.buffer_storage,
             restart_prob=0.05, px_weight=px_weight, data_noise_std=0.03, steps_per_execution=spe, seed=0).validate()
         return compile_jem(build_jem(config, image_shape=shape, num_classes=10), config, steps_per_epoch=steps)
 
@@ -161,7 +161,8 @@ def worker(args):
     jem_flops = batch * (args.sgld_steps * 2 * flops + 2 * 3 * flops)
     record = {
         "model": args.model, "precision": args.precision, "batch_size": batch, "n_steps": args.sgld_steps,
-        "steps_per_execution": spe, "sgld_jit_compile": args.sgld_jit_compile, "jit_compile": args.jit_compile, "buffer_storage": args.buffer_storage,
+        "steps_per_execution": spe, "sgld_jit_compile": args.sgld_jit_compile, "jit_compile": args.jit_compile,
+        "buffer_storage": args.buffer_storage,
         "input_shape": list(shape), "params": int(jem.backbone.count_params()),
         "jem_step_s_median": jem_median, "clf_step_s_median": clf_median,
         "jem_step_s_all": jem_times, "clf_step_s_all": clf_times,

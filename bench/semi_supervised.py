@@ -10,8 +10,9 @@ For each seed: `python -m jem_tf.train --labels-per-class N` (the JEM: p(x) on e
 label terms on the N per class), the same with `--px-weight 0 --pxy-weight 0 --energy-l2-weight 0` (the
 labelled-only classifier: the same batches of labelled rows, the unlabelled rows weigh nothing), then
 `python -m jem_tf.evaluate --modes calibration ood` on both. A run already evaluated is read, not rerun; one
-that was stopped resumes from its backup (delete a run's directory to redo it); the JSON is rewritten after every run. Prints test accuracy, NLL, ECE and OOD AUROC per
-seed, the mean and sample standard deviation, and the JEM's margin. Nothing is tuned on the test split.
+that was stopped resumes from its backup (delete a run's directory to redo it); the JSON is rewritten after
+every run. Prints test accuracy, NLL, ECE and OOD AUROC per seed, the mean and sample standard deviation, and
+the JEM's margin. Nothing is tuned on the test split.
 """
 
 import argparse
@@ -48,7 +49,8 @@ def summarize(results):
 
     for kind in ("jem", "labelled_only"):
         rows = results[kind]
-        print(f"{kind}: accuracy {stats([r['test_accuracy'] for r in rows])}  NLL {stats([r['test_nll'] for r in rows])}"
+        print(f"{kind}: accuracy {stats([r['test_accuracy'] for r in rows])}"
+              f"  NLL {stats([r['test_nll'] for r in rows])}"
               f"  ECE {stats([r['ece'] for r in rows])}  ({rows[0]['num_labelled']} labelled images)")
         for r in rows:
             print(f"  {r['workdir']}: acc {r['test_accuracy']:.4f}  NLL {r['test_nll']:.3f}  ECE {r['ece']:.3f}  "

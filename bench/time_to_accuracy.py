@@ -132,7 +132,8 @@ def main(argv=None):
     parser.add_argument("--probe-every-steps", type=int, default=422, help="0: probe at epoch ends only")
     parser.add_argument("--paper-budget-s", type=float, default=None,
                         help="training seconds of the paper run (default: what the fast run took)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (e.g. 1 for a smoke run)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="override the recipes' epochs (e.g. 1 for a smoke run)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = parser.parse_args(argv)
     if args.plot_only:

@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from jem_tf.files import check_free_space, write_atomically
 from jem_tf.figures import image_grid, upscale, write_png
+from jem_tf.files import check_free_space, write_atomically
 from jem_tf.keras_workarounds import set_initial_epoch
 
 

@@ -102,7 +102,8 @@ def make_strategy(name: str = "default", *, devices: Optional[Sequence[str]] = N
         return _mirrored_strategy(tuple(devices) if devices else None)
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
-            raise ValueError("strategy 'multi_worker' needs the TF_CONFIG environment variable (see docs/distributed.md).")
+            raise ValueError("strategy 'multi_worker' needs the TF_CONFIG environment variable "
+                             "(see docs/distributed.md).")
         return _multi_worker_strategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
     tf.config.experimental_connect_to_cluster(resolver)

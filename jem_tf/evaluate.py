@@ -20,12 +20,23 @@ from typing import List, Optional
 from jem_tf.cli import OneLineErrorParser
 from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, dataset_argument
 from jem_tf.errors import UsageError, as_usage_error
-from jem_tf.evaluation import (DEFAULT_PGD_EPS, INCEPTION, MODES, REPORT_FILE, SYNTHETIC_OOD, EvaluationConfig,
-                               evaluate, load_feature_network, load_ood_sets, summary_lines)
+from jem_tf.evaluation import (
+    DEFAULT_PGD_EPS,
+    INCEPTION,
+    MODES,
+    REPORT_FILE,
+    SYNTHETIC_OOD,
+    EvaluationConfig,
+    evaluate,
+    load_feature_network,
+    load_ood_sets,
+    summary_lines,
+)
 from jem_tf.model_files import load_trained_model
 from jem_tf.refinement import REFINEMENT_SOURCES
 from jem_tf.splits import dataset_splits, load_run_dataset
 from jem_tf.workdir import check_output_dir
+
 
 def build_parser() -> OneLineErrorParser:
     defaults = EvaluationConfig()

@@ -23,8 +23,13 @@ from jem_tf.data import DATASETS, dataset_argument, preprocessing_of
 from jem_tf.errors import UsageError
 from jem_tf.model_files import load_trained_model
 from jem_tf.ood import fit_ood_detector
-from jem_tf.serving import (DEFAULT_MAX_BATCH_SIZE, MAX_N_STEPS_LIMIT, check_max_batch_size, export_saved_model,
-                            sample_limits)
+from jem_tf.serving import (
+    DEFAULT_MAX_BATCH_SIZE,
+    MAX_N_STEPS_LIMIT,
+    check_max_batch_size,
+    export_saved_model,
+    sample_limits,
+)
 from jem_tf.splits import CALIBRATION_SPLITS, load_run_dataset, ood_calibration_data
 from jem_tf.workdir import check_output_dir
 
@@ -82,7 +87,8 @@ def check_flags(parser: OneLineErrorParser, args) -> None:
         parser.error(f"--tpr must be in (0, 1]; received {args.tpr}")
     both = sorted(set(args.ood_outlier_kinds) & set(args.ood_accepted_shifts))
     if both:
-        parser.error(f"--ood-outlier-kinds and --ood-accepted-shifts both name {', '.join(both)}; give each kind one role")
+        parser.error(f"--ood-outlier-kinds and --ood-accepted-shifts both name {', '.join(both)}; "
+                     "give each kind one role")
     if args.max_num_samples < 1:
         parser.error(f"--max-num-samples must be >= 1; received {args.max_num_samples}")
     if not 1 <= args.max_n_steps <= MAX_N_STEPS_LIMIT:

@@ -256,7 +256,7 @@ class JEM(keras.Model):
                 energy_l2_weight=self.energy_l2_weight, energy_active=self._chains.energy_active())
             loss = terms.loss
             if self.backbone.losses:
-                loss += tf.add_n([tf.cast(l, tf.float32) for l in self.backbone.losses])
+                loss += tf.add_n([tf.cast(term, tf.float32) for term in self.backbone.losses])
             # Gradients are summed over replicas: each replica's loss is divided by their number, as Keras does.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled_loss = self.optimizer.scale_loss(loss / replicas)

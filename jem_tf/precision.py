@@ -5,8 +5,8 @@ other vendors) it has measured clearly faster or clearly slower than float32 for
 docs/performance.md). No CPU flag predicts this reliably, so :func:`resolve_precision` times the actual
 network: a few JEM-shaped steps (an SGLD input gradient and a weight gradient of cross-entropy plus energy,
 on a batch of the training shape) in each candidate precision, and keeps bfloat16 only if it is clearly
-faster than float32 (by ``min_speedup``), so ``auto`` is never slower than float32 beyond the probe's noise. The choice and the timings are
-returned for the run's log and ``metrics.json``.
+faster than float32 (by ``min_speedup``), so ``auto`` is never slower than float32 beyond the probe's noise.
+The choice and the timings are returned for the run's log and ``metrics.json``.
 """
 
 from __future__ import annotations

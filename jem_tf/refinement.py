@@ -25,6 +25,7 @@ import tensorflow as tf
 from jem_tf import energy as energy_lib
 from jem_tf import seeds
 from jem_tf.attacks import NORMS, PGD
+from jem_tf.errors import UsageError
 from jem_tf.sgld import SGLDSampler
 
 RULE = ("rule v2: PGD attacks the plain classifier on the validation images at every budget of "
@@ -311,5 +312,5 @@ def resolve_refinement(model, source: str = "model", *, val_images: Optional[np.
     if has_validation:
         return choose_refinement(model, val_images, val_labels, seed=seed, batch_size=batch_size).settings
     if source == "choose":
-        raise ValueError("refinement='choose' needs a validation split (refinement is never chosen on test data)")
+        raise UsageError("refinement='choose' needs a validation split (refinement is never chosen on test data)")
     return model.refinement_settings

@@ -10,8 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from jem_tf.chain_init import ClassGaussian
 from jem_tf import seeds
+from jem_tf.chain_init import ClassGaussian
 from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
 from jem_tf.inputs import check_value_range
 

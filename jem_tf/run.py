@@ -11,11 +11,28 @@ New code imports from those modules.
 
 from jem_tf.config_rules import RESUME_FIXED_FIELDS
 from jem_tf.model_files import ClassifierSource, classifier_file, load_classifier, load_trained_model
-from jem_tf.splits import (CALIBRATION_SPLITS, RunSplits, Split, check_training_split, dataset_splits, held_out_split,
-                           labelled_training_split, load_run_dataset, ood_calibration_data, run_splits,
-                           select_labelled, split_train_validation)
-from jem_tf.workdir import (RunLayout, check_output_dir, clear_run, load_run_config, prepare_workdir,
-                            save_model_atomically)
+from jem_tf.splits import (
+                           CALIBRATION_SPLITS,
+                           RunSplits,
+                           Split,
+                           check_training_split,
+                           dataset_splits,
+                           held_out_split,
+                           labelled_training_split,
+                           load_run_dataset,
+                           ood_calibration_data,
+                           run_splits,
+                           select_labelled,
+                           split_train_validation,
+)
+from jem_tf.workdir import (
+                           RunLayout,
+                           check_output_dir,
+                           clear_run,
+                           load_run_config,
+                           prepare_workdir,
+                           save_model_atomically,
+)
 from jem_tf.workdir_lock import WorkdirBusy, WorkdirLock
 
 __all__ = [

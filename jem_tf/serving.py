@@ -322,7 +322,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                    "sampler": model.sampler.get_config(),
                    "start": ("uniform noise on the value range" if model.chain_init is None else
                              f"class Gaussians of the training split (covariance rank {model.chain_init.rank} of "
-                             f"{model.chain_init.dim}{', full' if model.chain_init.is_full_rank else ' + per-pixel residual'}"
+                             f"{model.chain_init.dim}"
+                             f"{', full' if model.chain_init.is_full_rank else ' + per-pixel residual'}"
                              "); class_label -1 draws the class with the training class frequencies"),
                    "defaults": "class_label -1 = unconditional; step_size <= 0 or noise_std < 0 = trained sampler's",
                    "bounds": "requests above max_num_samples, max_n_steps, max_step_size or max_noise_std are rejected "

@@ -24,8 +24,8 @@ from jem_tf.conversion import file_sha256
 from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.errors import as_usage_error
-from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, compile_jem,
-                              resolve_config_precision, steps_per_epoch as count_steps_per_epoch)
+from jem_tf.factories import build_datasets, build_jem, build_stability_guard, compile_jem, resolve_config_precision
+from jem_tf.factories import steps_per_epoch as count_steps_per_epoch
 from jem_tf.files import atomic_write_json, remove_path
 from jem_tf.model_files import ClassifierSource, classifier_file, load_classifier
 from jem_tf.ood import fit_ood_detector

@@ -24,8 +24,14 @@ from jem_tf.conversion import logits_network
 from jem_tf.data import ImageDataset
 from jem_tf.distribution import make_strategy
 from jem_tf.errors import UsageError, as_usage_error
-from jem_tf.factories import (build_datasets, build_jem, build_stability_guard, compile_jem,
-                              resolve_config_precision, steps_per_epoch)
+from jem_tf.factories import (
+    build_datasets,
+    build_jem,
+    build_stability_guard,
+    compile_jem,
+    resolve_config_precision,
+    steps_per_epoch,
+)
 from jem_tf.model_files import load_classifier
 from jem_tf.ood import OODScorer, auroc
 from jem_tf.splits import RunSplits, Split, run_splits

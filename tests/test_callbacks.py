@@ -2,8 +2,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import tiny_jem
+
 from jem_tf.callbacks import RotatingCheckpoint, SampleGridCallback
 from jem_tf.figures import image_grid, upscale, write_png
 

@@ -9,12 +9,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import tiny_jem
+
 from jem_tf import SGLDSampler
 from jem_tf.chain_init import ClassGaussian
-from jem_tf.serving import METADATA_FILE, export_saved_model
 from jem_tf.replay_buffer import ReplayBuffer
+from jem_tf.serving import METADATA_FILE, export_saved_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "helpers", "serving_check.py")

@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import tiny_jem
+
 from jem_tf import JEM, SGLDSampler
 from jem_tf.chains import ContrastiveBatch, TrainingChains
 
@@ -51,7 +51,7 @@ def test_forward_keeps_batch_norm_statistics_away_from_the_chains():
     assert chains.has_batch_norm and not TrainingChains(tiny_jem()).has_batch_norm
     x, _ = _batch()
     logits = chains.forward(ContrastiveBatch([x, tf.ones_like(x)], [8, 8], []))
-    assert [l.shape for l in logits] == [(8, 3), (8, 3)]
+    assert [group.shape for group in logits] == [(8, 3), (8, 3)]
     moving_mean = backbone.layers[0].moving_mean.numpy()
     np.testing.assert_allclose(moving_mean, 0.5 * np.mean(x.numpy()), rtol=1e-4)  # the data's mean only
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CLI_ENV, TINY_TRAIN_ARGS
+
 from jem_tf import cli, evaluate, export, train, tune
 from jem_tf.errors import UsageError, as_usage_error
 

@@ -30,8 +30,10 @@ def test_fast_recipes_are_jem_plus_plus_and_the_paper_recipe_is_kept():
         ("class_gaussian", 5, 1.0, 0.0, True)
     assert fast.precision == "auto" and fast.energy_l2_weight > 0
     paper = config_lib.load_recipe("fashion_mnist_jem_paper")
-    assert (paper.chain_init, paper.sgld_steps, paper.sgld_step_size, paper.sgld_noise_std) == ("uniform", 20, 1.0, 0.01)
-    assert (paper.learning_rate, paper.warmup_steps, paper.restart_prob, paper.sgld_grad_clamp) == (1e-4, 1000, 0.05, None)
+    assert (paper.chain_init, paper.sgld_steps, paper.sgld_step_size, paper.sgld_noise_std) == \
+        ("uniform", 20, 1.0, 0.01)
+    assert (paper.learning_rate, paper.warmup_steps, paper.restart_prob, paper.sgld_grad_clamp) == \
+        (1e-4, 1000, 0.05, None)
 
 
 
@@ -49,7 +51,8 @@ def test_finetune_recipes_need_a_classifier_and_keep_their_datasets_sampler():
     ({"init_from": " "}, "init_from must be a path to a .keras file or a training work directory, or none"),
     ({"init_from_sha256": "ab" * 32}, "init_from_sha256 must be none, or the 64 lowercase hex digits"),
     ({"init_from": "x.keras", "init_from_sha256": "AB" * 32}, "init_from_sha256 must be none, or the 64"),
-    ({"chain_init_uniform_fraction": 0.5}, "chain_init_uniform_fraction must be 0 unless chain_init is 'class_gaussian'"),
+    ({"chain_init_uniform_fraction": 0.5},
+     "chain_init_uniform_fraction must be 0 unless chain_init is 'class_gaussian'"),
     ({"chain_init": "class_gaussian", "chain_init_uniform_fraction": 1.5}, "chain_init_uniform_fraction must be in"),
 ])
 def test_conversion_and_start_fields_are_checked(overrides, message):
@@ -99,7 +102,8 @@ def test_load_recipe_from_a_path_and_unknown_fields(tmp_path):
 @pytest.mark.parametrize("overrides, field", [
     ({"epochs": 0}, "epochs"), ({"validation_fraction": 1.0}, "validation_fraction"),
     ({"dataset": "imagenet"}, "dataset"), ({"backbone": "wrn-27-2"}, "backbone"),
-    ({"precision": "auto", "strategy": "multi_worker"}, "precision"), ({"classifier_epochs": 5, "epochs": 5}, "classifier_epochs"),
+    ({"precision": "auto", "strategy": "multi_worker"}, "precision"),
+    ({"classifier_epochs": 5, "epochs": 5}, "classifier_epochs"),
     ({"decay_epochs": [5, 3]}, "decay_epochs"), ({"restart_prob": 1.5}, "restart_prob"),
 ])
 def test_validate_names_the_bad_field(overrides, field):

@@ -242,7 +242,8 @@ def test_any_tfds_image_classification_name_loads_through_the_generic_path(name,
 
 @pytest.mark.parametrize("name, message", [
     ("imdb_reviews", "tfds dataset 'imdb_reviews' is not an image classification set: it has no 'image' feature"),
-    ("oxford_flowers102", r"'oxford_flowers102' has 'image' feature Image\(shape=\(None, None, 3\).*expected fixed-size"),
+    ("oxford_flowers102",
+     r"'oxford_flowers102' has 'image' feature Image\(shape=\(None, None, 3\).*expected fixed-size"),
     ("emnist/no_such_config", "tfds dataset 'emnist/no_such_config' cannot be built"),
 ])
 def test_tfds_sets_that_are_not_image_classification_sets_are_named(name, message):

@@ -98,7 +98,8 @@ def test_uneven_last_batch_keeps_copies_identical_and_draws_like_single_device()
     copies = [v.numpy() for v in mirrored.replay_buffer.samples.value.values]
     np.testing.assert_array_equal(copies[0], copies[1])
     # Same slots drawn and written as on one device (the chains differ by the small update difference).
-    changed_single = np.any(single.replay_buffer.samples.numpy() != _build().replay_buffer.samples.numpy(), axis=(1, 2, 3))
+    initial = _build().replay_buffer.samples.numpy()
+    changed_single = np.any(single.replay_buffer.samples.numpy() != initial, axis=(1, 2, 3))
     changed_mirrored = np.any(copies[0] != _build().replay_buffer.samples.numpy(), axis=(1, 2, 3))
     np.testing.assert_array_equal(changed_single, changed_mirrored)
     for a, b in zip(single.get_weights(), mirrored.get_weights()):

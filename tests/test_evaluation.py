@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import separable_data, tiny_jem
+
 from jem_tf import evaluate as evaluate_cli
 from jem_tf import evaluation as ev
 from jem_tf import train

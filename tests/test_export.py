@@ -15,8 +15,8 @@ import urllib.request
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import tiny_jem
+
 from jem_tf import energy as energy_lib
 from jem_tf.export import main as export_main
 from jem_tf.serving import METADATA_FILE, export_saved_model, max_num_samples_limit, next_version, sample_limits
@@ -405,7 +405,8 @@ def test_export_cli_from_a_training_workdir(tmp_path, capsys):
     first = json.load(open(tmp_path / "served" / "1" / METADATA_FILE))["ood"]["selection"]
     assert first["accepted_shifts"] == ["blurred", "low_contrast", "translated"]
     assert metadata["ood"]["parameters"]["mahalanobis"]["class_means_shape"][0] == 10
-    assert metrics["ood_detector"]["score"] == json.load(open(tmp_path / "served" / "1" / METADATA_FILE))["ood"]["score"]
+    served = json.load(open(tmp_path / "served" / "1" / METADATA_FILE))
+    assert metrics["ood_detector"]["score"] == served["ood"]["score"]
     assert "x / 8 - 1" in metadata["input"]["preprocessing"]
 
 

@@ -7,8 +7,15 @@ import pytest
 
 from jem_tf.config import TrainConfig
 from jem_tf.errors import UsageError
-from jem_tf.factories import (build_datasets, build_jem, build_optimizer, build_stability_guard, compile_jem,
-                              resolve_config_precision, steps_per_epoch)
+from jem_tf.factories import (
+    build_datasets,
+    build_jem,
+    build_optimizer,
+    build_stability_guard,
+    compile_jem,
+    resolve_config_precision,
+    steps_per_epoch,
+)
 from jem_tf.schedules import WarmupPiecewiseSchedule
 from jem_tf.splits import RunSplits, Split
 

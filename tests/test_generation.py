@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import separable_data, tiny_jem
+
 from jem_tf import ClassGaussian, SGLDSampler, generation
 from jem_tf.refinement import RefinementSettings
 

@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import tiny_jem
+
 from jem_tf import JEM, SGLDSampler, small_cnn
 from jem_tf import energy as energy_lib
 from jem_tf.data import load_digits

@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import tiny_jem
 from keras.src.backend.tensorflow import trainer as keras_tf_trainer  # the private code the workarounds answer
 
-from conftest import tiny_jem
 from jem_tf import keras_workarounds
 
 

@@ -7,10 +7,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import tiny_jem
+
 from jem_tf import JEM, SGLDSampler, small_cnn, train
-from jem_tf.networks import with_precision, wide_resnet
+from jem_tf.networks import wide_resnet, with_precision
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
@@ -18,7 +18,7 @@ def test_with_precision_keeps_weights_float32_head_and_float32_input_gradients(p
     net = wide_resnet(depth=10, width=1, input_shape=(8, 8, 3), seed=0)
     mixed = with_precision(net, precision)
     assert mixed.layers[-1].dtype_policy.name == "float32"  # the logits head
-    assert {l.dtype_policy.name for l in mixed.layers[1:-1]} == {precision}
+    assert {layer.dtype_policy.name for layer in mixed.layers[1:-1]} == {precision}
     assert all(w.dtype == "float32" for w in mixed.weights)
     for a, b in zip(net.get_weights(), mixed.get_weights()):
         np.testing.assert_array_equal(a, b)

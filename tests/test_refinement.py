@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import separable_data, tiny_jem
+
 from jem_tf import evaluation as ev
 from jem_tf import refinement as refinement_lib
 from jem_tf.attacks import PGD

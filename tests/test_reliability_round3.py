@@ -14,8 +14,8 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, file_snapshot
+
 from jem_tf.run import RunLayout, WorkdirBusy, WorkdirLock
 
 UNIFORM = ["--chain-init", "uniform", "--chain-init-uniform-fraction", "0"]
@@ -188,7 +188,8 @@ def test_a_live_lock_is_reported_before_any_other_check(interrupted_run):
     try:
         before = file_snapshot(interrupted_run)
         # Other settings than the backup's (buffer_size): the busy directory is what must be reported.
-        result = _cli(*[a if a != "100" else "200" for a in TINY_TRAIN_ARGS], "--epochs", "3", "--workdir", interrupted_run)
+        other_buffer = [a if a != "100" else "200" for a in TINY_TRAIN_ARGS]
+        result = _cli(*other_buffer, "--epochs", "3", "--workdir", interrupted_run)
         assert result.returncode == 2
         line = cli_error_line(result)
         assert f"is in use by process {holder.pid} on {os.uname().nodename}" in line, line
@@ -415,6 +416,7 @@ def test_json_writes_on_a_full_disk_keep_the_previous_file(tmp_path):
 @pytest.mark.parametrize("px_weight", [0.0, 1.0])
 def test_unlabelled_rows_never_draw_or_write_class_conditional_chains(tiny_data, px_weight):
     from conftest import tiny_jem
+
     from jem_tf import SGLDSampler
 
     x, y = tiny_data
@@ -446,7 +448,6 @@ def test_unlabelled_rows_never_draw_or_write_class_conditional_chains(tiny_data,
 def test_train_on_batch_and_fit_on_tensors_are_checked_under_xla_as_without(tiny_data, jit_compile):
     import keras
     import tensorflow as tf
-
     from conftest import tiny_jem
 
     x, y = tiny_data

@@ -108,7 +108,6 @@ def test_uint8_storage_is_4x_smaller_and_dequantises_within_one_level(tmp_path):
 
 def test_jem_with_uint8_buffer_trains_saves_and_restores(tmp_path):
     import keras
-
     from conftest import tiny_jem
 
     rng = np.random.default_rng(0)

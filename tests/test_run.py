@@ -13,15 +13,24 @@ from jem_tf.config import TrainConfig
 from jem_tf.data import load_dataset
 from jem_tf.errors import UsageError
 from jem_tf.model_files import load_trained_model
-from jem_tf.splits import (RunSplits, dataset_splits, held_out_split, load_run_dataset, ood_calibration_data,
-                           run_splits, select_labelled, split_train_validation)
+from jem_tf.splits import (
+    RunSplits,
+    dataset_splits,
+    held_out_split,
+    load_run_dataset,
+    ood_calibration_data,
+    run_splits,
+    select_labelled,
+    split_train_validation,
+)
 from jem_tf.workdir import RunLayout, load_run_config
 
 
 def test_layout_names_every_file_of_a_work_directory(tmp_path):
     layout = RunLayout(str(tmp_path))
-    assert [os.path.relpath(p, tmp_path) for p in (layout.model, layout.config, layout.metrics, layout.samples,
-                                                   layout.checkpoints, layout.logs, layout.backup, layout.precision)] == \
+    paths = (layout.model, layout.config, layout.metrics, layout.samples, layout.checkpoints, layout.logs,
+             layout.backup, layout.precision)
+    assert [os.path.relpath(p, tmp_path) for p in paths] == \
         ["model.keras", "config.json", "metrics.json", "samples.png", "checkpoints", "logs", "backup", "precision.json"]
 
 

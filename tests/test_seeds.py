@@ -36,7 +36,8 @@ def test_the_values_that_fix_every_seeded_number():
     assert (seeds.AUGMENT_CROP, seeds.AUGMENT_FLIP, seeds.BATCH_PICK_LABELLED, seeds.BATCH_SHUFFLE_ROWS,
             seeds.BATCH_AUGMENT, seeds.MAKE_DATASET_AUGMENT) == (1, 2, 1, 2, 3, 7)
     assert (seeds.PGD_START_RADIUS, seeds.PGD_FIRST_STEP, seeds.PROBE_IMAGES, seeds.PROBE_LABELS,
-            seeds.LABELLED_SUBSET, seeds.BUFFER_RESET_OFFSET, seeds.REFINE_STEPS_STRIDE) == (1, 2, 1, 2, 2, 1000, 100_003)
+            seeds.LABELLED_SUBSET, seeds.BUFFER_RESET_OFFSET, seeds.REFINE_STEPS_STRIDE) == \
+        (1, 2, 1, 2, 2, 1000, 100_003)
     assert (seeds.SAMPLES_UNCONDITIONAL, seeds.SAMPLES_CONDITIONAL, seeds.SAMPLES_BUFFER, seeds.SAMPLES_LONG_CHAIN,
             seeds.OOD_SET_OFFSET, seeds.OUTLIER_KIND_OFFSET, seeds.FRECHET_SAMPLES_OFFSET) == (0, 1, 2, 3, 1, 1, 1)
 

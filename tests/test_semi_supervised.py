@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import tiny_jem
+
 from jem_tf import SGLDSampler
 from jem_tf.config import TrainConfig
 from jem_tf.data import load_digits, make_semi_supervised_dataset

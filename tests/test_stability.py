@@ -10,8 +10,8 @@ import time
 import keras
 import numpy as np
 import pytest
-
 from conftest import tiny_jem
+
 from jem_tf import JEM, SGLDSampler, small_cnn
 from jem_tf.callbacks import ChiefBackupAndRestore
 from jem_tf.data import load_digits
@@ -174,8 +174,9 @@ def test_a_backup_that_does_not_load_leaves_no_partial_state(tiny_data, tmp_path
 
 # Precision pinned: the reference and the victim are two runs, and "auto" probes the machine's speed (a
 # resumed run reuses its own probe: tests/test_run.py).
-RUN = [sys.executable, "-m", "jem_tf.train", "--precision", "float32", "--epochs", "4", "--width", "8", "--sgld-steps", "3",
-       "--buffer-size", "300", "--batch-size", "32", "--validation-fraction", "0", "--num-sample-images", "4",
+RUN = [sys.executable, "-m", "jem_tf.train", "--precision", "float32", "--epochs", "4", "--width", "8",
+       "--sgld-steps", "3", "--buffer-size", "300", "--batch-size", "32", "--validation-fraction", "0",
+       "--num-sample-images", "4",
        "--warmup-steps", "20", "--learning-rate", "0.002", "--augment", "crop", "--verbose", "2"]
 
 
@@ -240,11 +241,14 @@ def _api_cases():
     return [
         ("JEM(px_weight=nan)", lambda: JEM(backbone, px_weight=float("nan")), "px_weight must be a finite number"),
         ("JEM(seed='0')", lambda: JEM(backbone, seed="0"), "seed must be an int; received seed='0'"),
-        ("SGLDSampler(n_steps=2.5)", lambda: SGLDSampler(n_steps=2.5), "n_steps must be an int >= 1; received n_steps=2.5"),
-        ("ReplayBuffer(size=-5)", lambda: ReplayBuffer(image_shape=(2,), size=-5), "size must be an int >= 1; received size=-5"),
+        ("SGLDSampler(n_steps=2.5)", lambda: SGLDSampler(n_steps=2.5),
+         "n_steps must be an int >= 1; received n_steps=2.5"),
+        ("ReplayBuffer(size=-5)", lambda: ReplayBuffer(image_shape=(2,), size=-5),
+         "size must be an int >= 1; received size=-5"),
         ("fit(labels=[0,1,2,7])", lambda: tiny_jem().fit(images, np.array([0, 1, 2, 7]), verbose=0),
          "integer class ids in [0, 3); received label 7"),
-        ("fit(images*300)", lambda: tiny_jem().fit(images + 300, np.zeros(4), verbose=0), "received values in [300, 300]"),
+        ("fit(images*300)", lambda: tiny_jem().fit(images + 300, np.zeros(4), verbose=0),
+         "received values in [300, 300]"),
         ("fit(NaN images)", lambda: tiny_jem().fit(images * np.nan, np.zeros(4), verbose=0), "NaN"),
         ("fit(rank 3)", lambda: tiny_jem().fit(images[..., 0], np.zeros(4), verbose=0), "received (4, 8, 8)"),
         ("sample(init='noise')", lambda: tiny_jem().sample(2, init="noise"),
@@ -254,11 +258,13 @@ def _api_cases():
         ("load_dataset('imagenet')", lambda: load_dataset("imagenet"), "Unknown dataset 'imagenet'"),
         ("make_strategy('gpu')", lambda: make_strategy("gpu"), "Unknown strategy 'gpu'"),
         ("TrainConfig.replace(lr=1)", lambda: TrainConfig().replace(lr=1), "Unknown config field(s) ['lr']"),
-        ("TrainConfig(epochs=0).validate()", lambda: TrainConfig(epochs=0).validate(), "epochs must be an integer >= 1; received 0"),
+        ("TrainConfig(epochs=0).validate()", lambda: TrainConfig(epochs=0).validate(),
+         "epochs must be an integer >= 1; received 0"),
         ("export(version=-1)", lambda: export_saved_model(tiny_jem(), "/tmp/x", version=-1, ood_threshold=0.0),
          "version must be an int >= 0; received -1"),
         ("export(no calibration)", lambda: export_saved_model(tiny_jem(), "/tmp/x"), "exactly one of"),
-        ("StabilityGuard(max_rollbacks=-1)", lambda: StabilityGuard(max_rollbacks=-1), "max_rollbacks must be an int >= 0"),
+        ("StabilityGuard(max_rollbacks=-1)", lambda: StabilityGuard(max_rollbacks=-1),
+         "max_rollbacks must be an int >= 0"),
         ("ChiefBackupAndRestore(keep=0)", lambda: ChiefBackupAndRestore("/tmp/b", keep=0), "keep must be >= 1"),
     ]
 

@@ -7,8 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from jem_tf import JEM
-from jem_tf import train
+from jem_tf import JEM, train
 
 TINY = ["--epochs", "1", "--buffer-size", "100", "--sgld-steps", "2", "--width", "4", "--batch-size", "128",
         "--num-sample-images", "16", "--verbose", "0"]
@@ -53,7 +52,8 @@ def test_python_m_entry_point_and_recipe_file(tmp_path):
         (["--epochs", "0"], "epochs must be an integer >= 1; received 0"),
         (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
         (["--dataset", "imagenet"], "dataset must be one of digits, mnist"),
-        (["--recipe", "nope"], "Unknown recipe 'nope'; bundled recipes: cifar10_wrn28_10, digits, digits_finetune, fashion_mnist"),
+        (["--recipe", "nope"],
+         "Unknown recipe 'nope'; bundled recipes: cifar10_wrn28_10, digits, digits_finetune, fashion_mnist"),
         (["--recipe", "/no/such/recipe.json"], "Recipe file '/no/such/recipe.json' does not exist"),
         (["--cpu-devices", "-1"], "cpu_devices must be an integer >= 0; received -1"),
         (["--devices", "/gpu:0"], "devices must be empty unless strategy is 'mirrored'"),

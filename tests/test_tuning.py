@@ -64,7 +64,8 @@ def test_random_search_checkpoints_without_buffers_and_reloads_best_model(small_
     model = tuner.get_best_models(1)[0]
     buffer_bytes = model.replay_buffer.samples.numpy().nbytes
     assert os.path.getsize(checkpoint) < buffer_bytes  # no 2,000 x 8 x 8 replay buffer (512 KB) inside
-    accuracy = model.evaluate(hypermodel.validation.images, hypermodel.validation.labels, return_dict=True, verbose=0)["accuracy"]
+    validation = hypermodel.validation
+    accuracy = model.evaluate(validation.images, validation.labels, return_dict=True, verbose=0)["accuracy"]
     assert accuracy == pytest.approx(best_trial.score, abs=1e-6)
     values = best_trial.hyperparameters.values
     assert set(values) == {"sgld_step_size", "sgld_noise_std", "restart_prob", "learning_rate", "px_weight",

@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, file_snapshot
-from jem_tf.run import RunLayout
 
+from jem_tf.run import RunLayout
 
 
 def _cli(module, *argv, cwd=None):

@@ -5,8 +5,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import tiny_jem
+
 from jem_tf import SGLDSampler
 
 # XLA's float random kernels draw other numbers than TensorFlow's for the same stateless seed (integer draws

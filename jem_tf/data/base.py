@@ -10,7 +10,6 @@ import numpy as np
 
 from jem_tf.errors import UsageError
 
-
 # Known names (for help texts and errors): any other tfds image classification name or a .npz path also works.
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
 DATASETS = ("digits",) + TFDS_DATASETS

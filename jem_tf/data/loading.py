@@ -8,11 +8,25 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from jem_tf.data.base import (DATASETS, EVALUATION_ONLY_DATASETS, MNIST_5K_FILE, PREPROCESSING,
-                             _UINT8_PREPROCESSING, DataNotFoundError, ImageDataset)
+from jem_tf.data.base import (
+    _UINT8_PREPROCESSING,
+    DATASETS,
+    EVALUATION_ONLY_DATASETS,
+    MNIST_5K_FILE,
+    PREPROCESSING,
+    DataNotFoundError,
+    ImageDataset,
+)
 from jem_tf.data.npz import _npz_layout, is_npz_path, load_npz_dataset, read_npz_headers, resolve_npz_path
-from jem_tf.data.sources import (find_idx_dir, find_mnist_5k, is_tfds_name, load_digits, load_idx_dataset,
-                                load_mnist_5k, load_tfds)
+from jem_tf.data.sources import (
+    find_idx_dir,
+    find_mnist_5k,
+    is_tfds_name,
+    load_digits,
+    load_idx_dataset,
+    load_mnist_5k,
+    load_tfds,
+)
 from jem_tf.errors import UsageError
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import tensorflow as tf
 
 from jem_tf import seeds
-
 
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
 

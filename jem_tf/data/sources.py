@@ -10,8 +10,16 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from jem_tf.data.base import (FASHION_MNIST_DEBIAN_DIR, MNIST_5K_FILE, TFDS_DATASETS, _IDX_DTYPES, _IDX_FILES,
-                             DataNotFoundError, ImageDataset, scale_uint8)
+from jem_tf.data.base import (
+    _IDX_DTYPES,
+    _IDX_FILES,
+    FASHION_MNIST_DEBIAN_DIR,
+    MNIST_5K_FILE,
+    TFDS_DATASETS,
+    DataNotFoundError,
+    ImageDataset,
+    scale_uint8,
+)
 from jem_tf.errors import UsageError
 
 

@@ -31,12 +31,25 @@ Nothing is hidden: inputs are used as loaded (the training-time data noise is of
 from jem_tf.evaluation.classification import evaluate_accuracy, evaluate_calibration
 from jem_tf.evaluation.common import input_gradient_norms, predict_logits, refine_in_batches
 from jem_tf.evaluation.frechet import INCEPTION, FeatureNetwork, evaluate_frechet, load_feature_network
-from jem_tf.evaluation.ood_benchmark import (OOD_SCORES, SYNTHETIC_OOD, evaluate_ood, load_ood_sets, ood_scores,
-                                             synthetic_ood_images)
+from jem_tf.evaluation.ood_benchmark import (
+                                             OOD_SCORES,
+                                             SYNTHETIC_OOD,
+                                             evaluate_ood,
+                                             load_ood_sets,
+                                             ood_scores,
+                                             synthetic_ood_images,
+)
 from jem_tf.evaluation.robustness import DEFAULT_PGD_EPS, evaluate_robustness
 from jem_tf.evaluation.samples import evaluate_samples
-from jem_tf.evaluation.suite import (DEFAULT_MODES, MODES, REPORT_FILE, SCHEMA_VERSION, EvaluationConfig, evaluate,
-                                     summary_lines)
+from jem_tf.evaluation.suite import (
+                                             DEFAULT_MODES,
+                                             MODES,
+                                             REPORT_FILE,
+                                             SCHEMA_VERSION,
+                                             EvaluationConfig,
+                                             evaluate,
+                                             summary_lines,
+)
 
 __all__ = [
     "DEFAULT_MODES",

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jem_tf.errors import UsageError
 from jem_tf.metrics import fit_temperature
 
 COMPONENTS = {
@@ -179,7 +180,7 @@ def tied_gaussian(features: np.ndarray, labels: np.ndarray, *, num_classes: int,
     labels = np.asarray(labels).astype(int)
     missing = sorted(set(range(num_classes)) - set(labels.tolist()))
     if missing:
-        raise ValueError(f"Every class needs training features for the Mahalanobis score; missing {missing}.")
+        raise UsageError(f"Every class needs training features for the Mahalanobis score; missing {missing}.")
     means = np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
     centered = features - means[labels]
     covariance = centered.T @ centered / len(features)

@@ -21,6 +21,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from jem_tf import outliers, seeds
+from jem_tf.errors import UsageError
 from jem_tf.metrics import auroc, auroc_standard_error
 from jem_tf.ood.detectors import OODDetector, default_candidates, single
 from jem_tf.ood.scorer import OODScorer
@@ -59,7 +60,7 @@ def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Op
         raise ValueError(f"Kinds {both} are given both as outliers and as accepted shifts; give each one role.")
     val_images = np.asarray(val_images, np.float32)
     if len(val_images) < 20:
-        raise ValueError(f"Selecting an OOD detector needs at least 20 validation images; received {len(val_images)}.")
+        raise UsageError(f"Selecting an OOD detector needs at least 20 validation images; received {len(val_images)}.")
     candidates = default_candidates(scorer.available) if candidates is None else list(candidates)
     if not candidates:
         raise ValueError("No candidate OOD detector can be computed with this scorer.")
@@ -132,7 +133,7 @@ def fit_ood_detector(model, calibration_images: np.ndarray, *, calibration_split
     calibration_images = np.asarray(calibration_images, np.float32)
     model.check_arrays(calibration_images, calibration_labels)
     if len(calibration_images) < 20:
-        raise ValueError(f"OOD calibration needs at least 20 held-out images; received {len(calibration_images)}.")
+        raise UsageError(f"OOD calibration needs at least 20 held-out images; received {len(calibration_images)}.")
     scorer = OODScorer.fit(model, train_images=train_images, train_labels=train_labels,
                            val_images=calibration_images if calibration_labels is not None else None,
                            val_labels=calibration_labels, batch_size=batch_size)

@@ -22,7 +22,6 @@ from jem_tf.distribution import is_chief, make_strategy, worker_id  # noqa: E402
 
 def main(out, workdir, epochs, event=None):
     import keras
-
     from train_until_event import AfterBatch  # this script's folder is on sys.path
 
     strategy = make_strategy("multi_worker")
