@@ -176,9 +176,12 @@ def _attacked_validation(model, images, labels, *, attack_eps, attack_steps, see
     """``{budget name: adversarial images}``: PGD on the plain classifier at every budget of ``attack_eps``."""
     low, high = model.value_range
     attacked = {}
+
+    def logits_fn(x):
+        return tf.cast(model.logits(x, training=False), tf.float32)
+
     for norm in sorted(attack_eps):
-        attack = PGD(lambda x: tf.cast(model.logits(x, training=False), tf.float32), image_shape=images.shape[1:],
-                     norm=norm, steps=attack_steps, value_range=(low, high))
+        attack = PGD(logits_fn, image_shape=images.shape[1:], norm=norm, steps=attack_steps, value_range=(low, high))
         for eps in attack_eps[norm]:
             attacked[f"{norm}_eps_{eps:g}"] = attack(images, labels, eps=float(eps) * (high - low), seed=seed,
                                                      batch_size=batch_size)
