@@ -28,9 +28,10 @@ import numpy as np
 def dev_scores(workdir, feature_model=None):
     from jem_tf import outliers
     from jem_tf.evaluation.frechet import evaluate_frechet, load_feature_network
-    from jem_tf.evaluation.metrics import calibration_metrics
+    from jem_tf.metrics import calibration_metrics
+    from jem_tf.model_files import load_trained_model
     from jem_tf.ood import auroc
-    from jem_tf.run import load_run_dataset, load_trained_model, split_train_validation
+    from jem_tf.splits import load_run_dataset, split_train_validation
 
     model, config = load_trained_model(workdir)
     data = load_run_dataset(config=config)
@@ -57,7 +58,8 @@ def chain_energies(workdir, num=500):
     import tensorflow as tf
 
     from jem_tf import JEM, ClassGaussian, SGLDSampler
-    from jem_tf.run import load_run_dataset, load_trained_model, split_train_validation
+    from jem_tf.model_files import load_trained_model
+    from jem_tf.splits import load_run_dataset, split_train_validation
 
     model, config = load_trained_model(workdir)
     data = load_run_dataset(config=config)

@@ -36,7 +36,7 @@ def make_probe(test_data, every_steps, budget_s):
     here, inside a function, so that `--help` needs no TensorFlow)."""
     import keras
 
-    from jem_tf.evaluation.metrics import calibration_metrics
+    from jem_tf.metrics import calibration_metrics
 
     class Probe(keras.callbacks.Callback):
         def __init__(self, test_data, every_steps, budget_s):

@@ -17,7 +17,7 @@ the model:
 
 The network returned is a copy (weights copied exactly, nothing shared with the original model), so
 fine-tuning the JEM never changes the user's classifier. :meth:`jem_tf.JEM.from_classifier` is the one call
-for users; :func:`jem_tf.run.load_classifier` reads a classifier from a file for the CLI's ``--init-from``.
+for users; :func:`jem_tf.model_files.load_classifier` reads a classifier from a file for the CLI's ``--init-from``.
 """
 
 from __future__ import annotations

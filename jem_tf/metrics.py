@@ -145,9 +145,8 @@ def auroc_standard_error(value: float, n_in: int, n_out: int) -> float:
 def ood_metrics(scores_in: np.ndarray, scores_out: np.ndarray, *, tpr: float = 0.95) -> Dict[str, float]:
     """AUROC, AUPR-in, AUPR-out and FPR at ``tpr`` TPR of scores where higher = more in-distribution.
 
-    In-distribution inputs are the positive class (scikit-learn's ``roc_auc_score``, ``roc_curve`` and
-    ``average_precision_score``). The AUROC is :func:`auroc`'s quantity; scikit-learn's trapezoid sum can
-    differ from its exact ratio in the last bit.
+    In-distribution inputs are the positive class; the AUROC is :func:`auroc`, the precision-recall and
+    ROC curves are scikit-learn's (``average_precision_score``, ``roc_curve``).
     """
     from sklearn import metrics
 
@@ -164,7 +163,7 @@ def ood_metrics(scores_in: np.ndarray, scores_out: np.ndarray, *, tpr: float = 0
     s = np.concatenate([scores_in, scores_out])
     fpr_curve, tpr_curve, _ = metrics.roc_curve(y, s, drop_intermediate=False)
     return {
-        "auroc": float(metrics.roc_auc_score(y, s)),
+        "auroc": auroc(scores_in, scores_out),
         "aupr_in": float(metrics.average_precision_score(y, s)),
         "aupr_out": float(metrics.average_precision_score(1 - y, -s)),
         f"fpr_at_{round(tpr * 100)}_tpr": float(fpr_curve[np.searchsorted(tpr_curve, tpr - 1e-12)]),

@@ -149,7 +149,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from jem_tf import train  # noqa: E402
-from jem_tf.run import RunLayout, load_classifier  # noqa: E402
+from jem_tf.model_files import load_classifier  # noqa: E402
+from jem_tf.workdir import RunLayout  # noqa: E402
 
 CLASSIFIER = ["--epochs", "2", "--buffer-size", "100", "--width", "4", "--batch-size", "256", "--precision", "float32",
               "--px-weight", "0", "--pxy-weight", "0", "--energy-l2-weight", "0", "--verbose", "0"]

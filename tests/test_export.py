@@ -499,8 +499,8 @@ def test_export_cli_rejects_corrupt_model_file(tmp_path, capsys):
     bad.write_bytes(b"PK\x03\x04 definitely not a keras archive")
     with pytest.raises(SystemExit):
         export_main(["--model", str(bad), "--export-dir", str(tmp_path / "out"), "--dataset", "digits"])
-    # jem_tf.run's load_trained_model: "Cannot load ..." or, since it checks the archive first, "... is not a .keras
-    # archive (truncated or corrupt: not a zip file)".
+    # jem_tf.model_files' load_trained_model: "Cannot load ..." or, since it checks the archive first, "... is not a
+    # .keras archive (truncated or corrupt: not a zip file)".
     assert re.search(r"Cannot load|is not a \.keras archive", capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 

@@ -12,7 +12,7 @@ from conftest import tiny_jem
 from jem_tf import SGLDSampler
 from jem_tf.config import TrainConfig
 from jem_tf.data import load_digits, make_semi_supervised_dataset
-from jem_tf.run import Split, select_labelled, split_train_validation
+from jem_tf.splits import Split, select_labelled, split_train_validation
 
 
 @pytest.mark.parametrize("pxy_weight", [0.0, 1.0])

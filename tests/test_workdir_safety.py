@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, file_snapshot
 
-from jem_tf.run import RunLayout
+from jem_tf.workdir import RunLayout
 
 
 def _cli(module, *argv, cwd=None):

@@ -22,36 +22,36 @@ tfds, ``mnist_5k``), :mod:`~jem_tf.data.npz` (your own ``.npz`` files), :mod:`~j
 """
 
 from jem_tf.data.base import (
-                              DATASETS,
-                              EVALUATION_ONLY_DATASETS,
-                              FASHION_MNIST_DEBIAN_DIR,
-                              MNIST_5K_FILE,
-                              NPZ_KEYS,
-                              PREPROCESSING,
-                              TFDS_DATASETS,
-                              DataNotFoundError,
-                              ImageDataset,
-                              scale_uint8,
+    DATASETS,
+    EVALUATION_ONLY_DATASETS,
+    FASHION_MNIST_DEBIAN_DIR,
+    MNIST_5K_FILE,
+    NPZ_KEYS,
+    PREPROCESSING,
+    TFDS_DATASETS,
+    DataNotFoundError,
+    ImageDataset,
+    scale_uint8,
 )
 from jem_tf.data.loading import dataset_argument, dataset_problem, load_dataset, preprocessing_of, split_validation
 from jem_tf.data.npz import is_npz_path, load_npz_dataset, read_npz_headers, resolve_npz_path
 from jem_tf.data.pipelines import (
-                              AUGMENTATIONS,
-                              augment_images,
-                              make_dataset,
-                              make_epochs_dataset,
-                              make_semi_supervised_dataset,
+    AUGMENTATIONS,
+    augment_images,
+    make_dataset,
+    make_epochs_dataset,
+    make_semi_supervised_dataset,
 )
 from jem_tf.data.sources import (
-                              find_idx_dir,
-                              find_mnist_5k,
-                              is_tfds_name,
-                              load_digits,
-                              load_idx_dataset,
-                              load_mnist_5k,
-                              load_tfds,
-                              read_idx,
-                              tfds_image_classification_info,
+    find_idx_dir,
+    find_mnist_5k,
+    is_tfds_name,
+    load_digits,
+    load_idx_dataset,
+    load_mnist_5k,
+    load_tfds,
+    read_idx,
+    tfds_image_classification_info,
 )
 
 __all__ = [

@@ -20,8 +20,8 @@ that produced it) and PNG figures. The modes, one module each:
   refinement before classifying.
 
 :mod:`~jem_tf.evaluation.suite` holds :class:`EvaluationConfig` (every mode's settings) and runs the
-modes; :mod:`~jem_tf.evaluation.common` the helpers they share; :mod:`jem_tf.metrics` (also importable as
-``jem_tf.evaluation.metrics``) the metrics on plain numpy arrays. The figures are drawn by
+modes; :mod:`~jem_tf.evaluation.common` the helpers they share; :mod:`jem_tf.metrics` the metrics on plain
+numpy arrays. The figures are drawn by
 :mod:`jem_tf.figures`.
 
 Nothing is hidden: inputs are used as loaded (the training-time data noise is off) unless
@@ -32,23 +32,23 @@ from jem_tf.evaluation.classification import evaluate_accuracy, evaluate_calibra
 from jem_tf.evaluation.common import input_gradient_norms, predict_logits, refine_in_batches
 from jem_tf.evaluation.frechet import INCEPTION, FeatureNetwork, evaluate_frechet, load_feature_network
 from jem_tf.evaluation.ood_benchmark import (
-                                             OOD_SCORES,
-                                             SYNTHETIC_OOD,
-                                             evaluate_ood,
-                                             load_ood_sets,
-                                             ood_scores,
-                                             synthetic_ood_images,
+    OOD_SCORES,
+    SYNTHETIC_OOD,
+    evaluate_ood,
+    load_ood_sets,
+    ood_scores,
+    synthetic_ood_images,
 )
 from jem_tf.evaluation.robustness import DEFAULT_PGD_EPS, evaluate_robustness
 from jem_tf.evaluation.samples import evaluate_samples
 from jem_tf.evaluation.suite import (
-                                             DEFAULT_MODES,
-                                             MODES,
-                                             REPORT_FILE,
-                                             SCHEMA_VERSION,
-                                             EvaluationConfig,
-                                             evaluate,
-                                             summary_lines,
+    DEFAULT_MODES,
+    MODES,
+    REPORT_FILE,
+    SCHEMA_VERSION,
+    EvaluationConfig,
+    evaluate,
+    summary_lines,
 )
 
 __all__ = [

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jem_tf import figures
-from jem_tf.evaluation import metrics as metrics_lib
+from jem_tf import metrics as metrics_lib
 from jem_tf.evaluation.common import predict_logits, refine_in_batches
 from jem_tf.jem import JEM
 from jem_tf.refinement import RefinementSettings

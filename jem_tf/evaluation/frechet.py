@@ -12,12 +12,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jem_tf import metrics as metrics_lib
 from jem_tf import seeds
-from jem_tf.evaluation import metrics as metrics_lib
 from jem_tf.evaluation.common import batches
 from jem_tf.evaluation.samples import start_distribution
 from jem_tf.jem import JEM
-from jem_tf.run import RunLayout
+from jem_tf.workdir import RunLayout
 
 INCEPTION = "inception_v3"
 

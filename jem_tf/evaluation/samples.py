@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from jem_tf import figures, seeds
-from jem_tf.evaluation import metrics as metrics_lib
+from jem_tf import metrics as metrics_lib
 from jem_tf.evaluation.common import energies, predict_logits, save_grid
 from jem_tf.jem import JEM
 
