@@ -88,6 +88,22 @@ def fresh_chains(num, seed, *, image_shape: Sequence[int], value_range: Sequence
     return chain_init.sample(num, seed, labels=labels)
 
 
+def refinement_fn(model, settings: RefinementSettings) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """``fn(x, seed) -> refined x``, a TensorFlow function of a batch (usable inside ``tf.function``, e.g. an
+    attack's graph) that equals ``model.refine(x, seed=seed, settings=settings)``: unconditional SGLD on
+    ``E(x) = -logsumexp_y f(x)[y]`` (:func:`sgld_energy`). The result carries no gradient."""
+    if settings.n_steps == 0:
+        return lambda x, seed: x
+    sampler = settings.sampler(model.value_range)
+    energy_fn = sgld_energy(lambda x: model.logits(x, training=False))
+
+    def fn(x, seed):
+        return sampler.sample(energy_fn, x, seeds.fold(as_stateless_seed(seed), seeds.SAMPLE_SGLD),
+                              n_steps=settings.n_steps)[0]
+
+    return fn
+
+
 def _check_n_steps(n_steps) -> None:
     if n_steps is not None and not (isinstance(n_steps, int) and n_steps >= 0):
         raise ValueError(f"`n_steps` must be an int >= 0; received {n_steps!r}")

@@ -16,13 +16,12 @@ The module sees a model only through ``model.logits(x, training=False)``, ``mode
 from __future__ import annotations
 
 import collections
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from jem_tf import energy as energy_lib
 from jem_tf import seeds
 from jem_tf.attacks import NORMS, PGD
 from jem_tf.errors import UsageError
@@ -133,25 +132,6 @@ class RefinementSettings:
 
     def __repr__(self) -> str:
         return "RefinementSettings(" + ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()) + ")"
-
-
-def refinement_fn(model, settings: RefinementSettings) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """``fn(x, seed) -> refined x``, a TensorFlow function of a batch (usable inside ``tf.function``, e.g. an
-    attack's graph) that equals ``model.refine(x, seed=seed, settings=settings)``: unconditional SGLD on
-    ``E(x) = -logsumexp_y f(x)[y]``. The result carries no gradient."""
-    if settings.n_steps == 0:
-        return lambda x, seed: x
-    sampler = settings.sampler(model.value_range)
-
-    def energy_fn(x):
-        # logits -> E(x) = -logsumexp_y f(x)[y], in inference mode.
-        return energy_lib.energy(model.logits(x, training=False))
-
-    def fn(x, seed):
-        return sampler.sample(energy_fn, x, seeds.fold(seeds.as_stateless_seed(seed), seeds.SAMPLE_SGLD),
-                              n_steps=settings.n_steps)[0]
-
-    return fn
 
 
 RefinementChoice = collections.namedtuple("RefinementChoice", ["settings", "candidates", "plain"])

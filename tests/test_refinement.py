@@ -11,7 +11,8 @@ from conftest import separable_data, tiny_jem
 from jem_tf import evaluation as ev
 from jem_tf import refinement as refinement_lib
 from jem_tf.attacks import PGD
-from jem_tf.refinement import RefinementSettings, choose_refinement, refinement_fn
+from jem_tf.generation import refinement_fn
+from jem_tf.refinement import RefinementSettings, choose_refinement
 
 
 @pytest.fixture(scope="module")
