@@ -83,9 +83,8 @@ class TrainConfig:
     sgld_grad_clamp: Optional[float] = None  # JEM++: clamp each gradient element to +-this (proximal step)
     sgld_clamp: bool = False
     sgld_jit_compile: bool = False
-    # XLA for the whole train/test/predict step (Keras's jit_compile). Off by default on every device: on
-    # CPU it measured ~3x slower for a small JEM, and it is unmeasured on GPU here (bench/gpu.sh measures
-    # both); input checks hold either way (see JEM.compile).
+    # XLA for the whole train/test/predict step (Keras's jit_compile). Off by default on every device (on CPU
+    # it measured slower for a small JEM: docs/performance.md); input checks hold either way (see JEM.compile).
     jit_compile: bool = False
     # Training steps per compiled call (Keras's steps_per_execution); callbacks see every N-th step.
     steps_per_execution: int = 1

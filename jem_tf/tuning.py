@@ -32,6 +32,7 @@ from jem_tf.factories import (
     resolve_config_precision,
     steps_per_epoch,
 )
+from jem_tf.files import atomic_write_bytes, atomic_write_json
 from jem_tf.model_files import load_classifier
 from jem_tf.ood import OODScorer, auroc
 from jem_tf.splits import RunSplits, Split, run_splits
@@ -280,15 +281,14 @@ def summarize(tuner, hypermodel: JEMHyperModel, directory: str, *, wall_seconds:
                "num_trials": len(trials), "num_failed": sum(t["status"] == "FAILED" for t in trials),
                "best": best, "search_space": hypermodel.space, "trials": trials}
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    atomic_write_bytes(os.path.join(directory, "summary.json"),
+                       json.dumps(summary, indent=2, default=str).encode("utf-8"))
     if best is not None:
         recipe = dataclasses.asdict(hypermodel.base_config)
         recipe.update(best["hyperparameters"])
         recipe["description"] = (f"Best of {len(trials)} {type(tuner).__name__} trials "
                                  f"({objective} = {best['score']:.4f}); base: {hypermodel.base_config.description}")
-        with open(os.path.join(directory, "best_recipe.json"), "w") as f:
-            json.dump(recipe, f, indent=2)
+        atomic_write_json(os.path.join(directory, "best_recipe.json"), recipe)
     return summary
 
 
