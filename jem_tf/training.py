@@ -178,7 +178,7 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
     if guard is not None:
         guard.raise_if_failed()  # the backup of the last good epoch stays in WORKDIR/backup
     refinement = None
-    if validation is not None and len(validation.images) > 0:
+    if config.choose_refinement and validation is not None and len(validation.images) > 0:
         # Test-time refinement settings for this model, chosen on the run's validation split and saved with it.
         refinement = choose_refinement(model, validation.images, validation.labels, seed=config.seed)
         model.refinement = refinement.settings

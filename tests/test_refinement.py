@@ -154,3 +154,24 @@ def test_bad_choice_arguments_raise(trained):
         choose_refinement(model, x_val, y_val[:3])
     with pytest.raises(ValueError, match="sampler"):
         model.refine(x_val[:2], settings="sgld")
+
+
+def test_training_saves_settings_chosen_by_the_rule_unless_told_not_to(finished_run, tmp_path):
+    import json
+
+    from conftest import TINY_TRAIN_ARGS
+
+    from jem_tf import train
+    from jem_tf.model_files import load_trained_model
+
+    metrics = json.load(open(f"{finished_run}/metrics.json"))
+    chosen = metrics["refinement"]["settings"]
+    assert "rule v2" in chosen["source"] and "validation" in chosen["source"]
+    assert set(metrics["refinement"]["validation_plain"]["attacked_accuracy"]) == {
+        "linf_eps_0.01", "linf_eps_0.02", "linf_eps_0.05", "l2_eps_0.5", "l2_eps_1"}
+    model, _ = load_trained_model(finished_run)
+    assert model.refinement.describe() == chosen
+    workdir = str(tmp_path / "skip")
+    assert train.main(TINY_TRAIN_ARGS + ["--workdir", workdir, "--choose-refinement", "false"]) == 0
+    assert "refinement" not in json.load(open(f"{workdir}/metrics.json"))
+    assert load_trained_model(workdir)[0].refinement is None
