@@ -146,19 +146,13 @@ def _predict(model, images, batch_size):
                            for a in range(0, len(images), batch_size)])
 
 
-def _accuracy_and_energy(model, images, labels, batch_size):
-    logits = _predict(model, images, batch_size)
-    energies = -np.logaddexp.reduce(logits.astype(np.float64), axis=1)
-    return float((logits.argmax(1) == labels).mean()), float(energies.mean())
-
-
 def _attacked_validation(model, images, labels, *, attack_eps, attack_steps, seed, batch_size):
     """``{budget name: adversarial images}``: PGD on the plain classifier at every budget of ``attack_eps``."""
     low, high = model.value_range
     attacked = {}
 
     def logits_fn(x):
-        return tf.cast(model.logits(x, training=False), tf.float32)
+        return model.logits(x, training=False)  # float32
 
     for norm in sorted(attack_eps):
         attack = PGD(logits_fn, image_shape=images.shape[1:], norm=norm, steps=attack_steps, value_range=(low, high))
@@ -223,11 +217,19 @@ def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
         raise ValueError(f"`attack_eps` must map norms {NORMS} to budgets > 0; received {attack_eps!r}")
     attacked = _attacked_validation(model, val_images, val_labels, attack_eps=attack_eps,
                                     attack_steps=attack_steps, seed=seed, batch_size=batch_size)
-    plain_accuracy, plain_energy = _accuracy_and_energy(model, val_images, val_labels, batch_size)
-    plain_attacked = {name: _accuracy_and_energy(model, x, val_labels, batch_size)[0] for name, x in attacked.items()}
-    # The clean and attacked images are refined together: one call per candidate.
+    # The clean and attacked images are refined and predicted together: one call per candidate.
     names, count = ["clean", *attacked], len(val_images)
+
+    def measure(x):
+        """Accuracy on every image set of ``x`` (the sets stacked) and the clean images' mean energy."""
+        logits = _predict(model, x, batch_size)
+        accuracy = {name: float((logits[i * count:(i + 1) * count].argmax(1) == val_labels).mean())
+                    for i, name in enumerate(names)}
+        return accuracy, float(-np.logaddexp.reduce(logits[:count].astype(np.float64), axis=1).mean())
+
     stacked = np.concatenate([val_images, *attacked.values()])
+    plain_of, plain_energy = measure(stacked)
+    plain_accuracy, plain_attacked = plain_of["clean"], {name: plain_of[name] for name in attacked}
     checkpoints = sorted(set(int(k) for k in n_steps))
     candidates = []
     for step_size in sorted(float(s) for s in step_sizes):
@@ -239,10 +241,7 @@ def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
                                              seed=np.array([seed, k * seeds.REFINE_STEPS_STRIDE + a], np.int64))
                                 for a in range(0, len(x), batch_size)])
             done = k
-            logits = _predict(model, x, batch_size)
-            accuracy_of = {name: float((logits[i * count:(i + 1) * count].argmax(1) == val_labels).mean())
-                           for i, name in enumerate(names)}
-            energy_mean = float(-np.logaddexp.reduce(logits[:count].astype(np.float64), axis=1).mean())
+            accuracy_of, energy_mean = measure(x)
             attacked_accuracy = {name: accuracy_of[name] for name in attacked}
             gains = [attacked_accuracy[name] - plain_attacked[name] for name in attacked]
             qualifies = bool(accuracy_of["clean"] >= plain_accuracy - tolerance and all(g >= 0 for g in gains))
