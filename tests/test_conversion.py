@@ -257,6 +257,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_an_interrupted_conversion_resumes_and_refuses_a_changed_source(classifier_run, tmp_path):
     source = str(tmp_path / "source")
     import shutil

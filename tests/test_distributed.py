@@ -106,6 +106,7 @@ def test_uneven_last_batch_keeps_copies_identical_and_draws_like_single_device()
         np.testing.assert_allclose(a, b, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_mirrored_on_two_logical_cpus(tmp_path):
     workdir = str(tmp_path / "run")
     assert train.main(["--strategy", "mirrored", "--cpu-devices", "2", "--epochs", "1", "--buffer-size", "100",
@@ -187,6 +188,7 @@ def _assert_identical(a, b):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_multi_worker_fit_ends_with_identical_weights_and_buffers(tmp_path):
     cluster = _Cluster(tmp_path, epochs=2)
     cluster.launch("run")
@@ -200,6 +202,7 @@ def test_multi_worker_fit_ends_with_identical_weights_and_buffers(tmp_path):
                                                buffer_size=200, seed=0).replay_buffer.samples.numpy())
 
 
+@pytest.mark.slow
 def test_multi_worker_killed_worker_restarts_from_backup(tmp_path):
     cluster = _Cluster(tmp_path, epochs=6)
     event = tmp_path / "event"

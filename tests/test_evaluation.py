@@ -97,6 +97,7 @@ def test_every_mode_writes_its_files_and_a_stable_report(trained, tmp_path):
         assert open(tmp_path / name, "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
 
 
+@pytest.mark.slow
 def test_same_seed_same_report_and_input_noise_is_explicit(trained, tmp_path):
     model, _, (x_val, y_val), (x_test, y_test), _ = trained
     ood = {"uniform": ev.synthetic_ood_images("uniform", x_test, seed=1)}

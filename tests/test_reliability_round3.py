@@ -185,6 +185,7 @@ def _hold_lock(workdir, seconds=600):
     return holder
 
 
+@pytest.mark.slow
 def test_a_live_lock_is_reported_before_any_other_check(interrupted_run):
     holder = _hold_lock(interrupted_run)
     try:
@@ -247,6 +248,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_taking_over_the_same_stale_lock_never_both_hold_it(tmp_path):
     layout = RunLayout(str(tmp_path))
     json.dump({"pid": 999999999, "host": os.uname().nodename}, open(layout.lock, "w"))  # stale
@@ -286,6 +288,7 @@ def _leftovers(workdir):
             if ".tmp" in name or name.startswith(".overwrite-")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path):
     workdir = str(tmp_path / "run")
     argv = [*TINY_TRAIN_ARGS, "--epochs", "2", "--workdir", workdir]
@@ -311,6 +314,7 @@ def run_copy(finished_run, tmp_path):
     return copy
 
 
+@pytest.mark.slow
 def test_overwrite_never_follows_a_link_out_of_the_work_directory(run_copy, tmp_path):
     outside = tmp_path / "precious"
     outside.mkdir()
@@ -369,6 +373,7 @@ def test_overwrite_that_fails_half_way_deletes_nothing(run_copy):
 
 
 # ------------------------------------------------------------------------------------------- 1: disk full
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_keeps_the_last_good_backup_and_the_rerun_completes(tmp_path):
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "64m")
@@ -475,6 +480,7 @@ def test_train_on_batch_and_fit_on_tensors_are_checked_under_xla_as_without(tiny
 
 
 # ---------------------------------------------------------------- 13: kills that land where they are meant to
+@pytest.mark.slow
 def test_a_kill_of_the_real_writer_during_the_final_save_loses_nothing(tmp_path):
     workdir = str(tmp_path / "run")
     argv = [*TINY_TRAIN_ARGS, "--epochs", "2", "--workdir", workdir]

@@ -194,6 +194,7 @@ def _final_state(workdir):
     return model.get_weights(), model.replay_buffer.samples.numpy(), [v.numpy() for v in model.optimizer.variables]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     reference = _run(tmp_path / "reference", tmp_path / "reference.log")
     assert reference.wait(timeout=400) == 0, (tmp_path / "reference.log").read_text()[-3000:]

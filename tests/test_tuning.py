@@ -30,6 +30,7 @@ def _config(**overrides):
     return TrainConfig(**values)
 
 
+@pytest.mark.slow
 def test_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(small_digits, tmp_path):
     # Grid over two learning rates: 1e3 diverges at once (no rollbacks allowed), 3e-3 trains.
     space = search_space({"learning_rate": {"type": "choice", "values": [1e3, 3e-3]}}, fixed=FIXED)

@@ -26,6 +26,7 @@ def run_copy(finished_run, tmp_path):
     return copy
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_never_overwritten_without_overwrite(run_copy):
     before = file_snapshot(run_copy)
     result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", run_copy)
@@ -65,6 +66,7 @@ def test_recipe_fields_of_the_wrong_type(value, message, tmp_path):
     assert not os.path.exists(tmp_path / "new")
 
 
+@pytest.mark.slow
 def test_paths_that_are_files_or_directories_in_the_wrong_place(tmp_path, finished_run):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
@@ -94,6 +96,7 @@ def test_resume_with_settings_that_do_not_fit_the_backup_is_refused(run_copy):
     assert file_snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_a_work_directory_in_use_is_refused_naming_the_process(run_copy, tmp_path):
     layout = RunLayout(run_copy)
     shutil.rmtree(layout.checkpoints)
@@ -119,6 +122,7 @@ def test_a_work_directory_in_use_is_refused_naming_the_process(run_copy, tmp_pat
 # The kill during the final save (of the real writer): tests/test_reliability_round3.py.
 
 
+@pytest.mark.slow
 def test_misleading_messages_now_name_the_real_problem(run_copy, tmp_path):
     layout = RunLayout(run_copy)
     data = open(layout.model, "rb").read()

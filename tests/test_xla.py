@@ -68,6 +68,7 @@ def test_one_train_step_under_xla_equals_the_default_kernels(data):
     np.testing.assert_array_equal(again.replay_buffer.samples.numpy(), xla.replay_buffer.samples.numpy())
 
 
+@pytest.mark.slow
 def test_xla_training_stays_within_the_stated_tolerance(data):
     default, _, default_logs = _trained(data, False, same_chains=True)
     xla, _, xla_logs = _trained(data, True, same_chains=True)
