@@ -282,6 +282,20 @@ def _start_until_event(event, when, *argv):
     return run
 
 
+def _finish(run, timeout):
+    """``run.communicate(timeout=...)``; a run still going at the timeout writes its threads' stacks (SIGUSR1, see
+    helpers/train_until_event.py), is killed, and the test fails with the end of its stderr."""
+    try:
+        return run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        run.kill()
+        out, err = run.communicate()
+        lines = [line for line in err.splitlines() if not line.startswith(("I0000", "E0000", "W0000", "WARNING: All"))]
+        pytest.fail(f"the run did not end within {timeout} s; its stderr (last lines):\n" + "\n".join(lines[-150:]))
+
+
 def _leftovers(workdir):
     """Temporary files anywhere below ``workdir``."""
     return [os.path.join(root, name) for root, dirs, files in os.walk(workdir) for name in files + dirs
@@ -294,7 +308,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path):
     argv = [*TINY_TRAIN_ARGS, "--epochs", "2", "--workdir", workdir]
     run = _start_until_event(tmp_path / "event", "batch:1:2", *argv)  # mid-epoch 2 (of 6 batches)
     run.send_signal(signal.SIGINT)
-    out, err = run.communicate(timeout=120)
+    out, err = _finish(run, 120)
     assert run.returncode == 130, err[-3000:]
     ours = [line for line in err.splitlines() if line.startswith("python -m jem_tf.train")]
     assert ours == ["python -m jem_tf.train: interrupted; rerun the same command to resume from epoch 2"], err[-3000:]
@@ -385,7 +399,7 @@ def test_a_full_disk_is_one_line_keeps_the_last_good_backup_and_the_rerun_comple
         filler = disk / "filler"
         _fill(filler)  # the disk fills up while the run trains
         os.remove(event)  # the run goes on: epoch 2's backup does not fit
-        out, err = run.communicate(timeout=300)
+        out, err = _finish(run, 300)
         assert run.returncode == 1, err[-3000:]
         line = [line for line in err.splitlines() if line.startswith("python -m jem_tf.train")]
         assert len(line) == 1 and "Traceback" not in err, err[-3000:]

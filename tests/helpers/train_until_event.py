@@ -7,9 +7,12 @@ WHEN is ``batch:E:B``: after batch B of epoch E (both counted from 0, epochs as 
 or ``final-save``: the final ``model.keras`` is written under its temporary name by the real writer and about
 to be renamed into place. At that point the run creates EVENT_FILE and waits (up to 10 minutes) to be killed
 or interrupted, or for the test to delete EVENT_FILE (the run then goes on, e.g. once the test filled the disk).
+SIGUSR1 writes every thread's Python stack to stderr (a test that times out asks for it before killing the run).
 """
 
+import faulthandler
 import os
+import signal
 import sys
 import time
 
@@ -63,4 +66,5 @@ def main(event_file, when, argv):
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
