@@ -87,6 +87,10 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         if name == "strategy":
             overrides.add_argument(flag, dest=name, choices=choices()["strategy"], default=None, help=help_text)
             continue
+        if name == "image_size":
+            overrides.add_argument(flag, dest=name, type=int, nargs=2, metavar=("H", "W"), default=None,
+                                   help="resize an image folder's images to H x W pixels " + help_text)
+            continue
         overrides.add_argument(flag, dest=name, type=_parser_for(annotation), default=None, help=help_text)
 
 

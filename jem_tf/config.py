@@ -31,6 +31,10 @@ class TrainConfig:
     data_dir: Optional[str] = None
     download: bool = False
     validation_fraction: float = 0.1
+    # An image folder (dataset = a directory): resize every image to [height, width] with resize_method (Pillow);
+    # None: every image must have one size. See jem_tf.data.load_image_folder.
+    image_size: Optional[List[int]] = None
+    resize_method: str = "bilinear"
     # Semi-supervised: keep the labels of N training images per class (balanced, seeded; the validation split
     # keeps all its labels) and train p(x) on every training image. labelled_batch_size: labelled rows added
     # to each batch of `batch_size` unlabelled rows (default: batch_size // 4, chosen on the digits validation
@@ -49,10 +53,10 @@ class TrainConfig:
     # A fine-tuning recipe (e.g. fashion_mnist_finetune): its settings are made for a trained classifier, so
     # init_from is required.
     finetune: bool = False
-    # Backbone (ignored with init_from): "small_cnn", or "wrn-DEPTH-WIDTH" (e.g. "wrn-28-10").
+    # Backbone (ignored with init_from): "small_cnn", "fast_cnn" (colour images) or "wrn-DEPTH-WIDTH" ("wrn-28-10").
     backbone: str = "small_cnn"
-    width: int = 32  # small_cnn only: channels of the stem.
-    normalization: str = "none"  # wrn only: none | batch | layer.
+    width: int = 32  # small_cnn: channels of the stem; fast_cnn: channels of the first block.
+    normalization: str = "none"  # wrn and fast_cnn: none | batch | layer.
     dropout: float = 0.0
     # float32 | mixed_bfloat16 | mixed_float16: the network computes in 16 bits (head and SGLD chains
     # stay float32); see networks.with_precision. auto: float32 or mixed_bfloat16, whichever a measured

@@ -24,23 +24,25 @@ OPTIMIZERS = ("adam", "sgd")
 # Settings a resumed run must share with the interrupted one: they fix the shapes of the saved state (network,
 # optimizer, replay buffer) or which images are training data. The others (learning rate, SGLD and loss
 # settings, epochs, ...) may change on resume, e.g. to get past a divergence.
-RESUME_FIXED_FIELDS = ("dataset", "validation_fraction", "seed", "backbone", "width", "normalization", "precision",
-                       "batch_size", "optimizer", "buffer_size", "buffer_storage", "chain_init", "chain_init_rank",
-                       "pxy_weight", "labels_per_class", "labelled_batch_size", "init_from", "init_from_sha256")
+RESUME_FIXED_FIELDS = ("dataset", "image_size", "resize_method", "validation_fraction", "seed", "backbone", "width",
+                       "normalization", "precision", "batch_size", "optimizer", "buffer_size", "buffer_storage",
+                       "chain_init", "chain_init_rank", "pxy_weight", "labels_per_class", "labelled_batch_size",
+                       "init_from", "init_from_sha256")
 
 
 def choices() -> Dict[str, tuple]:
     """Choice field -> the values it takes. The tuples live with the code that uses them, in modules that import
     TensorFlow: they are imported here, when asked for, so that ``import jem_tf.config`` itself stays light."""
     from jem_tf.chain_init import CHAIN_INITS
+    from jem_tf.data.folders import RESIZE_METHODS
     from jem_tf.data.pipelines import AUGMENTATIONS
     from jem_tf.distribution import STRATEGIES
     from jem_tf.networks import NORMALIZATIONS, PRECISIONS
     from jem_tf.replay_buffer import STORAGES
 
-    return {"augment": AUGMENTATIONS, "normalization": NORMALIZATIONS, "optimizer": OPTIMIZERS,
-            "strategy": STRATEGIES, "precision": PRECISIONS + ("auto",), "buffer_storage": STORAGES,
-            "chain_init": CHAIN_INITS}
+    return {"augment": AUGMENTATIONS, "resize_method": RESIZE_METHODS, "normalization": NORMALIZATIONS,
+            "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": PRECISIONS + ("auto",),
+            "buffer_storage": STORAGES, "chain_init": CHAIN_INITS}
 
 
 def check_config(config: TrainConfig, *, complete: bool = True) -> None:
@@ -110,6 +112,15 @@ def _check_data(config: TrainConfig) -> None:
                                              "validation split; export later with `python -m jem_tf.export "
                                              "--calibration-split test` to use the test split explicitly)")
     _one_of(config, "augment")
+    if config.image_size is not None:
+        from jem_tf.data.folders import is_image_folder_name
+
+        if (len(config.image_size) != 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                                               for d in config.image_size)):
+            _fail(config, "image_size", "none or two ints >= 1, height and width (--image-size H W)")
+        if not is_image_folder_name(config.dataset):
+            _fail(config, "image_size", "none unless the dataset is an image folder (it resizes the folder's images)")
+    _one_of(config, "resize_method")
 
 
 def _check_semi_supervised(config: TrainConfig) -> None:
@@ -151,8 +162,8 @@ def _check_conversion(config: TrainConfig, *, complete: bool) -> None:
 
 
 def _check_network(config: TrainConfig) -> None:
-    if not (config.backbone == "small_cnn" or _is_wrn_name(config.backbone)):
-        _fail(config, "backbone", "'small_cnn' or 'wrn-DEPTH-WIDTH' with DEPTH = 6n+4 (e.g. wrn-28-10)")
+    if not (config.backbone in ("small_cnn", "fast_cnn") or _is_wrn_name(config.backbone)):
+        _fail(config, "backbone", "'small_cnn', 'fast_cnn' or 'wrn-DEPTH-WIDTH' with DEPTH = 6n+4 (e.g. wrn-28-10)")
     _integers_at_least(config, 1, "width")
     _one_of(config, "normalization")
     if not 0.0 <= config.dropout < 1.0:

@@ -46,12 +46,13 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--model", required=True, help="training work directory or .keras file")
     parser.add_argument("--dataset", type=dataset_argument(), default=None, metavar="NAME",
                         help=f"in-distribution dataset (default: the run's): {', '.join(DATASETS)}, another tfds "
-                             "image classification name, or a .npz file")
+                             "image classification name, a .npz file or an image folder")
     parser.add_argument("--data-dir", default=None, help="data directory of --dataset")
     parser.add_argument("--ood", nargs="+", default=list(SYNTHETIC_OOD), metavar="NAME",
                         type=dataset_argument(extra=SYNTHETIC_OOD),
                         help=f"OOD sets: {', '.join(SYNTHETIC_OOD + EVALUATION_ONLY_DATASETS + DATASETS)}, another "
-                             "tfds image classification name, or a .npz file (its test split)")
+                             "tfds image classification name, a .npz file (its test split), or a folder of images "
+                             "(an image folder's test/, class subfolders, or images; resized to the model's size)")
     parser.add_argument("--ood-data-dir", default=None, help="data directory of the named OOD datasets")
     parser.add_argument("--max-ood-images", type=int, default=None, help="cap on images per OOD set")
     parser.add_argument("--out", required=True, help="output directory for report.json and PNG figures")

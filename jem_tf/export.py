@@ -132,7 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                            seed=args.seed, outlier_kinds=args.ood_outlier_kinds,
                            accepted_shifts=args.ood_accepted_shifts)
     path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
-                              preprocessing=preprocessing_of(dataset), dataset=dataset,
+                              preprocessing=data.preprocessing or preprocessing_of(dataset), dataset=dataset,
+                              class_names=data.class_names,
                               max_batch_size=args.max_batch_size, **_sample_limit_kwargs(args))
     print(f"exported {path} (OOD detector {ood.detector.name}, threshold {ood.detector.threshold:.4g}, "
           f"calibrated on the {args.calibration_split} split)")

@@ -32,9 +32,9 @@ def build_float32_backbone(config: TrainConfig, *, image_shape, num_classes: int
     """The config's backbone in float32 (before :func:`~jem_tf.networks.with_precision`)."""
     backbone_kwargs = dict(num_classes=num_classes, input_shape=tuple(image_shape), dropout=config.dropout,
                            seed=config.seed)
-    if config.backbone == "small_cnn":
+    if config.backbone in ("small_cnn", "fast_cnn"):
         backbone_kwargs["width"] = config.width
-    else:
+    if config.backbone != "small_cnn":
         backbone_kwargs["normalization"] = config.normalization
     return build_backbone(config.backbone, **backbone_kwargs)
 

@@ -35,7 +35,7 @@ import math
 import os
 import re
 import time
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -120,9 +120,13 @@ def sample_limits(model: JEM, *, max_num_samples: int = 256, max_n_steps: int = 
 
 def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: int = 256,
                          max_n_steps: int = 1000, max_step_size: Optional[float] = None,
-                         max_noise_std: Optional[float] = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+                         max_noise_std: Optional[float] = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                         class_names: Optional[Sequence[str]] = None):
     """``(module, signatures)`` for ``tf.saved_model.save``: a ``tf.Module`` that tracks the backbone's
     variables only, and the three signatures (see the module docstring) plus ``serving_default``.
+
+    ``class_names`` (one per class, e.g. an image folder's class folders): ``classify`` also returns
+    ``predicted_class_name`` [N] (string).
 
     The ``sample`` signature's hard upper bounds (a request above one fails in-graph before any sampling, with an
     ``InvalidArgumentError`` naming the bound):
@@ -174,10 +178,15 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
             images = tf.identity(images)
         return check_images_in_graph(images, value_range)
 
+    names = check_class_names(class_names, num_classes)
+
     def classify(images):
         logits = logits_of(checked(images))
-        return {"probabilities": tf.nn.softmax(logits, axis=-1), "logits": logits,
-                "predicted_class": tf.argmax(logits, axis=-1, output_type=tf.int64)}
+        predicted = tf.argmax(logits, axis=-1, output_type=tf.int64)
+        outputs = {"probabilities": tf.nn.softmax(logits, axis=-1), "logits": logits, "predicted_class": predicted}
+        if names is not None:
+            outputs["predicted_class_name"] = tf.gather(tf.constant(names, tf.string), predicted)
+        return outputs
 
     def energy(images):
         components = scorer.components(checked(images), ood_components)
@@ -245,13 +254,26 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
     return module, signatures
 
 
+def check_class_names(class_names: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
+    """``class_names`` as a list of ``num_classes`` distinct non-empty strings, or ``None``; else a ``ValueError``."""
+    if class_names is None:
+        return None
+    names = list(class_names)
+    if (len(names) != num_classes or any(not isinstance(n, str) or not n for n in names)
+            or len(set(names)) != len(names)):
+        raise ValueError(f"`class_names` must be {num_classes} distinct non-empty strings (one per class); "
+                         f"received {class_names!r}")
+    return names
+
+
 def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = None,
                        ood: Optional[FittedDetector] = None, calibration_images: Optional[np.ndarray] = None,
                        calibration_split: str = "given", ood_threshold: Optional[float] = None,
                        tpr: float = 0.95, max_num_samples: int = 256, max_n_steps: int = 1000,
                        max_step_size: Optional[float] = None, max_noise_std: Optional[float] = None,
                        preprocessing: str = "", dataset: str = "",
-                       max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> str:
+                       max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                       class_names: Optional[Sequence[str]] = None) -> str:
     """Exports ``model`` for TensorFlow Serving to ``export_dir/<version>/`` and returns that path.
 
     Args:
@@ -273,6 +295,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
             :func:`build_serving_module`); recorded in the metadata.
         preprocessing: How raw inputs map to the model's value range (recorded in the metadata).
         dataset: Name of the training data (recorded in the metadata).
+        class_names: The name of each class (recorded in the metadata; ``classify`` returns
+            ``predicted_class_name``), or ``None``.
 
     Example:
         >>> path = export_saved_model(model, "/models/jem", calibration_images=x_val)
@@ -291,6 +315,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
     limits = sample_limits(model, max_num_samples=max_num_samples, max_n_steps=max_n_steps,
                            max_step_size=max_step_size, max_noise_std=max_noise_std)  # before the calibration
     check_max_batch_size(model, max_batch_size)
+    class_names = check_class_names(class_names, model.num_classes)
     if calibration_images is not None:
         ood = fit_ood_detector(model, calibration_images, calibration_split=calibration_split, tpr=tpr)
     elif ood_threshold is not None:
@@ -301,7 +326,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                              dataclasses.replace(detector, threshold=float(ood_threshold)),
                              {"calibration_split": "none (explicit threshold)", "num_calibration_images": 0,
                               "tpr": None})
-    module, signatures = build_serving_module(model, ood=ood, max_batch_size=max_batch_size, **limits)
+    module, signatures = build_serving_module(model, ood=ood, max_batch_size=max_batch_size, class_names=class_names,
+                                              **limits)
     os.makedirs(export_dir, exist_ok=True)
     # Temporaries of exports killed mid-write (this host's dead processes) go; then ours is written.
     remove_stale_temporaries(export_dir, temporary_pattern(EXPORT_TMP_PREFIX), _OLD_EXPORT_TMP)
@@ -316,6 +342,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         "input": {"name": "images", "dtype": "float32", "shape": [None, *model.image_shape],
                   "value_range": [low, high], "preprocessing": preprocessing or f"scale inputs to [{low}, {high}]"},
         "num_classes": model.num_classes,
+        "class_names": class_names,
         "max_batch_size": max_batch_size,  # of classify and energy: a larger request fails before any work
         "ood": ood.metadata(),
         "sample": {**limits, "clipped_to_value_range": True,
@@ -329,7 +356,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                    "bounds": "requests above max_num_samples, max_n_steps, max_step_size or max_noise_std are rejected "
                              "before any sampling; samples are clipped to input.value_range"},
         "signatures": {
-            "classify": "images -> probabilities [N, K], logits [N, K], predicted_class [N] (also serving_default)",
+            "classify": "images -> probabilities [N, K], logits [N, K], predicted_class [N]"
+                        + (", predicted_class_name [N] (string)" if class_names else "") + " (also serving_default)",
             "energy": "images -> energy [N], log_px [N], ood_score [N] (higher = more in-distribution), "
                       "is_in_distribution [N] (bool: ood_score >= ood.threshold)",
             "sample": "num_samples, n_steps, seed, class_label, step_size, noise_std (scalars) -> "

@@ -42,6 +42,8 @@ class RunSplits:
             (:func:`select_labelled`). Feature statistics fitted after training must see these labels only.
         test: The dataset's test split.
         semi_supervised: Whether ``labelled`` is a semi-supervised selection (``labels_per_class``).
+        class_names: The dataset's class names (an image folder's), or ``None``.
+        preprocessing: How the dataset's pixels became the images, when the dataset says (an image folder's).
     """
 
     train: Split
@@ -49,6 +51,8 @@ class RunSplits:
     labelled: Split
     test: Split
     semi_supervised: bool = False
+    class_names: Optional[Tuple[str, ...]] = None
+    preprocessing: Optional[str] = None
 
     def held_out(self) -> Tuple[Split, str]:
         """``(images and labels, name)`` of the split the run did not train on: ``"validation"``, else ``"test"``."""
@@ -71,7 +75,9 @@ def load_run_dataset(dataset_name: Optional[str] = None, *, config: Optional[Tra
     same_data = config is not None and config.dataset == dataset_name
     with as_usage_error():  # the user's data: jem_tf.data.npz reports a bad file as a plain ValueError
         return load_dataset(dataset_name, data_dir=data_dir or (config.data_dir if same_data else None),
-                            download=download, seed=config.seed if same_data else 0)
+                            download=download, seed=config.seed if same_data else 0,
+                            image_size=config.image_size if same_data else None,
+                            resize_method=config.resize_method if same_data else "bilinear")
 
 
 def split_train_validation(config: TrainConfig, images: np.ndarray, labels: np.ndarray
@@ -147,7 +153,8 @@ def run_splits(config: TrainConfig, data: ImageDataset) -> RunSplits:
     # Semi-supervised: the few labelled images (validation keeps all its labels; every training image trains p(x)).
     labelled = labelled_training_split(config, train)
     return RunSplits(train, validation, labelled, Split(data.x_test, data.y_test),
-                     semi_supervised=config.labels_per_class is not None)
+                     semi_supervised=config.labels_per_class is not None, class_names=data.class_names,
+                     preprocessing=data.preprocessing)
 
 
 def dataset_splits(dataset_name: str, *, config: Optional[TrainConfig], data: ImageDataset) -> RunSplits:
@@ -157,7 +164,8 @@ def dataset_splits(dataset_name: str, *, config: Optional[TrainConfig], data: Im
     if config is not None and config.dataset == dataset_name:
         return run_splits(config, data)
     train = Split(data.x_train, data.y_train)
-    return RunSplits(train, None, train, Split(data.x_test, data.y_test))
+    return RunSplits(train, None, train, Split(data.x_test, data.y_test), class_names=data.class_names,
+                     preprocessing=data.preprocessing)
 
 
 def held_out_split(dataset_name: str, *, config: Optional[TrainConfig] = None, data_dir: Optional[str] = None,

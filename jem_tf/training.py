@@ -190,6 +190,7 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
                           return_dict=True, verbose=0)
     metrics = {
         "dataset": config.dataset,
+        "class_names": None if splits.class_names is None else list(splits.class_names),
         "init_from": None if source is None else source.record(),
         "test_accuracy": float(test["accuracy"]),
         "test_nll": float(test["ce"]),
@@ -228,8 +229,8 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
                                calibration_labels=validation.labels, train_images=splits.labelled.images,
                                train_labels=splits.labelled.labels, seed=config.seed)
         metrics["export_path"] = export_saved_model(
-            model, config.export_dir, ood=ood, preprocessing=preprocessing_of(config.dataset),
-            dataset=config.dataset)
+            model, config.export_dir, ood=ood, preprocessing=splits.preprocessing or preprocessing_of(config.dataset),
+            dataset=config.dataset, class_names=splits.class_names)
         metrics["ood_detector"] = {"score": ood.detector.name, "threshold": ood.detector.threshold,
                                    "calibration_split": "validation"}
     if chief:

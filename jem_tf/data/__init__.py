@@ -16,6 +16,10 @@
   used): arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` (see :func:`load_npz_dataset`). An empty
   ``x_train`` makes an evaluation / out-of-distribution set only.
 
+* An existing directory: an image folder, ``train/<class>/`` and ``test/<class>/`` of JPEG/PNG/BMP/GIF files (the
+  layout of ``keras.utils.image_dataset_from_directory``, same class order), decoded once and cached (see
+  :func:`load_image_folder`).
+
 Modules: :mod:`~jem_tf.data.base` (names, ``ImageDataset``), :mod:`~jem_tf.data.sources` (digits, IDX,
 tfds, ``mnist_5k``), :mod:`~jem_tf.data.npz` (your own ``.npz`` files), :mod:`~jem_tf.data.loading`
 (``load_dataset`` by name, ``split_validation``) and :mod:`~jem_tf.data.pipelines` (``tf.data``).
@@ -32,6 +36,15 @@ from jem_tf.data.base import (
     DataNotFoundError,
     ImageDataset,
     scale_uint8,
+)
+from jem_tf.data.folders import (
+    IMAGE_EXTENSIONS,
+    RESIZE_METHODS,
+    FolderInfo,
+    is_image_folder_name,
+    load_image_folder,
+    load_image_folder_images,
+    read_image_folder,
 )
 from jem_tf.data.loading import dataset_argument, dataset_problem, load_dataset, preprocessing_of, split_validation
 from jem_tf.data.npz import is_npz_path, load_npz_dataset, read_npz_headers, resolve_npz_path
@@ -60,6 +73,9 @@ __all__ = [
     "DataNotFoundError",
     "EVALUATION_ONLY_DATASETS",
     "FASHION_MNIST_DEBIAN_DIR",
+    "FolderInfo",
+    "IMAGE_EXTENSIONS",
+    "RESIZE_METHODS",
     "ImageDataset",
     "MNIST_5K_FILE",
     "NPZ_KEYS",
@@ -70,11 +86,14 @@ __all__ = [
     "dataset_problem",
     "find_idx_dir",
     "find_mnist_5k",
+    "is_image_folder_name",
     "is_npz_path",
     "is_tfds_name",
     "load_dataset",
     "load_digits",
     "load_idx_dataset",
+    "load_image_folder",
+    "load_image_folder_images",
     "load_mnist_5k",
     "load_npz_dataset",
     "load_tfds",
@@ -83,6 +102,7 @@ __all__ = [
     "make_semi_supervised_dataset",
     "preprocessing_of",
     "read_idx",
+    "read_image_folder",
     "read_npz_headers",
     "resolve_npz_path",
     "scale_uint8",

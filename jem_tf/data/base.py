@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -39,7 +39,9 @@ class DataNotFoundError(UsageError):
 
 @dataclasses.dataclass
 class ImageDataset:
-    """Train and test images in [-1, 1] (float32 ``[N, H, W, C]``) with int32 labels."""
+    """Train and test images in [-1, 1] (float32 ``[N, H, W, C]``) with int32 labels; ``class_names``, when
+    known (an image folder's sorted class folders), name the labels; ``preprocessing``, when set, says how the
+    source's pixels became these images (else :func:`jem_tf.data.preprocessing_of` the name)."""
 
     name: str
     x_train: np.ndarray
@@ -47,6 +49,8 @@ class ImageDataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    class_names: Optional[Tuple[str, ...]] = None
+    preprocessing: Optional[str] = None
 
     @property
     def image_shape(self) -> Tuple[int, int, int]:

@@ -17,6 +17,7 @@ from jem_tf.data.base import (
     DataNotFoundError,
     ImageDataset,
 )
+from jem_tf.data.folders import RESIZE_METHODS, is_image_folder_name, load_image_folder
 from jem_tf.data.npz import _npz_layout, is_npz_path, load_npz_dataset, read_npz_headers, resolve_npz_path
 from jem_tf.data.sources import (
     find_idx_dir,
@@ -32,16 +33,25 @@ from jem_tf.errors import UsageError
 
 def dataset_problem(name: str, *, training: bool = False) -> Optional[str]:
     """What a dataset name must be, as ``"NAME must be {problem}; received ..."`` reads, or ``None`` when ``name``
-    is acceptable: a known name, another tfds name (its features are checked when loaded) or an existing
-    ``.npz`` file (whose headers are read). With ``training``, evaluation-only sets (``mnist_5k``, a ``.npz``
+    is acceptable: a known name, another tfds name (its features are checked when loaded), an existing
+    ``.npz`` file (whose headers are read) or an existing directory (with ``training``: holding ``train/`` and
+    ``test/``). With ``training``, evaluation-only sets (``mnist_5k``, a ``.npz``
     file with an empty ``x_train``) are not acceptable.
     """
     known = DATASETS + (() if training else EVALUATION_ONLY_DATASETS)
     options = (f"one of {', '.join(known)}, another TensorFlow Datasets image classification name "
-               "(tfds.list_builders()) or a path to a .npz file")
+               "(tfds.list_builders()), a path to a .npz file or an image folder (train/<class>/, test/<class>/)")
     if not isinstance(name, str) or not name.strip():
         return options
     if name in known:
+        return None
+    if is_image_folder_name(name):
+        # For training, an image folder's layout; other uses (an OOD set) also take a folder of images.
+        folder = os.path.expanduser(name)
+        missing = [split for split in ("train", "test") if not os.path.isdir(os.path.join(folder, split))]
+        if missing and training:
+            return (f"an image folder holding train/<class>/ and test/<class>/ folders of images ({name!r} has no "
+                    f"{' or '.join(s + '/' for s in missing)})")
         return None
     if name in EVALUATION_ONLY_DATASETS:
         return f"{options} ({name} is for evaluation only: it has no training split)"
@@ -88,6 +98,8 @@ def preprocessing_of(name: str) -> str:
     file what :func:`load_npz_dataset` does with its arrays; ``""`` for names it cannot describe."""
     if name in PREPROCESSING:
         return PREPROCESSING[name]
+    if is_image_folder_name(name):
+        return f"image files -> uint8 [N, H, W, C] (Pillow); {_UINT8_PREPROCESSING}"
     if is_npz_path(name):
         headers = read_npz_headers(name)
         kind, (height, width, channels) = _npz_layout(name, headers)
@@ -103,18 +115,23 @@ def preprocessing_of(name: str) -> str:
 
 
 def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = False,
-                 seed: int = 0, data_dir_flag: str = "--data-dir") -> ImageDataset:
+                 seed: int = 0, data_dir_flag: str = "--data-dir", image_size: Optional[Sequence[int]] = None,
+                 resize_method: str = "bilinear", log=print) -> ImageDataset:
     """Loads a dataset by name (see the module docstring for the sources).
 
     Args:
         name: One of ``DATASETS`` or ``EVALUATION_ONLY_DATASETS``, another TensorFlow Datasets image
-            classification name (``dataset[/config][:version]``), or a path ending in ``.npz``
-            (:func:`load_npz_dataset`).
+            classification name (``dataset[/config][:version]``), a path ending in ``.npz``
+            (:func:`load_npz_dataset`), or an existing directory: an image folder
+            (:func:`jem_tf.data.load_image_folder`; its decoded arrays are cached).
         data_dir: Directory of the data (tfds data dir, IDX files for ``fashion_mnist``, the CSV file
             for ``mnist_5k``; not used for a ``.npz`` path).
         download: Let tfds download missing data. Default False.
         seed: Seed of the digits train/test split. Default 0.
         data_dir_flag: The command-line flag that set ``data_dir``, named in errors.
+        image_size: An image folder's ``(height, width)`` to resize to (other sources: must be ``None``).
+        resize_method: How an image folder's images are resized with ``image_size``.
+        log: Where an image folder's one-line summary goes.
 
     A given ``data_dir`` is the only place the data is looked for (no fallback to another source).
 
@@ -126,6 +143,12 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = 
         raise DataNotFoundError(f"{data_dir_flag} must not be empty (an unset shell variable?).")
     if data_dir is not None and not os.path.isdir(data_dir) and not download:
         raise DataNotFoundError(f"{data_dir_flag} {data_dir!r} does not exist (or is not a directory).")
+    if is_image_folder_name(name):
+        return load_image_folder(name, image_size=image_size, resize_method=resize_method, log=log)
+    if image_size is not None:
+        raise UsageError(f"image_size (--image-size) resizes the images of an image folder; {name!r} is not one.")
+    if resize_method not in RESIZE_METHODS:
+        raise UsageError(f"resize_method must be one of {', '.join(RESIZE_METHODS)}; received {resize_method!r}")
     if name == "digits":
         return load_digits(seed=seed)
     if is_npz_path(name):

@@ -14,7 +14,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from jem_tf import figures, metrics, outliers, seeds
-from jem_tf.data import load_dataset
+from jem_tf.data import is_image_folder_name, load_dataset, load_image_folder_images
 from jem_tf.jem import JEM
 from jem_tf.ood import COMPONENTS, OODScorer, default_candidates, select_detector
 
@@ -52,13 +52,17 @@ def synthetic_ood_images(kind: str, like: np.ndarray, *, value_range: Sequence[f
 def load_ood_sets(names: Sequence[str], test_images: np.ndarray, *, value_range, seed: int,
                   data_dir: Optional[str], max_images: Optional[int]) -> Dict[str, np.ndarray]:
     """``{name: images}`` for each OOD set name: a :data:`SYNTHETIC_OOD` set shaped like ``test_images``
-    (the ``i``-th name seeded with ``seed + OOD_SET_OFFSET + i``, :data:`jem_tf.seeds.OOD_SET_OFFSET` = 1) or the
-    test split of a dataset in ``data_dir``; each cut to its first ``max_images`` images when given."""
+    (the ``i``-th name seeded with ``seed + OOD_SET_OFFSET + i``, :data:`jem_tf.seeds.OOD_SET_OFFSET` = 1), the
+    test split of a dataset in ``data_dir``, or the images of a folder (an image folder's ``test/``, class
+    subfolders or images directly in it; :func:`jem_tf.data.load_image_folder_images`), resized to the size of
+    ``test_images`` where they differ; each cut to its first ``max_images`` images when given."""
     sets = {}
     for i, name in enumerate(names):
         if name in SYNTHETIC_OOD:
             images = synthetic_ood_images(name, test_images, value_range=value_range,
                                           seed=seed + seeds.OOD_SET_OFFSET + i)
+        elif is_image_folder_name(name):
+            images = load_image_folder_images(name, image_size=tuple(test_images.shape[1:3])).x_test
         else:
             images = load_dataset(name, data_dir=data_dir, data_dir_flag="--ood-data-dir").x_test
         sets[name] = images[:max_images] if max_images else images
