@@ -5,13 +5,19 @@ trained from scratch; test accuracy and energy gap against training time.
     python bench/conversion.py --dataset fashion_mnist --out bench/results/conversion_fashion_mnist.json \
         --reuse classifier=runs/conv_bench/classifier_tta.json:classifier \
         --reuse scratch=bench/results/fashion_time_to_accuracy.json:fast
+    python bench/conversion.py --recipe cifar10 --dataset CIFAR10_IMAGE_FOLDER --scratch-budget \
+        --out bench/results/conversion_cifar10.json
 
 Trains, one after the other in this process (never two at once), with the CLI's pipeline
 (`jem_tf.training.train_and_evaluate`; each run leaves a normal work directory under --workdir-base):
 
-* `classifier`: the DATASET recipe with `--px-weight 0 --pxy-weight 0 --energy-l2-weight 0` (same epochs);
-* `converted`: the DATASET_finetune recipe with `--init-from` the classifier's work directory;
-* `scratch`: the DATASET recipe (the JEM from scratch).
+* `classifier`: the RECIPE recipe with `--px-weight 0 --pxy-weight 0 --energy-l2-weight 0` (same epochs);
+* `converted`: the RECIPE_finetune recipe with `--init-from` the classifier's work directory;
+* `scratch`: the RECIPE recipe (the JEM from scratch); with `--scratch-budget`, stopped once its training time
+  reaches that of the classifier plus the conversion (the question: what does the same time buy from scratch?).
+
+RECIPE defaults to DATASET (digits, fashion_mnist); `--dataset` may also be an image folder (e.g. CIFAR-10's
+JPEGs, with `--recipe cifar10`).
 
 `--reuse NAME=JSON:KEY` takes a run from an earlier benchmark's JSON (`bench/time_to_accuracy.py` writes the
 same records) instead of training it: the Fashion-MNIST JEM from scratch takes about 40 minutes. Every probe
@@ -55,11 +61,11 @@ def _cpu_name():
         return platform.processor()
 
 
-def train_run(name, config, workdir, data, every_steps):
+def train_run(name, config, workdir, data, every_steps, budget_s=None):
     from jem_tf.training import train_and_evaluate
 
-    print(f"== {name}: {workdir}", flush=True)
-    probe = make_probe((data.x_test, data.y_test), every_steps, None)
+    print(f"== {name}: {workdir}" + (f" (budget {budget_s:.0f} s of training)" if budget_s else ""), flush=True)
+    probe = make_probe((data.x_test, data.y_test), every_steps, budget_s)
     start = time.perf_counter()
     metrics = train_and_evaluate(config, workdir, data=data, verbose=2, callbacks=[probe])
     return {"config": config.to_dict(), "workdir": workdir, "points": probe.points,
@@ -115,7 +121,10 @@ def plot(results, path, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=("digits", "fashion_mnist"), default="digits")
+    parser.add_argument("--dataset", default="digits", help="digits, fashion_mnist or an image folder")
+    parser.add_argument("--recipe", default=None, help="the recipes RECIPE and RECIPE_finetune (default: --dataset)")
+    parser.add_argument("--scratch-budget", action="store_true",
+                        help="stop the JEM from scratch at the classifier's plus the conversion's training time")
     parser.add_argument("--out", required=True, help="JSON file (the figure: the same name with .png)")
     parser.add_argument("--workdir-base", default=None, help="default: runs/conversion_DATASET")
     parser.add_argument("--data-dir", default=None)
@@ -126,7 +135,9 @@ def main(argv=None):
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = parser.parse_args(argv)
     figure = os.path.splitext(args.out)[0] + ".png"
-    title = {"digits": "digits (8x8)", "fashion_mnist": "Fashion-MNIST"}[args.dataset]
+    recipe = args.recipe or args.dataset
+    title = {"digits": "digits (8x8)", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 (JPEG images)"}.get(
+        recipe, recipe)
     if args.plot_only:
         plot(json.load(open(args.out))["runs"], figure, title)
         return 0
@@ -137,10 +148,11 @@ def main(argv=None):
     from jem_tf.config import load_recipe
     from jem_tf.data import load_dataset
 
-    base = args.workdir_base or f"runs/conversion_{args.dataset}"
-    every = args.probe_every_steps if args.probe_every_steps is not None else (0 if args.dataset == "digits" else 422)
+    base = args.workdir_base or f"runs/conversion_{recipe}"
+    every = args.probe_every_steps if args.probe_every_steps is not None else (
+        422 if args.dataset == "fashion_mnist" else 0)
     data = load_dataset(args.dataset, data_dir=args.data_dir)
-    overrides = {"data_dir": args.data_dir}
+    overrides = {"data_dir": args.data_dir, "dataset": args.dataset}
     results = {}
 
     def save():
@@ -153,14 +165,17 @@ def main(argv=None):
             run, unit = reused_run(reuse[name])
         else:
             if name == "classifier":
-                config = load_recipe(args.dataset).replace(px_weight=0.0, pxy_weight=0.0, energy_l2_weight=0.0,
-                                                           **overrides)
+                config = load_recipe(recipe).replace(px_weight=0.0, pxy_weight=0.0, energy_l2_weight=0.0,
+                                                     **overrides)
             elif name == "converted":
-                config = load_recipe(f"{args.dataset}_finetune").replace(
+                config = load_recipe(f"{recipe}_finetune").replace(
                     init_from=results["classifier"]["workdir"], **overrides)
             else:
-                config = load_recipe(args.dataset).replace(**overrides)
-            run, unit = train_run(name, config, os.path.join(base, name), data, every), None
+                config = load_recipe(recipe).replace(**overrides)
+            budget = None
+            if name == "scratch" and args.scratch_budget:
+                budget = sum(results[r]["train_seconds_excluding_probes"] for r in ("classifier", "converted"))
+            run, unit = train_run(name, config, os.path.join(base, name), data, every, budget), None
         # The unit of the figure's axis: the classifier's training time on the machine this run was timed on.
         run["classifier_seconds_same_machine"] = unit or (
             run["train_seconds_excluding_probes"] if name == "classifier"
