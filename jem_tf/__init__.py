@@ -3,7 +3,7 @@
 from jem_tf import energy
 from jem_tf.chain_init import ClassGaussian
 from jem_tf.jem import JEM
-from jem_tf.networks import build_backbone, small_cnn, wide_resnet
+from jem_tf.networks import build_backbone, fast_cnn, small_cnn, wide_resnet
 from jem_tf.replay_buffer import BufferDraw, ReplayBuffer
 from jem_tf.schedules import WarmupPiecewiseSchedule
 from jem_tf.sgld import SGLDDiagnostics, SGLDSampler
@@ -23,6 +23,7 @@ __all__ = [
     "WarmupPiecewiseSchedule",
     "build_backbone",
     "energy",
+    "fast_cnn",
     "small_cnn",
     "wide_resnet",
 ]
