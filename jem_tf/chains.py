@@ -61,8 +61,9 @@ class TrainingChains:
         self.model = model
         # The energy SGLD descends, of the network in inference mode (no dropout, no BN statistic updates).
         self.energy = generation.sgld_energy(lambda x: model.logits(x, training=False))
+        # Batch norm in training mode (frozen layers run in inference mode and see no batch statistics).
         self.has_batch_norm = any(
-            isinstance(layer, keras.layers.BatchNormalization)
+            isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
             for layer in keras_workarounds.all_layers(model.backbone))
 
     def step_seed(self, salt: int) -> tf.Tensor:

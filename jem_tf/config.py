@@ -53,6 +53,11 @@ class TrainConfig:
     # A fine-tuning recipe (e.g. fashion_mnist_finetune): its settings are made for a trained classifier, so
     # init_from is required.
     finetune: bool = False
+    # Freeze the backbone's batch-norm layers (Keras's trainable=False: inference mode, moving statistics and
+    # scale/offset fixed), so that the data's energy and the chains' come from one function. For converting a
+    # classifier trained with batch norm: training-mode statistics on the data against inference-mode ones on the
+    # chains let the contrastive term play one function against the other (docs/cifar10.md).
+    freeze_batch_norm: bool = False
     # Backbone (ignored with init_from): "small_cnn", "fast_cnn" (colour images) or "wrn-DEPTH-WIDTH" ("wrn-28-10").
     backbone: str = "small_cnn"
     width: int = 32  # small_cnn: channels of the stem; fast_cnn: channels of the first block.

@@ -27,7 +27,7 @@ OPTIMIZERS = ("adam", "sgd")
 RESUME_FIXED_FIELDS = ("dataset", "image_size", "resize_method", "validation_fraction", "seed", "backbone", "width",
                        "normalization", "precision", "batch_size", "optimizer", "buffer_size", "buffer_storage",
                        "chain_init", "chain_init_rank", "pxy_weight", "labels_per_class", "labelled_batch_size",
-                       "init_from", "init_from_sha256")
+                       "init_from", "init_from_sha256", "freeze_batch_norm")
 
 
 def choices() -> Dict[str, tuple]:

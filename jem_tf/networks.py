@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 
 import keras
 
+from jem_tf.keras_workarounds import all_layers
+
 NORMALIZATIONS = ("none", "batch", "layer")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -254,6 +256,16 @@ def fast_cnn(
         num_classes, kernel_initializer=torch_default_initializer(None if seed is None else next(seeds)),
         name="logits")(x)
     return keras.Model(inputs, logits, name=name)
+
+
+def freeze_batch_norm(model: keras.Model) -> int:
+    """Sets ``trainable = False`` on every ``BatchNormalization`` layer of ``model`` (nested models included) and
+    returns how many: Keras then runs them in inference mode even in training (moving statistics, scale and offset
+    fixed), so every input, data or SGLD chain, goes through the same function. Saved with the model."""
+    layers = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.trainable = False
+    return len(layers)
 
 
 def with_precision(model: keras.Model, precision: str) -> keras.Model:

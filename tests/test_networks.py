@@ -52,3 +52,27 @@ def test_build_backbone_by_name():
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         wide_resnet(**kwargs)
+
+
+def test_fast_cnn_and_frozen_batch_norm_through_a_jem_step():
+    import keras
+    import numpy as np
+
+    from jem_tf import JEM, SGLDSampler
+    from jem_tf.networks import fast_cnn, freeze_batch_norm, with_precision
+
+    backbone = fast_cnn(num_classes=3, input_shape=(16, 16, 3), width=4, seed=0)
+    assert backbone(np.zeros((2, 16, 16, 3), "float32")).shape == (2, 3)
+    with pytest.raises(ValueError, match="at least 16x16"):
+        fast_cnn(num_classes=3, input_shape=(8, 8, 3))
+    assert freeze_batch_norm(backbone) == 6
+    assert all(not layer.trainable for layer in with_precision(backbone, "mixed_bfloat16").layers
+               if isinstance(layer, keras.layers.BatchNormalization))  # kept by the precision copy
+    model = JEM(backbone, sampler=SGLDSampler(n_steps=1), buffer_size=16, seed=0)
+    assert not model._chains.has_batch_norm  # one function for data and chains: a single forward pass
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    before = [v.numpy().copy() for v in backbone.non_trainable_variables]
+    rng = np.random.default_rng(0)
+    model.fit(rng.uniform(-1, 1, (8, 16, 16, 3)).astype("float32"), rng.integers(0, 3, 8), batch_size=8, verbose=0)
+    for old, new in zip(before, backbone.non_trainable_variables):
+        np.testing.assert_array_equal(old, new.numpy())  # moving statistics, scale and offset unchanged
