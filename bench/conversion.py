@@ -131,7 +131,8 @@ def main(argv=None):
     parser.add_argument("--probe-every-steps", type=int, default=None,
                         help="default: every half epoch for fashion_mnist, epoch ends only for digits")
     parser.add_argument("--reuse", action="append", default=[], metavar="NAME=JSON:KEY",
-                        help="take run NAME (classifier or scratch) from an earlier JSON instead of training it")
+                        help="take run NAME (classifier, converted or scratch) from an earlier JSON instead of "
+                             "training it")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = parser.parse_args(argv)
     figure = os.path.splitext(args.out)[0] + ".png"
@@ -142,8 +143,8 @@ def main(argv=None):
         plot(json.load(open(args.out))["runs"], figure, title)
         return 0
     reuse = dict(spec.split("=", 1) for spec in args.reuse)
-    if set(reuse) - {"classifier", "scratch"}:
-        parser.error("--reuse takes classifier=... or scratch=...")
+    if set(reuse) - set(RUNS):
+        parser.error(f"--reuse takes NAME=JSON:KEY with NAME one of {', '.join(RUNS)}")
 
     from jem_tf.config import load_recipe
     from jem_tf.data import load_dataset
