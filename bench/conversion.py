@@ -125,6 +125,8 @@ def main(argv=None):
     parser.add_argument("--recipe", default=None, help="the recipes RECIPE and RECIPE_finetune (default: --dataset)")
     parser.add_argument("--scratch-budget", action="store_true",
                         help="stop the JEM from scratch at the classifier's plus the conversion's training time")
+    parser.add_argument("--scratch-budget-s", type=float, default=None,
+                        help="stop the JEM from scratch after this many seconds of training instead")
     parser.add_argument("--out", required=True, help="JSON file (the figure: the same name with .png)")
     parser.add_argument("--workdir-base", default=None, help="default: runs/conversion_DATASET")
     parser.add_argument("--data-dir", default=None)
@@ -174,7 +176,9 @@ def main(argv=None):
             else:
                 config = load_recipe(recipe).replace(**overrides)
             budget = None
-            if name == "scratch" and args.scratch_budget:
+            if name == "scratch" and args.scratch_budget_s:
+                budget = args.scratch_budget_s
+            elif name == "scratch" and args.scratch_budget:
                 budget = sum(results[r]["train_seconds_excluding_probes"] for r in ("classifier", "converted"))
             run, unit = train_run(name, config, os.path.join(base, name), data, every, budget), None
         # The unit of the figure's axis: the classifier's training time on the machine this run was timed on.

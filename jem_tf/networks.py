@@ -35,6 +35,15 @@ def _check_common(num_classes, input_shape):
     return input_shape
 
 
+def _check_layers(*, width: int, dropout: float, normalization: Optional[str] = None) -> None:
+    if not (isinstance(width, int) and width >= 1):
+        raise ValueError(f"`width` must be an int >= 1; received width={width!r}")
+    if normalization is not None and normalization not in NORMALIZATIONS:
+        raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}; received {normalization!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1); received dropout={dropout!r}")
+
+
 def _normalization(kind: str, name: str):
     if kind == "batch":
         return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
@@ -84,12 +93,7 @@ def wide_resnet(
     input_shape = _check_common(num_classes, input_shape)
     if not (isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0):
         raise ValueError(f"`depth` must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...); received depth={depth!r}")
-    if not (isinstance(width, int) and width >= 1):
-        raise ValueError(f"`width` must be an int >= 1; received width={width!r}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}; received {normalization!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1); received dropout={dropout!r}")
+    _check_layers(width=width, dropout=dropout, normalization=normalization)
     blocks_per_group = (depth - 4) // 6
     init_seed = iter(range(10**6)) if seed is None else iter(range(seed, seed + 10**6))
 
@@ -162,12 +166,9 @@ def small_cnn(
         TensorShape([2, 10])
     """
     input_shape = _check_common(num_classes, input_shape)
-    if not (isinstance(width, int) and width >= 1):
-        raise ValueError(f"`width` must be an int >= 1; received width={width!r}")
+    _check_layers(width=width, dropout=dropout)
     if not (isinstance(stages, int) and stages >= 0):
         raise ValueError(f"`stages` must be an int >= 0; received stages={stages!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1); received dropout={dropout!r}")
     seeds = iter(range(10**6)) if seed is None else iter(range(seed, seed + 10**6))
 
     def conv_act(x, filters, strides, name):
@@ -226,12 +227,7 @@ def fast_cnn(
     input_shape = _check_common(num_classes, input_shape)
     if input_shape[0] < 16 or input_shape[1] < 16:
         raise ValueError(f"fast_cnn needs images of at least 16x16 (three 2x2 poolings); received {input_shape!r}")
-    if not (isinstance(width, int) and width >= 1):
-        raise ValueError(f"`width` must be an int >= 1; received width={width!r}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}; received {normalization!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1); received dropout={dropout!r}")
+    _check_layers(width=width, dropout=dropout, normalization=normalization)
     seeds = iter(range(10**6)) if seed is None else iter(range(seed, seed + 10**6))
 
     def conv(filters, kernel, padding, name):
