@@ -83,6 +83,9 @@ class TrainConfig:
     px_weight: float = 1.0
     pxy_weight: float = 0.0
     energy_l2_weight: float = 0.0
+    # The energy the L2 term pulls towards; none: 0, or with init_from the source classifier's mean energy on
+    # the training data (measured at the start and written to config.json). See jem_tf.objective.
+    energy_l2_center: Optional[float] = None
     data_noise_std: float = 0.03
     # SGLD and replay buffer.
     sgld_steps: int = 20

@@ -27,6 +27,10 @@ import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import keras
+import numpy as np
+import tensorflow as tf
+
+from jem_tf import energy as energy_lib
 
 # Activations of a last layer whose pre-activation values are the logits.
 _SOFTMAX_ACTIVATIONS = ("softmax", "log_softmax")
@@ -159,6 +163,30 @@ def backbone_from_classifier(classifier: keras.Model, *, image_shape: Optional[S
         # stacklevel: the warning points at the caller of JEM.from_classifier.
         warnings.warn(f"JEM.from_classifier: {'; '.join(changes)}.", UserWarning, stacklevel=3)
     return backbone
+
+
+def mean_energy(network: keras.Model, images: np.ndarray, *, max_images: int = 2048, batch_size: int = 256) -> float:
+    """The mean energy ``-logsumexp_y f(x)[y]`` of a logits ``network`` (inference mode, float32) on the first
+    ``max_images`` of ``images``: where a converted classifier's energies sit before fine-tuning, the centre of
+    its energy L2 term (``energy_l2_center``; see :mod:`jem_tf.objective`).
+
+    Example:
+        >>> center = mean_energy(backbone_from_classifier(my_cnn), x_train)
+        >>> jem = JEM.from_classifier(my_cnn, energy_l2_weight=0.01, energy_l2_center=center)
+    """
+    if not (isinstance(max_images, int) and max_images >= 1):
+        raise ValueError(f"`max_images` must be an int >= 1; received {max_images!r}")
+    images = np.asarray(images)[:max_images]
+    if len(images) == 0:
+        raise ValueError("mean_energy needs at least one image; received an empty array")
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        logits = tf.cast(network(images[start:start + batch_size], training=False), tf.float32)
+        total += float(tf.reduce_sum(energy_lib.energy(logits)))
+    value = total / len(images)
+    if not np.isfinite(value):
+        raise ValueError(f"the classifier's mean energy on the training images is {value}: its logits are not finite")
+    return value
 
 
 def file_sha256(path: str, *, chunk_bytes: int = 1 << 20) -> str:

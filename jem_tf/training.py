@@ -20,7 +20,7 @@ from jem_tf import energy as energy_lib
 from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
 from jem_tf.config_rules import check_steps_per_execution
-from jem_tf.conversion import file_sha256
+from jem_tf.conversion import file_sha256, mean_energy
 from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.errors import as_usage_error
@@ -120,6 +120,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     # Conversion: the classifier is read and checked against the data.
     source = None if config.init_from is None else load_classifier(
         config.init_from, image_shape=data.image_shape, num_classes=data.num_classes, sha256=config.init_from_sha256)
+    if source is not None and config.energy_l2_weight > 0 and config.energy_l2_center is None:
+        # The L2 term pulls energies towards where the classifier has them, not towards an arbitrary 0; the
+        # measured centre is one of the run's settings (config.json).
+        config = config.replace(energy_l2_center=mean_energy(source.network, splits.train.images))
+        if chief:
+            print(f"Energy L2 centre: {config.energy_l2_center:.4g} (the classifier's mean training energy).")
     # The precision probe times a single-device copy of the network at the per-replica batch: outside the
     # strategy's scope (its variables would be distributed).
     run_config, precision_report = resolve_run_precision(

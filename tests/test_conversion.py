@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jem_tf import JEM, SGLDSampler
-from jem_tf.conversion import check_classifier, logits_network, softmax_head
+from jem_tf.conversion import check_classifier, logits_network, mean_energy, softmax_head
 
 
 def users_cnn(head=None, input_shape=(8, 8, 1), num_classes=3, name=None):
@@ -40,6 +40,19 @@ def functional_cnn(head="softmax"):
 
 
 IMAGES = np.random.default_rng(2).uniform(-1, 1, (16, 8, 8, 1)).astype("float32")
+
+
+def test_mean_energy_is_the_mean_negative_logsumexp_in_inference_mode():
+    network, _ = logits_network(users_cnn())
+    logits = network.predict(IMAGES, verbose=0).astype(np.float64)
+    expected = float(np.mean(-np.log(np.exp(logits).sum(axis=1))))
+    assert mean_energy(network, IMAGES, batch_size=5) == pytest.approx(expected, rel=1e-5)
+    assert mean_energy(network, IMAGES, max_images=4) == pytest.approx(
+        float(np.mean(-np.log(np.exp(logits[:4]).sum(axis=1)))), rel=1e-5)
+    with pytest.raises(ValueError, match="max_images"):
+        mean_energy(network, IMAGES, max_images=0)
+    with pytest.raises(ValueError, match="empty"):
+        mean_energy(network, IMAGES[:0])
 
 
 def test_weights_are_copied_exactly_and_nothing_is_shared():
@@ -150,7 +163,8 @@ import sys  # noqa: E402
 
 from jem_tf import train  # noqa: E402
 from jem_tf.model_files import load_classifier  # noqa: E402
-from jem_tf.workdir import RunLayout  # noqa: E402
+from jem_tf.splits import load_run_dataset, run_splits  # noqa: E402
+from jem_tf.workdir import RunLayout, load_run_config  # noqa: E402
 
 CLASSIFIER = ["--epochs", "2", "--buffer-size", "100", "--width", "4", "--batch-size", "256", "--precision", "float32",
               "--px-weight", "0", "--pxy-weight", "0", "--energy-l2-weight", "0", "--verbose", "0"]
@@ -182,17 +196,24 @@ def test_load_classifier_copies_a_runs_weights_exactly(classifier_run):
 
 def test_cli_converts_a_trained_run(classifier_run, tmp_path, capsys):
     workdir = str(tmp_path / "converted")
-    assert train.main(CONVERT + ["--init-from", classifier_run, "--workdir", workdir]) == 0
+    assert train.main(CONVERT + ["--init-from", classifier_run, "--workdir", workdir,
+                                 "--energy-l2-weight", "0.01"]) == 0
     assert "test_accuracy=" in capsys.readouterr().out
     digest = _sha256(RunLayout(classifier_run).model)
     config = json.load(open(RunLayout(workdir).config))
     assert config["init_from"] == classifier_run and config["init_from_sha256"] == digest and config["finetune"]
+    # The energy L2 term is centred on the classifier's mean energy on the run's training images (recorded).
+    run_config = load_run_config(workdir)
+    splits = run_splits(run_config, load_run_dataset(config=run_config))
+    source = load_classifier(classifier_run, image_shape=(8, 8, 1), num_classes=10)
+    assert config["energy_l2_center"] == pytest.approx(mean_energy(source.network, splits.train.images), rel=1e-5)
     metrics = json.load(open(RunLayout(workdir).metrics))
     assert metrics["init_from"] == {"path": os.path.abspath(RunLayout(classifier_run).model), "sha256": digest,
                                     "kind": "jem-tf model", "changes": []}
     assert metrics["steps"] == 2 * 6 and np.isfinite(metrics["buffer_energy_mean"])  # 1,293 images / 256
     model = keras.models.load_model(RunLayout(workdir).model)
     assert isinstance(model, JEM) and model.chain_init is not None and model.samples_contrastive
+    assert model.energy_l2_center == config["energy_l2_center"]
 
 
 def test_cli_converts_a_users_keras_classifier_with_a_softmax_head(tmp_path):

@@ -43,6 +43,21 @@ def test_every_term_matches_its_formula(batch):
     np.testing.assert_allclose(float(terms.energy_gap), e_data.mean() - e_sample.mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_the_energy_l2_term_is_centred_and_the_centre_changes_nothing_else(batch):
+    logits_data, logits_sample, _, labels = batch
+    kwargs = dict(logits_sample=logits_sample, px_weight=1.0, energy_l2_weight=0.1)
+    # A constant added to every logit shifts every energy by -12: centred on -12, the loss is unchanged.
+    shifted = jem_objective(labels, logits_data + 12.0, **{**kwargs, "logits_sample": logits_sample + 12.0},
+                            energy_l2_center=-12.0)
+    plain = jem_objective(labels, logits_data, **kwargs)
+    np.testing.assert_allclose(float(shifted.loss), float(plain.loss), rtol=1e-4)
+    e_data, e_sample = -_logsumexp(logits_data.astype(np.float64)), -_logsumexp(logits_sample.astype(np.float64))
+    centred = jem_objective(labels, logits_data, energy_l2_center=-3.0, **kwargs)
+    without_l2 = jem_objective(labels, logits_data, **{**kwargs, "energy_l2_weight": 0.0})
+    expected_l2 = 0.1 * (np.mean((e_data + 3.0) ** 2) + np.mean((e_sample + 3.0) ** 2))
+    np.testing.assert_allclose(float(centred.loss) - float(without_l2.loss), expected_l2, rtol=1e-4)
+
+
 def test_plain_classifier_is_the_cross_entropy_alone(batch):
     logits_data, _, _, labels = batch
     terms = jem_objective(labels, logits_data, px_weight=0.0, energy_l2_weight=0.0)
