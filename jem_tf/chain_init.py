@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from jem_tf import seeds
 from jem_tf.distribution import BatchPosition, replica_random
+from jem_tf.errors import UsageError
 from jem_tf.inputs import check_value_range
 
 CHAIN_INITS = ("uniform", "class_gaussian")
@@ -118,7 +119,7 @@ class ClassGaussian(keras.layers.Layer):
             raise ValueError(f"`labels` must be class ids in [0, {num_classes}); found {labels.min()}..{labels.max()}")
         counts = np.bincount(labels.astype(np.int64), minlength=num_classes)
         if counts.min() < 2:
-            raise ValueError(f"Every class needs at least 2 images to fit its Gaussian; counts per class: "
+            raise UsageError(f"Every class needs at least 2 images to fit its Gaussian; counts per class: "
                              f"{counts.tolist()}")
         image_shape = images.shape[1:]
         dim = int(np.prod(image_shape))

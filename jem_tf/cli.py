@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
+import sys
+import threading
 import typing
-from typing import List
+from typing import Callable, List, Optional
 
 from jem_tf import config as config_lib
 from jem_tf.config_rules import choices
 from jem_tf.errors import UsageError
+from jem_tf.files import is_disk_full
 
 DEFAULT_RECIPE = "digits"
 _NONE_WORDS = ("none", "null")
@@ -110,3 +114,58 @@ def config_from_args(parser: OneLineErrorParser, args: argparse.Namespace):
 
 def recipe_name(recipe: str) -> str:
     return recipe.rsplit("/", 1)[-1].removesuffix(".json")
+
+
+class _Interrupts:
+    """SIGINT while a command runs: ``KeyboardInterrupt`` at the first Ctrl-C, and remembered, so that an interrupt
+    that Python code swallowed (raised inside a finalizer or a library's ``except BaseException``) is raised again at
+    the next :meth:`raise_if_interrupted` (Keras calls it after every batch through
+    :class:`jem_tf.callbacks.InterruptCheck`). Further Ctrl-Cs are ignored: the clean-up (lock, temporary files)
+    must finish."""
+
+    def __init__(self):
+        self.interrupted = False
+
+    def handle(self, signum, frame):
+        if self.interrupted:
+            return  # the clean-up of the first one is running
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def raise_if_interrupted(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+
+INTERRUPTS = _Interrupts()
+
+
+def run_command(prog: str, body: Callable[[], int], *, interrupted: Optional[Callable[[], str]] = None,
+                disk_full: Optional[Callable[[BaseException], str]] = None) -> int:
+    """Runs a command's ``body`` (which returns its exit code) with the exit codes every jem-tf command uses, each
+    outcome in one line on stderr: 2 for bad input (``UsageError``), 1 for a full disk, 130 for Ctrl-C (also while
+    TensorFlow is being imported, which ``body`` does). ``interrupted()`` and ``disk_full(error)`` add what to do
+    next to those lines. Any other exception propagates with its traceback."""
+    own_sigint = (threading.current_thread() is threading.main_thread()
+                  and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if own_sigint:
+        INTERRUPTS.interrupted = False
+        signal.signal(signal.SIGINT, INTERRUPTS.handle)
+    try:
+        code = body()
+        INTERRUPTS.raise_if_interrupted()  # a Ctrl-C that was swallowed on the way: not a success
+        return code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted" + ("" if interrupted is None else f"; {interrupted()}"), file=sys.stderr)
+        return 130
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a full disk: OSError, DiskFullError, or wrapped by Keras or h5py
+        if not is_disk_full(error):
+            raise
+        print(f"{prog}: error: {error if disk_full is None else disk_full(error)}", file=sys.stderr)
+        return 1
+    finally:
+        if own_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -179,6 +179,18 @@ def available_recipes() -> List[str]:
         return []
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs):
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(key)
+    return dict(pairs)
+
+
 def load_recipe(name_or_path: str) -> TrainConfig:
     """Loads a recipe by name (``trainers/NAME.json``) or from a JSON file path.
 
@@ -207,9 +219,12 @@ def load_recipe(name_or_path: str) -> TrainConfig:
             text = f.read(MAX_RECIPE_BYTES + 1)  # bounded even if the file grew since it was checked
         if len(text) > MAX_RECIPE_BYTES:
             raise UsageError(f"Recipe {path!r} is more than a recipe's limit of {MAX_RECIPE_BYTES:,} bytes.")
-        values = json.loads(text)
+        values = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"Recipe {path!r} is not valid JSON: {error}") from error
+    except _DuplicateKey as error:
+        raise UsageError(f"Recipe {path!r} sets {error.args[0]!r} more than once (JSON would silently keep the "
+                         "last value); set each field once.") from None
     except OSError as error:
         raise UsageError(f"Recipe {path!r} cannot be read: {error.strerror or error}") from error
     if not isinstance(values, dict):

@@ -134,7 +134,8 @@ def _check_semi_supervised(config: TrainConfig) -> None:
 
 def check_labels_per_class(config: TrainConfig, class_counts: Mapping[int, int]) -> None:
     """``labels_per_class`` against the training split it selects from (class id -> images, in class order): an
-    integer >= 1 (a semi-supervised run) and at most the images of the smallest class.
+    integer >= 1 (a semi-supervised run) and at most the images of the smallest class; ``labelled_batch_size``
+    at most the labelled images.
 
     Raises:
         UsageError: naming the value and the smallest class.
@@ -146,6 +147,10 @@ def check_labels_per_class(config: TrainConfig, class_counts: Mapping[int, int])
     if n > class_counts[smallest]:
         raise UsageError(f"labels_per_class ({n}) is more than the {class_counts[smallest]} training images of class "
                          f"{smallest} (after the validation split); use at most {class_counts[smallest]}.")
+    labelled = n * len(class_counts)
+    if config.labelled_batch_size is not None and config.labelled_batch_size > labelled:
+        raise UsageError(f"labelled_batch_size ({config.labelled_batch_size}) is more than the {labelled} labelled "
+                         f"images (labels_per_class {n} x {len(class_counts)} classes); use at most {labelled}.")
 
 
 def _check_conversion(config: TrainConfig, *, complete: bool) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -35,6 +35,29 @@ from jem_tf import energy as energy_lib
 # Activations of a last layer whose pre-activation values are the logits.
 _SOFTMAX_ACTIVATIONS = ("softmax", "log_softmax")
 _LOGIT_ACTIVATIONS = ("linear", None)
+# keras.ops called on a Functional model's tensors: softmax heads, and outputs that are not logits.
+_SOFTMAX_OPS = ("Softmax", "LogSoftmax")
+_BOUNDED_OPS = ("Relu", "Relu6", "Sigmoid", "Tanh", "Softplus", "Softsign", "Elu", "Selu", "Gelu", "Silu",
+                "HardSigmoid", "HardSilu", "LeakyRelu", "Exp", "Absolute", "Square", "Sqrt")
+# Layers that pass their input's values through unchanged at inference (a head may sit before them).
+_PASS_THROUGH = tuple(getattr(keras.layers, name) for name in (
+    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout", "GaussianNoise",
+    "AlphaDropout", "Identity", "Reshape", "Flatten", "ActivityRegularization") if hasattr(keras.layers, name))
+_RECTIFIER_LAYERS = tuple(getattr(keras.layers, name) for name in ("ReLU", "ELU", "LeakyReLU", "PReLU")
+                          if hasattr(keras.layers, name))
+
+
+class Head(NamedTuple):
+    """What produces a classifier's output: ``kind`` ``"logits"``, ``"softmax"`` (the logits enter it) or
+    ``"bounded"`` (a rectified or bounded output: not logits); ``op`` the layer or operation (``None`` for an
+    empty model), ``trailing`` the pass-through layers after it, ``where`` a description for messages and
+    ``node`` its node index in a Functional graph."""
+
+    kind: str
+    op: object
+    trailing: tuple
+    where: str
+    node: int = 0
 
 
 def _activation_name(layer) -> Optional[str]:
@@ -42,18 +65,113 @@ def _activation_name(layer) -> Optional[str]:
     return None if activation is None else getattr(activation, "__name__", str(activation))
 
 
+def _passes_values_through(op) -> bool:
+    if isinstance(op, _PASS_THROUGH):
+        return True
+    if isinstance(op, keras.layers.Rescaling):
+        return bool(np.all(np.asarray(op.scale) == 1) and np.all(np.asarray(op.offset) == 0))
+    return isinstance(op, keras.layers.Activation) and _activation_name(op) in _LOGIT_ACTIVATIONS
+
+
+def _judge(op, node: int, trailing: tuple) -> Head:
+    """The :class:`Head` ``op`` makes (a nested model is judged by its own head)."""
+    name = getattr(op, "name", type(op).__name__)
+    if isinstance(op, keras.Model):
+        inner = find_head(op)
+        if inner.kind != "logits":
+            return Head(inner.kind, op, trailing, f"{inner.where}, inside the nested model {name!r}", node)
+        return Head("logits", op, trailing, f"model {name!r}", node)
+    if isinstance(op, keras.layers.Softmax):
+        return Head("softmax", op, trailing, f"layer {name!r} is a Softmax", node)
+    if not isinstance(op, keras.layers.Layer):  # a keras.ops call
+        kind = type(op).__name__
+        if kind in _SOFTMAX_OPS:
+            return Head("softmax", op, trailing, f"keras.ops.{name} on the output", node)
+        if kind in _BOUNDED_OPS:
+            return Head("bounded", op, trailing, f"keras.ops.{name} on the output", node)
+        return Head("logits", op, trailing, f"operation {name!r}", node)
+    if isinstance(op, _RECTIFIER_LAYERS):
+        return Head("bounded", op, trailing, f"layer {name!r} is a {type(op).__name__}", node)
+    activation = _activation_name(op)
+    if activation in _SOFTMAX_ACTIVATIONS:
+        return Head("softmax", op, trailing, f"layer {name!r} has activation={activation!r}", node)
+    if activation not in _LOGIT_ACTIVATIONS:
+        return Head("bounded", op, trailing, f"layer {name!r} has activation={activation!r}", node)
+    return Head("logits", op, trailing, f"layer {name!r}", node)
+
+
+def _walk_back(model: keras.Model):
+    """``(op, node index)`` from a Functional or Sequential model's output backwards, while each op has one input."""
+    if isinstance(model, keras.Sequential):
+        layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+        yield from ((layer, 0) for layer in reversed(layers))
+        return
+    history = model.outputs[0]._keras_history
+    op, node = history.operation, history.node_index
+    while not isinstance(op, keras.layers.InputLayer):
+        yield op, node
+        inputs = op._inbound_nodes[node].input_tensors
+        if len(inputs) != 1:
+            return
+        op, node = inputs[0]._keras_history.operation, inputs[0]._keras_history.node_index
+
+
+def find_head(model: keras.Model) -> Head:
+    """The layer or operation that makes ``model``'s output, found by walking back from the output through
+    layers that pass values through unchanged at inference (dropout and noise layers, ``Reshape``, ``Flatten``,
+    ``Identity``, an identity ``Rescaling``, a linear ``Activation``); nested models are looked into. A softmax
+    followed by a ``Rescaling`` that changes values is ``"bounded"`` (scaled probabilities are not logits);
+    rescaled logits (a temperature) end at that ``Rescaling``. A subclassed model is judged by its last layer
+    (its call order is not known)."""
+    if not (_is_graph_network(model) and getattr(model, "outputs", None)):
+        layers = getattr(model, "layers", None) or []
+        return _judge(layers[-1], 0, ()) if layers else Head("logits", None, (), "no layers")
+    passed = []  # (op, node) walked through, nearest the output first
+    head = None
+    for op, node in _walk_back(model):
+        if _passes_values_through(op) or isinstance(op, keras.layers.Rescaling):
+            passed.append((op, node))
+            continue
+        head = _judge(op, node, tuple(o for o, _ in reversed(passed)))
+        break
+    if head is None:  # nothing but pass-through layers (or none)
+        if not passed:
+            return Head("logits", None, (), "no layers")
+        (op, node), passed = passed[-1], passed[:-1]
+        head = _judge(op, node, tuple(o for o, _ in reversed(passed)))
+    scaled = [i for i, (op, _) in enumerate(passed)
+              if isinstance(op, keras.layers.Rescaling) and not _passes_values_through(op)]
+    if not scaled:
+        return head
+    if head.kind == "softmax":
+        return head._replace(kind="bounded", where=f"{head.where}, followed by {passed[scaled[0]][0].name!r}, a "
+                                                   "Rescaling that changes its values (scaled probabilities)")
+    op, node = passed[scaled[0]]  # rescaled logits: the outermost rescaling makes the output
+    return Head("logits", op, tuple(o for o, _ in reversed(passed[:scaled[0]])), f"layer {op.name!r}", node)
+
+
 def softmax_head(network: keras.Model) -> Optional[str]:
-    """A description of the softmax ``network``'s last layer applies, or ``None`` when it ends in logits."""
-    layers = getattr(network, "layers", None) or []
-    if not layers:
-        return None
-    last = layers[-1]
-    if isinstance(last, keras.layers.Softmax):
-        return f"layer {last.name!r} is a Softmax"
-    name = _activation_name(last)
-    if name in _SOFTMAX_ACTIVATIONS:
-        return f"layer {last.name!r} has activation={name!r}"
-    return None
+    """A description of the softmax ``network``'s output comes from (:func:`find_head`), or ``None`` when it
+    does not end in one."""
+    head = find_head(network)
+    return head.where if head.kind == "softmax" else None
+
+
+def check_logits(network: keras.Model, images: np.ndarray, *, max_images: int = 256) -> None:
+    """``ValueError`` when a logits ``network``'s outputs on ``images`` (inference mode) are probabilities
+    (every row non-negative and summing to 1) or log-probabilities (every row's ``logsumexp`` 0, so every
+    energy would be 0), whatever its layers say: a softmax hidden in custom code."""
+    outputs = np.asarray(tf.cast(network(np.asarray(images)[:max_images], training=False), tf.float64))
+    if not np.all(np.isfinite(outputs)):
+        raise ValueError("its outputs on the training images are not finite")
+    if np.all(outputs >= 0) and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("its outputs on the training images are probabilities (every row non-negative and summing "
+                         "to 1), not logits: return the values that enter the softmax")
+    row_max = outputs.max(axis=1)
+    lse = row_max + np.log(np.exp(outputs - row_max[:, None]).sum(axis=1))
+    if np.allclose(lse, 0.0, atol=1e-3):
+        raise ValueError("its outputs on the training images are log-probabilities (logsumexp 0 on every image, so "
+                         "every energy would be 0), not logits: return the values that enter the log-softmax")
 
 
 def _is_graph_network(model: keras.Model) -> bool:
@@ -74,6 +192,14 @@ def check_classifier(model, *, image_shape: Optional[Sequence[int]] = None,
     if outputs is not None and len(outputs) != 1:
         raise ValueError(f"{what} is not a classifier: it has {len(outputs)} outputs (expected one [batch, classes] "
                          "output)")
+    if isinstance(getattr(model, "output", None), dict) or isinstance(getattr(model, "_outputs_struct", None), dict):
+        raise ValueError(f"{what} is not a classifier: its output is a dict (expected one [batch, classes] tensor)")
+    if inputs:
+        dtype = keras.backend.standardize_dtype(inputs[0].dtype)
+        if not dtype.startswith(("float", "bfloat")):
+            raise ValueError(f"{what} takes {dtype} images: a JEM samples images by gradient steps and needs a "
+                             "float input (rescale inside the model, e.g. keras.layers.Rescaling, after a float "
+                             "Input)")
     try:
         input_shape, output_shape = model.input_shape, model.output_shape
     except (AttributeError, ValueError) as error:
@@ -95,10 +221,10 @@ def check_classifier(model, *, image_shape: Optional[Sequence[int]] = None,
                          f"{tuple(image_shape)}")
     if num_classes is not None and output_shape[-1] != num_classes:
         raise ValueError(f"{what} has {output_shape[-1]} classes, but the data has {num_classes}")
-    name = _activation_name(model.layers[-1]) if getattr(model, "layers", None) else None
-    if name not in _LOGIT_ACTIVATIONS + _SOFTMAX_ACTIVATIONS:
-        raise ValueError(f"{what} ends in activation={name!r} on layer {model.layers[-1].name!r}: a JEM needs logits "
-                         "or a softmax head (whose logits are taken), not a bounded or rectified output")
+    head = find_head(model)
+    if head.kind == "bounded":
+        raise ValueError(f"{what}'s output comes from {head.where}: a JEM needs logits or a softmax head (whose "
+                         "logits are taken), not a bounded or rectified output")
     return found_shape, int(output_shape[-1])
 
 
@@ -117,36 +243,58 @@ def logits_network(classifier: keras.Model, *, image_shape: Optional[Sequence[in
             (see :func:`check_classifier`).
     """
     check_classifier(classifier, image_shape=image_shape, num_classes=num_classes)
-    head = softmax_head(classifier)
+    head = find_head(classifier)
     if not _is_graph_network(classifier):
-        if head is not None:
-            raise ValueError(f"the classifier ends in a softmax ({head}) and is a subclassed model whose head cannot "
-                             "be edited: return logits from its call() (and use from_logits losses)")
+        if head.kind == "softmax":
+            raise ValueError(f"the classifier ends in a softmax ({head.where}) and is a subclassed model whose head "
+                             "cannot be edited: return logits from its call() (and use from_logits losses)")
         return classifier, [f"{classifier.name!r} is a subclassed model: the JEM trains this model object itself "
                             "(its weights are not copied)"]
-    last = classifier.layers[-1]
-    remove_last = head is not None and not last.weights  # Softmax / Activation layers
+    if head.kind == "softmax" and isinstance(head.op, keras.Model):
+        raise ValueError(f"the classifier's softmax is {head.where}, which cannot be edited: make the nested model "
+                         "return logits, or build the classifier without nesting")
+    # The head's own activation is dropped in the copy (same weights): its output is then the logits.
+    edit_activation = head.kind == "softmax" and isinstance(head.op, keras.layers.Layer) and bool(head.op.weights)
 
     def clone_layer(layer):
+        if not isinstance(layer, keras.layers.Layer):  # a keras.ops call (e.g. a residual `x + h`)
+            return layer.__class__.from_config(layer.get_config())
         config = layer.get_config()
         if not isinstance(layer, keras.layers.InputLayer):
             config["dtype"] = "float32"  # a mixed-precision source: the JEM sets its own precision
-        if layer is last and head is not None and not remove_last:
+        if edit_activation and layer is head.op:
             config["activation"] = None  # the pre-activation output: the logits
         return layer.__class__.from_config(config)
 
-    clone = keras.models.clone_model(classifier, clone_function=clone_layer)
+    try:
+        clone = keras.models.clone_model(classifier, clone_function=clone_layer)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the classifier could not be copied ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0]}); save it as a Functional or Sequential model of Keras "
+                         "layers") from error
     clone.set_weights(classifier.get_weights())
-    if not remove_last:
-        changes = [] if head is None else [f"took the logits of the last layer: {head}, now removed "
-                                           "(activation=None, same weights)"]
-        return clone, changes
+    if head.kind == "logits" and not head.trailing:
+        return clone, []
+    cloned_head = find_head(clone)
+    dropped = [f"{getattr(op, 'name', op)!r}" for op in head.trailing]
     if isinstance(clone, keras.Sequential):
-        network = keras.Sequential([keras.Input(shape=tuple(classifier.input_shape[1:]))] + clone.layers[:-1],
+        layers = [layer for layer in clone.layers if not isinstance(layer, keras.layers.InputLayer)]
+        keep = layers.index(cloned_head.op) + (0 if head.kind == "softmax" and not edit_activation else 1)
+        network = keras.Sequential([keras.Input(shape=tuple(classifier.input_shape[1:]))] + layers[:keep],
                                    name=clone.name)
     else:
-        network = keras.Model(clone.inputs, clone.layers[-1].input, name=clone.name)
-    return network, [f"took the logits that enter the last layer: {head}, now removed"]
+        node = cloned_head.op._inbound_nodes[cloned_head.node]
+        keep_head = head.kind != "softmax" or edit_activation
+        network = keras.Model(clone.inputs, node.output_tensors[0] if keep_head else node.input_tensors[0],
+                              name=clone.name)
+    changes = []
+    if head.kind == "softmax":
+        changes.append(f"took the logits of the softmax head: {head.where}, now removed" +
+                       (" (activation=None, same weights)" if edit_activation else ""))
+    if dropped:
+        changes.append(f"removed the layers after the head, which pass values through at inference: "
+                       f"{', '.join(dropped)}")
+    return network, changes
 
 
 def backbone_from_classifier(classifier: keras.Model, *, image_shape: Optional[Sequence[int]] = None,

@@ -104,6 +104,7 @@ def make_strategy(name: str = "default", *, devices: Optional[Sequence[str]] = N
         if "TF_CONFIG" not in os.environ:
             raise ValueError("strategy 'multi_worker' needs the TF_CONFIG environment variable "
                              "(see docs/distributed.md).")
+        tf_config()  # a malformed TF_CONFIG named as such, not as TensorFlow's JSON error
         return _multi_worker_strategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
     tf.config.experimental_connect_to_cluster(resolver)
@@ -127,6 +128,21 @@ def _multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
+def tf_config() -> dict:
+    """The ``TF_CONFIG`` environment variable as a dict (``{}`` when unset); ``ValueError`` naming ``TF_CONFIG``
+    when it is not a JSON object."""
+    text = os.environ.get("TF_CONFIG", "{}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the TF_CONFIG environment variable is not valid JSON ({error}); "
+                         "see docs/distributed.md") from None
+    if not isinstance(value, dict) or not isinstance(value.get("cluster", {}), dict):
+        raise ValueError("the TF_CONFIG environment variable must be a JSON object with a \"cluster\" object; "
+                         "see docs/distributed.md")
+    return value
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes the run's files: always, except non-chief multi-worker workers."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -135,7 +151,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     task_type, task_id = resolver.task_type, resolver.task_id
     if task_type is None:
         return True
-    has_chief = "chief" in json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    has_chief = "chief" in tf_config().get("cluster", {})
     return task_type == "chief" or (not has_chief and task_type == "worker" and task_id == 0)
 
 

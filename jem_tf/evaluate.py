@@ -17,7 +17,7 @@ import sys
 import time
 from typing import List, Optional
 
-from jem_tf.cli import OneLineErrorParser
+from jem_tf.cli import OneLineErrorParser, run_command
 from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, dataset_argument
 from jem_tf.errors import UsageError, as_usage_error
 from jem_tf.evaluation import (
@@ -135,6 +135,12 @@ def _load_ood_sets(args: argparse.Namespace, x_test, model) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the command as ``argv`` says; returns the exit code: 0, 1 (disk full), 2 (bad input), 130 (Ctrl-C)."""
+    return run_command("python -m jem_tf.evaluate", lambda: _main(argv),
+                       interrupted=lambda: "the report was not written")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_ranges(parser, args)
@@ -148,6 +154,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("--dataset is needed with a bare .keras file")
         data = load_run_dataset(dataset, config=train_config, data_dir=args.data_dir)
         splits = dataset_splits(dataset, config=train_config, data=data)
+        if config.refinement == "choose" and splits.validation is None:
+            parser.error(f"--refinement choose picks the settings on a validation split, and {args.model!r} has none "
+                         "(a bare .keras file, or a run without one); pass --refinement model or sampler")
         x_val = y_val = x_train = y_train = None
         if splits.validation is not None:  # temperatures and OOD detectors are never fitted on test data
             x_val, y_val = splits.validation

@@ -18,7 +18,7 @@ import sys
 from typing import List, Optional
 
 from jem_tf import outliers
-from jem_tf.cli import OneLineErrorParser
+from jem_tf.cli import OneLineErrorParser, run_command
 from jem_tf.data import DATASETS, dataset_argument, preprocessing_of
 from jem_tf.errors import UsageError
 from jem_tf.model_files import load_trained_model
@@ -85,6 +85,11 @@ def check_flags(parser: OneLineErrorParser, args) -> None:
         parser.error(f"--version must be >= 0; received {args.version}")
     if not 0.0 < args.tpr <= 1.0:
         parser.error(f"--tpr must be in (0, 1]; received {args.tpr}")
+    for flag, kinds in (("--ood-outlier-kinds", args.ood_outlier_kinds),
+                        ("--ood-accepted-shifts", args.ood_accepted_shifts)):
+        repeated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if repeated:
+            parser.error(f"{flag} names {', '.join(repeated)} more than once; give each kind once")
     both = sorted(set(args.ood_outlier_kinds) & set(args.ood_accepted_shifts))
     if both:
         parser.error(f"--ood-outlier-kinds and --ood-accepted-shifts both name {', '.join(both)}; "
@@ -103,6 +108,11 @@ def _sample_limit_kwargs(args) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the command as ``argv`` says; returns the exit code: 0, 1 (disk full), 2 (bad input), 130 (Ctrl-C)."""
+    return run_command("python -m jem_tf.export", lambda: _main(argv), interrupted=lambda: "no version was exported")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
@@ -115,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:  # the bounds that depend on the model (1 GiB of samples or images, the trained sampler), before any data
             sample_limits(model, **_sample_limit_kwargs(args))
             check_max_batch_size(model, args.max_batch_size)
-        except ValueError as error:
+        except UsageError as error:
             message = str(error)
             for name, flag in {**SAMPLE_LIMIT_FLAGS, "max_batch_size": "--max-batch-size"}.items():
                 message = message.replace(f"`{name}`", flag)

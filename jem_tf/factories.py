@@ -18,7 +18,6 @@ from jem_tf.chain_init import ClassGaussian
 from jem_tf.config import TrainConfig
 from jem_tf.config_rules import check_steps_per_execution
 from jem_tf.data import make_dataset, make_epochs_dataset, make_semi_supervised_dataset
-from jem_tf.errors import as_usage_error
 from jem_tf.jem import JEM
 from jem_tf.networks import build_backbone, freeze_batch_norm, with_precision
 from jem_tf.precision import resolve_precision
@@ -60,8 +59,8 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
     if config.chain_init == "class_gaussian":
         if train_data is None:
             raise ValueError("chain_init 'class_gaussian' needs the training data (`train_data=(images, labels)`).")
-        with as_usage_error():  # the run's data cannot give every class its Gaussian (e.g. one image of a class)
-            chain_init = ClassGaussian.fit(*train_data, num_classes=num_classes, rank=config.chain_init_rank)
+        # A class of the run's data with fewer than 2 images is a UsageError; any other error is a fault.
+        chain_init = ClassGaussian.fit(*train_data, num_classes=num_classes, rank=config.chain_init_rank)
     if backbone is None:
         backbone = build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes)
     if config.freeze_batch_norm:

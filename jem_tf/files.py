@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import zipfile
 from typing import Callable, Optional
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -22,6 +23,18 @@ class DiskFullError(RuntimeError):
     def __init__(self, path: str):
         super().__init__(f"cannot write {path}: the disk is full (no space left on device)")
         self.path = path
+
+
+# The largest decompression ratio of deflate (about 1032:1): an entry claiming more is not a real zip member.
+MAX_DEFLATE_RATIO = 1100
+
+
+def zip_member_is_forged(info: zipfile.ZipInfo, file_bytes: int) -> bool:
+    """Whether the sizes the zip directory gives a member cannot be true for a file of ``file_bytes``: stored bytes
+    beyond the file, a stored member whose sizes differ, or more uncompressed bytes than deflate can produce."""
+    return (info.compress_size > file_bytes
+            or (info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size)
+            or info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 1024)
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -9,22 +9,55 @@ import zipfile
 from typing import NamedTuple, Optional, Tuple
 
 import keras
+import numpy as np
 
 from jem_tf.config import TrainConfig
-from jem_tf.conversion import file_sha256, logits_network
+from jem_tf.conversion import check_logits, file_sha256, logits_network, mean_energy
 from jem_tf.errors import UsageError
+from jem_tf.files import zip_member_is_forged
 from jem_tf.jem import JEM
 from jem_tf.workdir import RunLayout, load_run_config
 
+# Bounds on what a .keras archive may inflate to, checked from its zip directory before anything is read: Keras
+# stores members uncompressed, and a model's config.json is kilobytes; a small file that declares gigabytes (a
+# zip bomb) is refused instead of filling the memory.
+ARCHIVE_JSON_MAX_BYTES = 64 << 20
+ARCHIVE_MIN_TOTAL_BYTES = 256 << 20  # the total may always reach this, or ARCHIVE_MAX_RATIO x the file's size
+ARCHIVE_MAX_RATIO = 64
 
-def _load_keras_archive(path: str, what: str, *, compile: bool = True) -> keras.Model:
-    """``keras.models.load_model(path, compile=compile)`` (``safe_mode``: no code from the file) with one-line
-    errors."""
+
+def check_keras_archive(path: str) -> None:
+    """``UsageError`` naming ``path`` unless it is a zip archive whose members' declared sizes are possible and
+    bounded (each JSON member, and the total, see the constants above); reads only the zip directory."""
     if not zipfile.is_zipfile(path):
         raise UsageError(f"{path!r} is not a .keras archive (truncated or corrupt: not a zip file).")
+    file_bytes = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise UsageError(f"{path!r} is not a readable .keras archive ({error}).") from error
+    for info in members:
+        if zip_member_is_forged(info, file_bytes):
+            raise UsageError(f"{path!r} is truncated or corrupt: its member {info.filename!r} claims "
+                             f"{info.file_size:,} bytes from {info.compress_size:,} stored bytes in a file of "
+                             f"{file_bytes:,} bytes.")
+        if info.filename.endswith(".json") and info.file_size > ARCHIVE_JSON_MAX_BYTES:
+            raise UsageError(f"{path!r}: its member {info.filename!r} inflates to {info.file_size:,} bytes (at most "
+                             f"{ARCHIVE_JSON_MAX_BYTES:,} are read: a model's config is kilobytes).")
+    total, limit = sum(info.file_size for info in members), max(ARCHIVE_MIN_TOTAL_BYTES, ARCHIVE_MAX_RATIO * file_bytes)
+    if total > limit:
+        raise UsageError(f"{path!r} inflates to {total:,} bytes from a file of {file_bytes:,} bytes (at most "
+                         f"{limit:,}: Keras stores a model's members uncompressed).")
+
+
+def load_keras_archive(path: str, what: str, *, compile: bool = True) -> keras.Model:
+    """``keras.models.load_model(path, compile=compile)`` (``safe_mode``: no code from the file) with one-line
+    errors, after :func:`check_keras_archive`."""
+    check_keras_archive(path)
     try:
         return keras.models.load_model(path, compile=compile)
-    except Exception as error:  # corrupt or foreign files raise many types
+    except (ValueError, TypeError, KeyError, OSError, EOFError, zipfile.BadZipFile) as error:  # corrupt or foreign
         raise UsageError(f"Cannot load {path!r} as {what}: {error}") from error
 
 
@@ -40,7 +73,7 @@ def load_trained_model(model_path: str) -> Tuple[JEM, Optional[TrainConfig]]:
         model_path = RunLayout(model_path).model
     if not os.path.isfile(model_path):
         raise UsageError(f"No model at {model_path!r} (expected a .keras file or a training work directory).")
-    model = _load_keras_archive(model_path, "a JEM .keras file")
+    model = load_keras_archive(model_path, "a JEM .keras file")
     if not isinstance(model, JEM):
         raise UsageError(f"{model_path!r} holds a {type(model).__name__}, not a jem_tf.JEM.")
     return model, config
@@ -61,6 +94,15 @@ class ClassifierSource(NamedTuple):
                 "changes": list(self.changes)}
 
 
+def with_energy_l2_center(config: TrainConfig, source: Optional[ClassifierSource], images: np.ndarray) -> TrainConfig:
+    """``config`` with ``energy_l2_center`` measured when it is unset for a conversion: the source classifier's mean
+    energy on the training ``images`` (:func:`jem_tf.conversion.mean_energy`), so that the L2 term pulls energies
+    towards where the classifier has them, not towards an arbitrary 0. Unchanged otherwise (0 is used)."""
+    if source is None or config.energy_l2_center is not None:
+        return config
+    return config.replace(energy_l2_center=mean_energy(source.network, images))
+
+
 def classifier_file(path: str) -> str:
     """The ``.keras`` file ``--init-from PATH`` names: ``PATH`` or, for a training work directory, its
     ``model.keras``. ``UsageError`` naming the path when there is none."""
@@ -71,32 +113,39 @@ def classifier_file(path: str) -> str:
                              "is its training finished?).")
         return model
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise UsageError(f"--init-from {path!r} is a symbolic link that leads nowhere (a loop, or a missing "
+                             "target).")
         raise UsageError(f"--init-from {path!r} does not exist.")
     if not os.path.isfile(path):
         raise UsageError(f"--init-from {path!r} is not a regular file.")
     return path
 
 
-def load_classifier(path: str, *, image_shape, num_classes: int, sha256: Optional[str] = None) -> ClassifierSource:
+def load_classifier(path: str, *, image_shape, num_classes: int, sha256: Optional[str] = None,
+                    images: Optional[np.ndarray] = None) -> ClassifierSource:
     """The trained classifier at ``path`` (a training work directory or a ``.keras`` file holding a jem-tf model,
     whose backbone is taken, or any Keras classifier) as a float32 logits network for a JEM of ``image_shape``
     images and ``num_classes`` classes (:func:`jem_tf.conversion.logits_network`).
 
     Raises:
         UsageError: one line naming the path: missing or unreadable file, another file than ``sha256`` pins,
-            not a classifier, or another image shape or class count.
+            not a classifier, or another image shape or class count; with ``images`` (the run's training
+            images), outputs that are probabilities whatever the layers say (:func:`jem_tf.conversion.check_logits`).
     """
     file = classifier_file(path)
     digest = file_sha256(file)
     if sha256 is not None and digest != sha256:
         raise UsageError(f"--init-from {file!r} has SHA-256 {digest}, not the {sha256} of init_from_sha256 (the file "
                          "changed, or another file was given).")
-    model = _load_keras_archive(file, "a Keras classifier", compile=False)  # its loss and optimizer are not used
+    model = load_keras_archive(file, "a Keras classifier", compile=False)  # its loss and optimizer are not used
     kind = "keras classifier"
     if isinstance(model, JEM):
         model, kind = model.backbone, "jem-tf model"
     try:
         network, changes = logits_network(model, image_shape=image_shape, num_classes=num_classes)
+        if images is not None:
+            check_logits(network, images)
     except ValueError as error:
         raise UsageError(f"--init-from {file!r}: {error}") from error
     return ClassifierSource(network, file, digest, kind, tuple(changes))

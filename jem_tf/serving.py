@@ -30,6 +30,7 @@ input spec, preprocessing, OOD calibration and sampling bounds.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -43,6 +44,7 @@ import tensorflow as tf
 import jem_tf
 from jem_tf import energy as energy_lib
 from jem_tf import generation, seeds
+from jem_tf.errors import UsageError
 from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern, write_atomically
 from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
 from jem_tf.jem import JEM
@@ -80,10 +82,11 @@ def max_num_samples_limit(image_shape: Sequence[int]) -> int:
 
 def check_max_batch_size(model: JEM, max_batch_size: int) -> int:
     """``max_batch_size`` of the ``classify`` and ``energy`` signatures, checked: an int in ``[1,
-    max_num_samples_limit(image_shape)]`` (1 GiB of float32 images per request); ``ValueError`` naming it."""
+    max_num_samples_limit(image_shape)]`` (1 GiB of float32 images per request); ``UsageError`` (a
+    ``ValueError``) naming it."""
     limit = max_num_samples_limit(model.image_shape)
     if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= limit:
-        raise ValueError(f"`max_batch_size` must be an int in [1, {limit}] for images of shape "
+        raise UsageError(f"`max_batch_size` must be an int in [1, {limit}] for images of shape "
                          f"{list(model.image_shape)} (1 GiB of float32 images per request); "
                          f"received {max_batch_size!r}")
     return max_batch_size
@@ -91,16 +94,17 @@ def check_max_batch_size(model: JEM, max_batch_size: int) -> int:
 
 def sample_limits(model: JEM, *, max_num_samples: int = 256, max_n_steps: int = 1000,
                   max_step_size: Optional[float] = None, max_noise_std: Optional[float] = None) -> dict:
-    """The ``sample`` signature's upper bounds for ``model``, checked (``ValueError`` naming the bad value) and with
-    the defaults of ``max_step_size`` and ``max_noise_std`` filled in (see :func:`build_serving_module`)."""
+    """The ``sample`` signature's upper bounds for ``model``, checked (``UsageError``, a ``ValueError``, naming the
+    bad value) and with the defaults of ``max_step_size`` and ``max_noise_std`` filled in (see
+    :func:`build_serving_module`)."""
     if not (isinstance(max_num_samples, int) and max_num_samples >= 1):
-        raise ValueError(f"`max_num_samples` must be an int >= 1; received {max_num_samples!r}")
+        raise UsageError(f"`max_num_samples` must be an int >= 1; received {max_num_samples!r}")
     limit = max_num_samples_limit(model.image_shape)
     if max_num_samples > limit:
-        raise ValueError(f"`max_num_samples` must be <= {limit} for images of shape {list(model.image_shape)} (1 GiB "
+        raise UsageError(f"`max_num_samples` must be <= {limit} for images of shape {list(model.image_shape)} (1 GiB "
                          f"of float32 samples per request); received {max_num_samples!r}")
     if not (isinstance(max_n_steps, int) and 1 <= max_n_steps <= MAX_N_STEPS_LIMIT):
-        raise ValueError(f"`max_n_steps` must be an int in [1, {MAX_N_STEPS_LIMIT}]; received {max_n_steps!r}")
+        raise UsageError(f"`max_n_steps` must be an int in [1, {MAX_N_STEPS_LIMIT}]; received {max_n_steps!r}")
     sampler, (low, high) = model.sampler, model.value_range
     limits = {"max_num_samples": max_num_samples, "max_n_steps": max_n_steps}
     for name, value, trained, default in [
@@ -108,11 +112,11 @@ def sample_limits(model: JEM, *, max_num_samples: int = 256, max_n_steps: int = 
             ("max_noise_std", max_noise_std, sampler.noise_std, max(10.0 * sampler.noise_std, high - low))]:
         value = default if value is None else value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"`{name}` must be a number; received {value!r}")
+            raise UsageError(f"`{name}` must be a number; received {value!r}")
         if not (math.isfinite(value) and 0 < value <= _FLOAT32_MAX):
-            raise ValueError(f"`{name}` must be finite (as float32) and > 0; received {value!r}")
+            raise UsageError(f"`{name}` must be finite (as float32) and > 0; received {value!r}")
         if value < trained:
-            raise ValueError(f"`{name}` must be >= the trained sampler's {name[4:]} {trained!r} (the signature's "
+            raise UsageError(f"`{name}` must be >= the trained sampler's {name[4:]} {trained!r} (the signature's "
                              f"default); received {value!r}")
         limits[name] = float(value)
     return limits
@@ -305,7 +309,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         raise ValueError(f"`model` must be a jem_tf.JEM; received {type(model).__name__}")
     if sum(x is not None for x in (ood, calibration_images, ood_threshold)) != 1:
         raise ValueError("Pass exactly one of `ood`, `calibration_images` and `ood_threshold`.")
-    if version is None:
+    chosen = version is None  # the next free version: another export may take it first (see below)
+    if chosen:
         version = next_version(export_dir)
     if not (isinstance(version, int) and version >= 0):
         raise ValueError(f"`version` must be an int >= 0; received {version!r}")
@@ -372,6 +377,18 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
 
-    # Atomic: a polling server sees the whole version or nothing.
-    write_atomically(target, write_version, tmp=os.path.join(export_dir, temporary_name(EXPORT_TMP_PREFIX)))
-    return target
+    # Atomic: a polling server sees the whole version or nothing. Another export may take the same version
+    # between the check above and the rename: then the next free version (or, for a version asked for, an error).
+    while True:
+        try:
+            write_atomically(target, write_version, tmp=os.path.join(export_dir, temporary_name(EXPORT_TMP_PREFIX)))
+            return target
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(target):
+                raise
+            if not chosen:
+                raise UsageError(f"Version {version} at {target!r} was written by another export at the same time; "
+                                 "versions are never overwritten.") from error
+            version = next_version(export_dir)
+            target = os.path.join(export_dir, str(version))
+            metadata["version"] = version

@@ -7,18 +7,13 @@ arguments. Every field of :class:`jem_tf.config.TrainConfig` is a flag (``--sgld
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 from typing import List, Optional
 
-from jem_tf.callbacks import ChiefBackupAndRestore
-from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name
-from jem_tf.errors import UsageError
-from jem_tf.files import DiskFullError
-from jem_tf.stability import TrainingDiverged
-from jem_tf.training import train_and_evaluate
-from jem_tf.workdir import RunLayout
+from jem_tf.cli import INTERRUPTS, OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name, run_command
+
+# The training modules (and so TensorFlow) are imported inside main(), once Ctrl-C is the command's: an interrupt
+# while they import is one line and exit 130, like any other.
 
 
 def build_parser() -> OneLineErrorParser:
@@ -54,50 +49,59 @@ def parse_args(argv: Optional[List[str]] = None):
     return config, workdir, ("auto" if args.verbose is None else args.verbose), args.overwrite
 
 
-def _interrupt_once(signum, frame):
-    """SIGINT: ``KeyboardInterrupt`` once; a second Ctrl-C must not interrupt the clean-up (lock, temporaries)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Trains as ``argv`` says; returns the exit code: 0, 1 (diverged, disk full), 2 (bad input: a flag or a
     :class:`~jem_tf.errors.UsageError`), 130 (Ctrl-C). Any other exception propagates with its traceback."""
-    own_sigint = (threading.current_thread() is threading.main_thread()
-                  and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-    if own_sigint:
-        signal.signal(signal.SIGINT, _interrupt_once)
     workdir = None
-    try:
+
+    def body() -> int:
+        nonlocal workdir
         config, workdir, verbose, overwrite = parse_args(argv)
         return _train(config, workdir, verbose, overwrite)
-    except KeyboardInterrupt:
-        done = 0 if workdir is None else ChiefBackupAndRestore.epochs_done(RunLayout(workdir).backup)
-        print(f"python -m jem_tf.train: interrupted; rerun the same command to resume from epoch {done + 1}"
-              + ("" if done else " (no epoch had finished)"), file=sys.stderr)
-        return 130
-    finally:
-        if own_sigint:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def interrupted() -> str:
+        if workdir is None:
+            return "nothing was written"
+        try:
+            from jem_tf.callbacks import ChiefBackupAndRestore
+            from jem_tf.workdir import RunLayout
+        except ImportError:  # interrupted while TensorFlow was being imported: no run had started
+            return "nothing was written"
+        done = ChiefBackupAndRestore.epochs_done(RunLayout(workdir).backup)
+        return (f"rerun the same command to resume from epoch {done + 1}" + ("" if done else
+                                                                            " (no epoch had finished)"))
+
+    def disk_full(error) -> str:
+        from jem_tf.callbacks import ChiefBackupAndRestore
+        from jem_tf.workdir import RunLayout
+
+        backup = RunLayout(workdir).backup
+        done = ChiefBackupAndRestore.epochs_done(backup)
+        return f"{error}; " + (f"the last good epoch ({done}) is kept in {backup}; free space and rerun the same "
+                               "command to resume" if done else "free space and rerun the same command") + "."
+
+    return run_command("python -m jem_tf.train", body, interrupted=interrupted, disk_full=disk_full)
 
 
 def _train(config, workdir: str, verbose, overwrite: bool) -> int:
+    import keras
+
+    from jem_tf import training
+    from jem_tf.stability import TrainingDiverged
+    from jem_tf.workdir import RunLayout
+
     backup = RunLayout(workdir).backup
+    # A Ctrl-C that Python code swallowed on the way (see jem_tf.cli.INTERRUPTS) is raised at the next batch's end:
+    # an interrupted training never runs on to the end.
+    interrupt_check = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: INTERRUPTS.raise_if_interrupted())
     try:
-        metrics = train_and_evaluate(config, workdir, verbose=verbose, overwrite=overwrite)
-    except UsageError as error:  # bad inputs found once the data is known (DataNotFoundError is one)
-        print(f"python -m jem_tf.train: error: {error}", file=sys.stderr)
-        return 2
+        metrics = training.train_and_evaluate(config, workdir, verbose=verbose, overwrite=overwrite,
+                                              callbacks=[interrupt_check])
     except TrainingDiverged as error:
         where = (f"The last good epoch is in {backup}; rerun with changed settings to resume from it."
                  if os.path.isdir(backup) else "No epoch completed.")
         print(f"python -m jem_tf.train: error: {error} {where}", file=sys.stderr)
-        return 1
-    except DiskFullError as error:
-        done = ChiefBackupAndRestore.epochs_done(backup)
-        where = (f"the last good epoch ({done}) is kept in {backup}; free space and rerun the same command to resume"
-                 if done else "free space and rerun the same command")
-        print(f"python -m jem_tf.train: error: {error}; {where}.", file=sys.stderr)
         return 1
     print(f"test_accuracy={metrics['test_accuracy']:.4f} "
           f"({metrics['num_test']} test images); wrote {workdir}/")

@@ -20,14 +20,14 @@ from jem_tf import energy as energy_lib
 from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
 from jem_tf.config_rules import check_steps_per_execution
-from jem_tf.conversion import file_sha256, mean_energy
+from jem_tf.conversion import file_sha256
 from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.errors import as_usage_error
 from jem_tf.factories import build_datasets, build_jem, build_stability_guard, compile_jem, resolve_config_precision
 from jem_tf.factories import steps_per_epoch as count_steps_per_epoch
 from jem_tf.files import atomic_write_json, remove_path
-from jem_tf.model_files import ClassifierSource, classifier_file, load_classifier
+from jem_tf.model_files import ClassifierSource, classifier_file, load_classifier, with_energy_l2_center
 from jem_tf.ood import fit_ood_detector
 from jem_tf.refinement import choose_refinement
 from jem_tf.serving import export_saved_model
@@ -119,12 +119,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     check_steps_per_execution(config, steps_per_epoch)
     # Conversion: the classifier is read and checked against the data.
     source = None if config.init_from is None else load_classifier(
-        config.init_from, image_shape=data.image_shape, num_classes=data.num_classes, sha256=config.init_from_sha256)
-    if source is not None and config.energy_l2_weight > 0 and config.energy_l2_center is None:
-        # The L2 term pulls energies towards where the classifier has them, not towards an arbitrary 0; the
-        # measured centre is one of the run's settings (config.json).
-        config = config.replace(energy_l2_center=mean_energy(source.network, splits.train.images))
-        if chief:
+        config.init_from, image_shape=data.image_shape, num_classes=data.num_classes, sha256=config.init_from_sha256,
+        images=splits.train.images)
+    if config.energy_l2_weight > 0:
+        config = with_energy_l2_center(config, source, splits.train.images)  # recorded in config.json
+        if chief and source is not None:
             print(f"Energy L2 centre: {config.energy_l2_center:.4g} (the classifier's mean training energy).")
     # The precision probe times a single-device copy of the network at the per-replica batch: outside the
     # strategy's scope (its variables would be distributed).

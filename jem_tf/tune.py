@@ -7,7 +7,7 @@ import json
 import sys
 from typing import List, Optional
 
-from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name
+from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name, run_command
 from jem_tf.errors import UsageError
 from jem_tf.splits import load_run_dataset
 from jem_tf.tuning import OBJECTIVES, TUNERS, run_search, search_space
@@ -44,6 +44,12 @@ def read_space(path: str):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the command as ``argv`` says; returns the exit code: 0, 1 (disk full), 2 (bad input), 130 (Ctrl-C)."""
+    return run_command("python -m jem_tf.tune", lambda: _main(argv),
+                       interrupted=lambda: "rerun the same command to resume the search")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Dict, Optional
@@ -33,7 +34,7 @@ from jem_tf.factories import (
     steps_per_epoch,
 )
 from jem_tf.files import atomic_write_bytes, atomic_write_json
-from jem_tf.model_files import load_classifier
+from jem_tf.model_files import load_classifier, with_energy_l2_center
 from jem_tf.ood import OODScorer, auroc
 from jem_tf.splits import RunSplits, Split, run_splits
 
@@ -66,12 +67,43 @@ def search_space(overrides: Optional[dict] = None, fixed=()) -> Dict[str, dict]:
         if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "choice"):
             raise UsageError(f"Search space entry {name!r} must be a dict with type float, int or choice; "
                              f"received {spec!r}")
+        _check_spec(name, spec)
         space[name] = spec
     for name in fixed:
         if name not in space:
             raise UsageError(f"Cannot fix {name!r}: it is not in the search space ({', '.join(space)}).")
         space.pop(name)
     return space
+
+
+def _check_spec(name: str, spec: dict) -> None:
+    """``UsageError`` naming the entry unless keras-tuner can sample ``spec``: a non-empty list of distinct choices,
+    or finite numbers ``min <= max`` (integers for int; ``min > 0`` for log sampling; a positive int step)."""
+    def fail(why):
+        raise UsageError(f"Search space entry {name!r}: {why}; received {spec!r}")
+
+    if spec["type"] == "choice":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            fail("a choice needs a non-empty list of values")
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            fail("a choice lists a value more than once")
+        return
+    low, high = spec.get("min"), spec.get("max")
+    number = int if spec["type"] == "int" else (int, float)
+    for key, value in (("min", low), ("max", high)):
+        if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
+            fail(f"{key} must be a finite {'integer' if spec['type'] == 'int' else 'number'}")
+    if low > high:
+        fail(f"min ({low}) is more than max ({high})")
+    sampling = spec.get("sampling", "linear")
+    if sampling not in ("linear", "log", "reverse_log"):
+        fail("sampling must be linear, log or reverse_log")
+    if sampling != "linear" and low <= 0:
+        fail(f"{sampling} sampling needs min > 0")
+    step = spec.get("step", 1 if spec["type"] == "int" else None)
+    if step is not None and (isinstance(step, bool) or not isinstance(step, number) or not step > 0):
+        fail("step must be a number > 0")
 
 
 def _hyperparameter(hp: keras_tuner.HyperParameters, name: str, spec: dict):
@@ -132,10 +164,13 @@ class JEMHyperModel(keras_tuner.HyperModel):
             raise ValueError(f"`objective` must be one of {OBJECTIVES}; received {objective!r}")
         if base_config.validation_fraction <= 0:
             raise UsageError("Tuning needs a validation split: validation_fraction must be > 0.")
-        # A conversion (init_from): every trial starts from a fresh copy of the classifier's logits network.
+        train_images = run_splits(base_config, data).train.images
+        # A conversion (init_from): every trial starts from a fresh copy of the classifier's logits network, and
+        # its energy L2 term (when a trial turns it on) is centred on the classifier's mean energy.
         self.source = None if base_config.init_from is None else load_classifier(
             base_config.init_from, image_shape=data.image_shape, num_classes=data.num_classes,
-            sha256=base_config.init_from_sha256)
+            sha256=base_config.init_from_sha256, images=train_images)
+        base_config = with_energy_l2_center(base_config, self.source, train_images)
         # precision "auto" is measured once for the whole search (every trial uses the same backbone).
         self.base_config, _ = resolve_config_precision(
             base_config.validate(), image_shape=data.image_shape, num_classes=data.num_classes,

@@ -168,6 +168,25 @@ def check_output_dir(path: Optional[str], what: str) -> None:
         _check_writable_dir(path, what)
 
 
+def _within(path: str, directory: str) -> bool:
+    return os.path.commonpath([path, directory]) == directory
+
+
+def _check_source_outside_run(layout: RunLayout, init_from: str) -> None:
+    """``UsageError`` when ``--init-from`` names this work directory or one of its run files (compared as
+    written and with links resolved; a linked run file is moved, not followed, so its target is safe)."""
+    source = init_from
+    if os.path.isdir(source):
+        source = RunLayout(source).model
+    for run_file in layout.run_files():
+        as_written = _within(os.path.abspath(source), os.path.abspath(run_file))
+        resolved = not os.path.islink(run_file) and _within(os.path.realpath(source), os.path.realpath(run_file))
+        if as_written or resolved:
+            raise UsageError(f"--init-from {init_from!r} lies inside the run files of --workdir {layout.workdir!r} "
+                             f"({run_file}), which --overwrite clears and checkpoint rotation deletes: the run would "
+                             "destroy the classifier it converts. Copy it out of the work directory first.")
+
+
 def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool = False, log=print) -> str:
     """Checks a work directory before a run writes anything to it (it writes nothing itself) and returns its
     :meth:`RunLayout.state`.
@@ -176,13 +195,17 @@ def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool =
     * an interrupted run (a backup) is resumed only with a config that matches it in
       :data:`~jem_tf.config_rules.RESUME_FIXED_FIELDS` (else ``UsageError`` naming the differing fields;
       ``overwrite`` starts over);
-    * the directory and ``config.export_dir`` must be writable directories (or creatable).
+    * the directory and ``config.export_dir`` must be writable directories (or creatable);
+    * a classifier to convert (``config.init_from``) must not lie among the run's files, which ``overwrite``
+      clears and checkpoint rotation deletes: the run would destroy its own source.
 
     Raises:
         UsageError: naming the problem and what to do.
     """
     _check_writable_dir(layout.workdir, "--workdir")
     check_output_dir(config.export_dir, "--export-dir")
+    if config.init_from is not None:
+        _check_source_outside_run(layout, config.init_from)
     state = layout.state()
     if state == "finished" and not overwrite:
         present = [os.path.basename(p) for p in layout.run_files() if os.path.exists(p)]

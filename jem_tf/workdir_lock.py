@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from typing import Optional
 
@@ -75,14 +76,29 @@ class WorkdirLock:
                 raise self._busy(owner, f"; if that process is not a jem-tf training, delete {self.path}")
         return owner
 
+    def _open(self, flags: int) -> int:
+        """Opens the lock file without following a symbolic link (its target, anywhere, would be truncated and
+        rewritten) and without blocking on a FIFO; anything but a regular file is refused."""
+        try:
+            fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except IsADirectoryError:
+            raise WorkdirBusy(f"{self.path} is a directory, not a lock file; remove it.") from None
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise WorkdirBusy(f"{self.path} is a symbolic link, not a lock file; remove it (its target is "
+                                  "never written).") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise WorkdirBusy(f"{self.path} is not a regular file, not a lock file; remove it.")
+        return fd
+
     def check(self) -> None:
         """Raises :class:`WorkdirBusy` naming the holder when the lock is held; writes nothing."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = self._open(os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             return  # no lock (or a work directory that prepare_workdir reports)
-        except IsADirectoryError:
-            raise WorkdirBusy(f"{self.path} is a directory, not a lock file; remove it.") from None
         try:
             self._judge(fd, not _try_flock(fd))
         finally:
@@ -91,7 +107,7 @@ class WorkdirLock:
     def acquire(self) -> "WorkdirLock":
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open(os.O_RDWR | os.O_CREAT)
             try:
                 if not _try_flock(fd):
                     self._judge(fd, True)

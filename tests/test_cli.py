@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import CLI_ENV, TINY_TRAIN_ARGS
 
-from jem_tf import cli, evaluate, export, train, tune
+from jem_tf import cli, evaluate, export, train, training, tune
 from jem_tf.errors import UsageError, as_usage_error
 
 
@@ -82,7 +82,7 @@ def test_usage_errors_are_one_line_and_other_errors_propagate(capsys):
 
 # Each command's boundary: the call inside it, the arguments that reach that call.
 COMMANDS = {
-    "train": (train, "train_and_evaluate", ["--workdir", "unused"]),
+    "train": (training, "train_and_evaluate", ["--workdir", "unused"]),
     "evaluate": (evaluate, "load_trained_model", ["--model", "unused", "--out", "unused"]),
     "export": (export, "load_trained_model", ["--model", "unused", "--export-dir", "unused"]),
     "tune": (tune, "run_search", ["--directory", "unused"]),
@@ -92,7 +92,8 @@ COMMANDS = {
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_reports_usage_errors_in_one_line_and_lets_internal_errors_through(command, monkeypatch,
                                                                                         capsys, tmp_path):
-    module, inner, argv = COMMANDS[command]
+    target, inner, argv = COMMANDS[command]
+    module = {"train": train, "evaluate": evaluate, "export": export, "tune": tune}[command]
     monkeypatch.chdir(tmp_path)  # "unused" paths are never created
 
     def raise_(error):
@@ -100,14 +101,14 @@ def test_each_command_reports_usage_errors_in_one_line_and_lets_internal_errors_
             raise error
         return call
 
-    monkeypatch.setattr(module, inner, raise_(UsageError("the data set 'x' is not there")))
+    monkeypatch.setattr(target, inner, raise_(UsageError("the data set 'x' is not there")))
     try:
         code = module.main(argv)
     except SystemExit as exit_:
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2 and err == f"python -m jem_tf.{command}: error: the data set 'x' is not there\n"
-    monkeypatch.setattr(module, inner, raise_(ValueError("an internal invariant broke")))
+    monkeypatch.setattr(target, inner, raise_(ValueError("an internal invariant broke")))
     with pytest.raises(ValueError, match="an internal invariant broke"):
         module.main(argv)
     assert "error:" not in capsys.readouterr().err
@@ -143,3 +144,85 @@ def test_tune_reports_a_bad_search_directory_or_space_file_in_one_line(tmp_path,
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "search").exists()
+
+
+@pytest.mark.parametrize("failure, code, line", [
+    (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+@pytest.mark.parametrize("command", ["export", "evaluate", "tune"])
+def test_every_command_reports_a_full_disk_and_ctrl_c_in_one_line(command, failure, code, line, finished_run,
+                                                                   tmp_path, monkeypatch, capsys):
+    """The exit codes `train` uses: 1 for a full disk, 130 for Ctrl-C; one line each, no traceback."""
+    module, work, argv = {
+        "export": (export, "export_saved_model", ["--model", finished_run, "--export-dir", str(tmp_path / "out")]),
+        "evaluate": (evaluate, "evaluate", ["--model", finished_run, "--out", str(tmp_path / "out"),
+                                            "--modes", "accuracy"]),
+        "tune": (tune, "run_search", [*TINY_TRAIN_ARGS, "--directory", str(tmp_path / "out"), "--max-trials", "1"]),
+    }[command]
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(module, work, fail)
+    assert module.main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m jem_tf.{command}: {line}"), err
+
+
+def test_a_swallowed_ctrl_c_is_raised_again_and_a_second_one_waits_for_the_clean_up(capsys):
+    import signal
+
+    def body():
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # swallowed by library code on the way
+        signal.raise_signal(signal.SIGINT)  # a second Ctrl-C during the clean-up: ignored
+        return 0
+
+    assert cli.run_command("prog", body) == 130
+    assert capsys.readouterr().err == "prog: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("command", ["train", "export", "evaluate", "tune"])
+def test_only_usage_errors_are_one_line_an_internal_value_error_keeps_its_traceback(command, finished_run, tmp_path,
+                                                                                    monkeypatch):
+    """The CLI boundary both ways: a plain ValueError from inside the work is a fault, not bad input."""
+    from jem_tf import factories
+
+    target, name, argv = {
+        "train": (factories.ClassGaussian, "fit", [*TINY_TRAIN_ARGS, "--workdir", str(tmp_path / "run")]),
+        "export": (export, "fit_ood_detector", ["--model", finished_run, "--export-dir", str(tmp_path / "out")]),
+        "evaluate": (evaluate, "evaluate", ["--model", finished_run, "--out", str(tmp_path / "out")]),
+        "tune": (tune, "run_search", [*TINY_TRAIN_ARGS, "--directory", str(tmp_path / "out"), "--max-trials", "1"]),
+    }[command]
+
+    def fault(*args, **kwargs):
+        raise ValueError("an internal fault")
+
+    monkeypatch.setattr(target, name, fault)
+    module = {"train": train, "export": export, "evaluate": evaluate, "tune": tune}[command]
+    with pytest.raises(ValueError, match="an internal fault"):
+        module.main(argv)
+
+
+def test_another_keras_backend_is_named_at_import():
+    result = subprocess.run([sys.executable, "-c", "import jem_tf"], capture_output=True, text=True,
+                            env={**CLI_ENV, "KERAS_BACKEND": "jax"}, timeout=120)
+    assert result.returncode == 1
+    assert "ImportError: jem-tf needs Keras's TensorFlow backend, but KERAS_BACKEND='jax'" in result.stderr
+
+
+def test_a_malformed_tf_config_is_named(monkeypatch):
+    from jem_tf.distribution import make_strategy, tf_config
+
+    monkeypatch.setenv("TF_CONFIG", "{'cluster': oops")
+    with pytest.raises(ValueError, match="the TF_CONFIG environment variable is not valid JSON"):
+        tf_config()
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        make_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", '["a list"]')
+    with pytest.raises(ValueError, match="TF_CONFIG environment variable must be a JSON object"):
+        tf_config()

@@ -97,6 +97,9 @@ def test_load_recipe_from_a_path_and_unknown_fields(tmp_path):
         config_lib.load_recipe(str(path))
     with pytest.raises(ValueError, match="Unknown recipe 'nope'"):
         config_lib.load_recipe("nope")
+    path.write_text('{"epochs": 2, "sgld_steps": 7, "epochs": 30}')  # json.loads would keep 30 silently
+    with pytest.raises(ValueError, match="sets 'epochs' more than once"):
+        config_lib.load_recipe(str(path))
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jem_tf import JEM, SGLDSampler
-from jem_tf.conversion import check_classifier, logits_network, mean_energy, softmax_head
+from jem_tf.conversion import check_classifier, check_logits, logits_network, mean_energy, softmax_head
 
 
 def users_cnn(head=None, input_shape=(8, 8, 1), num_classes=3, name=None):
@@ -90,6 +90,70 @@ def test_a_softmax_head_gives_logits_equal_to_log_probabilities_up_to_a_row_cons
     assert len(jem.backbone.layers) == len(classifier.layers) - (head in ("layer", "activation"))
 
 
+def _hostile_head(kind):
+    """Classifiers whose output is not plainly a last layer's logits (each seen passing as logits before)."""
+    inputs = keras.Input((8, 8, 1), dtype="uint8" if kind == "uint8_input" else "float32")
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs) if kind == "uint8_input" else inputs)
+    h = keras.layers.Dense(6, activation="relu")(x)
+    if kind == "residual_logits":
+        return keras.Model(inputs, keras.layers.Dense(3)(h + keras.layers.Dense(6)(h)))
+    if kind == "ops_softmax":
+        return keras.Model(inputs, keras.ops.softmax(keras.layers.Dense(3)(h + keras.layers.Dense(6)(h))))
+    if kind == "nested_softmax":
+        nested = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+        return keras.Model(inputs, nested(h))
+    if kind == "dict_output":
+        return keras.Model(inputs, {"class": keras.layers.Dense(3)(h)})
+    tails = {"softmax_dropout": [keras.layers.Dense(3, activation="softmax"), keras.layers.Dropout(0.2)],
+             "softmax_rescaling": [keras.layers.Dense(3, activation="softmax"), keras.layers.Rescaling(1.0)],
+             "softmax_reshape": [keras.layers.Dense(3, activation="softmax"), keras.layers.Reshape((3,))],
+             "softmax_layer_dropout": [keras.layers.Dense(3), keras.layers.Softmax(), keras.layers.Dropout(0.1)],
+             "relu_layer": [keras.layers.Dense(3), keras.layers.ReLU()],
+             "scaled_softmax": [keras.layers.Dense(3, activation="softmax"), keras.layers.Rescaling(2.0)],
+             "uint8_input": [keras.layers.Dense(3)]}[kind]
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(6, activation="relu"),
+                             *tails]) if kind != "uint8_input" else keras.Model(inputs, tails[0](h))
+
+
+@pytest.mark.parametrize("kind", ["softmax_dropout", "softmax_rescaling", "softmax_reshape", "softmax_layer_dropout",
+                                  "ops_softmax", "residual_logits"])
+def test_heads_behind_pass_through_layers_and_raw_ops_give_their_logits(kind):
+    classifier = _hostile_head(kind)
+    network, changes = logits_network(classifier)
+    assert softmax_head(network) is None
+    logits = network.predict(IMAGES, verbose=0).astype("float64")
+    outputs = classifier.predict(IMAGES, verbose=0).astype("float64")
+    if kind == "residual_logits":
+        assert changes == []
+        np.testing.assert_allclose(logits, outputs, rtol=1e-5)
+        return
+    assert any("softmax" in change for change in changes), changes
+    offset = logits - np.log(outputs)
+    np.testing.assert_allclose(offset, offset[:, :1] * np.ones_like(offset), atol=1e-4)  # logits up to a row constant
+    assert np.std(-np.log(np.exp(logits).sum(1))) > 1e-3  # energies that vary: not probabilities
+    for a, b in zip(network.get_weights(), classifier.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_softmax_inside_a_nested_model_is_found_and_refused():
+    with pytest.raises(ValueError, match="inside the nested model"):
+        logits_network(_hostile_head("nested_softmax"))
+    with pytest.raises(ValueError, match="ends in a softmax"):
+        JEM(_hostile_head("softmax_dropout"), buffer_size=16)
+
+
+def test_outputs_that_are_probabilities_are_refused_whatever_the_layers_say():
+    hidden = SubclassedLogits(softmax=True)
+    hidden(IMAGES[:1])
+    with pytest.raises(ValueError, match="are probabilities"):
+        check_logits(hidden, IMAGES)
+    log_probs = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3),
+                                  keras.layers.Lambda(lambda z: keras.ops.log_softmax(z))])
+    with pytest.raises(ValueError, match="are log-probabilities"):
+        check_logits(log_probs, IMAGES)
+    check_logits(logits_network(users_cnn("softmax"))[0], IMAGES)  # logits pass
+
+
 def test_a_mixed_precision_classifier_becomes_float32_with_the_same_weights():
     classifier = users_cnn()
     policy = keras.config.dtype_policy()
@@ -143,7 +207,11 @@ def _segmenter():
     (lambda: users_cnn(num_classes=1), {}, r"is not a classifier: its output has shape \(None, 1\)"),
     (_segmenter, {}, r"is not a classifier: its output has shape \(None, 8, 8, 3\)"),
     (_two_outputs, {}, "is not a classifier: it has 2 outputs"),
-    (lambda: functional_cnn("sigmoid"), {}, "ends in activation='sigmoid'"),
+    (lambda: functional_cnn("sigmoid"), {}, "has activation='sigmoid'"),
+    (lambda: _hostile_head("relu_layer"), {}, "is a ReLU: a JEM needs logits"),
+    (lambda: _hostile_head("scaled_softmax"), {}, "a Rescaling that changes its values"),
+    (lambda: _hostile_head("dict_output"), {}, "its output is a dict"),
+    (lambda: _hostile_head("uint8_input"), {}, "takes uint8 images"),
     (lambda: users_cnn(input_shape=(None, None, 1)), {}, "not an image classifier with a static input shape"),
     (lambda: "model.keras", {}, "must be a keras.Model; received str"),
 ])
@@ -158,8 +226,11 @@ def test_what_is_not_a_classifier_of_the_data_is_refused(make, kwargs, message):
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+
+from conftest import file_snapshot  # noqa: E402
 
 from jem_tf import train  # noqa: E402
 from jem_tf.model_files import load_classifier  # noqa: E402
@@ -223,7 +294,7 @@ def test_cli_converts_a_users_keras_classifier_with_a_softmax_head(tmp_path):
     assert train.main(CONVERT + ["--init-from", path, "--workdir", workdir, "--epochs", "1"]) == 0
     record = json.load(open(RunLayout(workdir).metrics))["init_from"]
     assert record["kind"] == "keras classifier" and record["sha256"] == _sha256(path)
-    assert "took the logits of the last layer: layer 'dense" in record["changes"][0]
+    assert "took the logits of the softmax head: layer 'dense" in record["changes"][0]
 
 
 def _bad_sources(tmp_path, classifier_run):
@@ -236,8 +307,11 @@ def _bad_sources(tmp_path, classifier_run):
                         ("five", users_cnn(num_classes=5)), ("segmenter", _segmenter())]:
         shapes[name] = str(tmp_path / f"{name}.keras")
         model.save(shapes[name])
+    loop = tmp_path / "loop.keras"
+    os.symlink(loop, loop)
     return [
         ([], "init_from must be the trained classifier this fine-tuning recipe converts"),
+        (["--init-from", str(loop)], "is a symbolic link that leads nowhere (a loop, or a missing target)"),
         (["--init-from", str(tmp_path / "nope")], f"--init-from {str(tmp_path / 'nope')!r} does not exist"),
         (["--init-from", str(empty)], "is a directory without a trained model"),
         (["--init-from", str(garbage)], "is not a .keras archive (truncated or corrupt: not a zip file)"),
@@ -251,7 +325,7 @@ def _bad_sources(tmp_path, classifier_run):
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(10))
 def test_bad_sources_are_one_line_errors_before_anything_is_written(index, classifier_run, tmp_path, capsys):
     argv, message = _bad_sources(tmp_path, classifier_run)[index]
     workdir = tmp_path / "converted"
@@ -263,6 +337,50 @@ def test_bad_sources_are_one_line_errors_before_anything_is_written(index, class
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
     assert not workdir.exists()
+
+
+def test_a_source_among_the_run_files_that_overwrite_clears_is_refused(classifier_run, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    shutil.copytree(classifier_run, run)
+    checkpoint = sorted(os.listdir(RunLayout(run).checkpoints))[-1]
+    linked = tmp_path / "linked"
+    os.symlink(run, linked)
+    before = file_snapshot(run)
+    for source in [run, RunLayout(run).model, os.path.join(RunLayout(run).checkpoints, checkpoint),
+                   str(linked / "model.keras")]:
+        assert train.main(CONVERT + ["--init-from", source, "--workdir", run, "--overwrite"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "lies inside the run files of --workdir" in errors[0], errors
+        assert file_snapshot(run) == before  # the source and everything else untouched
+
+
+def test_archives_that_inflate_beyond_their_bounds_are_refused_before_loading(tmp_path, monkeypatch):
+    import zipfile
+
+    from jem_tf import model_files
+    from jem_tf.errors import UsageError
+
+    def archive(name, members):
+        path = str(tmp_path / name)
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for member, size in members.items():
+                z.writestr(member, b" " * size)
+        return path
+
+    monkeypatch.setattr(model_files, "ARCHIVE_JSON_MAX_BYTES", 1 << 20)
+    config_bomb = archive("config_bomb.keras", {"metadata.json": 10, "config.json": 3 << 20})
+    with pytest.raises(UsageError, match="member 'config.json' inflates to 3,145,728 bytes"):
+        model_files.load_classifier(config_bomb, image_shape=(8, 8, 1), num_classes=10)
+    with pytest.raises(UsageError, match="config_bomb.keras"):
+        model_files.load_trained_model(config_bomb)
+    monkeypatch.setattr(model_files, "ARCHIVE_MIN_TOTAL_BYTES", 1 << 20)
+    weights_bomb = archive("weights_bomb.keras", {"config.json": 10, "model.weights.h5": 8 << 20})
+    with pytest.raises(UsageError, match="inflates to 8,388,618 bytes from a file of"):
+        model_files.load_classifier(weights_bomb, image_shape=(8, 8, 1), num_classes=10)
+    # A real model's archive is within the bounds.
+    path = str(tmp_path / "real.keras")
+    users_cnn(num_classes=10).save(path)
+    model_files.check_keras_archive(path)
 
 
 KILL_DURING_FINAL_SAVE = """

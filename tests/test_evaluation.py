@@ -4,6 +4,7 @@ its schema, the settings are checked, the CLI works and fails with one-line erro
 import gzip
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -260,6 +261,17 @@ def test_cli_errors_are_one_line(digits_run, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not os.path.exists(tmp_path / "eval" / ev.REPORT_FILE)
+
+
+def test_refinement_choose_without_a_validation_split_is_one_line(digits_run, tmp_path, capsys):
+    bare = str(tmp_path / "bare.keras")
+    shutil.copy(os.path.join(digits_run, "model.keras"), bare)  # a bare .keras file: no run, no validation split
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_cli.main(["--model", bare, "--dataset", "digits", "--out", str(tmp_path / "eval"),
+                           "--refinement", "choose"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--refinement choose picks the settings on a validation split" in err[0], err
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):

@@ -285,6 +285,34 @@ def test_versions_are_never_overwritten_and_increment(trained):
         export_saved_model(model, base)
 
 
+def test_two_exports_at_once_never_collide(trained, tmp_path, monkeypatch):
+    """Another export writes the chosen version between the check and the rename: the next free version is taken
+    (its metadata says which), or, for a version asked for, one error; nothing is overwritten or left behind."""
+    from jem_tf import serving
+
+    model, _, _, _ = trained
+    base = str(tmp_path / "served")
+    real_write = serving.write_atomically
+    raced = []
+
+    def racing_write(path, write, **kwargs):
+        if not raced:  # the other export finishes first, once
+            raced.append(path)
+            os.makedirs(path)
+            open(os.path.join(path, "saved_model.pb"), "wb").write(b"the other export's")
+        return real_write(path, write, **kwargs)
+
+    monkeypatch.setattr(serving, "write_atomically", racing_write)
+    path = export_saved_model(model, base, ood_threshold=0.0)
+    assert path == os.path.join(base, "2")
+    assert json.load(open(os.path.join(path, "assets.extra", "jem_metadata.json")))["version"] == 2
+    assert open(os.path.join(base, "1", "saved_model.pb"), "rb").read() == b"the other export's"
+    raced.clear()
+    with pytest.raises(ValueError, match="Version 7 .* was written by another export at the same time"):
+        export_saved_model(model, base, version=7, ood_threshold=0.0)
+    assert sorted(os.listdir(base)) == ["1", "2", "7"]  # only the other export's 7: no temporary left
+
+
 def test_saved_model_cli_lists_the_signatures(trained):
     result = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
                              trained[3], "--all"], capture_output=True, text=True, timeout=120)
@@ -480,6 +508,10 @@ def test_every_ood_component_is_served_without_keras(trained, tmp_path, reduce):
     (["--model", "/no/such/dir", "--export-dir", "x", "--tpr", "0"], "--tpr must be in (0, 1]; received 0.0"),
     (["--model", "/no/such/dir", "--export-dir", "x", "--ood-accepted-shifts", "blurred", "noised"],
      "--ood-outlier-kinds and --ood-accepted-shifts both name noised; give each kind one role"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--ood-outlier-kinds", "blurred", "blurred"],
+     "--ood-outlier-kinds names blurred more than once; give each kind once"),
+    (["--model", "/no/such/dir", "--export-dir", "x", "--ood-accepted-shifts", "noised", "noised"],
+     "--ood-accepted-shifts names noised more than once; give each kind once"),
     (["--model", "/no/such/dir", "--export-dir", "x", "--ood-outlier-kinds", "sideways"],
      "argument --ood-outlier-kinds: invalid choice: 'sideways'"),
     (["--model", "/no/such/dir", "--export-dir", "x", "--version", "-1"], "--version must be >= 0; received -1"),

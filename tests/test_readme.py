@@ -26,7 +26,7 @@ def test_the_readme_converts_a_keras_classifier_with_a_softmax_head(tmp_path, mo
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         exec(compile(readme_example(), "README.md", "exec"), scope)
-    assert any("took the logits of the last layer" in str(w.message) for w in caught)
+    assert any("took the logits of the softmax head" in str(w.message) for w in caught)
     jem, classifier, data = scope["jem"], scope["classifier"], scope["data"]
     assert classifier.layers[-1].activation.__name__ == "softmax"  # the user's model is unchanged
     assert scope["logits"].shape == (len(data.x_test), 10) and scope["samples"].shape == (16, 8, 8, 1)

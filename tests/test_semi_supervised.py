@@ -109,7 +109,9 @@ def test_semi_supervised_cli_end_to_end_and_bad_values(tmp_path, capsys):
     assert metrics["steps"] == 21  # one epoch over all 1,293 training images (p(x)) in batches of 64
     for bad, message in ((["--labels-per-class", "0"], "labels_per_class must be an integer >= 1"),
                          (["--labels-per-class", "1000"], "is more than the"),
-                         (["--labelled-batch-size", "8"], "labelled_batch_size must be none unless")):
+                         (["--labelled-batch-size", "8"], "labelled_batch_size must be none unless"),
+                         (["--labels-per-class", "5", "--labelled-batch-size", "2147483647"],
+                          "labelled_batch_size (2147483647) is more than the 50 labelled images")):
         capsys.readouterr()
         assert _exit_code(train.main, argv[:-1] + [str(tmp_path / "bad")] + bad) == 2
         err = capsys.readouterr().err

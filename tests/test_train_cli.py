@@ -181,3 +181,34 @@ def test_trains_on_a_npz_file_and_evaluates_against_a_npz_ood_set(tmp_path, monk
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dataset must be a .npz file with training images" in err
     assert not os.path.exists(tmp_path / "no")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay_s", [0.5, 2.0, 4.0, 6.0, 9.0, 13.0])
+def test_ctrl_c_at_any_point_of_a_run_is_one_line_and_never_ignored(delay_s, tmp_path):
+    """SIGINT while Python starts, while TensorFlow imports, while the data and model are built, during the epochs
+    and the final evaluation: exit 130 with one line (or 0 when the run had already finished), no traceback, no
+    lock or temporary file left; never a run that goes on to the end after the Ctrl-C."""
+    import signal
+    import time
+
+    workdir = str(tmp_path / "run")
+    run = subprocess.Popen([sys.executable, "-m", "jem_tf.train", *TINY, "--epochs", "3", "--workdir", workdir],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    time.sleep(delay_s)
+    sent = run.poll() is None
+    if sent:
+        run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=300)
+    assert "Traceback" not in err, err[-3000:]
+    finished = os.path.exists(os.path.join(workdir, "metrics.json"))
+    if sent and not finished:
+        assert run.returncode == 130, err[-3000:]
+        ours = [line for line in err.splitlines() if line.startswith("python -m jem_tf")]
+        assert len(ours) == 1 and "interrupted" in ours[0], err[-3000:]
+    else:  # the run had finished (or was saving its final files) when the signal came
+        assert run.returncode in (0, 130), err[-3000:]
+    leftovers = [name for root, dirs, files in os.walk(tmp_path) for name in files + dirs
+                 if ".tmp" in name or name.startswith(".overwrite-") or name == ".lock"]
+    assert not leftovers

@@ -124,6 +124,16 @@ def test_search_space_validation():
     with pytest.raises(ValueError, match="type float, int or choice"):
         search_space({"learning_rate": {"type": "uniform"}})
     assert "learning_rate" not in search_space({"learning_rate": None})
+    # What keras-tuner cannot sample is refused up front, naming the entry (not a traceback in the first trial).
+    for spec, message in [({"type": "float", "min": 1e-2, "max": 1e-4}, r"min \(0.01\) is more than max"),
+                          ({"type": "float", "min": -1.0, "max": 1.0, "sampling": "log"}, "log sampling needs min > 0"),
+                          ({"type": "choice", "values": []}, "a choice needs a non-empty list of values"),
+                          ({"type": "choice", "values": [1e-3, 1e-3]}, "a choice lists a value more than once"),
+                          ({"type": "int", "min": 1.5, "max": 3}, "min must be a finite integer"),
+                          ({"type": "float", "min": 0, "max": float("nan")}, "max must be a finite number"),
+                          ({"type": "int", "min": 1, "max": 3, "step": 0}, "step must be a number > 0")]:
+        with pytest.raises(ValueError, match=f"Search space entry 'learning_rate': {message}"):
+            search_space({"learning_rate": spec})
 
 
 def test_a_semi_supervised_recipe_tunes_on_its_labelled_rows(small_digits, tmp_path, monkeypatch):

@@ -138,3 +138,26 @@ def test_misleading_messages_now_name_the_real_problem(run_copy, tmp_path):
     result = _cli("evaluate", "--model", layout.model, "--dataset", "digits", "--out", str(tmp_path / "eval"),
                   "--modes", "ood", "--ood", "mnist_5k", "--ood-data-dir", str(empty))
     assert result.returncode == 2 and f"--ood-data-dir {str(empty)!r}" in cli_error_line(result)
+
+
+def test_a_lock_that_is_a_link_or_not_a_file_is_refused_and_its_target_never_written(tmp_path):
+    from jem_tf.workdir_lock import WorkdirBusy, WorkdirLock
+
+    layout = RunLayout(str(tmp_path / "run"))
+    os.makedirs(layout.workdir)
+    target = tmp_path / "precious.txt"
+    target.write_text("a user's file")
+    os.symlink(target, layout.lock)
+    for call in (WorkdirLock(layout).check, WorkdirLock(layout).acquire):
+        with pytest.raises(WorkdirBusy, match="is a symbolic link, not a lock file"):
+            call()
+    assert target.read_text() == "a user's file"
+    os.remove(layout.lock)
+    os.symlink(tmp_path / "missing", layout.lock)  # a dangling link: never created through
+    with pytest.raises(WorkdirBusy, match="symbolic link"):
+        WorkdirLock(layout).acquire()
+    assert not (tmp_path / "missing").exists()
+    os.remove(layout.lock)
+    os.mkfifo(layout.lock)  # would block an open for reading
+    with pytest.raises(WorkdirBusy, match="not a regular file"):
+        WorkdirLock(layout).check()

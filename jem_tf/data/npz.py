@@ -10,6 +10,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from jem_tf.data.base import NPZ_KEYS, DataNotFoundError, ImageDataset, scale_uint8
+from jem_tf.files import zip_member_is_forged
 
 
 def is_npz_path(name: str) -> bool:
@@ -79,16 +80,10 @@ def read_npz_headers(path: str) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
     return headers
 
 
-# The largest decompression ratio of deflate (about 1032:1): an entry claiming more is not a real zip member.
-_MAX_DEFLATE_RATIO = 1100
-
-
 def _check_zip_member_size(path: str, key: str, info: zipfile.ZipInfo, file_bytes: int) -> None:
     """The sizes the zip directory gives member ``key`` must fit the file: stored bytes within it, and the
     uncompressed size what its compressed bytes can hold (a forged directory is refused before reading)."""
-    if info.compress_size > file_bytes or (info.compress_type == zipfile.ZIP_STORED
-                                           and info.file_size != info.compress_size) or (
-            info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024):
+    if zip_member_is_forged(info, file_bytes):
         raise ValueError(f"{path!r} is truncated or corrupt (array {key!r}: its zip entry claims "
                          f"{info.file_size:,} bytes from {info.compress_size:,} stored bytes in a file of "
                          f"{file_bytes:,} bytes).")

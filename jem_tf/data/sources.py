@@ -43,27 +43,45 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
     return ImageDataset("digits", x_train, y_train, x_test, y_test, num_classes=10)
 
 
+# IDX files hold at most a few dimensions (MNIST: 1 for labels, 3 for images) and no more than this many bytes.
+_IDX_MAX_DIMS = 8
+_IDX_MAX_BYTES = 1 << 40
+
+
 def read_idx(path: str) -> np.ndarray:
-    """Reads an IDX file (the MNIST format), gzip-compressed or not, into a numpy array."""
+    """Reads an IDX file (the MNIST format), gzip-compressed or not, into a numpy array.
+
+    The header is read first; then at most the size it declares plus one byte (a compressed file that inflates
+    beyond its header's size is refused without being inflated whole).
+    """
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+                raise UsageError(f"{path!r} is not an IDX file (bad magic number {magic!r}).")
+            dtype, ndim = np.dtype(_IDX_DTYPES[magic[2]]), magic[3]
+            if not 1 <= ndim <= _IDX_MAX_DIMS:
+                raise UsageError(f"{path!r} is not an IDX file of images or labels: its header declares {ndim} "
+                                 f"dimensions (at most {_IDX_MAX_DIMS}).")
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise UsageError(f"{path!r} is truncated: its header ends after {4 + len(dims)} bytes.")
+            shape = tuple(int.from_bytes(dims[4 * i:4 * i + 4], "big") for i in range(ndim))
+            expected = dtype.itemsize
+            for d in shape:
+                expected *= d  # Python integers: no overflow
+            if expected > _IDX_MAX_BYTES:
+                raise UsageError(f"{path!r} is corrupt: its header declares shape {shape}, {expected:,} bytes (more "
+                                 f"than the {_IDX_MAX_BYTES:,} an IDX file may hold here).")
+            data = f.read(expected + 1)
     except (EOFError, OSError, zlib.error) as error:  # truncated or corrupt gzip (BadGzipFile is an OSError)
         raise UsageError(f"{path!r} is truncated or corrupt ({type(error).__name__}: {error}).") from error
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise UsageError(f"{path!r} is not an IDX file (bad magic number {data[:4]!r}).")
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int(d) for d in np.frombuffer(data[4:header], dtype=">u4"))
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise UsageError(
-            f"{path!r} is truncated or corrupt: header says shape {shape} ({expected} bytes), "
-            f"found {len(data) - header} bytes."
-        )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    if len(data) != expected:
+        found = f"{len(data)} bytes" if len(data) <= expected else "more"
+        raise UsageError(f"{path!r} is truncated or corrupt: header says shape {shape} ({expected} bytes), "
+                         f"found {found}.")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def find_idx_dir(data_dir: Optional[str]) -> Optional[str]:

@@ -17,6 +17,7 @@ from jem_tf import seeds
 from jem_tf.evaluation.common import batches
 from jem_tf.evaluation.samples import start_distribution
 from jem_tf.jem import JEM
+from jem_tf.model_files import load_keras_archive
 from jem_tf.workdir import RunLayout
 
 INCEPTION = "inception_v3"
@@ -66,10 +67,7 @@ def load_feature_network(spec: str, *, image_shape: Sequence[int], layer: Option
         raise ValueError(f"--feature-model {spec!r} is neither {INCEPTION!r} nor an existing .keras file or work "
                          "directory.")
     path = RunLayout(spec).model if os.path.isdir(spec) else spec
-    try:
-        network = keras.models.load_model(path)
-    except Exception as error:  # corrupt or foreign files raise many types
-        raise ValueError(f"Cannot load the feature model {path!r}: {error}") from error
+    network = load_keras_archive(path, "the feature model", compile=False)
     if isinstance(network, JEM):
         network = network.backbone
     if tuple(network.input_shape[1:]) != tuple(image_shape):

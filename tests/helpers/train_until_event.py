@@ -19,6 +19,7 @@ import time
 import keras
 
 import jem_tf.train as train
+import jem_tf.training as training
 
 
 def _wait_to_be_killed(event_file):
@@ -55,13 +56,13 @@ def main(event_file, when, argv):
         sys.addaudithook(hook)
         return train.main(argv)
     _, epoch, batch = when.split(":")
-    train_and_evaluate = train.train_and_evaluate
+    train_and_evaluate = training.train_and_evaluate
 
     def with_event(config, workdir, **kwargs):
         kwargs["callbacks"] = [*kwargs.get("callbacks", ()), AfterBatch(event_file, int(epoch), int(batch))]
         return train_and_evaluate(config, workdir, **kwargs)
 
-    train.train_and_evaluate = with_event
+    training.train_and_evaluate = with_event
     return train.main(argv)
 
 
