@@ -20,6 +20,7 @@ def users_classifier(activation=None, input_shape=(8, 8, 1)):
     ])
 
 
+@pytest.mark.integration
 def test_a_users_sequential_classifier_trains_samples_and_scores(tmp_path):
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 96).astype("int32")

@@ -8,6 +8,7 @@ from jem_tf.callbacks import RotatingCheckpoint, SampleGridCallback
 from jem_tf.figures import image_grid, upscale, write_png
 
 
+@pytest.mark.integration
 def test_rotating_checkpoint_keeps_last_k_and_leaves_no_temporary_files(tiny_data, tmp_path):
     x, y = tiny_data
     model = tiny_jem()
@@ -20,6 +21,7 @@ def test_rotating_checkpoint_keeps_last_k_and_leaves_no_temporary_files(tiny_dat
         RotatingCheckpoint(directory, keep=0)
 
 
+@pytest.mark.integration
 def test_sample_grid_callback_writes_png_of_buffer(tiny_data, tmp_path):
     x, y = tiny_data
     model = tiny_jem()

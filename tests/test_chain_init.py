@@ -48,6 +48,7 @@ def test_fit_gives_each_class_its_sample_mean_and_covariance():
     np.testing.assert_array_equal(init.residual_stds.numpy(), 0.0)
 
 
+@pytest.mark.integration
 def test_samples_follow_each_class_gaussian_clipped_to_the_range():
     x, y, means, covariances = gaussian_data()
     init = ClassGaussian.fit(x, y, num_classes=2)
@@ -126,6 +127,7 @@ def test_buffer_fill_and_restarts_come_from_the_class_gaussians(tiny_data):
         ReplayBuffer(image_shape=(8, 8, 1), size=10, init="gaussian")
 
 
+@pytest.mark.integration
 def test_a_uniform_fraction_of_fresh_chains_starts_from_noise(tiny_data):
     init = _fitted_init(tiny_data)
     buffer = ReplayBuffer(image_shape=(8, 8, 1), size=4000, seed=0, init=init, restart_prob=1.0, uniform_fraction=0.25)
@@ -153,6 +155,7 @@ def test_a_uniform_fraction_of_fresh_chains_starts_from_noise(tiny_data):
         ReplayBuffer(image_shape=(8, 8, 1), size=10, uniform_fraction=0.5)
 
 
+@pytest.mark.integration
 def test_jem_with_class_gaussians_saves_restores_bit_exactly_and_samples_from_them(tiny_data, tmp_path):
     x, y = tiny_data
     model = tiny_jem(chain_init=_fitted_init(tiny_data), buffer_size=96,
@@ -183,6 +186,7 @@ def test_jem_with_class_gaussians_saves_restores_bit_exactly_and_samples_from_th
         plain.sample(2, init="class_gaussian")
 
 
+@pytest.mark.integration
 def test_exported_sample_signature_starts_from_the_class_gaussians(tiny_data, tmp_path):
     x, y = tiny_data
     model = tiny_jem(chain_init=_fitted_init(tiny_data))
@@ -205,6 +209,7 @@ def test_exported_sample_signature_starts_from_the_class_gaussians(tiny_data, tm
     np.testing.assert_allclose(served["session/sample_conditional/samples"], expected, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_class_gaussians_are_part_of_the_backup_weights(tiny_data, tmp_path):
     """The training backup (``save_weights``) holds the Gaussians: restoring it into a model whose
     Gaussians were fitted to other data brings back the run's own."""

@@ -14,6 +14,7 @@ def _batch(n=8, seed=0):
     return tf.constant(x), tf.constant(rng.integers(0, 3, n).astype("int32"))
 
 
+@pytest.mark.integration
 def test_sample_gives_noisy_data_and_chains_written_back_to_the_buffer():
     model = tiny_jem(pxy_weight=1.0, data_noise_std=0.03)
     before = model.replay_buffer.samples.numpy().copy()
@@ -27,6 +28,7 @@ def test_sample_gives_noisy_data_and_chains_written_back_to_the_buffer():
     assert 0 < written.sum() <= 16  # at most the 8 + 8 drawn slots moved
 
 
+@pytest.mark.integration
 def test_a_semi_supervised_batch_runs_one_px_chain_per_unlabelled_row():
     chains = TrainingChains(tiny_jem())
     x, y = _batch()

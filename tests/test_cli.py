@@ -114,6 +114,7 @@ def test_each_command_reports_usage_errors_in_one_line_and_lets_internal_errors_
     assert "error:" not in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_an_internal_value_error_in_training_keeps_its_traceback_and_exits_1(tmp_path):
     workdir = tmp_path / "run"
     script = ("import sys\n"
@@ -146,6 +147,7 @@ def test_tune_reports_a_bad_search_directory_or_space_file_in_one_line(tmp_path,
     assert not (tmp_path / "search").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("failure, code, line", [
     (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
     (KeyboardInterrupt(), 130, "interrupted"),
@@ -186,6 +188,7 @@ def test_a_swallowed_ctrl_c_is_raised_again_and_a_second_one_waits_for_the_clean
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["train", "export", "evaluate", "tune"])
 def test_only_usage_errors_are_one_line_an_internal_value_error_keeps_its_traceback(command, finished_run, tmp_path,
                                                                                     monkeypatch):

@@ -102,6 +102,7 @@ def test_load_recipe_from_a_path_and_unknown_fields(tmp_path):
         config_lib.load_recipe(str(path))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("overrides, field", [
     ({"epochs": 0}, "epochs"), ({"validation_fraction": 1.0}, "validation_fraction"),
     ({"dataset": "imagenet"}, "dataset"), ({"backbone": "wrn-27-2"}, "backbone"),

@@ -55,6 +55,7 @@ def test_mean_energy_is_the_mean_negative_logsumexp_in_inference_mode():
         mean_energy(network, IMAGES[:0])
 
 
+@pytest.mark.integration
 def test_weights_are_copied_exactly_and_nothing_is_shared():
     classifier = users_cnn()
     before = [w.copy() for w in classifier.get_weights()]
@@ -71,6 +72,7 @@ def test_weights_are_copied_exactly_and_nothing_is_shared():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("head", ["softmax", "layer", "activation", "log_softmax", "functional"])
 def test_a_softmax_head_gives_logits_equal_to_log_probabilities_up_to_a_row_constant(head):
     classifier = functional_cnn() if head == "functional" else users_cnn(head)
@@ -115,6 +117,7 @@ def _hostile_head(kind):
                              *tails]) if kind != "uint8_input" else keras.Model(inputs, tails[0](h))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["softmax_dropout", "softmax_rescaling", "softmax_reshape", "softmax_layer_dropout",
                                   "ops_softmax", "residual_logits"])
 def test_heads_behind_pass_through_layers_and_raw_ops_give_their_logits(kind):
@@ -256,6 +259,7 @@ def _sha256(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+@pytest.mark.integration
 def test_load_classifier_copies_a_runs_weights_exactly(classifier_run):
     source = load_classifier(classifier_run, image_shape=(8, 8, 1), num_classes=10)
     saved = keras.models.load_model(RunLayout(classifier_run).model)
@@ -265,6 +269,7 @@ def test_load_classifier_copies_a_runs_weights_exactly(classifier_run):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.integration
 def test_cli_converts_a_trained_run(classifier_run, tmp_path, capsys):
     workdir = str(tmp_path / "converted")
     assert train.main(CONVERT + ["--init-from", classifier_run, "--workdir", workdir,
@@ -287,6 +292,7 @@ def test_cli_converts_a_trained_run(classifier_run, tmp_path, capsys):
     assert model.energy_l2_center == config["energy_l2_center"]
 
 
+@pytest.mark.integration
 def test_cli_converts_a_users_keras_classifier_with_a_softmax_head(tmp_path):
     path = str(tmp_path / "mine.keras")
     users_cnn("softmax", num_classes=10).save(path)

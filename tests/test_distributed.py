@@ -42,6 +42,7 @@ def _digits_batches(count):
     return tf.data.Dataset.from_tensor_slices((data.x_train[:count], data.y_train[:count])).batch(32)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("pxy_weight, buffer_storage, class_gaussian",
                          [(0.0, "float32", False), (1.0, "float32", False), (0.0, "uint8", False),
                           (1.0, "float32", True)])
@@ -88,6 +89,7 @@ def test_mirrored_fit_equals_single_device_and_buffer_copies_are_identical(pxy_w
     assert int(restored.optimizer.iterations.numpy()) == 2
 
 
+@pytest.mark.integration
 def test_uneven_last_batch_keeps_copies_identical_and_draws_like_single_device():
     digits_batches = _digits_batches(45)  # batches of 32 and 13 (split 7 + 6 over the replicas)
     single = _build()

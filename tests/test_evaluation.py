@@ -44,6 +44,7 @@ def trained(tmp_path_factory):
     return model, (x[:160], y[:160]), (x[160:200], y[160:200]), (x[200:], y[200:]), path
 
 
+@pytest.mark.integration
 def test_every_mode_writes_its_files_and_a_stable_report(trained, tmp_path):
     model, (x_train, y_train), (x_val, y_val), (x_test, y_test), path = trained
     ood = {name: ev.synthetic_ood_images(name, x_test, seed=1) for name in ev.SYNTHETIC_OOD}
@@ -232,6 +233,7 @@ CLI_SMALL = ["--refine-steps", "2", "--sample-steps", "3", "--num-samples", "8",
              "--robustness-examples", "20", "--max-test-images", "120", "--max-ood-images", "100"]
 
 
+@pytest.mark.integration
 def test_cli_on_a_training_workdir(digits_run, tmp_path, capsys):
     out = str(tmp_path / "eval")
     assert evaluate_cli.main(["--model", digits_run, "--out", out, "--modes", *ev.MODES, "--feature-model",

@@ -105,6 +105,7 @@ def test_layout_metadata_and_small_size(trained):
     assert model.replay_buffer.samples.numpy().nbytes > 3 * stored  # the buffer alone would dwarf it
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("loader", ["object", "session"])
 def test_classify_and_energy_match_keras(trained, served, loader):
     model, x, _, path = trained
@@ -313,6 +314,7 @@ def test_two_exports_at_once_never_collide(trained, tmp_path, monkeypatch):
     assert sorted(os.listdir(base)) == ["1", "2", "7"]  # only the other export's 7: no temporary left
 
 
+@pytest.mark.integration
 def test_saved_model_cli_lists_the_signatures(trained):
     result = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
                              trained[3], "--all"], capture_output=True, text=True, timeout=120)
@@ -392,6 +394,7 @@ def test_documented_rest_examples_are_valid_for_their_signatures(trained):
         assert all(np.all(np.isfinite(v)) for v in outputs.values() if v.dtype.kind == "f")
 
 
+@pytest.mark.integration
 def test_export_cli_from_a_training_workdir(tmp_path, capsys):
     from jem_tf import train
 
@@ -438,6 +441,7 @@ def test_export_cli_from_a_training_workdir(tmp_path, capsys):
     assert "x / 8 - 1" in metadata["input"]["preprocessing"]
 
 
+@pytest.mark.integration
 def test_no_validation_split_means_no_silent_test_calibration(tmp_path, capsys):
     from jem_tf import train
 
@@ -460,6 +464,7 @@ def test_no_validation_split_means_no_silent_test_calibration(tmp_path, capsys):
     assert metadata["ood"]["num_calibration_images"] == 360
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("reduce", ["sum", "min"])
 def test_every_ood_component_is_served_without_keras(trained, tmp_path, reduce):
     """A detector that uses every component (features, gradients, PNG sizes, a temperature), added or

@@ -221,6 +221,7 @@ def test_cifar10_recipes_validate_on_an_image_folder(tmp_path, cache_dir):
         load_recipe("cifar10").replace(image_size=[16, 16]).validate()
 
 
+@pytest.mark.integration
 def test_cli_trains_exports_and_serves_class_names_from_a_colour_folder(tmp_path, cache_dir, capsys):
     import tensorflow as tf
 

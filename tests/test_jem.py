@@ -13,6 +13,7 @@ def _weights_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
 
 
+@pytest.mark.integration
 def test_fit_on_numpy_and_dataset_tracks_jem_metrics(tiny_data):
     x, y = tiny_data
     model = tiny_jem()
@@ -28,6 +29,7 @@ def test_fit_on_numpy_and_dataset_tracks_jem_metrics(tiny_data):
     np.testing.assert_allclose(results["e_data"], np.mean(model.energy(x)), rtol=1e-4)
 
 
+@pytest.mark.integration
 def test_learns_real_digits_from_600_images():
     data = load_digits(seed=0)
     backbone = small_cnn(num_classes=10, input_shape=(8, 8, 1), width=8, seed=0)
@@ -83,6 +85,7 @@ def test_class_conditional_term_uses_per_class_buffer(tiny_data):
         tiny_jem(pxy_weight=1.0, class_conditional_buffer=False)
 
 
+@pytest.mark.integration
 def test_same_seed_same_training(tiny_data):
     x, y = tiny_data
     a, b = tiny_jem(seed=4), tiny_jem(seed=4)
@@ -112,6 +115,7 @@ def test_sampler_runs_in_inference_mode_batchnorm_untouched_by_samples(tiny_data
     np.testing.assert_allclose(bn.moving_mean.numpy(), 0.01 * data_mean, atol=2e-3)
 
 
+@pytest.mark.integration
 def test_keras_round_trip_keeps_buffer_optimizer_and_resumes_identically(tiny_data, tmp_path):
     x, y = tiny_data
     model = tiny_jem(pxy_weight=0.5, buffer_size=30)

@@ -36,6 +36,7 @@ def test_with_precision_keeps_weights_float32_head_and_float32_input_gradients(p
         with_precision(net, "float8")
 
 
+@pytest.mark.integration
 def test_mixed_bfloat16_jem_trains_with_float32_chains(tiny_data):
     x, y = tiny_data
     backbone = with_precision(small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, stages=1, seed=0),
@@ -57,6 +58,7 @@ def test_train_step_is_traced_once():
     assert model.train_step_trace_count == 1
 
 
+@pytest.mark.integration
 def test_steps_per_execution_gives_the_same_training():
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (96, 8, 8, 1)).astype("float32")

@@ -5,6 +5,7 @@ import re
 import warnings
 
 import numpy as np
+import pytest
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 MARKER = "<!-- bring-your-own-example"
@@ -20,6 +21,7 @@ def readme_example() -> str:
     return tiny
 
 
+@pytest.mark.integration
 def test_the_readme_converts_a_keras_classifier_with_a_softmax_head(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope = {}

@@ -156,6 +156,7 @@ def test_bad_choice_arguments_raise(trained):
         model.refine(x_val[:2], settings="sgld")
 
 
+@pytest.mark.integration
 def test_training_saves_settings_chosen_by_the_rule_unless_told_not_to(finished_run, tmp_path):
     import json
 

@@ -52,6 +52,7 @@ def _npz(path, y_train, y_test, image_shape=(8, 8)):
 
 
 # ---------------------------------------------------------------------------- 6, 8: checks before writes
+@pytest.mark.integration
 def test_resume_with_fewer_epochs_than_done_is_refused_before_any_write(interrupted_run):
     before = file_snapshot(interrupted_run)
     result = _cli(*TINY_TRAIN_ARGS, "--workdir", interrupted_run)  # --epochs 1, 2 done
@@ -61,6 +62,7 @@ def test_resume_with_fewer_epochs_than_done_is_refused_before_any_write(interrup
     assert file_snapshot(interrupted_run) == before  # config.json is not rewritten
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["single_class_uniform", "single_class_default_recipe", "absent_class",
                                   "five_images", "validation_fraction_0.99"])
 def test_data_problems_are_one_line_errors_before_the_work_directory_is_written(case, tmp_path):
@@ -105,6 +107,7 @@ def test_scikit_learn_split_errors_are_ours():
     assert len(train.images) == 19 and len(validation.images) == 11
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["device", "fifo", "huge"])
 def test_recipes_that_are_not_regular_files_or_too_big(kind, tmp_path):
     if kind == "device":
@@ -148,6 +151,7 @@ def _forged_npz(path, claimed_images=10 ** 9):
     return str(path)
 
 
+@pytest.mark.integration
 def test_npz_headers_that_claim_more_than_the_file_holds_are_refused_before_allocating(tmp_path):
     from jem_tf.data import load_npz_dataset
 
@@ -367,6 +371,7 @@ def _umount(path):
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+@pytest.mark.integration
 def test_overwrite_that_fails_half_way_deletes_nothing(run_copy):
     layout = RunLayout(run_copy)
     saved = layout.checkpoints + ".saved"
@@ -435,6 +440,7 @@ def test_json_writes_on_a_full_disk_keep_the_previous_file(tmp_path):
 
 
 # ------------------------------------------------------------------ 10: semi-supervised p(x|y), several steps
+@pytest.mark.integration
 @pytest.mark.parametrize("px_weight", [0.0, 1.0])
 def test_unlabelled_rows_never_draw_or_write_class_conditional_chains(tiny_data, px_weight):
     from conftest import tiny_jem

@@ -15,6 +15,7 @@ from jem_tf.data import load_digits, make_semi_supervised_dataset
 from jem_tf.splits import Split, select_labelled, split_train_validation
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("pxy_weight", [0.0, 1.0])
 def test_unlabelled_rows_never_reach_the_label_terms(tiny_data, pxy_weight):
     x, y = tiny_data
@@ -39,6 +40,7 @@ def test_unlabelled_rows_never_reach_the_label_terms(tiny_data, pxy_weight):
         pytest.approx(logs_a["ce"], rel=1e-3)
 
 
+@pytest.mark.integration
 def test_p_x_chains_run_for_the_unlabelled_rows_only(tiny_data):
     """A semi-supervised batch runs one p(x) chain per unlabelled row (the labelled rows feed the cross-entropy
     and are among the unlabelled images of an epoch); a batch without weight-0 rows runs one per row."""
@@ -96,6 +98,7 @@ def test_semi_supervised_batches_mix_labelled_rows_into_every_batch_and_resume_e
             np.testing.assert_array_equal(u.numpy(), v.numpy())
 
 
+@pytest.mark.integration
 def test_semi_supervised_cli_end_to_end_and_bad_values(tmp_path, capsys):
     from jem_tf import train
 
@@ -127,6 +130,7 @@ def _exit_code(main, argv):
         return exit_.code
 
 
+@pytest.mark.integration
 def test_semi_supervised_training_under_mirrored_strategy():
     """Two replicas, semi-supervised batches: the replay-buffer copies stay identical, the loss is finite, and the
     labels of unlabelled rows still never matter."""

@@ -10,6 +10,7 @@ def quadratic_energy(x):
     return 0.5 * tf.reduce_sum(tf.square(x), axis=-1)
 
 
+@pytest.mark.integration
 def test_textbook_langevin_samples_a_standard_normal():
     eps = 0.02  # gradient step eps/2, noise std sqrt(eps)
     sampler = SGLDSampler(step_size=eps / 2, noise_std=np.sqrt(eps), n_steps=800)

@@ -44,6 +44,7 @@ def _digits_jem(seed=0):
     return model
 
 
+@pytest.mark.integration
 def test_nan_divergence_is_rolled_back_and_training_recovers():
     data = load_digits(seed=0)
     x, y = data.x_train[:600], data.y_train[:600]
@@ -70,6 +71,7 @@ def test_nan_divergence_is_rolled_back_and_training_recovers():
     assert accuracy > 0.7 and abs(accuracy - clean_accuracy) < 0.1, (accuracy, clean_accuracy)
 
 
+@pytest.mark.integration
 def test_guard_gives_up_after_max_rollbacks(tiny_data):
     x, y = tiny_data
     model = tiny_jem()
@@ -99,6 +101,7 @@ def test_guard_bounds(tiny_data):
         StabilityGuard(lr_factor=0)
 
 
+@pytest.mark.integration
 def test_guard_can_add_sgld_steps_and_reset_buffer(tiny_data):
     x, y = tiny_data
     model = tiny_jem()

@@ -13,6 +13,7 @@ TINY = ["--epochs", "1", "--buffer-size", "100", "--sgld-steps", "2", "--width",
         "--num-sample-images", "16", "--verbose", "0"]
 
 
+@pytest.mark.integration
 def test_cli_trains_one_tiny_epoch_and_writes_the_workdir(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     assert train.main(TINY + ["--workdir", workdir, "--seed", "3"]) == 0
@@ -33,6 +34,7 @@ def test_cli_trains_one_tiny_epoch_and_writes_the_workdir(tmp_path, capsys):
     assert len(event_files) >= 2  # scalars (train/validation) and sample images
 
 
+@pytest.mark.integration
 def test_python_m_entry_point_and_recipe_file(tmp_path):
     recipe = tmp_path / "mine.json"
     recipe.write_text(json.dumps({"epochs": 1, "buffer_size": 64, "sgld_steps": 1, "width": 4,
@@ -97,6 +99,7 @@ def test_chain_init_uniform_on_a_recipe_with_uniform_starts():
         train.parse_config(["--chain-init", "uniform", "--chain-init-uniform-fraction", "0.2"])
 
 
+@pytest.mark.integration
 def test_tiny_fast_jem_run_end_to_end(tmp_path, capsys):
     """Class-Gaussian starts, proximal SGLD and precision auto through the CLI; the Gaussians are saved with
     the final model and the checkpoints, and the probe's choice is logged and recorded."""
@@ -135,6 +138,7 @@ def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
     assert "Dataset 'cifar10' was not found" in err and "--data-dir" in err
 
 
+@pytest.mark.integration
 def test_trains_on_a_npz_file_and_evaluates_against_a_npz_ood_set(tmp_path, monkeypatch, capsys):
     """`--dataset FILE.npz` trains (relative path, kept as given in config.json; the run's seed fixes the
     validation split), `evaluate --ood FILE.npz` scores an OOD-only file's test split, and training on that

@@ -55,6 +55,7 @@ def test_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(small_digi
     assert again["num_trials"] == 2 and again["wall_seconds"] < 30
 
 
+@pytest.mark.integration
 def test_random_search_checkpoints_without_buffers_and_reloads_best_model(small_digits, tmp_path):
     hypermodel = build_hypermodel(_config(epochs=1, buffer_size=2000), small_digits,
                                   space=search_space(fixed=["warmup_steps", "sgld_steps"]))
@@ -74,6 +75,7 @@ def test_random_search_checkpoints_without_buffers_and_reloads_best_model(small_
     assert model.sampler.step_size == pytest.approx(values["sgld_step_size"])
 
 
+@pytest.mark.integration
 def test_combined_objective_adds_ood_auroc(small_digits, tmp_path):
     space = search_space(fixed=FIXED + ["learning_rate"])
     space["energy_l2_weight"] = {"type": "choice", "values": [0.0]}
@@ -85,6 +87,7 @@ def test_combined_objective_adds_ood_auroc(small_digits, tmp_path):
     assert 0.0 <= best["metrics"]["val_ood_auroc"] <= 1.0
 
 
+@pytest.mark.integration
 def test_search_under_mirrored_strategy(small_digits, tmp_path):
     space = search_space(fixed=FIXED)
     space["learning_rate"] = {"type": "choice", "values": [3e-3]}
@@ -93,6 +96,7 @@ def test_search_under_mirrored_strategy(small_digits, tmp_path):
     assert summary["num_trials"] == 1 and summary["best"] is not None
 
 
+@pytest.mark.integration
 def test_tune_cli(tmp_path, capsys):
     from jem_tf import tune
 
@@ -136,6 +140,7 @@ def test_search_space_validation():
             search_space({"learning_rate": spec})
 
 
+@pytest.mark.integration
 def test_a_semi_supervised_recipe_tunes_on_its_labelled_rows(small_digits, tmp_path, monkeypatch):
     """Every trial trains as `python -m jem_tf.train` would: the labelled rows of its batches are the run's labelled
     selection (select_labelled), next to rows of the whole training split that train p(x) only."""

@@ -42,6 +42,7 @@ def test_a_finished_run_is_never_overwritten_without_overwrite(run_copy):
     assert not os.path.exists(RunLayout(run_copy).backup) and not os.path.exists(RunLayout(run_copy).lock)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("argv, message", [
     (["--workdir", ""], "--workdir must not be empty"),
     (["--learning-rate", "inf"], "learning_rate must be a finite number"),
@@ -54,6 +55,7 @@ def test_bad_values_are_one_line_errors_before_anything_is_written(argv, message
     assert not os.path.exists(tmp_path / "new") and os.listdir(tmp_path) == []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("value, message", [
     ('"one"', "epochs must be an integer; received 'one'"), ("null", "epochs must be an integer; received None"),
     ("1.5", "epochs must be an integer; received 1.5"), ("true", "epochs must be an integer; received True"),
@@ -84,6 +86,7 @@ def test_paths_that_are_files_or_directories_in_the_wrong_place(tmp_path, finish
     assert result.returncode == 2 and "is a directory, not a JSON file" in cli_error_line(result)
 
 
+@pytest.mark.integration
 def test_resume_with_settings_that_do_not_fit_the_backup_is_refused(run_copy):
     layout = RunLayout(run_copy)
     # An interrupted run: its backup is what a resume would load.

@@ -42,6 +42,7 @@ def _trained(data, jit_compile, epochs=2, num=96, same_chains=False):
     return model, before, history.history
 
 
+@pytest.mark.integration
 def test_one_train_step_under_xla_equals_the_default_kernels(data):
     # XLA draws other random numbers than TensorFlow's kernels for the same seed, the buffer's chain indices
     # included (deterministically per seed in each mode); with identical chains the step's maths is compared.
