@@ -65,7 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             from jem_tf.callbacks import ChiefBackupAndRestore
             from jem_tf.workdir import RunLayout
-        except ImportError:  # interrupted while TensorFlow was being imported: no run had started
+        except Exception:  # interrupted while TensorFlow was being imported (a half-imported module): no run started
             return "nothing was written"
         done = ChiefBackupAndRestore.epochs_done(RunLayout(workdir).backup)
         return (f"rerun the same command to resume from epoch {done + 1}" + ("" if done else
