@@ -27,7 +27,8 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run in --workdir (finished or interrupted) instead of refusing/resuming")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
-                        help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch")
+                        help="Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch (default: 1 on a "
+                             "terminal, 2 when the output goes to a file or a pipe)")
     add_recipe_arguments(parser)
     return parser
 
@@ -46,7 +47,9 @@ def parse_args(argv: Optional[List[str]] = None):
     if args.workdir is not None and not args.workdir.strip():
         parser.error("--workdir must not be empty (an unset shell variable?); omit it for runs/<recipe name>")
     workdir = f"runs/{recipe_name(args.recipe)}" if args.workdir is None else args.workdir
-    return config, workdir, ("auto" if args.verbose is None else args.verbose), args.overwrite
+    # A progress bar redraws itself on a terminal; in a log file it is a line per batch (hundreds of KB).
+    verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    return config, workdir, verbose, args.overwrite
 
 
 def main(argv: Optional[List[str]] = None) -> int:

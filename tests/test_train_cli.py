@@ -86,7 +86,22 @@ def test_overrides_and_types():
     config, workdir, verbose = train.parse_config(
         ["--sgld-grad-clip", "none", "--decay-epochs", "3,6", "--sgld-clamp", "true", "--learning-rate", "2e-4"])
     assert config.sgld_grad_clip is None and config.decay_epochs == [3, 6] and config.sgld_clamp is True
-    assert config.learning_rate == 2e-4 and workdir == "runs/digits" and verbose == "auto"
+    assert config.learning_rate == 2e-4 and workdir == "runs/digits"
+    assert verbose == 2  # pytest captures stdout: not a terminal, so one line per epoch, not a progress bar
+
+
+def test_the_default_verbosity_is_a_progress_bar_on_a_terminal_and_one_line_per_epoch_elsewhere(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert train.parse_config([])[2] == 1
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert train.parse_config([])[2] == 2
+    assert train.parse_config(["--verbose", "1"])[2] == 1  # --verbose overrides
 
 
 def test_chain_init_uniform_on_a_recipe_with_uniform_starts():
