@@ -2,6 +2,7 @@
 input (flags and UsageError), and a traceback with exit code 1 for everything else."""
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -229,3 +230,32 @@ def test_a_malformed_tf_config_is_named(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", '["a list"]')
     with pytest.raises(ValueError, match="TF_CONFIG environment variable must be a JSON object"):
         tf_config()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["export", "evaluate", "tune"])
+@pytest.mark.parametrize("delay_s", [3.0, 8.0])
+def test_ctrl_c_in_a_real_command_process_is_one_line_and_exit_130(command, delay_s, finished_run, tmp_path):
+    """SIGINT to `python -m jem_tf.export/evaluate/tune` while it imports, loads or works: exit 130 and one line
+    (or 0 when it had finished), no traceback, no temporary file left."""
+    import signal
+    import time
+
+    out = str(tmp_path / "out")
+    argv = {"export": ["--model", finished_run, "--export-dir", out],
+            "evaluate": ["--model", finished_run, "--out", out],
+            "tune": [*TINY_TRAIN_ARGS, "--directory", out, "--max-trials", "3"]}[command]
+    run = subprocess.Popen([sys.executable, "-m", f"jem_tf.{command}", *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=CLI_ENV)
+    time.sleep(delay_s)
+    sent = run.poll() is None
+    if sent:
+        run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=600)
+    assert "Traceback" not in err, err[-3000:]
+    if sent and run.returncode != 0:
+        assert run.returncode == 130, err[-3000:]
+        ours = [line for line in err.splitlines() if line.startswith("python -m jem_tf")]
+        assert len(ours) == 1 and "interrupted" in ours[0], err[-3000:]
+    leftovers = [name for root, dirs, files in os.walk(tmp_path) for name in files + dirs if ".tmp" in name]
+    assert not leftovers, leftovers
