@@ -275,6 +275,18 @@ def _tuner_class(kind: str):
             "bayesian": keras_tuner.BayesianOptimization, "grid": keras_tuner.GridSearch}[kind]
 
     class JEMTuner(base):
+        def search(self, *fit_args, **fit_kwargs):
+            """Runs the search on the data the hypermodel was built with (its run splits: train, validation):
+            data given here would be silently ignored, so it is refused."""
+            given = [f"{len(fit_args)} positional argument(s)"] if fit_args else []
+            given += [name for name in ("x", "y", "validation_data", "validation_split", "sample_weight")
+                      if name in fit_kwargs]
+            if given:
+                raise ValueError(f"{type(self).__name__}.search() trains every trial on the data of its hypermodel "
+                                 f"(build_hypermodel(config, data)), so it takes no data; received {', '.join(given)}. "
+                                 "Build the hypermodel with your dataset instead (jem_tf.data.ImageDataset).")
+            return super().search(**fit_kwargs)
+
         def load_model(self, trial):
             model = self._try_build(trial.hyperparameters)
             return self.hypermodel.load_checkpoint(model, self._get_checkpoint_fname(trial.trial_id))

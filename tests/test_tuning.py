@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -170,3 +171,17 @@ def test_a_semi_supervised_recipe_tunes_on_its_labelled_rows(small_digits, tmp_p
             <= labelled_rows
         batches += 1
     assert batches == 6  # ceil(360 / 64): one epoch over every training image
+
+
+def test_search_refuses_data_it_would_ignore(small_digits, tmp_path):
+    """Every trial trains on the hypermodel's own splits: data given to search() is refused, not ignored."""
+    hypermodel = build_hypermodel(_config(epochs=1), small_digits)
+    tuner = make_tuner(hypermodel, kind="random", max_trials=1, directory=str(tmp_path), seed=1)
+    for args, kwargs, named in [((small_digits.x_train, small_digits.y_train), {}, "2 positional argument(s)"),
+                                ((), {"x": small_digits.x_train}, "x"),
+                                ((), {"validation_data": (small_digits.x_test, small_digits.y_test)},
+                                 "validation_data")]:
+        with pytest.raises(ValueError, match=rf"search\(\) trains every trial on the data of its hypermodel .*"
+                                             rf"received {re.escape(named)}"):
+            tuner.search(*args, **kwargs)
+    assert tuner.oracle.trials == {}  # nothing ran
