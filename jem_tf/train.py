@@ -106,8 +106,11 @@ def _train(config, workdir: str, verbose, overwrite: bool) -> int:
                  if os.path.isdir(backup) else "No epoch completed.")
         print(f"python -m jem_tf.train: error: {error} {where}", file=sys.stderr)
         return 1
-    print(f"test_accuracy={metrics['test_accuracy']:.4f} "
-          f"({metrics['num_test']} test images); wrote {workdir}/")
+    detector = metrics.get("ood_detector")
+    exported = (f"; exported {metrics['export_path']} (OOD detector {detector['score']})"
+                if metrics.get("export_path") and detector else "")
+    print(f"test_accuracy={metrics['test_accuracy']:.4f} test_ece={metrics['test_ece']:.4f} "
+          f"test_nll={metrics['test_nll']:.4f} ({metrics['num_test']} test images){exported}; wrote {workdir}/")
     return 0
 
 

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from jem_tf import energy as energy_lib
+from jem_tf import metrics as metrics_lib
 from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 from jem_tf.config import TrainConfig
 from jem_tf.config_rules import check_steps_per_execution
@@ -193,12 +194,14 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
     # Every worker evaluates (evaluation is a collective under multi_worker); only the chief writes.
     test = model.evaluate(make_dataset(splits.test.images, splits.test.labels, batch_size=256, shuffle=False),
                           return_dict=True, verbose=0)
+    test_logits = model.predict(splits.test.images, batch_size=256, verbose=0)
     metrics = {
         "dataset": config.dataset,
         "class_names": None if splits.class_names is None else list(splits.class_names),
         "init_from": None if source is None else source.record(),
         "test_accuracy": float(test["accuracy"]),
         "test_nll": float(test["ce"]),
+        "test_ece": metrics_lib.expected_calibration_error(test_logits, splits.test.labels, num_bins=20),
         "test_energy_mean": float(test["e_data"]),
         "num_train": int(len(splits.train.images)),
         "labels_per_class": config.labels_per_class,

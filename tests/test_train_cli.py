@@ -231,3 +231,13 @@ def test_ctrl_c_at_any_point_of_a_run_is_one_line_and_never_ignored(delay_s, tmp
     leftovers = [name for root, dirs, files in os.walk(tmp_path) for name in files + dirs
                  if ".tmp" in name or name.startswith(".overwrite-") or name == ".lock"]
     assert not leftovers
+
+
+@pytest.mark.integration
+def test_a_run_ends_with_one_summary_line_and_records_its_test_ece(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    assert train.main(TINY + ["--workdir", workdir]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test_accuracy=")]
+    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    assert len(lines) == 1 and f"test_ece={metrics['test_ece']:.4f}" in lines[0] and lines[0].endswith(f"{workdir}/")
+    assert 0.0 <= metrics["test_ece"] <= 1.0
