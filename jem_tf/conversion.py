@@ -167,9 +167,7 @@ def check_logits(network: keras.Model, images: np.ndarray, *, max_images: int = 
     if np.all(outputs >= 0) and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
         raise ValueError("its outputs on the training images are probabilities (every row non-negative and summing "
                          "to 1), not logits: return the values that enter the softmax")
-    row_max = outputs.max(axis=1)
-    lse = row_max + np.log(np.exp(outputs - row_max[:, None]).sum(axis=1))
-    if np.allclose(lse, 0.0, atol=1e-3):
+    if np.allclose(energy_lib.log_px(tf.constant(outputs)).numpy(), 0.0, atol=1e-3):
         raise ValueError("its outputs on the training images are log-probabilities (logsumexp 0 on every image, so "
                          "every energy would be 0), not logits: return the values that enter the log-softmax")
 
@@ -253,8 +251,10 @@ def logits_network(classifier: keras.Model, *, image_shape: Optional[Sequence[in
     if head.kind == "softmax" and isinstance(head.op, keras.Model):
         raise ValueError(f"the classifier's softmax is {head.where}, which cannot be edited: make the nested model "
                          "return logits, or build the classifier without nesting")
-    # The head's own activation is dropped in the copy (same weights): its output is then the logits.
+    # The head's own activation is dropped in the copy (same weights): its output is then the logits. A weightless
+    # softmax (a Softmax or Activation layer, a keras.ops call) is left out instead: its input is the logits.
     edit_activation = head.kind == "softmax" and isinstance(head.op, keras.layers.Layer) and bool(head.op.weights)
+    keep_head = head.kind != "softmax" or edit_activation
 
     def clone_layer(layer):
         if not isinstance(layer, keras.layers.Layer):  # a keras.ops call (e.g. a residual `x + h`)
@@ -279,12 +279,11 @@ def logits_network(classifier: keras.Model, *, image_shape: Optional[Sequence[in
     dropped = [f"{getattr(op, 'name', op)!r}" for op in head.trailing]
     if isinstance(clone, keras.Sequential):
         layers = [layer for layer in clone.layers if not isinstance(layer, keras.layers.InputLayer)]
-        keep = layers.index(cloned_head.op) + (0 if head.kind == "softmax" and not edit_activation else 1)
+        keep = layers.index(cloned_head.op) + int(keep_head)
         network = keras.Sequential([keras.Input(shape=tuple(classifier.input_shape[1:]))] + layers[:keep],
                                    name=clone.name)
     else:
         node = cloned_head.op._inbound_nodes[cloned_head.node]
-        keep_head = head.kind != "softmax" or edit_activation
         network = keras.Model(clone.inputs, node.output_tensors[0] if keep_head else node.input_tensors[0],
                               name=clone.name)
     changes = []

@@ -66,24 +66,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         if workdir is None:
             return "nothing was written"
         try:
-            from jem_tf.callbacks import ChiefBackupAndRestore
-            from jem_tf.workdir import RunLayout
+            _, done = _backup_epochs(workdir)
         except Exception:  # interrupted while TensorFlow was being imported (a half-imported module): no run started
             return "nothing was written"
-        done = ChiefBackupAndRestore.epochs_done(RunLayout(workdir).backup)
         return (f"rerun the same command to resume from epoch {done + 1}" + ("" if done else
                                                                             " (no epoch had finished)"))
 
     def disk_full(error) -> str:
-        from jem_tf.callbacks import ChiefBackupAndRestore
-        from jem_tf.workdir import RunLayout
-
-        backup = RunLayout(workdir).backup
-        done = ChiefBackupAndRestore.epochs_done(backup)
+        backup, done = _backup_epochs(workdir)
         return f"{error}; " + (f"the last good epoch ({done}) is kept in {backup}; free space and rerun the same "
                                "command to resume" if done else "free space and rerun the same command") + "."
 
     return run_command("python -m jem_tf.train", body, interrupted=interrupted, disk_full=disk_full)
+
+
+def _backup_epochs(workdir: str):
+    """``(backup directory, epochs it holds)`` of the run in ``workdir``."""
+    from jem_tf.callbacks import ChiefBackupAndRestore
+    from jem_tf.workdir import RunLayout
+
+    backup = RunLayout(workdir).backup
+    return backup, ChiefBackupAndRestore.epochs_done(backup)
 
 
 def _train(config, workdir: str, verbose, overwrite: bool) -> int:

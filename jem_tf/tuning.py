@@ -78,7 +78,7 @@ def search_space(overrides: Optional[dict] = None, fixed=()) -> Dict[str, dict]:
 
 def _check_spec(name: str, spec: dict) -> None:
     """``UsageError`` naming the entry unless keras-tuner can sample ``spec``: a non-empty list of distinct choices,
-    or finite numbers ``min <= max`` (integers for int; ``min > 0`` for log sampling; a positive int step)."""
+    or finite numbers ``min <= max`` (integers for int; ``min > 0`` for log sampling; a step > 0)."""
     def fail(why):
         raise UsageError(f"Search space entry {name!r}: {why}; received {spec!r}")
 

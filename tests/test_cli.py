@@ -2,12 +2,11 @@
 input (flags and UsageError), and a traceback with exit code 1 for everything else."""
 
 import argparse
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import CLI_ENV, TINY_TRAIN_ARGS
+from conftest import CLI_ENV, TINY_TRAIN_ARGS, leftovers
 
 from jem_tf import cli, evaluate, export, train, training, tune
 from jem_tf.errors import UsageError, as_usage_error
@@ -257,5 +256,4 @@ def test_ctrl_c_in_a_real_command_process_is_one_line_and_exit_130(command, dela
         assert run.returncode == 130, err[-3000:]
         ours = [line for line in err.splitlines() if line.startswith("python -m jem_tf")]
         assert len(ours) == 1 and "interrupted" in ours[0], err[-3000:]
-    leftovers = [name for root, dirs, files in os.walk(tmp_path) for name in files + dirs if ".tmp" in name]
-    assert not leftovers, leftovers
+    assert not leftovers(tmp_path)

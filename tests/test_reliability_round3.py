@@ -14,7 +14,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, file_snapshot
+from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, file_snapshot, leftovers
 
 from jem_tf.workdir import RunLayout
 from jem_tf.workdir_lock import WorkdirBusy, WorkdirLock
@@ -300,12 +300,6 @@ def _finish(run, timeout):
         pytest.fail(f"the run did not end within {timeout} s; its stderr (last lines):\n" + "\n".join(lines[-150:]))
 
 
-def _leftovers(workdir):
-    """Temporary files anywhere below ``workdir``."""
-    return [os.path.join(root, name) for root, dirs, files in os.walk(workdir) for name in files + dirs
-            if ".tmp" in name or name.startswith(".overwrite-")]
-
-
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path):
     workdir = str(tmp_path / "run")
@@ -318,7 +312,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path):
     assert ours == ["python -m jem_tf.train: interrupted; rerun the same command to resume from epoch 2"], err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     layout = RunLayout(workdir)
-    assert not os.path.exists(layout.lock) and not os.path.exists(layout.model) and not _leftovers(workdir)
+    assert not os.path.exists(layout.lock) and not os.path.exists(layout.model) and not leftovers(workdir)
     result = _cli(*argv)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Resuming from the backup" in result.stdout and "1 epoch(s) done" in result.stdout
@@ -343,7 +337,7 @@ def test_overwrite_never_follows_a_link_out_of_the_work_directory(run_copy, tmp_
     result = _cli(*TINY_TRAIN_ARGS, "--workdir", run_copy, "--overwrite")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (outside / "keep.txt").read_text() == "not the run's" and os.listdir(outside) == ["keep.txt"]
-    assert os.path.isdir(layout.logs) and not os.path.islink(layout.logs) and not _leftovers(run_copy)
+    assert os.path.isdir(layout.logs) and not os.path.islink(layout.logs) and not leftovers(run_copy)
 
 
 def _mount_tmpfs(path, size):
@@ -386,7 +380,7 @@ def test_overwrite_that_fails_half_way_deletes_nothing(run_copy):
         assert result.returncode == 2
         line = cli_error_line(result)
         assert f"--overwrite cannot remove {layout.checkpoints}" in line and "nothing was deleted" in line, line
-        assert file_snapshot(run_copy) == before and not _leftovers(run_copy)
+        assert file_snapshot(run_copy) == before and not leftovers(run_copy)
     finally:
         _umount(layout.checkpoints)
 
@@ -413,12 +407,12 @@ def test_a_full_disk_is_one_line_keeps_the_last_good_backup_and_the_rerun_comple
                 f"device); the last good epoch (1) is kept in {backup}; free space and rerun the same command to resume"
                 in line[0]), line
         layout = RunLayout(workdir)
-        assert os.listdir(layout.backup) == ["epoch_0001"] and not _leftovers(workdir)
+        assert os.listdir(layout.backup) == ["epoch_0001"] and not leftovers(workdir)
         assert not os.path.exists(layout.lock) and not os.path.exists(layout.model)
         os.remove(filler)  # space freed: the same command completes
         result = _cli(*argv)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert "1 epoch(s) done" in result.stdout and os.path.isfile(layout.model) and not _leftovers(workdir)
+        assert "1 epoch(s) done" in result.stdout and os.path.isfile(layout.model) and not leftovers(workdir)
     finally:
         _umount(disk)
 
@@ -517,4 +511,4 @@ def test_a_kill_of_the_real_writer_during_the_final_save_loses_nothing(tmp_path)
     import keras
 
     assert keras.models.load_model(layout.model).optimizer.iterations.numpy() == 2 * 6  # 1,293 images / 256
-    assert not os.path.exists(layout.backup) and not _leftovers(workdir)  # the killed writer's file is gone
+    assert not os.path.exists(layout.backup) and not leftovers(workdir)  # the killed writer's file is gone

@@ -6,6 +6,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import leftovers
 
 from jem_tf import JEM, train
 
@@ -228,9 +229,8 @@ def test_ctrl_c_at_any_point_of_a_run_is_one_line_and_never_ignored(delay_s, tmp
         assert len(ours) == 1 and "interrupted" in ours[0], err[-3000:]
     else:  # the run had finished (or was saving its final files) when the signal came
         assert run.returncode in (0, 130), err[-3000:]
-    leftovers = [name for root, dirs, files in os.walk(tmp_path) for name in files + dirs
-                 if ".tmp" in name or name.startswith(".overwrite-") or name == ".lock"]
-    assert not leftovers
+    assert not leftovers(tmp_path)
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
 
 
 @pytest.mark.integration
