@@ -8,25 +8,25 @@ if _os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
     raise ImportError(f"jem-tf needs Keras's TensorFlow backend, but KERAS_BACKEND={_os.environ['KERAS_BACKEND']!r}: "
                       "unset it or set KERAS_BACKEND=tensorflow.")
 
-try:
-    from jem_tf import energy
-    from jem_tf.chain_init import ClassGaussian
-    from jem_tf.jem import JEM
-    from jem_tf.networks import build_backbone, fast_cnn, small_cnn, wide_resnet
-    from jem_tf.replay_buffer import BufferDraw, ReplayBuffer
-    from jem_tf.schedules import WarmupPiecewiseSchedule
-    from jem_tf.sgld import SGLDDiagnostics, SGLDSampler
-    from jem_tf.stability import StabilityGuard, TrainingDiverged
-except KeyboardInterrupt:
-    import sys as _sys
+import sys as _sys
 
-    # `python -m jem_tf.<command>` imports this package (and TensorFlow) while it locates the command, with
-    # sys.argv[0] "-m": a Ctrl-C then is the command's interrupt (one line, exit 130), not a library traceback.
-    if _sys.argv[:1] != ["-m"]:
-        raise
-    print("python -m jem_tf: interrupted (while TensorFlow was being imported); nothing was written",
-          file=_sys.stderr)
-    raise SystemExit(130) from None
+if _sys.argv[:1] == ["-m"]:
+    # `python -m jem_tf.<command>` imports this package (and TensorFlow) while Python locates the command, with
+    # sys.argv[0] "-m": the package is the program, and a Ctrl-C before the command's own handling starts (while
+    # TensorFlow and the command's modules import) is one line and exit 130, not a traceback. Library imports
+    # (any other sys.argv[0]) leave SIGINT alone.
+    from jem_tf.cli import handle_ctrl_c_while_starting
+
+    handle_ctrl_c_while_starting()
+
+from jem_tf import energy  # noqa: E402
+from jem_tf.chain_init import ClassGaussian  # noqa: E402
+from jem_tf.jem import JEM  # noqa: E402
+from jem_tf.networks import build_backbone, fast_cnn, small_cnn, wide_resnet  # noqa: E402
+from jem_tf.replay_buffer import BufferDraw, ReplayBuffer  # noqa: E402
+from jem_tf.schedules import WarmupPiecewiseSchedule  # noqa: E402
+from jem_tf.sgld import SGLDDiagnostics, SGLDSampler  # noqa: E402
+from jem_tf.stability import StabilityGuard, TrainingDiverged  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -119,9 +119,9 @@ def recipe_name(recipe: str) -> str:
 class _Interrupts:
     """SIGINT while a command runs: ``KeyboardInterrupt`` at the first Ctrl-C, and remembered, so that an interrupt
     that Python code swallowed (raised inside a finalizer or a library's ``except BaseException``) is raised again at
-    the next :meth:`raise_if_interrupted` (Keras calls it after every batch through
-    :class:`jem_tf.callbacks.InterruptCheck`). Further Ctrl-Cs are ignored: the clean-up (lock, temporary files)
-    must finish."""
+    the next :meth:`raise_if_interrupted` (``train`` calls it after every batch through a Keras ``LambdaCallback``,
+    and :func:`run_command` before it reports success). Further Ctrl-Cs are ignored: the clean-up (lock, temporary
+    files) must finish."""
 
     def __init__(self):
         self.interrupted = False
@@ -140,6 +140,20 @@ class _Interrupts:
 INTERRUPTS = _Interrupts()
 
 
+def _interrupted_while_starting(signum, frame):
+    print("python -m jem_tf: interrupted while starting (importing TensorFlow and the command); nothing was written",
+          file=sys.stderr)
+    raise SystemExit(130)
+
+
+def handle_ctrl_c_while_starting() -> None:
+    """For ``python -m jem_tf.<command>`` only (the package calls it then): until :func:`run_command` takes SIGINT
+    over, a Ctrl-C exits with one line and code 130 (``SystemExit``: no traceback from the imports it interrupts)."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
 def run_command(prog: str, body: Callable[[], int], *, interrupted: Optional[Callable[[], str]] = None,
                 disk_full: Optional[Callable[[BaseException], str]] = None) -> int:
     """Runs a command's ``body`` (which returns its exit code) with the exit codes every jem-tf command uses, each
@@ -147,10 +161,15 @@ def run_command(prog: str, body: Callable[[], int], *, interrupted: Optional[Cal
     TensorFlow is being imported, which ``body`` does). ``interrupted()`` and ``disk_full(error)`` add what to do
     next to those lines. Any other exception propagates with its traceback."""
     own_sigint = (threading.current_thread() is threading.main_thread()
-                  and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+                  and signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupted_while_starting))
+    unraisablehook = sys.unraisablehook
     if own_sigint:
         INTERRUPTS.interrupted = False
         signal.signal(signal.SIGINT, INTERRUPTS.handle)
+        # A Ctrl-C raised inside a finalizer or weakref callback is "ignored" by Python, which prints its traceback:
+        # it is remembered and raised again (above), so only that printout is left out.
+        sys.unraisablehook = lambda unraisable: (None if isinstance(unraisable.exc_value, KeyboardInterrupt)
+                                                 else unraisablehook(unraisable))
     try:
         code = body()
         INTERRUPTS.raise_if_interrupted()  # a Ctrl-C that was swallowed on the way: not a success
@@ -169,3 +188,4 @@ def run_command(prog: str, body: Callable[[], int], *, interrupted: Optional[Cal
     finally:
         if own_sigint:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.unraisablehook = unraisablehook
