@@ -86,6 +86,8 @@ class TrainConfig:
     # The energy the L2 term pulls towards; none: 0, or with init_from the source classifier's mean energy on
     # the training data (measured at the start and written to config.json). See jem_tf.objective.
     energy_l2_center: Optional[float] = None
+    # False: the L2 term pulls the data's energies only (not the samples'); see jem_tf.objective.
+    energy_l2_samples: bool = True
     data_noise_std: float = 0.03
     # SGLD and replay buffer.
     sgld_steps: int = 20

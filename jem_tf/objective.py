@@ -7,12 +7,17 @@ objective itself knows nothing of samplers, buffers or optimizers, so it can be 
            + px_weight  * (mean E(x_data) - mean E(x_sample))              # contrastive log p(x)
            + pxy_weight * (mean E(x_data, y) - mean E(x_sample|y, y))       # optional log p(x|y)
            + energy_l2_weight * (mean (E(x_data) - c)^2 + mean (E(x_sample) - c)^2)  # optional regulariser
+                                                     # (the samples' part only with energy_l2_samples)
 
 with ``E(x) = -logsumexp_y f(x)[y]`` and ``E(x, y) = -f(x)[y]``. The regulariser's centre ``c``
 (``energy_l2_center``, default 0) matters because an energy's offset is arbitrary: adding a constant to every
 logit changes neither ``p(y|x)`` nor ``p(x)``. A classifier being converted has energies far from 0 (about -12
 for a CIFAR-10 CNN); centring the L2 term on its mean energy penalises how far training moves the energies,
-not an offset the classifier happened to learn. The energy terms can be gated off
+not an offset the classifier happened to learn. ``energy_l2_samples=False`` keeps the data's part only: it pins
+the data's energies (and with them the scale of the logits, the classifier's confidence) near the centre and leaves
+the samples' energies to the contrastive term alone (on the samples, the L2 term pulls chains that started far from
+the data, e.g. at class-Gaussian blobs, *down* to the data's energy: against the contrastive term, and in a
+conversion's first epoch the largest term of the loss). The energy terms can be gated off
 (``energy_active`` false): a plain classifier's loss, for a warm start.
 
 Semi-supervised batches: ``sample_weight`` weights the terms that use labels (the cross-entropy and the
@@ -43,7 +48,7 @@ class ObjectiveTerms(NamedTuple):
 
 def jem_objective(labels, logits_data, *, logits_sample=None, logits_conditional_sample=None, sample_weight=None,
                   pyx_weight: float = 1.0, px_weight: float = 1.0, pxy_weight: float = 0.0,
-                  energy_l2_weight: float = 0.0, energy_l2_center: float = 0.0,
+                  energy_l2_weight: float = 0.0, energy_l2_center: float = 0.0, energy_l2_samples: bool = True,
                   energy_active=None) -> ObjectiveTerms:
     """The JEM loss of one batch (see the module docstring).
 
@@ -57,6 +62,7 @@ def jem_objective(labels, logits_data, *, logits_sample=None, logits_conditional
             and of the conditional term); weight 0 = unlabelled row.
         pyx_weight, px_weight, pxy_weight, energy_l2_weight: The weights of the four terms.
         energy_l2_center: The energy the L2 term pulls towards (see the module docstring).
+        energy_l2_samples: Whether the L2 term also pulls the samples' energies (default) or the data's only.
         energy_active: ``None`` (energy terms always on) or a boolean scalar tensor; when false the p(x),
             p(x|y) and L2 terms contribute 0.
 
@@ -86,7 +92,8 @@ def jem_objective(labels, logits_data, *, logits_sample=None, logits_conditional
         # -log p(x) contrastive term: push data energy down, sample energy up.
         energy_gap = tf.reduce_mean(e_data) - tf.reduce_mean(e_sample)
         loss += gate(px_weight * energy_gap)
-        energies_squared += tf.reduce_mean(tf.square(e_sample - energy_l2_center))
+        if energy_l2_samples:
+            energies_squared += tf.reduce_mean(tf.square(e_sample - energy_l2_center))
     if pxy_weight > 0:
         # -log p(x|y) contrastive term on the joint energy E(x, y) = -f(x)[y].
         e_cond_data = energy_lib.conditional_energy(logits_data, labels)

@@ -58,6 +58,25 @@ def test_the_energy_l2_term_is_centred_and_the_centre_changes_nothing_else(batch
     np.testing.assert_allclose(float(centred.loss) - float(without_l2.loss), expected_l2, rtol=1e-4)
 
 
+def test_the_energy_l2_term_can_leave_the_samples_free(batch):
+    logits_data, logits_sample, _, labels = batch
+    kwargs = dict(logits_sample=logits_sample, px_weight=1.0, energy_l2_center=-3.0)
+    e_data = -_logsumexp(logits_data.astype(np.float64))
+    data_only = jem_objective(labels, logits_data, energy_l2_weight=0.1, energy_l2_samples=False, **kwargs)
+    without_l2 = jem_objective(labels, logits_data, energy_l2_weight=0.0, **kwargs)
+    np.testing.assert_allclose(float(data_only.loss) - float(without_l2.loss), 0.1 * np.mean((e_data + 3.0) ** 2),
+                               rtol=1e-4)
+    # The samples' energies get no gradient from the L2 term: their gradient is the contrastive term's alone.
+    samples = tf.constant(logits_sample)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(samples)
+        free = jem_objective(labels, logits_data, logits_sample=samples, px_weight=1.0, energy_l2_weight=0.1,
+                             energy_l2_center=-3.0, energy_l2_samples=False).loss
+        contrastive = jem_objective(labels, logits_data, logits_sample=samples, px_weight=1.0).loss
+    np.testing.assert_allclose(tape.gradient(free, samples).numpy(), tape.gradient(contrastive, samples).numpy(),
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_plain_classifier_is_the_cross_entropy_alone(batch):
     logits_data, _, _, labels = batch
     terms = jem_objective(labels, logits_data, px_weight=0.0, energy_l2_weight=0.0)
