@@ -13,9 +13,15 @@ NUM_LOGICAL_CPUS = 2
 
 
 def pytest_configure(config):
+    import tempfile
+
     from jem_tf.distribution import split_cpu
 
     split_cpu(NUM_LOGICAL_CPUS)
+    # jem-tf's caches (precision decisions, decoded image folders) go to a directory of this test session, never
+    # the user's (subprocesses inherit it).
+    config._jem_cache = tempfile.TemporaryDirectory(prefix="jem-tf-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = config._jem_cache.name
 
 
 @pytest.fixture
