@@ -14,6 +14,7 @@ from jem_tf.chain_init import ClassGaussian
 from jem_tf.chains import TrainingChains
 from jem_tf.conversion import backbone_from_classifier
 from jem_tf.jem_arguments import check_compile_arguments, check_jem_arguments
+from jem_tf.networks import with_precision
 from jem_tf.objective import jem_objective
 from jem_tf.refinement import RefinementSettings
 from jem_tf.replay_buffer import ReplayBuffer
@@ -152,11 +153,19 @@ class JEM(keras.Model):
 
     @property
     def metrics(self):
-        metrics = [self.loss_tracker, self.ce_tracker, self.accuracy_metric, self.e_data_tracker]
+        """The metrics Keras logs and resets: the JEM's own (those of :meth:`test_step` and, when sampling, the
+        chains') and those given to :meth:`compile`."""
+        metrics = self._test_metrics
         if self.samples_contrastive:
             metrics += [self.e_sample_tracker, self.energy_gap_tracker, self.sgld_grad_norm_tracker,
                         self.sample_abs_max_tracker]
         return metrics
+
+    @property
+    def _test_metrics(self):
+        compiled = keras_workarounds.compiled_metrics(self)
+        return ([self.loss_tracker, self.ce_tracker, self.accuracy_metric, self.e_data_tracker]
+                + ([] if compiled is None else [compiled]))
 
     def build(self, input_shape):
         if not self.backbone.built:
@@ -188,15 +197,42 @@ class JEM(keras.Model):
         logits = self.predict(x, batch_size=batch_size, verbose=0)
         return energy_lib.log_px(tf.constant(logits, tf.float32)).numpy()
 
+    # ----------------------------------------------------------------------------- Keras's model API
+    def summary(self, *args, print_fn=None, **kwargs):
+        """``keras.Model.summary``, then a line that tells the replay buffer apart from the network's weights: Keras
+        counts its chains as non-trainable parameters, but they are the sampler's state (saved with the model,
+        not part of the network or of any export)."""
+        super().summary(*args, print_fn=print_fn, **kwargs)
+        buffer = self.replay_buffer
+        values = int(np.prod(buffer.samples.shape))
+        line = (f" Of the non-trainable params, {values:,} ({4 * values / 2 ** 20:.2f} MB as float32) are the replay "
+                f"buffer: {buffer.size:,} SGLD chains of {'x'.join(map(str, self.image_shape))} images (sampler "
+                f"state, not weights); the network has {self.backbone.count_params():,} params.")
+        (print_fn or print)(line)
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """``keras.Model.export`` of the network's forward pass (the logits, as :meth:`predict`): the backbone in
+        float32 (as :func:`jem_tf.serving.export_saved_model` serves it), with the input signature ``[None,
+        *image_shape]`` float32 by default. The replay buffer and optimizer are training state and not exported.
+        For TensorFlow Serving with the ``classify``, ``energy`` and ``sample`` signatures use
+        ``python -m jem_tf.export`` / :func:`jem_tf.serving.export_saved_model`."""
+        if input_signature is None:
+            input_signature = [keras.InputSpec(shape=(None, *self.image_shape), dtype="float32")]
+        network = with_precision(self.backbone, "float32")
+        return network.export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+
     # ----------------------------------------------------------------------------- compile
     def compile(self, optimizer="adam", loss=None, metrics=None, *, jit_compile=False, **kwargs):
-        """``keras.Model.compile`` for a JEM, whose loss (:func:`jem_tf.objective.jem_objective`) and metrics
-        (``loss, ce, accuracy, e_data`` and, when sampling, ``e_sample, energy_gap, sgld_grad_norm,
-        sample_abs_max``) are its own: passing ``loss``, ``loss_weights``, ``metrics`` or ``weighted_metrics`` is
-        an error. ``jit_compile`` (XLA for the whole step) defaults to ``False`` on every device, unlike Keras's
-        ``"auto"``; ``True`` or ``"auto"`` are honoured, with the same input checks (see docs/python.md, XLA)."""
-        check_compile_arguments(loss=loss, metrics=metrics, jit_compile=jit_compile, **kwargs)
-        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+        """``keras.Model.compile`` for a JEM, whose loss is its own (:func:`jem_tf.objective.jem_objective`): passing
+        ``loss`` or ``loss_weights`` is an error. It always logs ``loss, ce, accuracy, e_data`` and, when sampling,
+        ``e_sample, energy_gap, sgld_grad_norm, sample_abs_max``; ``metrics`` and ``weighted_metrics`` (any Keras
+        metrics, e.g. ``["sparse_top_k_categorical_accuracy"]``) are computed on the classifier's logits (what
+        :meth:`predict` returns: use ``from_logits=True`` metrics for probabilities) of the training batch (the
+        noised data) and of the evaluation data. ``jit_compile`` (XLA for the whole step) defaults to ``False`` on
+        every device, unlike Keras's ``"auto"``; ``True`` or ``"auto"`` are honoured, with the same input checks
+        (see docs/python.md, XLA)."""
+        check_compile_arguments(loss=loss, jit_compile=jit_compile, **kwargs)
+        super().compile(optimizer=optimizer, metrics=metrics, jit_compile=jit_compile, **kwargs)
 
     def compile_from_config(self, config):
         """Recompiles a loaded model with its saved compile settings (through :meth:`compile`)."""
@@ -287,7 +323,13 @@ class JEM(keras.Model):
             self.sample_abs_max_tracker.update_state(tf.reduce_max(tf.abs(tf.concat(batch.inputs[1:], axis=0))))
         if batch.grad_norms:
             self.sgld_grad_norm_tracker.update_state(tf.concat(batch.grad_norms, axis=0))
+        self._update_compiled_metrics(y, logits[0], sample_weight)
         return keras_workarounds.step_logs(self.metrics)
+
+    def _update_compiled_metrics(self, y, logits, sample_weight):
+        compiled = keras_workarounds.compiled_metrics(self)
+        if compiled is not None:
+            compiled.update_state(y, logits, sample_weight)
 
     def test_step(self, data):
         """Cross-entropy, accuracy and mean energy of clean (noise-free) data."""
@@ -299,8 +341,8 @@ class JEM(keras.Model):
         self.ce_tracker.update_state(ce, sample_weight=sample_weight)
         self.accuracy_metric.update_state(y, logits, sample_weight=sample_weight)
         self.e_data_tracker.update_state(energy_lib.energy(logits))
-        return keras_workarounds.step_logs([self.loss_tracker, self.ce_tracker, self.accuracy_metric,
-                                            self.e_data_tracker])
+        self._update_compiled_metrics(y, logits, sample_weight)
+        return keras_workarounds.step_logs(self._test_metrics)
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)

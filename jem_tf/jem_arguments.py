@@ -115,16 +115,14 @@ def check_jem_arguments(backbone, *, sampler=None, class_conditional_buffer: Opt
                         bool(class_conditional_buffer), value_range)
 
 
-def check_compile_arguments(*, loss=None, metrics=None, jit_compile=False, **kwargs) -> None:
-    """Checks :meth:`jem_tf.JEM.compile`'s arguments: the loss and the metrics are JEM's own, so ``loss``,
-    ``loss_weights``, ``metrics`` and ``weighted_metrics`` are an error rather than being ignored, and
-    ``jit_compile`` is ``True``, ``False`` or ``"auto"``. ``kwargs``: the other ``compile`` arguments."""
-    for name, value in (("loss", loss), ("metrics", metrics), ("loss_weights", kwargs.get("loss_weights")),
-                        ("weighted_metrics", kwargs.get("weighted_metrics"))):
+def check_compile_arguments(*, loss=None, jit_compile=False, **kwargs) -> None:
+    """Checks :meth:`jem_tf.JEM.compile`'s arguments: the loss is the JEM objective, so ``loss`` and
+    ``loss_weights`` are an error rather than being ignored, and ``jit_compile`` is ``True``, ``False`` or
+    ``"auto"``. ``kwargs``: the other ``compile`` arguments (``metrics`` and ``weighted_metrics`` are Keras's own)."""
+    for name, value in (("loss", loss), ("loss_weights", kwargs.get("loss_weights"))):
         if value is not None:
             raise ValueError(
-                f"JEM.compile does not take `{name}`: the JEM objective is the loss, and the logged metrics are "
-                "loss, ce, accuracy, e_data (+ e_sample, energy_gap, sgld_grad_norm, sample_abs_max); compute "
-                f"other metrics from model.predict(x) (logits). Received {name}={value!r}")
+                f"JEM.compile does not take `{name}`: the JEM objective is the loss (its weights are JEM's "
+                f"pyx_weight, px_weight, pxy_weight and energy_l2_weight). Received {name}={value!r}")
     if jit_compile not in (True, False, "auto"):
         raise ValueError(f"`jit_compile` must be True, False or 'auto'; received {jit_compile!r}")

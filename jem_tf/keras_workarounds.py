@@ -17,7 +17,7 @@ can go. Keras 3.x, TensorFlow backend.
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import keras
 import tensorflow as tf
@@ -29,13 +29,27 @@ def build_for_distributed_fit(model: keras.Model) -> None:
 
     Why (keras-team/keras#20585): under a strategy, Keras's TF trainer pulls a batch and reduces it across
     replicas to build the model symbolically; under ``MultiWorkerMirroredStrategy`` that fails on the
-    ``PerReplica`` batch of a subclassed model. A JEM is fully built in ``__init__`` and compiles no losses or
-    metrics, so the symbolic build has nothing to do but build the optimizer (and call ``_post_build``).
+    ``PerReplica`` batch of a subclassed model. A JEM is fully built in ``__init__`` and compiles no losses, so
+    the symbolic build has nothing to do but build the optimizer and the metrics given to ``compile`` (on
+    symbolic labels ``[None]`` and logits ``[None, K]``, in the strategy's scope, since a metric's variables
+    cannot be created inside the compiled step) and call ``_post_build``.
     """
-    if model.optimizer is not None and not model.optimizer.built:
-        with model.distribute_strategy.scope():
+    compiled = compiled_metrics(model)
+    with model.distribute_strategy.scope():
+        if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
+        if compiled is not None and not compiled.built:
+            compiled.build(keras.KerasTensor((None,), "int32"), keras.KerasTensor((None, model.num_classes), "float32"))
     model._post_build()
+
+
+def compiled_metrics(model: keras.Model) -> Optional[keras.metrics.Metric]:
+    """The container of the metrics given to ``model.compile(metrics=..., weighted_metrics=...)``, or ``None``.
+
+    Why: a custom ``train_step`` that computes its own loss updates them itself; Keras 3 keeps the container in
+    the private ``_compile_metrics`` (its public ``compute_metrics`` also evaluates every metric's result).
+    """
+    return model._compile_metrics
 
 
 def step_logs(metrics: Iterable[keras.metrics.Metric]) -> dict:
@@ -45,7 +59,10 @@ def step_logs(metrics: Iterable[keras.metrics.Metric]) -> dict:
     logs with ``strategy.reduce("MEAN", v, axis=0)``, which fails on scalars; shape-[1] logs reduce to the same
     scalar.
     """
-    logs = {m.name: m.result() for m in metrics}
+    logs = {}
+    for metric in metrics:
+        result = metric.result()
+        logs.update(result if isinstance(result, dict) else {metric.name: result})  # compiled metrics: a dict
     if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
     return logs

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import keras
 
+from jem_tf.errors import UsageError
 from jem_tf.keras_workarounds import all_layers
 
 NORMALIZATIONS = ("none", "batch", "layer")
@@ -264,25 +265,54 @@ def freeze_batch_norm(model: keras.Model) -> int:
     return len(layers)
 
 
+def freeze_layers(model: keras.Model, names: Sequence[str]) -> int:
+    """Sets ``trainable = False`` on the layers of ``model`` (nested models included) named in ``names``: a layer
+    is frozen when its name is an entry or starts with an entry followed by ``_`` (``"block0"`` freezes
+    ``block0_conv1``, ``block0_norm1``, ...). Returns how many; an entry that matches no layer is a ``UsageError``
+    naming it and the layers there are. Saved with the model."""
+    layers = all_layers(model)[1:]
+    frozen = set()
+    for name in names:
+        matches = [layer for layer in layers if layer.name == name or layer.name.startswith(f"{name}_")]
+        if not matches:
+            raise UsageError(f"frozen_layers: no layer of {model.name!r} is named {name!r} or {name}_...; its "
+                             f"layers: {', '.join(layer.name for layer in layers)}")
+        frozen.update(id(layer) for layer in matches)
+        for layer in matches:
+            layer.trainable = False
+    return len(frozen)
+
+
+def compute_precision(model: keras.Model) -> str:
+    """The precision ``model`` computes in: ``"float32"`` when every layer (nested models included) computes in
+    float32, else the mixed policy of its 16-bit layers (``"mixed_bfloat16"`` or ``"mixed_float16"``)."""
+    for layer in all_layers(model):
+        compute = layer.dtype_policy.compute_dtype
+        if compute in ("bfloat16", "float16"):
+            return f"mixed_{compute}"
+    return "float32"
+
+
 def with_precision(model: keras.Model, precision: str) -> keras.Model:
     """A copy of a functional or sequential ``model`` whose layers compute in ``precision``, with the
-    same weights.
+    same weights (``model`` itself when it already computes in ``precision``).
 
     ``"mixed_bfloat16"`` / ``"mixed_float16"``: every layer computes in 16 bits with float32 weights
     (Keras mixed precision), except the last layer (the logits head), which stays float32 so that
     ``logsumexp`` energies keep their resolution. Inputs stay float32: a JEM's SGLD chains and their
-    gradients remain float32 and the first layer casts. ``"float32"`` returns ``model`` unchanged.
+    gradients remain float32 and the first layer casts. ``"float32"``: every layer computes in float32 (a model
+    trained in mixed precision, for serving; its weights are float32 already, so nothing is rounded).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {PRECISIONS}; received {precision!r}")
-    if precision == "float32":
+    if compute_precision(model) == precision:
         return model
     head = model.layers[-1].name
 
     def clone_layer(layer):
         config = layer.get_config()
         if not isinstance(layer, keras.layers.InputLayer):
-            config["dtype"] = "float32" if layer.name == head else precision
+            config["dtype"] = "float32" if layer.name == head or precision == "float32" else precision
         return layer.__class__.from_config(config)
 
     clone = keras.models.clone_model(model, clone_function=clone_layer)

@@ -1,3 +1,5 @@
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -27,6 +29,54 @@ def test_fit_on_numpy_and_dataset_tracks_jem_metrics(tiny_data):
     results = model.evaluate(x, y, return_dict=True, verbose=0)
     assert set(results) == {"loss", "ce", "accuracy", "e_data"}
     np.testing.assert_allclose(results["e_data"], np.mean(model.energy(x)), rtol=1e-4)
+
+
+def test_compile_metrics_are_computed_on_the_logits_in_fit_and_evaluate(tiny_data):
+    x, y = tiny_data
+    model = tiny_jem()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  metrics=[keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="xent"),
+                           keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")])
+    history = model.fit(x, y, batch_size=32, epochs=1, verbose=0, validation_data=(x[:32], y[:32])).history
+    assert {"xent", "top2", "val_xent", "val_top2", "ce", "energy_gap"} <= set(history)
+    results = model.evaluate(x, y, return_dict=True, verbose=0)
+    assert set(results) == {"loss", "ce", "accuracy", "e_data", "xent", "top2"}
+    np.testing.assert_allclose(results["xent"], results["ce"], rtol=1e-5)  # the same cross-entropy, of the logits
+    logits = model.predict(x, verbose=0)
+    top2 = np.argsort(logits, axis=1)[:, -2:]
+    np.testing.assert_allclose(results["top2"], np.mean([label in row for label, row in zip(y, top2)]), atol=1e-6)
+
+
+def test_summary_tells_the_replay_buffer_apart_from_the_weights(tiny_data):
+    model = tiny_jem(buffer_size=40)
+    lines = []
+    model.summary(print_fn=lambda line, line_break=True: lines.append(line))
+    assert lines[-1].startswith(f" Of the non-trainable params, {40 * 64:,} ")
+    assert "40 SGLD chains of 8x8x1 images" in lines[-1]
+    assert f"the network has {model.backbone.count_params():,} params" in lines[-1]
+
+
+def test_keras_export_serves_the_logits_after_fit_and_after_loading(tiny_data, tmp_path):
+    x, y = tiny_data
+    model = tiny_jem(buffer_size=500)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    model.export(str(tmp_path / "fitted"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "fitted"))
+    np.testing.assert_allclose(served.serve(x[:8]).numpy(), model.predict(x[:8], verbose=0), atol=1e-5)
+    stored = sum(os.path.getsize(tmp_path / "fitted" / "variables" / f)
+                 for f in os.listdir(tmp_path / "fitted" / "variables"))
+    assert stored < model.replay_buffer.samples.numpy().nbytes  # the network only: not the buffer
+    model.save(str(tmp_path / "jem.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "jem.keras"))
+    loaded.export(str(tmp_path / "loaded"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "loaded"))  # kept: a function of a collected object loses its variables
+    np.testing.assert_allclose(served.serve(x[:8]).numpy(), model.predict(x[:8], verbose=0), atol=1e-5)
+    archive = keras.export.ExportArchive()  # Keras's lower-level API, with the JEM's own call
+    archive.track(loaded)
+    archive.add_endpoint("logits", loaded.call, input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32)])
+    archive.write_out(str(tmp_path / "archive"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "archive"))
+    np.testing.assert_allclose(served.logits(x[:8]).numpy(), model.predict(x[:8], verbose=0), atol=1e-5)
 
 
 @pytest.mark.integration

@@ -76,3 +76,19 @@ def test_fast_cnn_and_frozen_batch_norm_through_a_jem_step():
     model.fit(rng.uniform(-1, 1, (8, 16, 16, 3)).astype("float32"), rng.integers(0, 3, 8), batch_size=8, verbose=0)
     for old, new in zip(before, backbone.non_trainable_variables):
         np.testing.assert_array_equal(old, new.numpy())  # moving statistics, scale and offset unchanged
+
+
+def test_frozen_layers_by_name_or_prefix_stay_fixed_and_survive_the_precision_copy():
+    from jem_tf.errors import UsageError
+    from jem_tf.networks import fast_cnn, freeze_layers, with_precision
+
+    backbone = fast_cnn(num_classes=3, input_shape=(16, 16, 3), width=4, seed=0)
+    assert freeze_layers(backbone, ["stem", "block0"]) == 9  # stem conv/act; block0's conv, pool, norm, act x2
+    frozen = {layer.name for layer in backbone.layers if not layer.trainable}
+    assert frozen == {name for name in (layer.name for layer in backbone.layers)
+                      if name.startswith(("stem_", "block0_"))}
+    copy = with_precision(backbone, "mixed_bfloat16")
+    assert {layer.name for layer in copy.layers if not layer.trainable} == frozen
+    assert freeze_layers(backbone, ["logits"]) == 1 and not backbone.get_layer("logits").trainable
+    with pytest.raises(UsageError, match=r"no layer of 'fast_cnn' is named 'block' or block_\.\.\.; its layers: "):
+        freeze_layers(backbone, ["block"])
