@@ -58,6 +58,9 @@ class TrainConfig:
     # classifier trained with batch norm: training-mode statistics on the data against inference-mode ones on the
     # chains let the contrastive term play one function against the other (docs/cifar10.md).
     freeze_batch_norm: bool = False
+    # Layers of the backbone kept fixed (trainable False): names or name prefixes before "_" (fast_cnn: "stem",
+    # "block0", ...); e.g. a conversion that adapts only the late layers. See jem_tf.networks.freeze_layers.
+    frozen_layers: List[str] = dataclasses.field(default_factory=list)
     # Backbone (ignored with init_from): "small_cnn", "fast_cnn" (colour images) or "wrn-DEPTH-WIDTH" ("wrn-28-10").
     backbone: str = "small_cnn"
     width: int = 32  # small_cnn: channels of the stem; fast_cnn: channels of the first block.
@@ -135,6 +138,8 @@ class TrainConfig:
     max_energy_gap: float = 1e3
     # If set, export a SavedModel for TensorFlow Serving to EXPORT_DIR/<next version>/ at the end.
     export_dir: Optional[str] = None
+    # The exported graph's precision: float32 whatever `precision` trained in, or "trained" (jem_tf.serving).
+    serving_precision: str = "float32"
 
     def validate(self, *, complete: bool = True) -> "TrainConfig":
         """Raises :class:`~jem_tf.errors.UsageError` (a ``ValueError``) naming the first bad field; returns ``self``.

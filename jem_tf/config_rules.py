@@ -27,7 +27,7 @@ OPTIMIZERS = ("adam", "sgd")
 RESUME_FIXED_FIELDS = ("dataset", "image_size", "resize_method", "validation_fraction", "seed", "backbone", "width",
                        "normalization", "precision", "batch_size", "optimizer", "buffer_size", "buffer_storage",
                        "chain_init", "chain_init_rank", "pxy_weight", "labels_per_class", "labelled_batch_size",
-                       "init_from", "init_from_sha256", "freeze_batch_norm")
+                       "init_from", "init_from_sha256", "freeze_batch_norm", "frozen_layers")
 
 
 def choices() -> Dict[str, tuple]:
@@ -39,10 +39,12 @@ def choices() -> Dict[str, tuple]:
     from jem_tf.distribution import STRATEGIES
     from jem_tf.networks import NORMALIZATIONS, PRECISIONS
     from jem_tf.replay_buffer import STORAGES
+    from jem_tf.serving import SERVING_PRECISIONS
 
     return {"augment": AUGMENTATIONS, "resize_method": RESIZE_METHODS, "normalization": NORMALIZATIONS,
             "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": PRECISIONS + ("auto",),
-            "buffer_storage": STORAGES, "chain_init": CHAIN_INITS}
+            "buffer_storage": STORAGES, "chain_init": CHAIN_INITS,
+            "serving_precision": SERVING_PRECISIONS}
 
 
 def check_config(config: TrainConfig, *, complete: bool = True) -> None:
@@ -230,6 +232,7 @@ def _check_run(config: TrainConfig) -> None:
         _fail(config, "devices", "empty unless strategy is 'mirrored'")
     _integers_at_least(config, 0, "cpu_devices")
     _integers_at_least(config, 1, "sample_every_epochs", "num_sample_images", "checkpoints_to_keep")
+    _one_of(config, "serving_precision")
 
 
 def _check_stability(config: TrainConfig) -> None:

@@ -26,9 +26,11 @@ from jem_tf.ood import fit_ood_detector
 from jem_tf.serving import (
     DEFAULT_MAX_BATCH_SIZE,
     MAX_N_STEPS_LIMIT,
+    SERVING_PRECISIONS,
     check_max_batch_size,
     export_saved_model,
     sample_limits,
+    serving_model,
 )
 from jem_tf.splits import CALIBRATION_SPLITS, load_run_dataset, ood_calibration_data
 from jem_tf.workdir import check_output_dir
@@ -76,6 +78,9 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--max-noise-std", type=float, default=None,
                         help="upper bound of sample's noise_std (default: max(10x the trained sampler's, the width "
                              "of the model's value range))")
+    parser.add_argument("--serving-precision", choices=SERVING_PRECISIONS, default="float32",
+                        help="float32 (default): the served graph computes in float32 whatever the model trained in; "
+                             "trained: keep the training precision (e.g. mixed bfloat16)")
     return parser
 
 
@@ -136,6 +141,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         data = load_run_dataset(dataset, config=config, data_dir=args.data_dir)
         calibration, train = ood_calibration_data(dataset, config=config, data=data,
                                                   calibration_split=args.calibration_split)
+    model = serving_model(model, args.serving_precision)  # the OOD threshold calibrated on the served scores
     ood = fit_ood_detector(model, calibration.images, calibration_split=args.calibration_split,
                            calibration_labels=calibration.labels, train_images=train.images,
                            train_labels=train.labels, select=args.ood_detector == "select", tpr=args.tpr,
@@ -144,7 +150,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
     path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
                               preprocessing=data.preprocessing or preprocessing_of(dataset), dataset=dataset,
                               class_names=data.class_names,
-                              max_batch_size=args.max_batch_size, **_sample_limit_kwargs(args))
+                              max_batch_size=args.max_batch_size, serving_precision=args.serving_precision,
+                              **_sample_limit_kwargs(args))
     print(f"exported {path} (OOD detector {ood.detector.name}, threshold {ood.detector.threshold:.4g}, "
           f"calibrated on the {args.calibration_split} split)")
     return 0

@@ -19,7 +19,7 @@ from jem_tf.config import TrainConfig
 from jem_tf.config_rules import check_steps_per_execution
 from jem_tf.data import make_dataset, make_epochs_dataset, make_semi_supervised_dataset
 from jem_tf.jem import JEM
-from jem_tf.networks import build_backbone, freeze_batch_norm, with_precision
+from jem_tf.networks import build_backbone, freeze_batch_norm, freeze_layers, with_precision
 from jem_tf.precision import resolve_precision
 from jem_tf.schedules import WarmupPiecewiseSchedule
 from jem_tf.sgld import SGLDSampler
@@ -65,6 +65,8 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
         backbone = build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes)
     if config.freeze_batch_norm:
         freeze_batch_norm(backbone)
+    if config.frozen_layers:
+        freeze_layers(backbone, config.frozen_layers)
     backbone = with_precision(backbone, config.precision)
     sampler = SGLDSampler(
         step_size=config.sgld_step_size,

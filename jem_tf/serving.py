@@ -18,13 +18,21 @@ The export holds the backbone only (no replay buffer, no optimizer) and three si
   is that of the clipped samples), so every sample is a valid input of ``classify`` and ``energy`` even when the
   sampler has no ``clamp_range``.
 
+The serving graph computes in float32 whatever the training precision (``serving_precision="float32"``, the
+default: a model trained in mixed bfloat16 or float16 is served by a float32 copy of its network, the same
+float32 weights, so any CPU and any stock TF Serving build runs it at full speed and precision);
+``serving_precision="trained"`` keeps the training precision. The metadata's ``precision`` says which.
+
 Images are float32 ``[N, H, W, C]`` (``N >= 1``) in the model's value range. A wrong dtype is rejected by the
 signature's input spec; a wrong shape (rank, ``H, W, C`` or an empty batch), NaNs and out-of-range values by
 in-graph checks (``InvalidArgumentError`` naming the expected shape or the range), because neither
 ``tf.saved_model.load`` nor TF Serving's C++ loader enforces the input spec's shape. The layout
 is TF Serving's ``EXPORT_DIR/<version>/`` (written to a temporary directory and renamed, so a
 polling server never sees a half-written version); ``assets.extra/jem_metadata.json`` records the
-input spec, preprocessing, OOD calibration and sampling bounds.
+input spec, preprocessing, OOD calibration and sampling bounds, and ``assets.extra/tf_serving_warmup_requests``
+holds one small request per signature, which TF Serving runs when it loads the version (its warm-up), so that the
+first client request is not slow. All three are TF Serving *Predict* signatures (REST ``:predict``, gRPC
+``PredictionService.Predict``).
 """
 
 from __future__ import annotations
@@ -48,10 +56,14 @@ from jem_tf.errors import UsageError
 from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern, write_atomically
 from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
 from jem_tf.jem import JEM
+from jem_tf.networks import compute_precision, with_precision
 from jem_tf.ood import FittedDetector, OODScorer, fit_ood_detector, single
 from jem_tf.sgld import SGLDSampler
 
 METADATA_FILE = os.path.join("assets.extra", "jem_metadata.json")
+# TF Serving replays these requests when it loads a version, before it serves: the first client request is then
+# as fast as the rest (https://www.tensorflow.org/tfx/serving/saved_model_warmup).
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 SIGNATURES = ("classify", "energy", "sample")
 # Hard ceilings of the sample signature's bounds, whatever the export asks for: the samples of one request
 # (max_num_samples x H x W x C float32; SGLD's activations and gradients need a multiple of that) must fit in
@@ -64,6 +76,24 @@ MAX_N_STEPS_LIMIT = 100_000
 # The most images one classify or energy request may hold (a larger request fails in-graph before any work).
 DEFAULT_MAX_BATCH_SIZE = 1024
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# float32: the serving graph computes in float32 whatever the training precision; trained: as trained.
+SERVING_PRECISIONS = ("float32", "trained")
+
+
+def serving_model(model: JEM, serving_precision: str = "float32") -> JEM:
+    """The model an export serves: ``model`` itself, or for ``serving_precision="float32"`` and a model that
+    computes in 16 bits, an inference twin whose network is a float32 copy of ``model.backbone`` (the same
+    weights: mixed precision keeps them in float32) with the same sampler, start distribution, value range and
+    refinement settings. Fit the OOD detector on the returned model, so that its threshold is calibrated on the
+    scores the export will compute."""
+    if serving_precision not in SERVING_PRECISIONS:
+        raise UsageError(f"`serving_precision` must be one of {SERVING_PRECISIONS}; received {serving_precision!r}")
+    if serving_precision == "trained" or compute_precision(model.backbone) == "float32":
+        return model
+    return JEM(with_precision(model.backbone, "float32"), sampler=model.sampler, buffer_size=1,
+               value_range=model.value_range, seed=model.seed, image_shape=model.image_shape,
+               num_classes=model.num_classes, chain_init=model.chain_init, refinement=model.refinement,
+               name=f"{model.name}_float32")
 
 
 def next_version(export_dir: str) -> int:
@@ -258,6 +288,45 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
     return module, signatures
 
 
+def warmup_requests(model: JEM) -> dict:
+    """``{signature: {input: array}}``: one small request per signature (one mid-range image for ``classify`` and
+    ``energy``; one sample of one SGLD step for ``sample``), the export's TF Serving warm-up."""
+    low, high = model.value_range
+    image = np.full((1, *model.image_shape), (low + high) / 2, np.float32)
+    return {"classify": {"images": image}, "energy": {"images": image},
+            "sample": {"num_samples": np.int32(1), "n_steps": np.int32(1), "seed": np.int64(0),
+                       "class_label": np.int32(-1), "step_size": np.float32(0.0), "noise_std": np.float32(-1.0)}}
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    """One protobuf field of wire type 2 (a message, string or bytes)."""
+    def varint(value):
+        out = bytearray()
+        while True:
+            out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
+
+
+def write_warmup_requests(path: str, requests: dict) -> None:
+    """Writes TF Serving's warm-up file: a TFRecord of ``PredictionLog`` messages (``predict_log.request``: a
+    ``PredictRequest`` with ``model_spec.signature_name`` and its ``inputs``), one per ``{signature: {input:
+    array}}`` item. The messages are encoded here (five length-delimited fields of tensorflow_serving/apis'
+    ``prediction_log.proto``, ``predict.proto`` and ``model.proto``) so that exporting does not need the
+    tensorflow-serving-api package; the tests parse them with it."""
+    with tf.io.TFRecordWriter(path) as writer:
+        for signature, inputs in requests.items():
+            model_spec = _length_delimited(3, signature.encode())  # ModelSpec.signature_name = 3
+            request = _length_delimited(1, model_spec)  # PredictRequest.model_spec = 1
+            for name, array in inputs.items():  # PredictRequest.inputs = 2: map entries {key = 1, value = 2}
+                entry = _length_delimited(1, name.encode()) + _length_delimited(
+                    2, tf.make_tensor_proto(array).SerializeToString())
+                request += _length_delimited(2, entry)
+            writer.write(_length_delimited(6, _length_delimited(1, request)))  # PredictionLog.predict_log = 6
+
+
 def check_class_names(class_names: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
     """``class_names`` as a list of ``num_classes`` distinct non-empty strings, or ``None``; else a ``ValueError``."""
     if class_names is None:
@@ -277,7 +346,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                        max_step_size: Optional[float] = None, max_noise_std: Optional[float] = None,
                        preprocessing: str = "", dataset: str = "",
                        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                       class_names: Optional[Sequence[str]] = None) -> str:
+                       class_names: Optional[Sequence[str]] = None, serving_precision: str = "float32") -> str:
     """Exports ``model`` for TensorFlow Serving to ``export_dir/<version>/`` and returns that path.
 
     Args:
@@ -301,6 +370,10 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         dataset: Name of the training data (recorded in the metadata).
         class_names: The name of each class (recorded in the metadata; ``classify`` returns
             ``predicted_class_name``), or ``None``.
+        serving_precision: ``"float32"`` (default: the graph computes in float32 whatever the training
+            precision; see :func:`serving_model`) or ``"trained"``. An ``ood`` fitted on the training-precision
+            model is moved to the served network with its threshold unchanged (fit it on
+            ``serving_model(model)`` to calibrate on the served scores, as ``python -m jem_tf.export`` does).
 
     Example:
         >>> path = export_saved_model(model, "/models/jem", calibration_images=x_val)
@@ -309,6 +382,10 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         raise ValueError(f"`model` must be a jem_tf.JEM; received {type(model).__name__}")
     if sum(x is not None for x in (ood, calibration_images, ood_threshold)) != 1:
         raise ValueError("Pass exactly one of `ood`, `calibration_images` and `ood_threshold`.")
+    training_precision = compute_precision(model.backbone)
+    model = serving_model(model, serving_precision)
+    if ood is not None and ood.scorer.backbone is not model.backbone:
+        ood = dataclasses.replace(ood, scorer=ood.scorer.with_backbone(model.backbone))
     chosen = version is None  # the next free version: another export may take it first (see below)
     if chosen:
         version = next_version(export_dir)
@@ -348,6 +425,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                   "value_range": [low, high], "preprocessing": preprocessing or f"scale inputs to [{low}, {high}]"},
         "num_classes": model.num_classes,
         "class_names": class_names,
+        "precision": {"serving": compute_precision(model.backbone), "training": training_precision},
         "max_batch_size": max_batch_size,  # of classify and energy: a larger request fails before any work
         "ood": ood.metadata(),
         "sample": {**limits, "clipped_to_value_range": True,
@@ -376,6 +454,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
+        write_warmup_requests(os.path.join(tmp, WARMUP_FILE), warmup_requests(model))
 
     # Atomic: a polling server sees the whole version or nothing. Another export may take the same version
     # between the check above and the rename: then the next free version (or, for a version asked for, an error).

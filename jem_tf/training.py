@@ -31,7 +31,7 @@ from jem_tf.files import atomic_write_json, remove_path
 from jem_tf.model_files import ClassifierSource, classifier_file, load_classifier, with_energy_l2_center
 from jem_tf.ood import fit_ood_detector
 from jem_tf.refinement import choose_refinement
-from jem_tf.serving import export_saved_model
+from jem_tf.serving import export_saved_model, serving_model
 from jem_tf.splits import RunSplits, load_run_dataset, run_splits
 from jem_tf.workdir import RunLayout, clear_run, prepare_workdir, save_model_atomically
 from jem_tf.workdir_lock import WorkdirLock
@@ -151,6 +151,18 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
                       callbacks=callbacks, source=source, precision_report=precision_report)
 
 
+def _stage_timer(seconds: dict):
+    """A context manager factory: ``with stage(name):`` adds the block's wall seconds to ``seconds[name]``."""
+    @contextlib.contextmanager
+    def stage(name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+    return stage
+
+
 def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, strategy, chief: bool, verbose,
            callbacks, source: Optional[ClassifierSource], precision_report: dict) -> dict:
     """The locked part of :func:`train_and_evaluate`: resume, fit, save, evaluate, export."""
@@ -183,18 +195,24 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
     train_seconds = time.time() - start
     if guard is not None:
         guard.raise_if_failed()  # the backup of the last good epoch stays in WORKDIR/backup
+    # What the run does after training, each stage timed (metrics.json: end_of_training_seconds).
+    stage_seconds = {}
+    stage = _stage_timer(stage_seconds)
     refinement = None
     if config.choose_refinement and validation is not None and len(validation.images) > 0:
         # Test-time refinement settings for this model, chosen on the run's validation split and saved with it.
-        refinement = choose_refinement(model, validation.images, validation.labels, seed=config.seed)
+        with stage("refinement_choice"):
+            refinement = choose_refinement(model, validation.images, validation.labels, seed=config.seed)
         model.refinement = refinement.settings
     if chief:
-        save_model_atomically(model, layout.model)  # the backup stays until the run is complete
+        with stage("save_model"):
+            save_model_atomically(model, layout.model)  # the backup stays until the run is complete
 
     # Every worker evaluates (evaluation is a collective under multi_worker); only the chief writes.
-    test = model.evaluate(make_dataset(splits.test.images, splits.test.labels, batch_size=256, shuffle=False),
-                          return_dict=True, verbose=0)
-    test_logits = model.predict(splits.test.images, batch_size=256, verbose=0)
+    with stage("test_evaluation"):
+        test = model.evaluate(make_dataset(splits.test.images, splits.test.labels, batch_size=256, shuffle=False),
+                              return_dict=True, verbose=0)
+        test_logits = model.predict(splits.test.images, batch_size=256, verbose=0)
     metrics = {
         "dataset": config.dataset,
         "class_names": None if splits.class_names is None else list(splits.class_names),
@@ -227,20 +245,27 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
                                  "candidates": refinement.candidates}
     if model.samples_contrastive:
         # Mean energy of the replay buffer's chains vs. the test data: close when p(x) is fitted.
-        chains = model.replay_buffer.chains().numpy()
-        chain_logits = model.predict(chains, batch_size=1024, verbose=0)
+        with stage("buffer_energy"):
+            chains = model.replay_buffer.chains().numpy()
+            chain_logits = model.predict(chains, batch_size=1024, verbose=0)
         metrics["buffer_energy_mean"] = float(np.mean(energy_lib.energy(chain_logits)))
+    metrics["end_of_training_seconds"] = stage_seconds  # the export's stage is added below
     if chief and config.export_dir:
         # The OOD detector: chosen and calibrated on the validation split (config.validate requires one), with
         # the feature statistics of the training images whose labels the run used.
-        ood = fit_ood_detector(model, validation.images, calibration_split="validation",
-                               calibration_labels=validation.labels, train_images=splits.labelled.images,
-                               train_labels=splits.labelled.labels, seed=config.seed)
-        metrics["export_path"] = export_saved_model(
-            model, config.export_dir, ood=ood, preprocessing=splits.preprocessing or preprocessing_of(config.dataset),
-            dataset=config.dataset, class_names=splits.class_names)
-        metrics["ood_detector"] = {"score": ood.detector.name, "threshold": ood.detector.threshold,
-                                   "calibration_split": "validation"}
+        with stage("export"):
+            served = serving_model(model, config.serving_precision)
+            ood = fit_ood_detector(served, validation.images, calibration_split="validation",
+                                   calibration_labels=validation.labels, train_images=splits.labelled.images,
+                                   train_labels=splits.labelled.labels, seed=config.seed)
+            metrics["export_path"] = export_saved_model(
+                served, config.export_dir, ood=ood,
+                preprocessing=splits.preprocessing or preprocessing_of(config.dataset), dataset=config.dataset,
+                class_names=splits.class_names, serving_precision=config.serving_precision)
+            metrics["ood_detector"] = {"score": ood.detector.name, "threshold": ood.detector.threshold,
+                                       "calibration_split": "validation"}
+    stage_seconds["total"] = sum(stage_seconds.values())
+    stage_seconds["fraction_of_training"] = stage_seconds["total"] / max(train_seconds, 1e-9)
     if chief:
         atomic_write_json(layout.metrics, metrics)
     if backup.completed:

@@ -19,7 +19,14 @@ from conftest import tiny_jem
 
 from jem_tf import energy as energy_lib
 from jem_tf.export import main as export_main
-from jem_tf.serving import METADATA_FILE, export_saved_model, max_num_samples_limit, next_version, sample_limits
+from jem_tf.serving import (
+    METADATA_FILE,
+    WARMUP_FILE,
+    export_saved_model,
+    max_num_samples_limit,
+    next_version,
+    sample_limits,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "helpers", "serving_check.py")
@@ -365,6 +372,26 @@ def test_grpc_predict_requests_match_signature_defs(trained):
         assert set(outputs) == set(signature_defs[signature].outputs)
 
 
+def test_the_warmup_file_holds_one_valid_request_per_signature(trained):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = trained[3]
+    signature_defs = _signature_defs(path)
+    logs = []
+    for record in tf.data.TFRecordDataset(os.path.join(path, WARMUP_FILE)):
+        log = prediction_log_pb2.PredictionLog()
+        log.ParseFromString(record.numpy())
+        logs.append(log)
+    assert [log.WhichOneof("log_type") for log in logs] == ["predict_log"] * 3
+    requests = [log.predict_log.request for log in logs]
+    assert [request.model_spec.signature_name for request in requests] == ["classify", "energy", "sample"]
+    for request in requests:  # TF Serving replays each when it loads the version: each must run
+        arrays = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        signature = request.model_spec.signature_name
+        _check_against_signature(signature_defs[signature], arrays)
+        assert set(_run_session(path, signature, arrays)) == set(signature_defs[signature].outputs)
+
+
 def _rest_to_arrays(body, signature_def):
     """TF Serving's REST decoding: row ("instances") or columnar ("inputs") JSON -> typed arrays."""
     if "instances" in body:
@@ -572,3 +599,52 @@ def test_tensorflow_serving_rest(trained):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _computes_in_bfloat16(loaded, signature):
+    """Whether the loaded signature's graph (its called functions included) has any bfloat16 tensor."""
+    return "DT_BFLOAT16" in str(loaded.signatures[signature].graph.as_graph_def())
+
+
+@pytest.mark.integration
+def test_a_mixed_bfloat16_model_is_served_in_float32_unless_asked(tmp_path):
+    import keras
+
+    from jem_tf import JEM, SGLDSampler, small_cnn
+    from jem_tf.networks import compute_precision, with_precision
+    from jem_tf.serving import serving_model
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (64, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 64).astype("int32")
+    backbone = with_precision(small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, stages=1, seed=0),
+                              "mixed_bfloat16")
+    model = JEM(backbone, sampler=SGLDSampler(n_steps=2), buffer_size=32, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert compute_precision(model.backbone) == "mixed_bfloat16"
+    twin = serving_model(model)
+    assert compute_precision(twin.backbone) == "float32" and twin.backbone is not model.backbone
+    assert serving_model(model, "trained") is model and serving_model(twin) is twin
+
+    base = str(tmp_path / "jem")
+    float32_path = export_saved_model(model, base, calibration_images=x, max_num_samples=8, max_n_steps=10)
+    trained_path = export_saved_model(model, base, calibration_images=x, max_num_samples=8, max_n_steps=10,
+                                      serving_precision="trained")
+    float32_export, trained_export = tf.saved_model.load(float32_path), tf.saved_model.load(trained_path)
+    for signature in ("classify", "energy", "sample"):
+        assert not _computes_in_bfloat16(float32_export, signature)
+        assert _computes_in_bfloat16(trained_export, signature)
+    assert json.load(open(os.path.join(float32_path, METADATA_FILE)))["precision"] == {
+        "serving": "float32", "training": "mixed_bfloat16"}
+    assert json.load(open(os.path.join(trained_path, METADATA_FILE)))["precision"] == {
+        "serving": "mixed_bfloat16", "training": "mixed_bfloat16"}
+    # The float32 graph is the same weights computed in float32: equal to the float32 twin, and within bfloat16's
+    # rounding of the model as trained.
+    served = float32_export.signatures["classify"](images=tf.constant(x[:16]))["logits"].numpy()
+    np.testing.assert_allclose(served, twin.predict(x[:16], verbose=0), atol=1e-5)
+    np.testing.assert_allclose(served, model.predict(x[:16], verbose=0), atol=0.05)
+    energies = float32_export.signatures["energy"](images=tf.constant(x[:16]))
+    np.testing.assert_allclose(energies["energy"].numpy(), energy_lib.energy(served), atol=1e-5)
+    with pytest.raises(ValueError, match="serving_precision"):
+        export_saved_model(model, base, calibration_images=x, serving_precision="bfloat16")

@@ -241,3 +241,9 @@ def test_a_run_ends_with_one_summary_line_and_records_its_test_ece(tmp_path, cap
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
     assert len(lines) == 1 and f"test_ece={metrics['test_ece']:.4f}" in lines[0] and lines[0].endswith(f"{workdir}/")
     assert 0.0 <= metrics["test_ece"] <= 1.0
+    # What the run did after training, each stage timed.
+    stages = metrics["end_of_training_seconds"]
+    assert {"save_model", "test_evaluation", "total", "fraction_of_training"} <= set(stages)
+    parts = [value for name, value in stages.items() if name not in ("total", "fraction_of_training")]
+    assert all(value >= 0 for value in parts) and stages["total"] == sum(parts)
+    assert stages["fraction_of_training"] == stages["total"] / metrics["train_seconds"]

@@ -81,6 +81,12 @@ class OODScorer:
         self.precision = None if precision is None else np.asarray(precision, np.float32)
         self._score_fns = {}
 
+    def with_backbone(self, backbone: keras.Model) -> "OODScorer":
+        """The same fitted scorer (temperature, feature statistics) on another copy of the network, e.g. the
+        float32 copy an export serves."""
+        return OODScorer(backbone, value_range=self.value_range, temperature=self.temperature,
+                         class_means=self.class_means, precision=self.precision)
+
     @property
     def available(self) -> Tuple[str, ...]:
         """The components this scorer can compute."""
