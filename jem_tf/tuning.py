@@ -17,14 +17,13 @@ import time
 from typing import Dict, Optional
 
 import keras
-import keras_tuner
 import numpy as np
 
 from jem_tf.config import TrainConfig, field_names
 from jem_tf.conversion import logits_network
 from jem_tf.data import ImageDataset
 from jem_tf.distribution import make_strategy
-from jem_tf.errors import UsageError, as_usage_error
+from jem_tf.errors import UsageError, as_usage_error, import_extra
 from jem_tf.factories import (
     build_datasets,
     build_jem,
@@ -37,6 +36,9 @@ from jem_tf.files import atomic_write_bytes, atomic_write_json
 from jem_tf.model_files import load_classifier, with_energy_l2_center
 from jem_tf.ood import OODScorer, auroc
 from jem_tf.splits import RunSplits, Split, run_splits
+
+# The optional dependency of this module (the `tune` extra): without it, importing jem_tf.tuning is one UsageError.
+keras_tuner = import_extra("keras_tuner", needed_for="Hyperparameter search (python -m jem_tf.tune, jem_tf.tuning)")
 
 TUNERS = ("random", "hyperband", "bayesian", "grid")
 OBJECTIVES = ("val_accuracy", "combined")
@@ -217,12 +219,7 @@ class JEMHyperModel(keras_tuner.HyperModel):
     def fit(self, hp, model, *args, callbacks=(), epochs=None, initial_epoch=0, **kwargs):
         config = self.config_for(hp)
         epochs = config.epochs if epochs is None else epochs
-        own_callbacks = []
-        for callback in callbacks:
-            # The tuner's best-epoch checkpoint would store the whole model; ours can leave out the buffer.
-            if type(callback).__name__ == "SaveBestEpoch":
-                callback = BestEpochCheckpoint(callback.filepath, self.keras_objective, self.save_buffers)
-            own_callbacks.append(callback)
+        own_callbacks = list(callbacks)
         # Silent inside trials: a failure is reported through the trial's status and message.
         guard = build_stability_guard(config, log=lambda message: None)
         if self.objective == "combined":
@@ -287,9 +284,32 @@ def _tuner_class(kind: str):
                                  "Build the hypermodel with your dataset instead (jem_tf.data.ImageDataset).")
             return super().search(**fit_kwargs)
 
+        def run_trial(self, trial, *fit_args, **fit_kwargs):
+            """One trial with keras-tuner's public pieces only: the hypermodel builds the JEM (in the tuner's
+            strategy), Hyperband's ``tuner/epochs`` and ``tuner/initial_epoch`` set the epochs and its
+            ``tuner/trial_id`` names the earlier trial to continue from, and :class:`BestEpochCheckpoint` keeps the
+            best epoch in the trial's directory (the backbone only unless the hypermodel saves buffers; keras-tuner's
+            own checkpoint would store the whole model, replay buffer included)."""
+            hp, hypermodel = trial.hyperparameters, self.hypermodel
+            if "tuner/epochs" in hp.values:
+                fit_kwargs.update(epochs=hp.values["tuner/epochs"], initial_epoch=hp.values["tuner/initial_epoch"])
+            with keras_tuner.engine.tuner.maybe_distribute(self.distribution_strategy):
+                model = hypermodel.build(hp)
+                if hp.values.get("tuner/trial_id"):
+                    hypermodel.load_checkpoint(model, self.best_epoch_file(hp.values["tuner/trial_id"]))
+            checkpoint = BestEpochCheckpoint(self.best_epoch_file(trial.trial_id), hypermodel.keras_objective,
+                                             hypermodel.save_buffers)
+            fit_kwargs["callbacks"] = [*fit_kwargs.get("callbacks", []), checkpoint]
+            return hypermodel.fit(hp, model, *fit_args, **fit_kwargs)
+
+        def best_epoch_file(self, trial_id) -> str:
+            """The weights of a trial's best epoch (see :meth:`run_trial`)."""
+            return os.path.join(self.get_trial_dir(trial_id), "best_epoch.weights.h5")
+
         def load_model(self, trial):
-            model = self._try_build(trial.hyperparameters)
-            return self.hypermodel.load_checkpoint(model, self._get_checkpoint_fname(trial.trial_id))
+            with keras_tuner.engine.tuner.maybe_distribute(self.distribution_strategy):
+                model = self.hypermodel.build(trial.hyperparameters)
+            return self.hypermodel.load_checkpoint(model, self.best_epoch_file(trial.trial_id))
 
     JEMTuner.__name__ = f"JEM{base.__name__}"
     return JEMTuner

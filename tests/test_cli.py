@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import CLI_ENV, TINY_TRAIN_ARGS, leftovers
 
-from jem_tf import cli, evaluate, export, train, training, tune
+from jem_tf import cli, evaluate, export, train, training, tune, tuning
 from jem_tf.errors import UsageError, as_usage_error
 
 
@@ -85,7 +85,7 @@ COMMANDS = {
     "train": (training, "train_and_evaluate", ["--workdir", "unused"]),
     "evaluate": (evaluate, "load_trained_model", ["--model", "unused", "--out", "unused"]),
     "export": (export, "load_trained_model", ["--model", "unused", "--export-dir", "unused"]),
-    "tune": (tune, "run_search", ["--directory", "unused"]),
+    "tune": (tuning, "run_search", ["--directory", "unused"]),
 }
 
 

@@ -63,7 +63,10 @@ def test_random_search_checkpoints_without_buffers_and_reloads_best_model(small_
     tuner = make_tuner(hypermodel, kind="random", max_trials=2, directory=str(tmp_path), seed=1)
     tuner.search()
     best_trial = tuner.oracle.get_best_trials(1)[0]
-    checkpoint = os.path.join(tmp_path, "jem", f"trial_{best_trial.trial_id}", "checkpoint.weights.h5")
+    trial_dir = os.path.join(tmp_path, "jem", f"trial_{best_trial.trial_id}")
+    checkpoint = os.path.join(trial_dir, "best_epoch.weights.h5")
+    assert tuner.best_epoch_file(best_trial.trial_id) == checkpoint
+    assert not os.path.exists(os.path.join(trial_dir, "checkpoint.weights.h5"))  # keras-tuner's whole-model one
     model = tuner.get_best_models(1)[0]
     buffer_bytes = model.replay_buffer.samples.numpy().nbytes
     assert os.path.getsize(checkpoint) < buffer_bytes  # no 2,000 x 8 x 8 replay buffer (512 KB) inside
@@ -74,6 +77,24 @@ def test_random_search_checkpoints_without_buffers_and_reloads_best_model(small_
     assert set(values) == {"sgld_step_size", "sgld_noise_std", "restart_prob", "learning_rate", "px_weight",
                            "energy_l2_weight"}
     assert model.sampler.step_size == pytest.approx(values["sgld_step_size"])
+
+
+@pytest.mark.integration
+def test_hyperband_continues_trials_from_their_buffer_less_checkpoints(small_digits, tmp_path):
+    space = search_space(fixed=FIXED)
+    hypermodel = build_hypermodel(_config(epochs=3), small_digits, space=space)
+    tuner = make_tuner(hypermodel, kind="hyperband", directory=str(tmp_path), seed=0)
+    tuner.search()
+    trials = list(tuner.oracle.trials.values())
+    continued = [t for t in trials if t.hyperparameters.values.get("tuner/trial_id")]
+    assert continued and all(t.status == "COMPLETED" for t in trials)
+    # A continued trial started from its parent's best epoch: the epochs it ran are only the bracket's new ones.
+    for trial in continued:
+        assert trial.hyperparameters.values["tuner/initial_epoch"] > 0
+        assert os.path.exists(tuner.best_epoch_file(trial.trial_id))
+    assert tuner.get_best_models(1)[0].evaluate(hypermodel.validation.images, hypermodel.validation.labels,
+                                                verbose=0, return_dict=True)["accuracy"] == pytest.approx(
+        tuner.oracle.get_best_trials(1)[0].score, abs=1e-6)
 
 
 @pytest.mark.integration
@@ -121,6 +142,19 @@ def test_tune_cli_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tune.main(argv + ["--directory", str(tmp_path)])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tune_without_keras_tuner_is_one_line_naming_the_extra(monkeypatch, capsys):
+    import sys
+
+    from jem_tf import tune
+
+    monkeypatch.setitem(sys.modules, "keras_tuner", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "jem_tf.tuning")
+    assert tune.main(["--recipe", "digits", "--max-trials", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m jem_tf.tune: error: Hyperparameter search (python -m jem_tf.tune, jem_tf.tuning) needs "
+                   "keras-tuner, an optional dependency of jem-tf that is not installed: pip install 'jem-tf[tune]'"]
 
 
 def test_search_space_validation():
