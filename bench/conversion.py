@@ -20,7 +20,10 @@ RECIPE defaults to DATASET (digits, fashion_mnist); `--dataset` may also be an i
 JPEGs, with `--recipe cifar10`).
 
 `--reuse NAME=JSON:KEY` takes a run from an earlier benchmark's JSON (`bench/time_to_accuracy.py` writes the
-same records) instead of training it: the Fashion-MNIST JEM from scratch takes about 40 minutes. Every probe
+same records) instead of training it: the Fashion-MNIST JEM from scratch takes about 40 minutes. `--reuse
+NAME=WORKDIR` takes a finished CLI run (`python -m jem_tf.train`) from its `metrics.json`: its end point only (test
+accuracy at its training time; the figure marks it without a curve). `--scratch-set FIELD=VALUE` changes a field of
+the from-scratch run's recipe (e.g. `normalization=layer`: a network without batch norm). Every probe
 (every --probe-every-steps steps and at every epoch end; probes excluded from the time) records the training
 seconds so far, the test accuracy and the running mean of the epoch's energy gap. Each record also has
 `wall_seconds`: the whole `train_and_evaluate` call (data split, class-Gaussian fit, precision probe,
@@ -74,7 +77,17 @@ def train_run(name, config, workdir, data, every_steps, budget_s=None):
 
 
 def reused_run(spec):
-    """``(record, classifier seconds of the same JSON)`` for ``PATH:KEY``."""
+    """``(record, classifier seconds of the same JSON)`` for ``PATH:KEY``, or ``(record, None)`` for a CLI work
+    directory (its end point only)."""
+    if os.path.isdir(spec):
+        metrics = json.load(open(os.path.join(spec, "metrics.json")))
+        config = json.load(open(os.path.join(spec, "config.json")))
+        point = {"train_seconds": metrics["train_seconds"], "step": metrics["steps"], "epoch": metrics["epochs"],
+                 "epoch_end": True, "test_accuracy": metrics["test_accuracy"], "test_nll": metrics["test_nll"],
+                 "energy_gap": None, "e_data": None}
+        return {"config": config, "workdir": spec, "points": [point], "end_point_only": True,
+                "train_seconds_excluding_probes": metrics["train_seconds"], "probe_seconds": 0.0,
+                "wall_seconds": None, "metrics": metrics, "machine": machine(), "reused_from": spec}, None
     path, _, key = spec.rpartition(":")
     record = json.load(open(path))
     run = dict(record["runs"][key])
@@ -101,7 +114,10 @@ def plot(results, path, title):
         x = [(offset + p["train_seconds"]) / unit for p in points]
         label = LABELS[name] + (" (earlier run, other machine)" if run.get("reused_from") and
                                 run["machine"] != results["classifier"].get("machine") else "")
-        acc.plot(x, [100 * p["test_accuracy"] for p in points], marker=".", label=label, color=COLORS[name])
+        marker = "o" if run.get("end_point_only") else "."
+        if run.get("end_point_only"):
+            label += " (end point)"
+        acc.plot(x, [100 * p["test_accuracy"] for p in points], marker=marker, label=label, color=COLORS[name])
         if any(p["energy_gap"] is not None for p in points):
             gap.plot(x, [p["energy_gap"] for p in points], marker=".", label=label, color=COLORS[name])
     low = min(100 * p["test_accuracy"] for run in results.values() for p in run["points"][len(run["points"]) // 4:])
@@ -135,6 +151,8 @@ def main(argv=None):
     parser.add_argument("--reuse", action="append", default=[], metavar="NAME=JSON:KEY",
                         help="take run NAME (classifier, converted or scratch) from an earlier JSON instead of "
                              "training it")
+    parser.add_argument("--scratch-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a field of the from-scratch run's recipe (VALUE as JSON, else a string)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = parser.parse_args(argv)
     figure = os.path.splitext(args.out)[0] + ".png"
@@ -145,6 +163,13 @@ def main(argv=None):
         plot(json.load(open(args.out))["runs"], figure, title)
         return 0
     reuse = dict(spec.split("=", 1) for spec in args.reuse)
+    scratch_fields = {}
+    for spec in args.scratch_set:
+        field, _, value = spec.partition("=")
+        try:
+            scratch_fields[field] = json.loads(value)
+        except ValueError:
+            scratch_fields[field] = value
     if set(reuse) - set(RUNS):
         parser.error(f"--reuse takes NAME=JSON:KEY with NAME one of {', '.join(RUNS)}")
 
@@ -174,7 +199,7 @@ def main(argv=None):
                 config = load_recipe(f"{recipe}_finetune").replace(
                     init_from=results["classifier"]["workdir"], **overrides)
             else:
-                config = load_recipe(recipe).replace(**overrides)
+                config = load_recipe(recipe).replace(**overrides, **scratch_fields).validate()
             budget = None
             if name == "scratch" and args.scratch_budget_s:
                 budget = args.scratch_budget_s

@@ -9,6 +9,10 @@ Config validation, recipe and data loading, work-directory checks and model-file
 from __future__ import annotations
 
 import contextlib
+import importlib
+
+# The optional dependencies: module -> (its package on PyPI, the jem-tf extra that installs it).
+EXTRAS = {"tensorflow_datasets": ("tensorflow-datasets", "tfds"), "keras_tuner": ("keras-tuner", "tune")}
 
 
 class UsageError(ValueError):
@@ -33,3 +37,16 @@ def as_usage_error():
         raise
     except ValueError as error:
         raise UsageError(str(error)) from error
+
+
+def import_extra(module: str, *, needed_for: str):
+    """The optional dependency ``module`` (a key of :data:`EXTRAS`), imported; if it is not installed, a
+    :class:`UsageError` saying what needs it and which extra installs it (``pip install 'jem-tf[tfds]'``)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise  # the package is there but broken: keep the traceback
+        package, extra = EXTRAS[module]
+        raise UsageError(f"{needed_for} needs {package}, an optional dependency of jem-tf that is not installed: "
+                         f"pip install 'jem-tf[{extra}]'") from None

@@ -128,6 +128,18 @@ def test_missing_tfds_data_names_data_dir(tmp_path):
         data.load_dataset("cifar10", data_dir=str(tmp_path))
 
 
+def test_without_tensorflow_datasets_a_tfds_name_names_the_extra(monkeypatch):
+    import sys
+
+    from jem_tf.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
+    with pytest.raises(UsageError, match=r"'mnist' needs tensorflow-datasets, .*: pip install 'jem-tf\[tfds\]'"):
+        data.load_dataset("mnist")
+    assert not data.is_tfds_name("my_own_images")  # not a tfds name either way: no talk of the extra
+    assert data.load_dataset("digits").num_classes == 10  # the embedded default needs no extra
+
+
 def test_unknown_dataset_raises():
     with pytest.raises(ValueError, match="imagenet"):
         data.load_dataset("imagenet")

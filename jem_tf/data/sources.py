@@ -20,7 +20,7 @@ from jem_tf.data.base import (
     ImageDataset,
     scale_uint8,
 )
-from jem_tf.errors import UsageError
+from jem_tf.errors import UsageError, import_extra
 
 
 def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
@@ -121,8 +121,15 @@ def _tfds_first_line(error: BaseException) -> str:
 def is_tfds_name(name: str) -> bool:
     """Whether ``name`` (``dataset[/config][:version]``) names a dataset registered in TensorFlow Datasets.
 
-    Looked up offline in ``tfds.list_builders()`` (community datasets are not listed)."""
-    import tensorflow_datasets as tfds
+    Looked up offline in ``tfds.list_builders()`` (community datasets are not listed). Without
+    tensorflow-datasets installed: a ``UsageError`` naming its extra for the usual names (:data:`TFDS_DATASETS`),
+    else ``False``."""
+    try:
+        tfds = import_extra("tensorflow_datasets", needed_for=f"The data set {name!r}")
+    except UsageError:
+        if name.split("/")[0].split(":")[0] in TFDS_DATASETS:
+            raise
+        return False
     from tensorflow_datasets.core import naming
 
     try:
@@ -136,7 +143,7 @@ def tfds_image_classification_info(name: str, builder) -> Tuple[Tuple[int, int, 
     """``(image_shape, num_classes)`` of a tfds builder's features; ``UsageError`` naming the dataset and what is
     missing unless it has an ``image`` feature of fixed-size uint8 images with 1 or 3 channels and a ``label``
     class label."""
-    import tensorflow_datasets as tfds
+    tfds = import_extra("tensorflow_datasets", needed_for="A TensorFlow Datasets data set")
 
     features = builder.info.features
     keys = list(features.keys()) if hasattr(features, "keys") else []
@@ -173,7 +180,7 @@ def load_tfds(name: str, *, data_dir: Optional[str] = None, download: bool = Fal
         DataNotFoundError: the data is not in ``data_dir`` and ``download`` is False.
         UsageError: ``name`` is no tfds dataset, or not an image classification set.
     """
-    import tensorflow_datasets as tfds
+    tfds = import_extra("tensorflow_datasets", needed_for="A TensorFlow Datasets data set")
 
     if not is_tfds_name(name):
         raise UsageError(f"Unknown tfds dataset {name!r}; expected a name in `tfds.list_builders()`, e.g. one of "

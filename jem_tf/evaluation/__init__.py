@@ -5,7 +5,7 @@ that produced it) and PNG figures. The modes, one module each:
 
 * ``accuracy`` (:mod:`~jem_tf.evaluation.classification`): test accuracy, also after K SGLD refinement
   steps of the inputs.
-* ``calibration`` (:mod:`~jem_tf.evaluation.classification`): ECE (``tfp.stats``), MCE, NLL, Brier, a
+* ``calibration`` (:mod:`~jem_tf.evaluation.classification`): ECE, MCE, NLL, Brier, a
   reliability diagram, and temperature scaling fitted on the run's validation split (never on test data).
 * ``ood`` (:mod:`~jem_tf.evaluation.ood_benchmark`): scores log p(x), max p(y|x), the input-gradient norm
   ("approximate mass") and the temperature-scaled energy against any loadable dataset and the synthetic

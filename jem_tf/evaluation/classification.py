@@ -57,6 +57,6 @@ def evaluate_calibration(model: JEM, images: np.ndarray, labels: np.ndarray, *, 
     elif temperature_scaling:
         scaling = "skipped: no validation split (never fitted on test data)"
     results["settings"] = {"num_examples": int(len(labels)), "num_bins": num_bins,
-                           "ece_implementation": "tfp.stats.expected_calibration_error",
+                           "ece_implementation": "jem_tf.metrics (tfp.stats.expected_calibration_error's definition)",
                            "temperature_scaling": scaling}
     return results
