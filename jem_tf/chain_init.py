@@ -195,3 +195,38 @@ class ClassGaussian(keras.layers.Layer):
         config.update({"image_shape": list(self.image_shape), "num_classes": self.num_classes, "rank": self.rank,
                        "value_range": list(self.value_range)})
         return config
+
+
+def start_chains(num, seed, *, image_shape: Sequence[int], value_range: Sequence[float],
+                 init: Optional[ClassGaussian] = None, uniform_fraction: float = 0.0,
+                 labels: Optional[tf.Tensor] = None, position: Optional[BatchPosition] = None) -> tf.Tensor:
+    """``num`` float32 chain starts ``[num, *image_shape]``: the one start distribution of every SGLD chain, the
+    replay buffer's fills and restarts in training, :meth:`jem_tf.JEM.sample` and the served ``sample`` signature
+    (the same seed, the same starts).
+
+    Uniform noise on ``value_range`` without ``init`` (the paper's JEM); with a fitted :class:`ClassGaussian`,
+    its Gaussians of ``labels`` (a row of -1, or ``labels=None``: a class drawn with the class prior), of which a
+    ``uniform_fraction`` share of rows (picked at random) is replaced by uniform noise. ``position``: the random
+    numbers of the global batch, of which this replica keeps its rows (:mod:`jem_tf.distribution`).
+
+    Example:
+        >>> x0 = start_chains(16, tf.constant([0, 0], tf.int64), image_shape=(8, 8, 1), value_range=(-1, 1))
+    """
+    low, high = value_range
+    shape = tf.concat([tf.reshape(tf.cast(num, tf.int32), [1]), tf.constant(list(image_shape), tf.int32)], axis=0)
+
+    def uniform_noise(shape, seed):
+        return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
+
+    if init is None:
+        return replica_random(uniform_noise, shape, position, seed=seed)
+    if labels is not None:  # -1 rows: the class ClassGaussian.sample would draw for the row without labels
+        drawn = init.draw_labels(num, seeds.fold(tf.cast(seed, tf.int64), seeds.INIT_CLASS), position=position)
+        labels = tf.where(labels >= 0, labels, drawn)
+    chains = init.sample(num, seed, labels=labels, position=position)
+    if uniform_fraction == 0:
+        return chains
+    noise = replica_random(uniform_noise, shape, position, seed=seeds.fold(seed, seeds.FRESH_UNIFORM))
+    picked = replica_random(tf.random.stateless_uniform, shape[:1], position,
+                            seed=seeds.fold(seed, seeds.FRESH_PICK_UNIFORM)) < uniform_fraction
+    return tf.where(tf.reshape(picked, [-1] + [1] * len(image_shape)), noise, chains)

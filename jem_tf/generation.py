@@ -3,8 +3,10 @@ behind :meth:`jem_tf.JEM.sample` and :meth:`jem_tf.JEM.refine`.
 
 One home for what the model and its export share: :func:`sgld_energy` is the target of the training
 chains, of :meth:`~jem_tf.JEM.sample` and of :meth:`~jem_tf.JEM.refine`; :func:`sgld_energy_per_row` is the
-exported ``sample`` signature's (:mod:`jem_tf.serving`); :func:`fresh_chains` is the start distribution of
-both. :class:`Generator` is what a model's ``sample`` and ``refine`` delegate to.
+exported ``sample`` signature's (:mod:`jem_tf.serving`); both start where training chains start
+(:func:`jem_tf.chain_init.start_chains`), and with the same seed salt, so ``JEM.sample(seed=s)`` and a served
+``sample`` request with seed ``s`` draw the same images from a float32 model. :class:`Generator` is what a
+model's ``sample`` and ``refine`` delegate to.
 
 The module sees a model only through its attributes (``logits``, ``sampler``, ``replay_buffer``,
 ``chain_init``, ``class_conditional_buffer``, ``refinement_settings``, ``image_shape``, ``num_classes``,
@@ -13,13 +15,14 @@ The module sees a model only through its attributes (``logits``, ``sampler``, ``
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
 
 from jem_tf import energy as energy_lib
 from jem_tf import seeds
+from jem_tf.chain_init import start_chains
 from jem_tf.refinement import RefinementSettings
 from jem_tf.seeds import as_stateless_seed
 from jem_tf.sgld import SGLDSampler
@@ -60,32 +63,6 @@ def sgld_energy_per_row(logits_fn: Callable[[tf.Tensor], tf.Tensor]) -> Callable
         return tf.where(labels >= 0, conditional, energy_lib.energy(logits))
 
     return energy
-
-
-def fresh_chains(num, seed, *, image_shape: Sequence[int], value_range: Sequence[float], chain_init=None,
-                 labels: Optional[tf.Tensor] = None) -> tf.Tensor:
-    """``num`` float32 starting images ``[num, *image_shape]`` from a model's start distribution: its class
-    Gaussians ``chain_init`` (JEM++'s informative initialisation) when it has them, else uniform noise on
-    ``value_range`` (the paper's JEM).
-
-    Args:
-        num: Number of images (int or scalar int32 tensor).
-        seed: Shape-[2] int64 seed; the same seed gives the same images.
-        image_shape, value_range: Of the model's images.
-        chain_init: ``None`` or a fitted :class:`~jem_tf.chain_init.ClassGaussian`.
-        labels: Optional int ``[num]``: the class of each row's Gaussian, a row of -1 taking a class drawn with
-            the class prior from ``seed``; ``None``: every row's class drawn by ``chain_init.sample``.
-            Uniform noise ignores them.
-
-    Example:
-        >>> x0 = fresh_chains(16, tf.constant([0, 0], tf.int64), image_shape=(8, 8, 1), value_range=(-1, 1))
-    """
-    if chain_init is None:
-        low, high = value_range
-        return tf.random.stateless_uniform(tf.concat([[num], image_shape], 0), seed=seed, minval=low, maxval=high)
-    if labels is not None:
-        labels = tf.where(labels >= 0, labels, chain_init.draw_labels(num, seed))
-    return chain_init.sample(num, seed, labels=labels)
 
 
 def refinement_fn(model, settings: RefinementSettings) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
@@ -149,9 +126,11 @@ class Generator:
             indices = model.replay_buffer.draw(num_samples, seed, labels=draw_labels).indices
             x = model.replay_buffer.read(indices)
         else:
-            chain_init = model.chain_init if init in ("default", "class_gaussian") else None
-            x = fresh_chains(num_samples, seed, image_shape=model.image_shape, value_range=model.value_range,
-                             chain_init=chain_init, labels=context[0] if context else None)
+            # The training chains' start ("default"), or one part of it.
+            x = start_chains(num_samples, seed, image_shape=model.image_shape, value_range=model.value_range,
+                             init=model.chain_init if init in ("default", "class_gaussian") else None,
+                             uniform_fraction=model.replay_buffer.uniform_fraction if init == "default" else 0.0,
+                             labels=context[0] if context else None)
         return self._run_sgld(model.sampler, x, seed, n_steps, step_size, noise_std, context)
 
     def refine(self, images, *, n_steps: Optional[int] = None, seed=0, labels=None,

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import seeds
-from jem_tf.chain_init import ClassGaussian
+from jem_tf.chain_init import ClassGaussian, start_chains
 from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
 from jem_tf.inputs import check_value_range
 
@@ -179,10 +179,6 @@ class ReplayBuffer(keras.layers.Layer):
         """Chains per class when the buffer is class-conditional, else ``None``."""
         return None if self.num_classes is None else self.size // self.num_classes
 
-    def _uniform_noise(self, shape, seed):
-        low, high = self.value_range
-        return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
-
     def slot_labels(self) -> tf.Tensor:
         """The class each slot starts from in a ``ClassGaussian`` fill: ``[size]`` int32, contiguous
         blocks (the per-class slots when the buffer has them)."""
@@ -193,19 +189,11 @@ class ReplayBuffer(keras.layers.Layer):
         return tf.range(self.size) * classes // self.size
 
     def _fresh_chains(self, num, seed, labels=None, position: Optional[BatchPosition] = None) -> tf.Tensor:
-        """``num`` float32 chains from the start distribution: uniform noise, or ``init``'s Gaussians of
-        ``labels`` (classes drawn with the prior when ``None``), a ``uniform_fraction`` of them replaced by
-        uniform noise. ``position`` as in :meth:`draw`."""
-        shape = tf.concat([tf.reshape(tf.cast(num, tf.int32), [1]), self.image_shape], axis=0)
-        if self.init is None:
-            return replica_random(self._uniform_noise, shape, position, seed=seed)
-        chains = self.init.sample(num, seed, labels=labels, position=position)
-        if self.uniform_fraction == 0:
-            return chains
-        noise = replica_random(self._uniform_noise, shape, position, seed=seeds.fold(seed, seeds.FRESH_UNIFORM))
-        picked = replica_random(tf.random.stateless_uniform, shape[:1], position,
-                                seed=seeds.fold(seed, seeds.FRESH_PICK_UNIFORM)) < self.uniform_fraction
-        return tf.where(tf.reshape(picked, [-1] + [1] * len(self.image_shape)), noise, chains)
+        """``num`` float32 chains from the start distribution (:func:`jem_tf.chain_init.start_chains`: uniform
+        noise, or ``init``'s Gaussians of ``labels`` with a ``uniform_fraction`` of uniform noise). ``position`` as
+        in :meth:`draw`."""
+        return start_chains(num, seed, image_shape=self.image_shape, value_range=self.value_range, init=self.init,
+                            uniform_fraction=self.uniform_fraction, labels=labels, position=position)
 
     def _init_fill(self, size, seed) -> tf.Tensor:
         """A whole buffer's worth of fresh chains (slot blocks per class for a ``ClassGaussian`` start)."""

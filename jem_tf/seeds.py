@@ -21,7 +21,8 @@ import tensorflow as tf
 # ------------------------------------------------------------------ salts folded into a seed (fold)
 # JEM.train_step (jem_tf.chains): data noise, replay-buffer draws and SGLD of the p(x) chains, the same for p(x|y).
 STEP_DATA_NOISE, STEP_DRAW, STEP_SGLD, STEP_DRAW_CONDITIONAL, STEP_SGLD_CONDITIONAL = 1, 2, 3, 4, 5
-# JEM.sample / JEM.refine: the SGLD noise (the start is drawn from the caller's seed itself).
+# JEM.sample / JEM.refine and the exported `sample` signature: the SGLD noise (the start is drawn from the
+# caller's seed itself), the same in both so that the same seed gives the same images.
 SAMPLE_SGLD = STEP_SGLD
 # ReplayBuffer.draw: which chains, which restart, the restart noise, uint8 dequantisation.
 DRAW_INDEX, DRAW_RESTART, DRAW_NOISE, DRAW_DEQUANTIZE = 11, 12, 13, 14
@@ -29,8 +30,6 @@ DRAW_INDEX, DRAW_RESTART, DRAW_NOISE, DRAW_DEQUANTIZE = 11, 12, 13, 14
 FRESH_PICK_UNIFORM, FRESH_UNIFORM = 15, 16
 # ClassGaussian.sample: the class of each chain, the latent Gaussian, the per-pixel residual.
 INIT_CLASS, INIT_LATENT, INIT_RESIDUAL = 21, 22, 23
-# The exported `sample` signature: the SGLD noise (the start is drawn from the request's seed).
-SERVING_SGLD = 1
 # data.augment_images: the crop offsets and the flips of a batch.
 AUGMENT_CROP, AUGMENT_FLIP = 1, 2
 # data.make_semi_supervised_dataset, per batch: the labelled rows drawn, the order of the joined rows, their
@@ -73,7 +72,6 @@ SALT_GROUPS = {
     "sample/refine call": ("SAMPLE_SGLD",),
     "replay-buffer draw": ("DRAW_INDEX", "DRAW_RESTART", "DRAW_NOISE", "DRAW_DEQUANTIZE"),
     "fresh chain start": ("FRESH_PICK_UNIFORM", "FRESH_UNIFORM", "INIT_CLASS", "INIT_LATENT", "INIT_RESIDUAL"),
-    "serving sample": ("SERVING_SGLD",),
     "augmentation of a batch": ("AUGMENT_CROP", "AUGMENT_FLIP"),
     "semi-supervised batch": ("BATCH_PICK_LABELLED", "BATCH_SHUFFLE_ROWS", "BATCH_AUGMENT"),
     "PGD batch": ("PGD_FIRST_STEP", "PGD_START_RADIUS"),

@@ -52,6 +52,7 @@ import tensorflow as tf
 import jem_tf
 from jem_tf import energy as energy_lib
 from jem_tf import generation, seeds
+from jem_tf.chain_init import start_chains
 from jem_tf.errors import UsageError
 from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern, write_atomically
 from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
@@ -92,7 +93,8 @@ def serving_model(model: JEM, serving_precision: str = "float32") -> JEM:
         return model
     return JEM(with_precision(model.backbone, "float32"), sampler=model.sampler, buffer_size=1,
                value_range=model.value_range, seed=model.seed, image_shape=model.image_shape,
-               num_classes=model.num_classes, chain_init=model.chain_init, refinement=model.refinement,
+               num_classes=model.num_classes, chain_init=model.chain_init,
+               chain_init_uniform_fraction=model.replay_buffer.uniform_fraction, refinement=model.refinement,
                name=f"{model.name}_float32")
 
 
@@ -194,6 +196,7 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
         raise ValueError(f"The OOD detector needs a finite threshold; received {detector.threshold!r}")
     ood_components = sorted(set(detector.components) | {"logits"})
     backbone, chain_init = model.backbone, model.chain_init
+    uniform_fraction = model.replay_buffer.uniform_fraction
     image_shape, value_range, num_classes = model.image_shape, model.value_range, model.num_classes
     # The sampler's settings without XLA: a portable graph for any TF Serving build.
     sampler = SGLDSampler.from_config({**model.sampler.get_config(), "jit_compile": False})
@@ -253,14 +256,14 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
                 tf.identity(t) for t in (num_samples, n_steps, class_label, step_size, noise_std))
         step_size = tf.where(step_size > 0, step_size, sampler.step_size)
         noise_std = tf.where(noise_std >= 0, noise_std, sampler.noise_std)
-        stateless_seed = tf.stack([seed, tf.constant(0, tf.int64)])
+        stateless_seed = tf.stack([seed, tf.constant(0, tf.int64)])  # JEM.sample's seed s is [s, 0] too
         labels = tf.fill([num_samples], class_label)
-        # The model's start distribution: its class Gaussians (of class_label, or of classes drawn with the class
-        # prior), else uniform noise.
-        x0 = generation.fresh_chains(num_samples, stateless_seed, image_shape=image_shape, value_range=value_range,
-                                     chain_init=chain_init, labels=labels)
+        # Where training chains start (chain_init.start_chains): the model's class Gaussians (of class_label, or of
+        # classes drawn with the class prior) with its share of uniform noise, else uniform noise.
+        x0 = start_chains(num_samples, stateless_seed, image_shape=image_shape, value_range=value_range,
+                          init=chain_init, uniform_fraction=uniform_fraction, labels=labels)
         samples, _ = sampler.sample(
-            sampling_energy, x0, seeds.fold(stateless_seed, seeds.SERVING_SGLD),
+            sampling_energy, x0, seeds.fold(stateless_seed, seeds.SAMPLE_SGLD),
             context=(labels,), n_steps=n_steps, step_size=step_size, noise_std=noise_std)
         # Clipped to the value range: every sample is a valid input of classify and energy.
         samples = tf.clip_by_value(samples, *value_range)
@@ -434,7 +437,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                              f"class Gaussians of the training split (covariance rank {model.chain_init.rank} of "
                              f"{model.chain_init.dim}"
                              f"{', full' if model.chain_init.is_full_rank else ' + per-pixel residual'}"
-                             "); class_label -1 draws the class with the training class frequencies"),
+                             f"), {model.replay_buffer.uniform_fraction:g} of them replaced by uniform noise as in "
+                             "training; class_label -1 draws the class with the training class frequencies"),
                    "defaults": "class_label -1 = unconditional; step_size <= 0 or noise_std < 0 = trained sampler's",
                    "bounds": "requests above max_num_samples, max_n_steps, max_step_size or max_noise_std are rejected "
                              "before any sampling; samples are clipped to input.value_range"},

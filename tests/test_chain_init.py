@@ -9,10 +9,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_jem
+from conftest import separable_data, tiny_jem
 
-from jem_tf import SGLDSampler
-from jem_tf.chain_init import ClassGaussian
+from jem_tf import SGLDSampler, seeds
+from jem_tf.chain_init import ClassGaussian, start_chains
 from jem_tf.replay_buffer import ReplayBuffer
 from jem_tf.serving import METADATA_FILE, export_saved_model
 
@@ -224,3 +224,58 @@ def test_class_gaussians_are_part_of_the_backup_weights(tiny_data, tmp_path):
     for a, b in zip(model.chain_init.weights, other.chain_init.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_array_equal(model.replay_buffer.chains().numpy(), other.replay_buffer.chains().numpy())
+
+
+def test_uniform_start_is_seeded_and_fills_the_value_range():
+    SEED = tf.constant([3, 0], tf.int64)
+    x = start_chains(2000, SEED, image_shape=(2, 3), value_range=(-2.0, 4.0)).numpy()
+    assert x.shape == (2000, 2, 3) and x.dtype == np.float32
+    assert -2.0 <= x.min() < -1.9 and 3.9 < x.max() <= 4.0
+    np.testing.assert_allclose(x.mean(), 1.0, atol=0.1)  # uniform on [-2, 4]: mean 1
+    again = start_chains(2000, SEED, image_shape=(2, 3), value_range=(-2.0, 4.0), labels=tf.zeros([2000],
+                                                                                                          tf.int32))
+    np.testing.assert_array_equal(x, again.numpy())  # same seed, same images; labels do not matter
+    other = start_chains(2000, tf.constant([4, 0], tf.int64), image_shape=(2, 3), value_range=(-2.0, 4.0))
+    assert not np.array_equal(x, other.numpy())
+
+
+def test_class_gaussian_start_of_given_labels_and_of_prior_drawn_ones():
+    SEED = tf.constant([3, 0], tf.int64)
+    images, labels = separable_data(90)
+    init = ClassGaussian.fit(images, labels, num_classes=3, rank=4)
+    kwargs = dict(image_shape=(8, 8, 1), value_range=(-1.0, 1.0), init=init)
+    given = tf.constant([0, 1, 2, 2], tf.int32)
+    np.testing.assert_array_equal(start_chains(4, SEED, labels=given, **kwargs).numpy(),
+                                  init.sample(4, SEED, labels=given).numpy())
+    # Label -1: the class ClassGaussian.sample's own draw (labels None) gives that row.
+    mixed = tf.constant([-1, 1, -1, 2], tf.int32)
+    drawn = tf.where(mixed >= 0, mixed, init.draw_labels(4, seeds.fold(SEED, seeds.INIT_CLASS)))
+    np.testing.assert_array_equal(start_chains(4, SEED, labels=mixed, **kwargs).numpy(),
+                                  init.sample(4, SEED, labels=drawn).numpy())
+    np.testing.assert_array_equal(start_chains(4, SEED, **kwargs).numpy(), init.sample(4, SEED).numpy())
+    # Class means differ by brightness: starts of class 0 are darker than those of class 2.
+    dark = start_chains(50, SEED, labels=tf.zeros([50], tf.int32), **kwargs).numpy()
+    bright = start_chains(50, SEED, labels=tf.fill([50], 2), **kwargs).numpy()
+    assert dark.mean() < bright.mean() - 0.5
+
+
+def test_one_start_distribution_for_buffer_sample_and_serving(tmp_path):
+    """The replay buffer's fresh chains, JEM.sample's default start and the served `sample` signature's are one
+    function (start_chains, with the model's uniform share): the same seed gives the same images."""
+    images, labels = separable_data(90)
+    init = ClassGaussian.fit(images, labels, num_classes=3, rank=4)
+    model = tiny_jem(chain_init=init, chain_init_uniform_fraction=0.5, buffer_size=60)
+    seed = tf.constant([5, 0], tf.int64)
+    starts = start_chains(40, seed, image_shape=(8, 8, 1), value_range=(-1.0, 1.0), init=init, uniform_fraction=0.5)
+    np.testing.assert_array_equal(model.replay_buffer._fresh_chains(40, seed).numpy(), starts.numpy())
+    np.testing.assert_array_equal(model.sample(40, seed=5, n_steps=0), starts.numpy())
+    # About half of the starts are uniform noise (no class Gaussian reaches +-1 pixels this often).
+    saturated = np.mean(np.abs(starts.numpy()) > 0.9, axis=(1, 2, 3))
+    assert 0.25 < np.mean(saturated > 0.03) < 0.75
+    served = tf.saved_model.load(export_saved_model(model, str(tmp_path / "jem"), ood_threshold=0.0,
+                                                    max_num_samples=8, max_n_steps=20))
+    request = dict(num_samples=tf.constant(8), seed=tf.constant(5, tf.int64), class_label=tf.constant(-1),
+                   step_size=tf.constant(0.0), noise_std=tf.constant(-1.0))
+    for steps in (0, 20):
+        out = served.signatures["sample"](n_steps=tf.constant(steps), **request)["samples"].numpy()
+        np.testing.assert_allclose(out, np.clip(model.sample(8, seed=5, n_steps=steps), -1, 1), atol=1e-5)

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import separable_data, tiny_jem
+from conftest import tiny_jem
 
-from jem_tf import ClassGaussian, SGLDSampler, generation
+from jem_tf import SGLDSampler, generation
+from jem_tf.chain_init import start_chains
 from jem_tf.refinement import RefinementSettings
 
 SEED = tf.constant([3, 0], tf.int64)
@@ -33,37 +34,6 @@ def test_per_row_energy_takes_label_minus_one_as_unconditional():
     labels = tf.constant([-1, 2, 0])
     expected = [energy(x).numpy()[0], -3.0, -0.0]
     np.testing.assert_allclose(per_row(x, labels).numpy(), expected, rtol=1e-6)
-
-
-def test_uniform_start_is_seeded_and_fills_the_value_range():
-    x = generation.fresh_chains(2000, SEED, image_shape=(2, 3), value_range=(-2.0, 4.0)).numpy()
-    assert x.shape == (2000, 2, 3) and x.dtype == np.float32
-    assert -2.0 <= x.min() < -1.9 and 3.9 < x.max() <= 4.0
-    np.testing.assert_allclose(x.mean(), 1.0, atol=0.1)  # uniform on [-2, 4]: mean 1
-    again = generation.fresh_chains(2000, SEED, image_shape=(2, 3), value_range=(-2.0, 4.0), labels=tf.zeros([2000],
-                                                                                                          tf.int32))
-    np.testing.assert_array_equal(x, again.numpy())  # same seed, same images; labels do not matter
-    other = generation.fresh_chains(2000, tf.constant([4, 0], tf.int64), image_shape=(2, 3), value_range=(-2.0, 4.0))
-    assert not np.array_equal(x, other.numpy())
-
-
-def test_class_gaussian_start_of_given_labels_and_of_prior_drawn_ones():
-    images, labels = separable_data(90)
-    init = ClassGaussian.fit(images, labels, num_classes=3, rank=4)
-    kwargs = dict(image_shape=(8, 8, 1), value_range=(-1.0, 1.0), chain_init=init)
-    given = tf.constant([0, 1, 2, 2], tf.int32)
-    np.testing.assert_array_equal(generation.fresh_chains(4, SEED, labels=given, **kwargs).numpy(),
-                                  init.sample(4, SEED, labels=given).numpy())
-    # Label -1: a class drawn with the prior from the seed itself; None: ClassGaussian.sample's own draw.
-    mixed = tf.constant([-1, 1, -1, 2], tf.int32)
-    drawn = tf.where(mixed >= 0, mixed, init.draw_labels(4, SEED))
-    np.testing.assert_array_equal(generation.fresh_chains(4, SEED, labels=mixed, **kwargs).numpy(),
-                                  init.sample(4, SEED, labels=drawn).numpy())
-    np.testing.assert_array_equal(generation.fresh_chains(4, SEED, **kwargs).numpy(), init.sample(4, SEED).numpy())
-    # Class means differ by brightness: starts of class 0 are darker than those of class 2.
-    dark = generation.fresh_chains(50, SEED, labels=tf.zeros([50], tf.int32), **kwargs).numpy()
-    bright = generation.fresh_chains(50, SEED, labels=tf.fill([50], 2), **kwargs).numpy()
-    assert dark.mean() < bright.mean() - 0.5
 
 
 class _GaussianTarget:
@@ -131,7 +101,7 @@ def test_tensorflow_still_needs_one_function_per_arity():
 def test_model_sample_starts_where_generation_says(tiny_data):
     model = tiny_jem()
     start = model.sample(5, seed=7, n_steps=0)
-    expected = generation.fresh_chains(5, tf.constant([7, 0], tf.int64), image_shape=(8, 8, 1), value_range=(-1, 1))
+    expected = start_chains(5, tf.constant([7, 0], tf.int64), image_shape=(8, 8, 1), value_range=(-1, 1))
     np.testing.assert_array_equal(start, expected.numpy())
 
 
