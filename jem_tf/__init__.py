@@ -19,14 +19,35 @@ if _sys.argv[:1] == ["-m"]:
 
     handle_ctrl_c_while_starting()
 
-from jem_tf import energy  # noqa: E402
-from jem_tf.chain_init import ClassGaussian  # noqa: E402
-from jem_tf.jem import JEM  # noqa: E402
-from jem_tf.networks import build_backbone, fast_cnn, small_cnn, wide_resnet  # noqa: E402
-from jem_tf.replay_buffer import BufferDraw, ReplayBuffer  # noqa: E402
-from jem_tf.schedules import WarmupPiecewiseSchedule  # noqa: E402
-from jem_tf.sgld import SGLDDiagnostics, SGLDSampler  # noqa: E402
-from jem_tf.stability import StabilityGuard, TrainingDiverged  # noqa: E402
+_PUBLIC = {  # name -> the module that defines it
+    "JEM": "jem_tf.jem", "BufferDraw": "jem_tf.replay_buffer", "ClassGaussian": "jem_tf.chain_init",
+    "ReplayBuffer": "jem_tf.replay_buffer", "SGLDDiagnostics": "jem_tf.sgld", "SGLDSampler": "jem_tf.sgld",
+    "StabilityGuard": "jem_tf.stability", "TrainingDiverged": "jem_tf.stability",
+    "WarmupPiecewiseSchedule": "jem_tf.schedules", "build_backbone": "jem_tf.networks", "energy": None,
+    "fast_cnn": "jem_tf.networks", "small_cnn": "jem_tf.networks", "wide_resnet": "jem_tf.networks",
+}
+
+if _sys.argv[:1] == ["-m"]:
+    # A command (python -m jem_tf.<command>) imports what it needs itself, after parsing its flags: importing
+    # TensorFlow here would make `--help` and a bad flag wait seconds for it. The public names load on first use.
+    def __getattr__(name):
+        import importlib
+
+        if name not in _PUBLIC:
+            raise AttributeError(f"module 'jem_tf' has no attribute {name!r}")
+        module = importlib.import_module(_PUBLIC[name] or f"jem_tf.{name}")
+        return module if _PUBLIC[name] is None else getattr(module, name)
+else:
+    # A library import: every public name at once (importing jem_tf.jem also registers JEM and its layers with
+    # Keras, which keras.models.load_model needs).
+    from jem_tf import energy  # noqa: E402, F401
+    from jem_tf.chain_init import ClassGaussian  # noqa: E402, F401
+    from jem_tf.jem import JEM  # noqa: E402, F401
+    from jem_tf.networks import build_backbone, fast_cnn, small_cnn, wide_resnet  # noqa: E402, F401
+    from jem_tf.replay_buffer import BufferDraw, ReplayBuffer  # noqa: E402, F401
+    from jem_tf.schedules import WarmupPiecewiseSchedule  # noqa: E402, F401
+    from jem_tf.sgld import SGLDDiagnostics, SGLDSampler  # noqa: E402, F401
+    from jem_tf.stability import StabilityGuard, TrainingDiverged  # noqa: E402, F401
 
 __version__ = "0.1.0"
 

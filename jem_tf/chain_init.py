@@ -35,7 +35,6 @@ from jem_tf.distribution import BatchPosition, replica_random
 from jem_tf.errors import UsageError
 from jem_tf.inputs import check_value_range
 
-CHAIN_INITS = ("uniform", "class_gaussian")
 DEFAULT_MAX_FULL_DIM = 1024
 DEFAULT_LOW_RANK = 256
 

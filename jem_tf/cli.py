@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import typing
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from jem_tf import config as config_lib
 from jem_tf.config_rules import choices
@@ -69,6 +69,27 @@ def _parser_for(annotation):
         _parse_bool.__name__ = "bool"
         return _parse_bool
     return annotation
+
+
+def dataset_argument(*, training: bool = False, extra: Sequence[str] = ()) -> Callable[[str], str]:
+    """An argparse ``type=`` for dataset flags: the names in ``extra`` (e.g. synthetic OOD sets) and what
+    :func:`jem_tf.data.dataset_problem` accepts; anything else is a one-line usage error listing the options. The
+    data modules (and TensorFlow) are imported when a value is parsed, not when the parser is built."""
+
+    def parse(name: str) -> str:
+        if name in extra:
+            return name
+        from jem_tf.data import dataset_problem
+
+        problem = dataset_problem(name, training=training)
+        if problem is None:
+            return name
+        if extra and problem.startswith("one of "):
+            problem = f"one of {', '.join(extra)}, {problem[len('one of '):]}"
+        raise argparse.ArgumentTypeError(f"must be {problem}; received {name!r}")
+
+    parse.__name__ = "dataset"
+    return parse
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,8 +4,8 @@ data (:func:`check_labels_per_class`, :func:`check_steps_per_execution`), the va
 (:func:`choices`) and the fields a resumed run must keep (:data:`RESUME_FIXED_FIELDS`).
 
 Each raises :class:`~jem_tf.errors.UsageError` naming the field and the value received. Nothing here imports
-TensorFlow when imported (so neither does :mod:`jem_tf.config`): the modules that hold the choices' names are
-imported when a config is checked.
+TensorFlow when imported (so neither does :mod:`jem_tf.config`): the choices' names are plain data
+(:mod:`jem_tf.choices`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import math
 import typing
 from typing import TYPE_CHECKING, Dict, List, Mapping, NoReturn
 
+from jem_tf import choices as names
 from jem_tf.errors import UsageError
 
 if TYPE_CHECKING:
     from jem_tf.config import TrainConfig
 
-OPTIMIZERS = ("adam", "sgd")
 
 # Settings a resumed run must share with the interrupted one: they fix the shapes of the saved state (network,
 # optimizer, replay buffer) or which images are training data. The others (learning rate, SGLD and loss
@@ -31,20 +31,11 @@ RESUME_FIXED_FIELDS = ("dataset", "image_size", "resize_method", "validation_fra
 
 
 def choices() -> Dict[str, tuple]:
-    """Choice field -> the values it takes. The tuples live with the code that uses them, in modules that import
-    TensorFlow: they are imported here, when asked for, so that ``import jem_tf.config`` itself stays light."""
-    from jem_tf.chain_init import CHAIN_INITS
-    from jem_tf.data.folders import RESIZE_METHODS
-    from jem_tf.data.pipelines import AUGMENTATIONS
-    from jem_tf.distribution import STRATEGIES
-    from jem_tf.networks import NORMALIZATIONS, PRECISIONS
-    from jem_tf.replay_buffer import STORAGES
-    from jem_tf.serving import SERVING_PRECISIONS
-
-    return {"augment": AUGMENTATIONS, "resize_method": RESIZE_METHODS, "normalization": NORMALIZATIONS,
-            "optimizer": OPTIMIZERS, "strategy": STRATEGIES, "precision": PRECISIONS + ("auto",),
-            "buffer_storage": STORAGES, "chain_init": CHAIN_INITS,
-            "serving_precision": SERVING_PRECISIONS}
+    """Choice field -> the values it takes (plain data from :mod:`jem_tf.choices`)."""
+    return {"augment": names.AUGMENTATIONS, "resize_method": names.RESIZE_METHODS,
+            "normalization": names.NORMALIZATIONS, "optimizer": names.OPTIMIZERS, "strategy": names.STRATEGIES,
+            "precision": names.PRECISIONS + ("auto",), "buffer_storage": names.BUFFER_STORAGES,
+            "chain_init": names.CHAIN_INITS, "serving_precision": names.SERVING_PRECISIONS}
 
 
 def check_config(config: TrainConfig, *, complete: bool = True) -> None:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+from jem_tf.choices import STRATEGIES
 
 BatchPosition = Tuple[tf.Tensor, tf.Tensor]
 

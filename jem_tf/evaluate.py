@@ -17,25 +17,11 @@ import sys
 import time
 from typing import List, Optional
 
-from jem_tf.cli import OneLineErrorParser, run_command
-from jem_tf.data import DATASETS, EVALUATION_ONLY_DATASETS, dataset_argument
+from jem_tf.choices import DATASETS, EVALUATION_ONLY_DATASETS, REFINEMENT_SOURCES
+from jem_tf.choices import EVALUATION_MODES as MODES
+from jem_tf.cli import OneLineErrorParser, dataset_argument, run_command
 from jem_tf.errors import UsageError, as_usage_error
-from jem_tf.evaluation import (
-    DEFAULT_PGD_EPS,
-    INCEPTION,
-    MODES,
-    REPORT_FILE,
-    SYNTHETIC_OOD,
-    EvaluationConfig,
-    evaluate,
-    load_feature_network,
-    load_ood_sets,
-    summary_lines,
-)
-from jem_tf.model_files import load_trained_model
-from jem_tf.refinement import REFINEMENT_SOURCES
-from jem_tf.splits import dataset_splits, load_run_dataset
-from jem_tf.workdir import check_output_dir
+from jem_tf.evaluation.settings import DEFAULT_PGD_EPS, INCEPTION, SYNTHETIC_OOD, EvaluationConfig
 
 
 def build_parser() -> OneLineErrorParser:
@@ -124,6 +110,8 @@ def evaluation_config_from_args(args: argparse.Namespace) -> EvaluationConfig:
 
 def _load_ood_sets(args: argparse.Namespace, x_test, model) -> dict:
     """The ``--ood`` sets, each checked against the model's image shape before any evaluation runs."""
+    from jem_tf.evaluation import load_ood_sets
+
     with as_usage_error():  # data sets the user names: a .npz file's checks raise a plain ValueError
         ood_sets = load_ood_sets(args.ood, x_test, value_range=model.value_range, seed=args.seed,
                                  data_dir=args.ood_data_dir, max_images=args.max_ood_images)
@@ -146,6 +134,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
     _check_ranges(parser, args)
     config = evaluation_config_from_args(args)
     started = time.perf_counter()
+    # After the flags: TensorFlow and the evaluation's modules.
+    from jem_tf.evaluation import REPORT_FILE, evaluate, load_feature_network, summary_lines
+    from jem_tf.model_files import load_trained_model
+    from jem_tf.splits import dataset_splits, load_run_dataset
+    from jem_tf.workdir import check_output_dir
+
     with parser.usage_errors():
         check_output_dir(args.out, "--out")
         model, train_config = load_trained_model(args.model)

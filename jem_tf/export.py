@@ -17,23 +17,13 @@ import os
 import sys
 from typing import List, Optional
 
-from jem_tf import outliers
-from jem_tf.cli import OneLineErrorParser, run_command
-from jem_tf.data import DATASETS, dataset_argument, preprocessing_of
+from jem_tf import choices as names
+from jem_tf.choices import CALIBRATION_SPLITS, DATASETS, DEFAULT_MAX_BATCH_SIZE, MAX_N_STEPS_LIMIT, SERVING_PRECISIONS
+from jem_tf.cli import OneLineErrorParser, dataset_argument, run_command
 from jem_tf.errors import UsageError
-from jem_tf.model_files import load_trained_model
-from jem_tf.ood import fit_ood_detector
-from jem_tf.serving import (
-    DEFAULT_MAX_BATCH_SIZE,
-    MAX_N_STEPS_LIMIT,
-    SERVING_PRECISIONS,
-    check_max_batch_size,
-    export_saved_model,
-    sample_limits,
-    serving_model,
-)
-from jem_tf.splits import CALIBRATION_SPLITS, load_run_dataset, ood_calibration_data
-from jem_tf.workdir import check_output_dir
+
+# The made outlier and shift kinds a flag can name (jem_tf.outliers.KINDS).
+OUTLIER_AND_SHIFT_KINDS = sorted(names.OUTLIER_KINDS + names.ACCEPTED_SHIFTS)
 
 # The sample signature's bounds: library keyword -> flag.
 SAMPLE_LIMIT_FLAGS = {"max_num_samples": "--max-num-samples", "max_n_steps": "--max-n-steps",
@@ -57,15 +47,15 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--ood-detector", choices=("select", "log_px"), default="select",
                         help="select: the best candidate on validation data and outliers made from it (jem_tf.ood); "
                              "log_px: the JEM's log p(x) alone")
-    parser.add_argument("--ood-outlier-kinds", nargs="+", choices=sorted(outliers.KINDS),
-                        default=list(outliers.OUTLIER_KINDS), metavar="KIND",
+    parser.add_argument("--ood-outlier-kinds", nargs="+", choices=OUTLIER_AND_SHIFT_KINDS,
+                        default=list(names.OUTLIER_KINDS), metavar="KIND",
                         help="images made from the calibration split that the detector must flag; they rank the "
-                             f"candidates (default: {' '.join(outliers.OUTLIER_KINDS)}; one of "
-                             f"{', '.join(sorted(outliers.KINDS))})")
-    parser.add_argument("--ood-accepted-shifts", nargs="*", choices=sorted(outliers.KINDS),
-                        default=list(outliers.ACCEPTED_SHIFTS), metavar="KIND",
+                             f"candidates (default: {' '.join(names.OUTLIER_KINDS)}; one of "
+                             f"{', '.join(OUTLIER_AND_SHIFT_KINDS)})")
+    parser.add_argument("--ood-accepted-shifts", nargs="*", choices=OUTLIER_AND_SHIFT_KINDS,
+                        default=list(names.ACCEPTED_SHIFTS), metavar="KIND",
                         help="shifts the detector should accept; never counted against a candidate, reported "
-                             f"(default: {' '.join(outliers.ACCEPTED_SHIFTS)}; none: the flag alone)")
+                             f"(default: {' '.join(names.ACCEPTED_SHIFTS)}; none: the flag alone)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the outliers made for the selection")
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help="most images a classify or energy request may hold (at most 1 GiB of float32 images)")
@@ -121,6 +111,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
+    # After the flags: TensorFlow and the model's modules.
+    from jem_tf.data import preprocessing_of
+    from jem_tf.model_files import load_trained_model
+    from jem_tf.ood import fit_ood_detector
+    from jem_tf.serving import check_max_batch_size, export_saved_model, sample_limits, serving_model
+    from jem_tf.splits import load_run_dataset, ood_calibration_data
+    from jem_tf.workdir import check_output_dir
     with parser.usage_errors():
         check_output_dir(args.export_dir, "--export-dir")
         target = None if args.version is None else os.path.join(args.export_dir, str(args.version))

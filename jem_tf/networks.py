@@ -10,11 +10,9 @@ from typing import Optional, Sequence
 
 import keras
 
+from jem_tf.choices import NORMALIZATIONS, PRECISIONS
 from jem_tf.errors import UsageError
 from jem_tf.keras_workarounds import all_layers
-
-NORMALIZATIONS = ("none", "batch", "layer")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def torch_default_initializer(seed: Optional[int] = None) -> keras.initializers.Initializer:

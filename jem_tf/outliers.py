@@ -22,9 +22,6 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-OUTLIER_KINDS = ("inverted", "patch_shuffled", "noised", "outlined", "mosaic")
-ACCEPTED_SHIFTS = ("blurred", "low_contrast", "translated")
-
 KindFunction = Callable[..., np.ndarray]
 Kinds = Union[Sequence[str], Mapping[str, KindFunction]]
 

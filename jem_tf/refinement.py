@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from jem_tf import seeds
 from jem_tf.attacks import NORMS, PGD
+from jem_tf.choices import REFINEMENT_SOURCES
 from jem_tf.errors import UsageError
 from jem_tf.sgld import SGLDSampler
 
@@ -267,7 +268,6 @@ def choose_refinement(model, val_images: np.ndarray, val_labels: np.ndarray, *,
     return RefinementChoice(settings, candidates, plain)
 
 
-REFINEMENT_SOURCES = ("model", "choose", "sampler")
 
 
 def resolve_refinement(model, source: str = "model", *, val_images: Optional[np.ndarray] = None,

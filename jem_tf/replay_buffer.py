@@ -12,13 +12,14 @@ import tensorflow as tf
 
 from jem_tf import seeds
 from jem_tf.chain_init import ClassGaussian, start_chains
+from jem_tf.choices import BUFFER_STORAGES as STORAGES
 from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
 from jem_tf.inputs import check_value_range
 
 # A buffer larger than this gets a warning with its size before it is allocated.
 LARGE_BUFFER_BYTES = 1 << 30
 
-STORAGES = ("float32", "uint8")
+
 BufferDraw = collections.namedtuple("BufferDraw", ["x", "indices", "restarted"])
 BufferDraw.__doc__ = """Chains drawn from a replay buffer: starting points ``x`` [batch, ...], the
 slot ``indices`` [batch] to write them back to, and the boolean ``restarted`` [batch] mask of

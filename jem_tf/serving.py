@@ -53,6 +53,7 @@ import jem_tf
 from jem_tf import energy as energy_lib
 from jem_tf import generation, seeds
 from jem_tf.chain_init import start_chains
+from jem_tf.choices import DEFAULT_MAX_BATCH_SIZE, MAX_N_STEPS_LIMIT, SERVING_PRECISIONS
 from jem_tf.errors import UsageError
 from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern, write_atomically
 from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
@@ -73,12 +74,10 @@ MAX_SAMPLE_BYTES = 2 ** 30
 # An export is written to EXPORT_DIR/.tmp-export-HOST-PID and renamed to its version when complete.
 EXPORT_TMP_PREFIX = ".tmp-export"
 _OLD_EXPORT_TMP = re.compile(r"^\.tmp-\d+-(?P<pid>\d+)$")  # .tmp-VERSION-PID, before jem-tf named the host
-MAX_N_STEPS_LIMIT = 100_000
 # The most images one classify or energy request may hold (a larger request fails in-graph before any work).
-DEFAULT_MAX_BATCH_SIZE = 1024
+
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # float32: the serving graph computes in float32 whatever the training precision; trained: as trained.
-SERVING_PRECISIONS = ("float32", "trained")
 
 
 def serving_model(model: JEM, serving_precision: str = "float32") -> JEM:

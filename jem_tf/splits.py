@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from jem_tf.choices import CALIBRATION_SPLITS
 from jem_tf.config import TrainConfig
 from jem_tf.config_rules import check_labels_per_class
 from jem_tf.data import ImageDataset, load_dataset, split_validation
@@ -182,7 +183,6 @@ def held_out_split(dataset_name: str, *, config: Optional[TrainConfig] = None, d
     return images, labels, name
 
 
-CALIBRATION_SPLITS = ("validation", "test")
 
 
 def ood_calibration_data(dataset_name: str, *, config: Optional[TrainConfig], data: ImageDataset,

@@ -7,16 +7,14 @@ import json
 import sys
 from typing import List, Optional
 
+from jem_tf.choices import TUNERS
+from jem_tf.choices import TUNING_OBJECTIVES as OBJECTIVES
 from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name, run_command
 from jem_tf.errors import UsageError
-from jem_tf.splits import load_run_dataset
-from jem_tf.workdir import check_output_dir
 
 
 def build_parser() -> OneLineErrorParser:
-    """The command's flags. Needs keras-tuner (the ``tune`` extra): a ``UsageError`` naming the extra without it."""
-    from jem_tf.tuning import OBJECTIVES, TUNERS
-
+    """The command's flags (no TensorFlow, no keras-tuner needed to build them)."""
     parser = OneLineErrorParser(prog="python -m jem_tf.tune",
                                 description="Hyperparameter search for a JEM recipe with keras-tuner.")
     parser.add_argument("--tuner", choices=TUNERS, default="random")
@@ -53,9 +51,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    from jem_tf.tuning import run_search, search_space
-
     args = parser.parse_args(argv)
+    # After the flags: keras-tuner (the `tune` extra: a one-line error naming it when missing) and TensorFlow.
+    from jem_tf.splits import load_run_dataset
+    from jem_tf.tuning import run_search, search_space
+    from jem_tf.workdir import check_output_dir
+
     config = config_from_args(parser, args)
     if args.max_trials < 1:
         parser.error(f"--max-trials must be >= 1; received {args.max_trials}")

@@ -19,6 +19,8 @@ from typing import Dict, Optional
 import keras
 import numpy as np
 
+from jem_tf.choices import TUNERS
+from jem_tf.choices import TUNING_OBJECTIVES as OBJECTIVES
 from jem_tf.config import TrainConfig, field_names
 from jem_tf.conversion import logits_network
 from jem_tf.data import ImageDataset
@@ -39,9 +41,6 @@ from jem_tf.splits import RunSplits, Split, run_splits
 
 # The optional dependency of this module (the `tune` extra): without it, importing jem_tf.tuning is one UsageError.
 keras_tuner = import_extra("keras_tuner", needed_for="Hyperparameter search (python -m jem_tf.tune, jem_tf.tuning)")
-
-TUNERS = ("random", "hyperband", "bayesian", "grid")
-OBJECTIVES = ("val_accuracy", "combined")
 
 # name -> spec. "float"/"int": a range (log sampling where marked); "choice": a list of values.
 DEFAULT_SEARCH_SPACE: Dict[str, dict] = {

@@ -25,31 +25,27 @@ tfds, ``mnist_5k``), :mod:`~jem_tf.data.npz` (your own ``.npz`` files), :mod:`~j
 (``load_dataset`` by name, ``split_validation``) and :mod:`~jem_tf.data.pipelines` (``tf.data``).
 """
 
+from jem_tf.choices import AUGMENTATIONS, DATASETS, EVALUATION_ONLY_DATASETS, RESIZE_METHODS, TFDS_DATASETS
 from jem_tf.data.base import (
-    DATASETS,
-    EVALUATION_ONLY_DATASETS,
     FASHION_MNIST_DEBIAN_DIR,
     MNIST_5K_FILE,
     NPZ_KEYS,
     PREPROCESSING,
-    TFDS_DATASETS,
     DataNotFoundError,
     ImageDataset,
     scale_uint8,
 )
 from jem_tf.data.folders import (
     IMAGE_EXTENSIONS,
-    RESIZE_METHODS,
     FolderInfo,
     is_image_folder_name,
     load_image_folder,
     load_image_folder_images,
     read_image_folder,
 )
-from jem_tf.data.loading import dataset_argument, dataset_problem, load_dataset, preprocessing_of, split_validation
+from jem_tf.data.loading import dataset_problem, load_dataset, preprocessing_of, split_validation
 from jem_tf.data.npz import is_npz_path, load_npz_dataset, read_npz_headers, resolve_npz_path
 from jem_tf.data.pipelines import (
-    AUGMENTATIONS,
     augment_images,
     make_dataset,
     make_epochs_dataset,
@@ -82,7 +78,6 @@ __all__ = [
     "PREPROCESSING",
     "TFDS_DATASETS",
     "augment_images",
-    "dataset_argument",
     "dataset_problem",
     "find_idx_dir",
     "find_mnist_5k",

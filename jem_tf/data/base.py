@@ -8,12 +8,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+# Known names (for help texts and errors): any other tfds image classification name or a .npz path also works.
+from jem_tf.choices import EVALUATION_ONLY_DATASETS, TFDS_DATASETS
 from jem_tf.errors import UsageError
 
-# Known names (for help texts and errors): any other tfds image classification name or a .npz path also works.
-TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
-DATASETS = ("digits",) + TFDS_DATASETS
-EVALUATION_ONLY_DATASETS = ("mnist_5k",)
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 MNIST_5K_FILE = "mnist_5k.csv.gz"
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"

@@ -35,10 +35,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from jem_tf.choices import RESIZE_METHODS
 from jem_tf.data.base import ImageDataset, scale_uint8
 from jem_tf.data.image_files import (
     IMAGE_EXTENSIONS,
-    RESIZE_METHODS,
     SPLITS,
     class_folders,
     decode_images,

@@ -16,7 +16,7 @@ import numpy as np
 from jem_tf.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "lanczos", "box", "area")
+
 SPLITS = ("train", "test")
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "MPO")  # MPO: a JPEG with extra frames (some cameras)
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
+from jem_tf.choices import DATASETS, EVALUATION_ONLY_DATASETS, RESIZE_METHODS
 from jem_tf.data.base import (
     _UINT8_PREPROCESSING,
-    DATASETS,
-    EVALUATION_ONLY_DATASETS,
     MNIST_5K_FILE,
     PREPROCESSING,
     DataNotFoundError,
     ImageDataset,
 )
-from jem_tf.data.folders import RESIZE_METHODS, is_image_folder_name, load_image_folder
+from jem_tf.data.folders import is_image_folder_name, load_image_folder
 from jem_tf.data.npz import _npz_layout, is_npz_path, load_npz_dataset, read_npz_headers, resolve_npz_path
 from jem_tf.data.sources import (
     find_idx_dir,
@@ -72,24 +70,6 @@ def dataset_problem(name: str, *, training: bool = False) -> Optional[str]:
     if is_tfds_name(name):
         return None
     return options
-
-
-def dataset_argument(*, training: bool = False, extra: Sequence[str] = ()) -> Callable[[str], str]:
-    """An argparse ``type=`` for dataset flags: the names in ``extra`` (e.g. synthetic OOD sets) and what
-    :func:`dataset_problem` accepts; anything else is a one-line usage error listing the options."""
-
-    def parse(name: str) -> str:
-        if name in extra:
-            return name
-        problem = dataset_problem(name, training=training)
-        if problem is None:
-            return name
-        if extra and problem.startswith("one of "):
-            problem = f"one of {', '.join(extra)}, {problem[len('one of '):]}"
-        raise argparse.ArgumentTypeError(f"must be {problem}; received {name!r}")
-
-    parse.__name__ = "dataset"
-    return parse
 
 
 def preprocessing_of(name: str) -> str:

@@ -6,8 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import seeds
-
-AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
+from jem_tf.choices import AUGMENTATIONS
 
 
 def augment_images(images: tf.Tensor, *, kind: str, seed: tf.Tensor, pad: int = 4) -> tf.Tensor:

@@ -10,12 +10,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from jem_tf.choices import TFDS_DATASETS
 from jem_tf.data.base import (
     _IDX_DTYPES,
     _IDX_FILES,
     FASHION_MNIST_DEBIAN_DIR,
     MNIST_5K_FILE,
-    TFDS_DATASETS,
     DataNotFoundError,
     ImageDataset,
     scale_uint8,

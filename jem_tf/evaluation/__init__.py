@@ -19,37 +19,52 @@ that produced it) and PNG figures. The modes, one module each:
 * ``robustness`` (:mod:`~jem_tf.evaluation.robustness`): PGD L-inf / L2 accuracy with and without SGLD
   refinement before classifying.
 
-:mod:`~jem_tf.evaluation.suite` holds :class:`EvaluationConfig` (every mode's settings) and runs the
-modes; :mod:`~jem_tf.evaluation.common` the helpers they share; :mod:`jem_tf.metrics` the metrics on plain
-numpy arrays. The figures are drawn by
-:mod:`jem_tf.figures`.
+:mod:`~jem_tf.evaluation.settings` holds :class:`EvaluationConfig` (every mode's settings),
+:mod:`~jem_tf.evaluation.suite` runs the modes; :mod:`~jem_tf.evaluation.common` the helpers they share;
+:mod:`jem_tf.metrics` the metrics on plain numpy arrays. The figures are drawn by :mod:`jem_tf.figures`.
 
 Nothing is hidden: inputs are used as loaded (the training-time data noise is off) unless
 ``input_noise_std`` is given, and the report lists the transforms applied.
 """
 
-from jem_tf.evaluation.classification import evaluate_accuracy, evaluate_calibration
-from jem_tf.evaluation.common import input_gradient_norms, predict_logits, refine_in_batches
-from jem_tf.evaluation.frechet import INCEPTION, FeatureNetwork, evaluate_frechet, load_feature_network
-from jem_tf.evaluation.ood_benchmark import (
-    OOD_SCORES,
-    SYNTHETIC_OOD,
-    evaluate_ood,
-    load_ood_sets,
-    ood_scores,
-    synthetic_ood_images,
-)
-from jem_tf.evaluation.robustness import DEFAULT_PGD_EPS, evaluate_robustness
-from jem_tf.evaluation.samples import evaluate_samples
-from jem_tf.evaluation.suite import (
-    DEFAULT_MODES,
-    MODES,
-    REPORT_FILE,
-    SCHEMA_VERSION,
-    EvaluationConfig,
-    evaluate,
-    summary_lines,
-)
+import importlib as _importlib
+
+# Public name -> the module of this package that defines it. Loaded on first use: the evaluate command builds its
+# parser from :mod:`~jem_tf.evaluation.settings` alone, before TensorFlow is imported.
+_MODULE_OF = {
+    "evaluate_accuracy": "classification",
+    "evaluate_calibration": "classification",
+    "input_gradient_norms": "common",
+    "predict_logits": "common",
+    "refine_in_batches": "common",
+    "FeatureNetwork": "frechet",
+    "evaluate_frechet": "frechet",
+    "load_feature_network": "frechet",
+    "OOD_SCORES": "ood_benchmark",
+    "evaluate_ood": "ood_benchmark",
+    "load_ood_sets": "ood_benchmark",
+    "ood_scores": "ood_benchmark",
+    "synthetic_ood_images": "ood_benchmark",
+    "evaluate_robustness": "robustness",
+    "evaluate_samples": "samples",
+    "MODES": "suite",
+    "REPORT_FILE": "suite",
+    "SCHEMA_VERSION": "suite",
+    "evaluate": "suite",
+    "summary_lines": "suite",
+    "DEFAULT_MODES": "settings",
+    "DEFAULT_PGD_EPS": "settings",
+    "INCEPTION": "settings",
+    "SYNTHETIC_OOD": "settings",
+    "EvaluationConfig": "settings",
+}
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'jem_tf.evaluation' has no attribute {name!r}")
+    return getattr(_importlib.import_module(f"jem_tf.evaluation.{_MODULE_OF[name]}"), name)
+
 
 __all__ = [
     "DEFAULT_MODES",

@@ -16,11 +16,10 @@ from jem_tf import metrics as metrics_lib
 from jem_tf import seeds
 from jem_tf.evaluation.common import batches
 from jem_tf.evaluation.samples import start_distribution
+from jem_tf.evaluation.settings import INCEPTION
 from jem_tf.jem import JEM
 from jem_tf.model_files import load_keras_archive
 from jem_tf.workdir import RunLayout
-
-INCEPTION = "inception_v3"
 
 
 @dataclasses.dataclass

@@ -13,12 +13,13 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jem_tf import choices as names
 from jem_tf import figures, metrics, outliers, seeds
 from jem_tf.data import is_image_folder_name, load_dataset, load_image_folder_images
+from jem_tf.evaluation.settings import SYNTHETIC_OOD
 from jem_tf.jem import JEM
 from jem_tf.ood import COMPONENTS, OODScorer, default_candidates, select_detector
 
-SYNTHETIC_OOD = ("uniform", "constant", "permuted")
 # The single scores (components that are scores by themselves); mode ``ood`` also reports the combined
 # detectors of jem_tf.ood.default_candidates.
 OOD_SCORES = {name: description for name, description in COMPONENTS.items() if name != "png_bits"}
@@ -84,8 +85,8 @@ def ood_scores(model: JEM, images: np.ndarray, *, temperature: float = 1.0,
 def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.ndarray], *, out_dir: str,
                  scorer: Optional[OODScorer] = None, val_images: Optional[np.ndarray] = None,
                  temperature_source: str = "given", tpr: float = 0.95, seed: int = 0,
-                 outlier_kinds: outliers.Kinds = outliers.OUTLIER_KINDS,
-                 accepted_shifts: outliers.Kinds = outliers.ACCEPTED_SHIFTS, batch_size: int = 256) -> dict:
+                 outlier_kinds: outliers.Kinds = names.OUTLIER_KINDS,
+                 accepted_shifts: outliers.Kinds = names.ACCEPTED_SHIFTS, batch_size: int = 256) -> dict:
     """OOD detection metrics of every candidate detector of :mod:`jem_tf.ood` (each component alone and the
     combinations) on every OOD set, plus one histogram PNG per component and for the chosen detector.
 

@@ -10,14 +10,10 @@ import numpy as np
 
 from jem_tf.attacks import NORMS, PGD
 from jem_tf.evaluation.common import predict_logits, refine_in_batches
+from jem_tf.evaluation.settings import DEFAULT_EOT_SAMPLES
 from jem_tf.generation import refinement_fn
 from jem_tf.jem import JEM
 from jem_tf.refinement import RefinementSettings
-
-# Budgets per norm (fractions of the pixel range) when none are given.
-DEFAULT_PGD_EPS = {"linf": (0.03, 0.1), "l2": (0.5, 1.0)}
-# Draws of the refinement's noise per BPDA step when the refinement is random.
-DEFAULT_EOT_SAMPLES = 4
 
 
 def evaluate_robustness(model: JEM, images: np.ndarray, labels: np.ndarray, *, eps: Mapping[str, Sequence[float]],

@@ -20,6 +20,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from jem_tf import choices as names
 from jem_tf import outliers, seeds
 from jem_tf.errors import UsageError
 from jem_tf.metrics import auroc, auroc_standard_error
@@ -34,8 +35,8 @@ SELECTION_RULE = ("max over candidates of the worst AUROC of the validation imag
 
 
 def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Optional[Sequence[OODDetector]] = None,
-                    outlier_kinds: outliers.Kinds = outliers.OUTLIER_KINDS,
-                    accepted_shifts: outliers.Kinds = outliers.ACCEPTED_SHIFTS, tpr: float = 0.95, seed: int = 0,
+                    outlier_kinds: outliers.Kinds = names.OUTLIER_KINDS,
+                    accepted_shifts: outliers.Kinds = names.ACCEPTED_SHIFTS, tpr: float = 0.95, seed: int = 0,
                     batch_size: int = 256,
                     validation_components: Optional[Mapping[str, np.ndarray]] = None) -> Tuple[OODDetector, dict]:
     """``(detector, report)``: the candidate chosen by :data:`SELECTION_RULE`, its standardisation and
@@ -118,8 +119,8 @@ class FittedDetector:
 def fit_ood_detector(model, calibration_images: np.ndarray, *, calibration_split: str,
                      calibration_labels: Optional[np.ndarray] = None, train_images: Optional[np.ndarray] = None,
                      train_labels: Optional[np.ndarray] = None, select: bool = True, tpr: float = 0.95, seed: int = 0,
-                     outlier_kinds: outliers.Kinds = outliers.OUTLIER_KINDS,
-                     accepted_shifts: outliers.Kinds = outliers.ACCEPTED_SHIFTS,
+                     outlier_kinds: outliers.Kinds = names.OUTLIER_KINDS,
+                     accepted_shifts: outliers.Kinds = names.ACCEPTED_SHIFTS,
                      batch_size: int = 256) -> FittedDetector:
     """The OOD detector an export carries, fitted without any OOD data.
 
