@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from jem_tf import choices as names
 from jem_tf import metrics, ood, outliers
 from jem_tf.ood import OODDetector, OODScorer, Term, single
 
@@ -94,7 +95,7 @@ def test_made_images_keep_shape_and_range_are_seeded_and_change_the_images(kind)
     assert out.shape == images.shape and out.dtype == np.float32
     assert out.min() >= -1 - 1e-6 and out.max() <= 1 + 1e-6 and not np.allclose(out, images)
     np.testing.assert_array_equal(out, outliers.make(kind, images, seed=3))
-    assert kind in outliers.OUTLIER_KINDS + outliers.ACCEPTED_SHIFTS
+    assert kind in names.OUTLIER_KINDS + names.ACCEPTED_SHIFTS
 
 
 def test_made_images_do_what_they_say():
@@ -189,12 +190,12 @@ def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them(t
     ood_sets = {"wide": rng.normal(0, 2.0, (30, 4, 4, 1)).astype(np.float32)}
     scorer = SpyScorer(backbone, value_range=(-4.0, 4.0))
     detector, report = ood.select_detector(scorer, validation, seed=0)
-    kinds = outliers.OUTLIER_KINDS + outliers.ACCEPTED_SHIFTS
+    kinds = names.OUTLIER_KINDS + names.ACCEPTED_SHIFTS
     made = [outliers.make(kind, validation, value_range=(-4.0, 4.0), seed=1 + i) for i, kind in enumerate(kinds)]
     allowed = _rows(validation).union(*(_rows(m) for m in made))
     assert all(_rows(batch) <= allowed for batch in scorer.seen)
-    assert report["chosen"] == detector.name and report["outlier_kinds"] == list(outliers.OUTLIER_KINDS)
-    assert report["accepted_shifts"] == list(outliers.ACCEPTED_SHIFTS)
+    assert report["chosen"] == detector.name and report["outlier_kinds"] == list(names.OUTLIER_KINDS)
+    assert report["accepted_shifts"] == list(names.ACCEPTED_SHIFTS)
 
     # Inside the evaluation, the selection gets the validation images only: changing the test images and the
     # OOD sets does not change the choice or its threshold; the evaluation then reports it on those sets.
@@ -246,9 +247,8 @@ def test_the_detectors_import_no_orchestration_module():
     import ast
     import os
 
-    allowed = {"jem_tf.errors", "jem_tf.metrics", "jem_tf.outliers", "jem_tf.seeds", "jem_tf.ood.scorer",
-               "jem_tf.ood.detectors",
-               "jem_tf.ood.selection"}
+    allowed = {"jem_tf.choices", "jem_tf.errors", "jem_tf.metrics", "jem_tf.outliers", "jem_tf.seeds",
+               "jem_tf.ood.scorer", "jem_tf.ood.detectors", "jem_tf.ood.selection"}
     directory = os.path.dirname(ood.__file__)
     for name in sorted(os.listdir(directory)):
         if name.endswith(".py"):
