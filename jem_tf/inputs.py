@@ -239,3 +239,32 @@ def check_batch(model, x, y=None) -> None:
     step drops the in-graph checks that hold without XLA); without XLA the step checks it."""
     if _xla(model):
         check_in_memory(model, np.asarray(x) if not tf.is_tensor(x) else x, y)
+
+
+class CheckedInputs:
+    """The input checks of a model's ``fit``, ``evaluate``, ``train_on_batch`` and ``test_on_batch`` (a mixin before
+    ``keras.Model``: ``class JEM(CheckedInputs, keras.Model)``), with the model's :func:`model_spec`."""
+
+    def check_arrays(self, x, y=None) -> None:
+        """Eagerly checks numpy images/labels, raising ``ValueError`` naming the bad value."""
+        check_arrays(x, y, **model_spec(self))
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """``keras.Model.fit``; numpy inputs (and tensors under XLA) are checked first, ``tf.data`` inputs in the
+        compiled step (or, under XLA, in the input pipeline): see :func:`fit_inputs`."""
+        x, kwargs = fit_inputs(self, x, y, kwargs)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """``keras.Model.evaluate`` with the same input checks as :meth:`fit`."""
+        return super().evaluate(evaluate_inputs(self, x, y), y, *args, **kwargs)
+
+    def train_on_batch(self, x, y=None, *args, **kwargs):
+        """``keras.Model.train_on_batch``; under XLA the batch is checked eagerly first (see :mod:`jem_tf.inputs`)."""
+        check_batch(self, x, y)
+        return super().train_on_batch(x, y, *args, **kwargs)
+
+    def test_on_batch(self, x, y=None, *args, **kwargs):
+        """``keras.Model.test_on_batch`` with the same input checks as :meth:`train_on_batch`."""
+        check_batch(self, x, y)
+        return super().test_on_batch(x, y, *args, **kwargs)

@@ -23,7 +23,7 @@ from jem_tf.sgld import SGLDSampler
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")
-class JEM(keras.Model):
+class JEM(inputs.CheckedInputs, keras.Model):
     """Joint Energy-based Model around a classifier ``backbone`` that outputs logits ``f(x)``.
 
     ``p(y|x) = softmax(f(x))`` and ``E(x) = -logsumexp_y f(x)[y]``. Each training step minimises
@@ -239,31 +239,6 @@ class JEM(keras.Model):
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
-
-    # ----------------------------------------------------------------------------- input checks (jem_tf.inputs)
-    def check_arrays(self, x, y=None) -> None:
-        """Eagerly checks numpy images/labels, raising ``ValueError`` naming the bad value."""
-        inputs.check_arrays(x, y, **inputs.model_spec(self))
-
-    def fit(self, x=None, y=None, *args, **kwargs):
-        """``keras.Model.fit``; numpy inputs (and tensors under XLA) are checked first, ``tf.data`` inputs in the
-        compiled step (or, under XLA, in the input pipeline): see :func:`jem_tf.inputs.fit_inputs`."""
-        x, kwargs = inputs.fit_inputs(self, x, y, kwargs)
-        return super().fit(x, y, *args, **kwargs)
-
-    def evaluate(self, x=None, y=None, *args, **kwargs):
-        """``keras.Model.evaluate`` with the same input checks as :meth:`fit`."""
-        return super().evaluate(inputs.evaluate_inputs(self, x, y), y, *args, **kwargs)
-
-    def train_on_batch(self, x, y=None, *args, **kwargs):
-        """``keras.Model.train_on_batch``; under XLA the batch is checked eagerly first (see :mod:`jem_tf.inputs`)."""
-        inputs.check_batch(self, x, y)
-        return super().train_on_batch(x, y, *args, **kwargs)
-
-    def test_on_batch(self, x, y=None, *args, **kwargs):
-        """``keras.Model.test_on_batch`` with the same input checks as :meth:`train_on_batch`."""
-        inputs.check_batch(self, x, y)
-        return super().test_on_batch(x, y, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- training
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):

@@ -296,11 +296,11 @@ def test_versions_are_never_overwritten_and_increment(trained):
 def test_two_exports_at_once_never_collide(trained, tmp_path, monkeypatch):
     """Another export writes the chosen version between the check and the rename: the next free version is taken
     (its metadata says which), or, for a version asked for, one error; nothing is overwritten or left behind."""
-    from jem_tf import serving
+    from jem_tf.serving import saved_model
 
     model, _, _, _ = trained
     base = str(tmp_path / "served")
-    real_write = serving.write_atomically
+    real_write = saved_model.write_atomically
     raced = []
 
     def racing_write(path, write, **kwargs):
@@ -310,7 +310,7 @@ def test_two_exports_at_once_never_collide(trained, tmp_path, monkeypatch):
             open(os.path.join(path, "saved_model.pb"), "wb").write(b"the other export's")
         return real_write(path, write, **kwargs)
 
-    monkeypatch.setattr(serving, "write_atomically", racing_write)
+    monkeypatch.setattr(saved_model, "write_atomically", racing_write)
     path = export_saved_model(model, base, ood_threshold=0.0)
     assert path == os.path.join(base, "2")
     assert json.load(open(os.path.join(path, "assets.extra", "jem_metadata.json")))["version"] == 2
