@@ -24,7 +24,7 @@ without it one concatenated pass is cheaper (:meth:`TrainingChains.forward`).
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -34,11 +34,25 @@ from jem_tf.distribution import global_batch_position, replica_random
 
 
 class ContrastiveBatch(NamedTuple):
-    """What :meth:`TrainingChains.sample` gives the loss."""
+    """What :meth:`TrainingChains.sample` gives the loss: the images of one step, by role."""
 
-    inputs: List[tf.Tensor]  # [x_data, x_sample (with px_weight), x_conditional_sample (with pxy_weight)]
-    sizes: list  # rows of each of `inputs`
-    grad_norms: List[tf.Tensor]  # the SGLD gradient-norm trace of each group of chains
+    data: tf.Tensor  # the (noised) data
+    sample: Optional[tf.Tensor] = None  # the p(x) chains (with px_weight)
+    conditional_sample: Optional[tf.Tensor] = None  # the p(x|y) chains (with pxy_weight), row i drawn for label i
+    grad_norms: Tuple[tf.Tensor, ...] = ()  # the SGLD gradient-norm trace of each group of chains
+
+    @property
+    def chains(self) -> List[tf.Tensor]:
+        """The SGLD chains of the step (p(x), then p(x|y)), those that ran."""
+        return [t for t in (self.sample, self.conditional_sample) if t is not None]
+
+
+class ContrastiveLogits(NamedTuple):
+    """float32 logits of a :class:`ContrastiveBatch`, by the same roles (:meth:`TrainingChains.forward`)."""
+
+    data: tf.Tensor
+    sample: Optional[tf.Tensor] = None
+    conditional_sample: Optional[tf.Tensor] = None
 
 
 class TrainingChains:
@@ -91,11 +105,11 @@ class TrainingChains:
             noise = replica_random(tf.random.stateless_normal, tf.shape(x), position,
                                    seed=self.step_seed(seeds.STEP_DATA_NOISE))
             x = x + model.data_noise_std * noise
-        batch = ContrastiveBatch([x], [batch_size], [])
+        batch = ContrastiveBatch(data=x)
         if model.px_weight > 0:
             num_chains, chain_position = self._px_chain_count(batch_size, position, sample_weight)
             x_sample, diagnostics = self._run_chains(num_chains, chain_position, seeds.STEP_DRAW, seeds.STEP_SGLD)
-            self._append(batch, x_sample, num_chains, diagnostics)
+            batch = batch._replace(sample=x_sample, grad_norms=batch.grad_norms + (diagnostics.grad_norm_trace,))
         if model.pxy_weight > 0:
             labelled = None if sample_weight is None else sample_weight > 0
             labels = y if labelled is None else tf.where(
@@ -103,25 +117,22 @@ class TrainingChains:
                                              model.num_classes))
             x_cond, diagnostics = self._run_chains(batch_size, position, seeds.STEP_DRAW_CONDITIONAL,
                                                    seeds.STEP_SGLD_CONDITIONAL, labels=labels, labelled=labelled)
-            self._append(batch, x_cond, batch_size, diagnostics)
+            batch = batch._replace(conditional_sample=x_cond,
+                                   grad_norms=batch.grad_norms + (diagnostics.grad_norm_trace,))
         return batch
 
-    def forward(self, batch: ContrastiveBatch) -> List[tf.Tensor]:
-        """float32 logits of each of ``batch.inputs``: the data in training mode, the chains in inference mode
-        when the backbone has batch norm; else all in one training-mode pass."""
+    def forward(self, batch: ContrastiveBatch) -> ContrastiveLogits:
+        """float32 logits of each image of ``batch``, by role: the data in training mode, the chains in inference
+        mode when the backbone has batch norm; else all in one training-mode pass."""
         logits_fn = self.model.logits
+        roles = [name for name in ("sample", "conditional_sample") if getattr(batch, name) is not None]
+        images = [batch.data] + [getattr(batch, name) for name in roles]
         if self.has_batch_norm:
-            return [logits_fn(batch.inputs[0], training=True)] + [
-                logits_fn(x, training=False) for x in batch.inputs[1:]
-            ]
-        logits = logits_fn(tf.concat(batch.inputs, axis=0), training=True)
-        return tf.split(logits, batch.sizes, axis=0)
-
-    @staticmethod
-    def _append(batch: ContrastiveBatch, samples, size, diagnostics) -> None:
-        batch.inputs.append(samples)
-        batch.sizes.append(size)
-        batch.grad_norms.append(diagnostics.grad_norm_trace)
+            logits = [logits_fn(batch.data, training=True)] + [logits_fn(x, training=False) for x in images[1:]]
+        else:
+            logits = tf.split(logits_fn(tf.concat(images, axis=0), training=True),
+                              [tf.shape(x)[0] for x in images], axis=0)
+        return ContrastiveLogits(logits[0], **dict(zip(roles, logits[1:])))
 
     def _px_chain_count(self, batch_size, position, sample_weight):
         """``(count, position)`` of the p(x) chains: one per row, or one per unlabelled row of a semi-supervised

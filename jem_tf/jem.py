@@ -269,8 +269,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
             logits = self._chains.forward(batch)
             # 3. Loss.
             terms = jem_objective(
-                y, logits[0], logits_sample=logits[1] if self.px_weight > 0 else None,
-                logits_conditional_sample=logits[-1] if self.pxy_weight > 0 else None, sample_weight=sample_weight,
+                y, logits.data, logits_sample=logits.sample, logits_conditional_sample=logits.conditional_sample,
+                sample_weight=sample_weight,
                 pyx_weight=self.pyx_weight, px_weight=self.px_weight, pxy_weight=self.pxy_weight,
                 energy_l2_weight=self.energy_l2_weight, energy_l2_center=self.energy_l2_center,
                 energy_l2_samples=self.energy_l2_samples, energy_active=self._chains.energy_active())
@@ -289,16 +289,16 @@ class JEM(inputs.CheckedInputs, keras.Model):
         # 5. Track.
         self.loss_tracker.update_state(loss)
         self.ce_tracker.update_state(terms.ce)
-        self.accuracy_metric.update_state(y, logits[0], sample_weight=sample_weight)
+        self.accuracy_metric.update_state(y, logits.data, sample_weight=sample_weight)
         self.e_data_tracker.update_state(terms.e_data)
         if self.px_weight > 0:
             self.e_sample_tracker.update_state(terms.e_sample)
             self.energy_gap_tracker.update_state(terms.energy_gap)
-        if len(batch.inputs) > 1:
-            self.sample_abs_max_tracker.update_state(tf.reduce_max(tf.abs(tf.concat(batch.inputs[1:], axis=0))))
+        if batch.chains:
+            self.sample_abs_max_tracker.update_state(tf.reduce_max(tf.abs(tf.concat(batch.chains, axis=0))))
         if batch.grad_norms:
             self.sgld_grad_norm_tracker.update_state(tf.concat(batch.grad_norms, axis=0))
-        self._update_compiled_metrics(y, logits[0], sample_weight)
+        self._update_compiled_metrics(y, logits.data, sample_weight)
         return keras_workarounds.step_logs(self.metrics)
 
     def _update_compiled_metrics(self, y, logits, sample_weight):

@@ -20,9 +20,9 @@ def test_sample_gives_noisy_data_and_chains_written_back_to_the_buffer():
     before = model.replay_buffer.samples.numpy().copy()
     x, y = _batch()
     batch = TrainingChains(model).sample(x, y)
-    assert len(batch.inputs) == 3 and [int(s) for s in batch.sizes] == [8, 8, 8]
+    assert [int(t.shape[0]) for t in (batch.data, batch.sample, batch.conditional_sample)] == [8, 8, 8]
     assert [g.shape for g in batch.grad_norms] == [(3,), (3,)]  # one trace per group of chains, n_steps long
-    noise = (batch.inputs[0] - x).numpy()
+    noise = (batch.data - x).numpy()
     assert 0.02 < noise.std() < 0.04 and abs(noise.mean()) < 0.01  # x + 0.03 * N(0, I)
     written = np.any(model.replay_buffer.samples.numpy() != before, axis=(1, 2, 3))
     assert 0 < written.sum() <= 16  # at most the 8 + 8 drawn slots moved
@@ -33,8 +33,8 @@ def test_a_semi_supervised_batch_runs_one_px_chain_per_unlabelled_row():
     chains = TrainingChains(tiny_jem())
     x, y = _batch()
     weights = tf.constant([1, 0, 1, 0, 0, 1, 1, 1], tf.float32)
-    assert int(chains.sample(x, y, weights).sizes[1]) == 3
-    assert int(chains.sample(x, y, tf.ones([8])).sizes[1]) == 8  # no unlabelled row: one chain per row
+    assert int(chains.sample(x, y, weights).sample.shape[0]) == 3
+    assert int(chains.sample(x, y, tf.ones([8])).sample.shape[0]) == 8  # no unlabelled row: one chain per row
 
 
 def test_energy_terms_are_gated_until_energy_start_step():
@@ -52,8 +52,8 @@ def test_forward_keeps_batch_norm_statistics_away_from_the_chains():
     chains = TrainingChains(model)
     assert chains.has_batch_norm and not TrainingChains(tiny_jem()).has_batch_norm
     x, _ = _batch()
-    logits = chains.forward(ContrastiveBatch([x, tf.ones_like(x)], [8, 8], []))
-    assert [group.shape for group in logits] == [(8, 3), (8, 3)]
+    logits = chains.forward(ContrastiveBatch(data=x, conditional_sample=tf.ones_like(x)))
+    assert logits.data.shape == logits.conditional_sample.shape == (8, 3) and logits.sample is None
     moving_mean = backbone.layers[0].moving_mean.numpy()
     np.testing.assert_allclose(moving_mean, 0.5 * np.mean(x.numpy()), rtol=1e-4)  # the data's mean only
 
@@ -62,4 +62,5 @@ def test_forward_keeps_batch_norm_statistics_away_from_the_chains():
 def test_sample_runs_only_the_chains_of_the_active_terms(px_weight, pxy_weight, groups):
     model = tiny_jem(px_weight=px_weight, pxy_weight=pxy_weight)
     batch = TrainingChains(model).sample(*_batch())
-    assert len(batch.inputs) == groups and len(batch.grad_norms) == groups - 1
+    assert len(batch.chains) == len(batch.grad_norms) == groups - 1
+    assert (batch.sample is not None) == (px_weight > 0) and (batch.conditional_sample is not None) == (pxy_weight > 0)
