@@ -103,7 +103,8 @@ def test_layout_metadata_and_small_size(trained):
     assert ood["calibration_split"] == "given" and ood["num_calibration_images"] == len(x)
     assert ood["score"] == ood["selection"]["chosen"] and ood["threshold"] == ood["detector"]["threshold"]
     scores = _ood_scores(model, metadata, x)
-    assert np.mean(scores >= ood["threshold"]) == pytest.approx(ood["achieved_tpr"]) and ood["achieved_tpr"] >= 0.95
+    assert np.mean(scores >= ood["threshold"]) == pytest.approx(ood["achieved_tpr"])
+    assert 0.95 <= ood["achieved_tpr"] < 0.95 + 1 / len(x)  # at least 95 % pass, not one image more than needed
     # No replay buffer or optimizer state, and each backbone variable stored once.
     data = [f for f in os.listdir(os.path.join(path, "variables")) if f.startswith("variables.data")]
     stored = sum(os.path.getsize(os.path.join(path, "variables", f)) for f in data)
@@ -502,9 +503,12 @@ def test_every_ood_component_is_served_without_keras(trained, tmp_path, reduce):
     model, x, _, _ = trained
     labels = np.arange(len(x)) % 3
     scorer = OODScorer.fit(model, train_images=x, train_labels=labels, val_images=x, val_labels=labels)
-    detector = OODDetector("everything", tuple(Term(name, weight=0.1 * (i + 1), center=0.5, scale=2.0,
-                                                    two_sided=name == "png_bits")
-                                               for i, name in enumerate(COMPONENTS)), threshold=0.0, reduce=reduce)
+    # Centred on each component's median over the served images: every term is below its centre for some images
+    # and above for others, so the minimum is reached by different terms (both branches of the min).
+    values = scorer.arrays(x[:5], list(COMPONENTS))
+    terms = tuple(Term(name, weight=0.1 * (i + 1), center=float(np.median(values[name])), scale=2.0,
+                       two_sided=name == "png_bits") for i, name in enumerate(COMPONENTS))
+    detector = OODDetector("everything", terms, threshold=0.0, reduce=reduce)
     ood = FittedDetector(scorer, detector, {"calibration_split": "given", "num_calibration_images": 0, "tpr": None})
     path = export_saved_model(model, str(tmp_path / "served"), ood=ood)
     np.savez(tmp_path / "inputs.npz", images=x[:5], **SAMPLE_REQUEST)
@@ -516,6 +520,12 @@ def test_every_ood_component_is_served_without_keras(trained, tmp_path, reduce):
     metadata = json.load(open(os.path.join(path, METADATA_FILE)))
     assert OODDetector.from_dict(metadata["ood"]["detector"]) == detector
     expected = _ood_scores(model, metadata, x[:5], scorer=scorer)
+    per_term = np.stack([OODDetector(t.component, (t,)).combine(values) for t in terms])  # [terms, images]
+    if reduce == "min":
+        np.testing.assert_allclose(expected, per_term.min(axis=0), rtol=1e-5, atol=1e-6)
+        assert len(set(per_term.argmin(axis=0).tolist())) >= 2  # the minimum switches between terms
+    else:
+        np.testing.assert_allclose(expected, per_term.sum(axis=0), rtol=1e-5, atol=1e-5)
     for loader in ("object", "session"):
         np.testing.assert_allclose(served[f"{loader}/energy/ood_score"], expected, rtol=1e-4, atol=1e-3)
         np.testing.assert_array_equal(served[f"{loader}/energy/is_in_distribution"], expected >= 0.0)

@@ -87,8 +87,14 @@ class OODDetector:
         """A copy with the threshold that calls a fraction ``tpr`` of ``validation_scores`` in-distribution."""
         if not 0.0 < tpr <= 1.0:
             raise ValueError(f"`tpr` must be in (0, 1]; received {tpr!r}")
-        threshold = float(np.quantile(np.asarray(validation_scores, np.float64), 1.0 - tpr, method="lower"))
-        return dataclasses.replace(self, threshold=threshold)
+        # The highest threshold that lets at least ceil(tpr * n) of the n scores pass (score >= threshold): the
+        # (n - ceil(tpr * n))-th smallest. (numpy's quantile(1 - tpr, "lower") picks index floor((1 - tpr)(n - 1)),
+        # which lets more pass than asked for small n: all 4 of 4 at tpr 0.75.)
+        scores = np.sort(np.asarray(validation_scores, np.float64).ravel())
+        if scores.size == 0:
+            raise ValueError("`validation_scores` must not be empty")
+        must_pass = int(np.ceil(tpr * scores.size - 1e-9))
+        return dataclasses.replace(self, threshold=float(scores[scores.size - must_pass]))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "threshold": self.threshold,
