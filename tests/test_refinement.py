@@ -119,6 +119,40 @@ def test_evaluation_chooses_refinement_on_validation_never_test(trained, tmp_pat
                     refinement="choose")
 
 
+def test_bpda_attacks_the_gradient_at_the_refined_input_inside_every_step(trained):
+    """The defence is inside the attacked forward pass: every step (and every EOT draw) runs it, and the step
+    follows the gradient at its output (identity backward), not at the attacked image."""
+    model, _, (x_test, y_test) = trained
+
+    def logits_fn(x):
+        return model.logits(x, training=False)
+
+    calls = tf.Variable(0)
+    anchor = tf.constant(x_test[:1])
+
+    def to_anchor(x, seed):  # a "refinement" that maps every input to one image
+        calls.assign_add(1)
+        return tf.repeat(anchor, tf.shape(x)[0], axis=0)
+
+    steps, eps, step_size = 3, 0.1, 0.02
+    attack = PGD(logits_fn, image_shape=model.image_shape, norm="linf", steps=steps, random_start=False,
+                 preprocess=to_anchor, eot_samples=2)
+    x, y = x_test[:6], y_test[:6]
+    adversarial = attack(x, y, eps=eps, step_size=step_size, seed=1)
+    assert int(calls.numpy()) == steps * 2  # one batch: each step ran the defence for each of its 2 draws
+    # Each image moved along the sign of the loss gradient at the anchor (for its own label), every step.
+    with tf.GradientTape() as tape:
+        point = tf.repeat(anchor, len(x), axis=0)
+        tape.watch(point)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.constant(y, tf.int32),
+                                                                             logits_fn(point)))
+    direction = np.sign(tape.gradient(loss, point).numpy())
+    expected = x
+    for _ in range(steps):
+        expected = np.clip(x + np.clip(expected + step_size * direction - x, -eps, eps), -1, 1)
+    np.testing.assert_allclose(adversarial, expected, atol=1e-6)
+
+
 def test_bpda_through_identity_refinement_is_the_plain_attack(trained):
     model, _, (x_test, y_test) = trained
 

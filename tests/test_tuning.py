@@ -115,7 +115,12 @@ def test_search_under_mirrored_strategy(small_digits, tmp_path):
     space["learning_rate"] = {"type": "choice", "values": [3e-3]}
     summary = run_search(_config(epochs=1, strategy="mirrored"), small_digits, directory=str(tmp_path),
                          kind="grid", max_trials=1, space=space)
-    assert summary["num_trials"] == 1 and summary["best"] is not None
+    assert summary["num_trials"] == 1 and summary["num_failed"] == 0
+    best = summary["best"]  # the one trial, its score its validation accuracy, its recipe the searched value
+    assert best["hyperparameters"] == {"learning_rate": 3e-3} and best["status"] == "COMPLETED"
+    assert best["score"] == pytest.approx(best["metrics"]["val_accuracy"]) and 0.0 <= best["score"] <= 1.0
+    recipe = load_recipe(os.path.join(str(tmp_path), "best_recipe.json"))
+    assert recipe.learning_rate == 3e-3 and recipe.strategy == "mirrored" and recipe.epochs == 1
 
 
 @pytest.mark.integration
@@ -126,8 +131,16 @@ def test_tune_cli(tmp_path, capsys):
                       str(tmp_path), "--epochs", "1", "--width", "4", "--sgld-steps", "2", "--buffer-size", "100",
                       "--fix", "sgld_steps,warmup_steps"])
     assert code == 0
-    assert "1 trials (0 failed)" in capsys.readouterr().out
-    assert os.path.isfile(tmp_path / "best_recipe.json")
+    out = capsys.readouterr().out
+    summary = json.load(open(tmp_path / "summary.json"))
+    best = summary["best"]
+    assert summary["num_trials"] == 1 and best["status"] == "COMPLETED" and "1 trials (0 failed)" in out
+    assert f"best val_accuracy = {best['score']:.4f}" in out
+    # The best recipe is the digits recipe with the trial's values and the command's overrides.
+    recipe = load_recipe(str(tmp_path / "best_recipe.json"))
+    assert recipe.width == 4 and recipe.sgld_steps == 2 and recipe.epochs == 1
+    for name, value in best["hyperparameters"].items():
+        assert getattr(recipe, name) == pytest.approx(value)
 
 
 @pytest.mark.parametrize("argv, message", [
