@@ -10,11 +10,23 @@ if _os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
 
 import sys as _sys
 
-if _sys.argv[:1] == ["-m"]:
-    # `python -m jem_tf.<command>` imports this package (and TensorFlow) while Python locates the command, with
-    # sys.argv[0] "-m": the package is the program, and a Ctrl-C before the command's own handling starts (while
-    # TensorFlow and the command's modules import) is one line and exit 130, not a traceback. Library imports
-    # (any other sys.argv[0]) leave SIGINT alone.
+
+def _run_as_a_command() -> bool:
+    """Whether this import is Python locating ``python -m jem_tf.<command>`` (sys.argv[0] is "-m" until the
+    command's module runs, and the interpreter's own command line names a jem_tf module)."""
+    if _sys.argv[:1] != ["-m"]:
+        return False
+    argv = list(getattr(_sys, "orig_argv", ()))
+    target = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+    return target == "jem_tf" or target.startswith("jem_tf.")
+
+
+_COMMAND = _run_as_a_command()
+
+if _COMMAND:
+    # The package is the program: a Ctrl-C before the command's own handling starts (while the command's modules
+    # import) is one line and exit 130, not a traceback. Library imports (also those of another `python -m`
+    # program's package) leave SIGINT alone.
     from jem_tf.cli import handle_ctrl_c_while_starting
 
     handle_ctrl_c_while_starting()
@@ -27,7 +39,7 @@ _PUBLIC = {  # name -> the module that defines it
     "fast_cnn": "jem_tf.networks", "small_cnn": "jem_tf.networks", "wide_resnet": "jem_tf.networks",
 }
 
-if _sys.argv[:1] == ["-m"]:
+if _COMMAND:
     # A command (python -m jem_tf.<command>) imports what it needs itself, after parsing its flags: importing
     # TensorFlow here would make `--help` and a bad flag wait seconds for it. The public names load on first use.
     def __getattr__(name):

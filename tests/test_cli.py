@@ -2,6 +2,7 @@
 input (flags and UsageError), and a traceback with exit code 1 for everything else."""
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -278,3 +279,17 @@ def test_help_and_a_bad_flag_never_import_tensorflow(command):
         assert "tensorflow" not in imported and "keras" not in imported
     assert f"usage: python -m jem_tf.{command}" in subprocess.run(
         [sys.executable, "-m", f"jem_tf.{command}", "--help"], capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.mark.integration
+def test_another_programs_python_m_imports_jem_tf_whole(tmp_path):
+    """Only `python -m jem_tf.<command>` imports the package lazily: a user's package run with -m that imports
+    jem_tf while Python locates it gets every public name (JEM registered with Keras) at once."""
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("import jem_tf\nEAGER = 'JEM' in vars(jem_tf)\n")
+    (package / "main.py").write_text("import userpkg\nprint('eager' if userpkg.EAGER else 'lazy')\n")
+    result = subprocess.run([sys.executable, "-m", "userpkg.main"], capture_output=True, text=True, timeout=120,
+                            cwd=str(tmp_path), env={**CLI_ENV, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "eager"
