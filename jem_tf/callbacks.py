@@ -108,8 +108,7 @@ class RotatingCheckpoint(keras.callbacks.Callback):
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"epoch_{epoch + 1:04d}.keras")
         check_free_space(self.directory, saved_state_bytes(self.model), path)
-        write_atomically(path, self.model.save,
-                         tmp=os.path.join(self.directory, f".epoch_{epoch + 1:04d}.tmp.keras"))
+        write_atomically(path, self.model.save, suffix=".keras")
         for old in self.checkpoints()[:-self.keep]:
             os.remove(old)
 
@@ -222,8 +221,7 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
                 os.fsync(f.fileno())
 
         # A generation is complete or absent; on a failure the previous generations stay (the last good epoch).
-        write_atomically(target, write_generation, tmp=os.path.join(self.backup_dir, f".tmp_{name}"),
-                         replace_directory=True)
+        write_atomically(target, write_generation, replace_directory=True)
         for _, old in self.generations()[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
 

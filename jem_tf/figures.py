@@ -50,13 +50,13 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 
 def write_png(path: str, image: np.ndarray) -> None:
     """Writes a uint8 ``[H, W, C]`` image (C = 1 or 3) to ``path`` atomically."""
-    atomic_write_bytes(path, tf.io.encode_png(tf.constant(image, tf.uint8)).numpy(), tmp=path + ".tmp")
+    atomic_write_bytes(path, tf.io.encode_png(tf.constant(image, tf.uint8)).numpy())
 
 
 # ------------------------------------------------------------------------------------- matplotlib figures
 def _save(figure, path: str) -> str:
     # The temporary name ends in .png: savefig takes the format from it.
-    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight"), tmp=path + ".tmp.png")
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight"), suffix=".png")
     return path
 
 

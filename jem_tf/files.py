@@ -71,12 +71,25 @@ def check_free_space(directory: str, needed_bytes: int, path: str) -> None:
         raise DiskFullError(path)
 
 
-def write_atomically(path: str, write: Callable[[str], None], *, tmp: Optional[str] = None,
+def temporary_path(path: str, suffix: str = "") -> str:
+    """The one name of every temporary file or directory jem-tf writes: ``DIR/.NAME.tmp-HOST-PID[SUFFIX]`` beside
+    ``path`` (``DIR/NAME``); ``suffix`` for writers that read the format from the name (``.keras``, ``.png``,
+    ``.npz``). :data:`TEMPORARY` matches them all, and :func:`remove_stale_temporaries` can tell whose process left
+    one behind."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}{suffix}")
+
+
+# The names temporary_path gives (groups: target, host, pid, suffix).
+TEMPORARY = re.compile(r"^\.(?P<target>.+?)\.tmp-(?P<host>[^/]+?)-(?P<pid>\d+)(?P<suffix>\.[A-Za-z0-9]+)?$")
+
+
+def write_atomically(path: str, write: Callable[[str], None], *, suffix: str = "", tmp: Optional[str] = None,
                      replace_directory: bool = False) -> None:
     """The one atomic write: calls ``write(tmp)``, which creates a file or a directory at ``tmp`` (default
-    ``PATH.tmp-PID``), and renames ``tmp`` to ``path``, so that ``path`` holds the previous content or the new
-    one, never a part. Any writer fits (``model.save``, ``figure.savefig``, ``tf.saved_model.save``, ...); a
-    ``tmp`` left by a killed process is removed first.
+    :func:`temporary_path` ``(path, suffix)``), and renames ``tmp`` to ``path``, so that ``path`` holds the previous
+    content or the new one, never a part. Any writer fits (``model.save``, ``figure.savefig``,
+    ``tf.saved_model.save``, ...); a ``tmp`` left by a killed process is removed first.
 
     On any failure (or an interrupt) the temporary file or directory is removed and ``path`` is left as it
     was; a full disk raises :class:`DiskFullError` naming ``path``. A directory cannot be renamed over a
@@ -84,9 +97,9 @@ def write_atomically(path: str, write: Callable[[str], None], *, tmp: Optional[s
     rename (the one moment a reader finds neither); without it, renaming over one fails.
 
     Example:
-        >>> write_atomically("model.keras", model.save, tmp=".model.keras.tmp-1234.keras")
+        >>> write_atomically("model.keras", model.save, suffix=".keras")
     """
-    tmp = tmp or f"{path}.tmp-{os.getpid()}"
+    tmp = tmp or temporary_path(path, suffix)
     try:
         remove_path(tmp)
         write(tmp)
@@ -131,20 +144,11 @@ def process_alive(pid) -> bool:
     return True
 
 
-def temporary_name(prefix: str) -> str:
-    """``PREFIX-HOST-PID``: a temporary name that :func:`remove_stale_temporaries` can tell is stale."""
-    return f"{prefix}-{socket.gethostname()}-{os.getpid()}"
-
-
-def temporary_pattern(prefix: str) -> re.Pattern:
-    """The names :func:`temporary_name` gives for ``prefix`` (groups ``host`` and ``pid``)."""
-    return re.compile(rf"^{re.escape(prefix)}-(?P<host>[^/]+)-(?P<pid>\d+)$")
-
-
 def remove_stale_temporaries(directory: str, *patterns: re.Pattern) -> list:
-    """Removes the entries of ``directory`` whose name matches one of ``patterns`` (a group ``pid``, optionally
-    ``host``; see :func:`temporary_pattern`) and that a process of this host which no longer runs left behind
-    (a kill mid-write); returns their paths. Those of live processes and of other hosts are kept."""
+    """Removes the entries of ``directory`` whose name is a temporary one (:data:`TEMPORARY`, or one of
+    ``patterns``: a group ``pid``, optionally ``host``) and that a process of this host which no longer runs left
+    behind (a kill mid-write); returns their paths. Those of live processes and of other hosts are kept."""
+    patterns = patterns or (TEMPORARY,)
     if not os.path.isdir(directory):
         return []
     removed = []

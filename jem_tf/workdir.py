@@ -20,7 +20,18 @@ from jem_tf.callbacks import ChiefBackupAndRestore, saved_state_bytes
 from jem_tf.config import TrainConfig
 from jem_tf.config_rules import RESUME_FIXED_FIELDS
 from jem_tf.errors import UsageError
-from jem_tf.files import check_free_space, remove_path, write_atomically
+from jem_tf.files import (
+    TEMPORARY,
+    check_free_space,
+    remove_path,
+    temporary_path,
+    write_atomically,
+)
+
+# The temporaries of runs written by older jem-tf versions (before files.temporary_path), cleaned up the same way.
+_OLD_TEMPORARIES = (re.compile(r"^\.?[\w.]+\.tmp-\d+(\.keras)?$"), re.compile(r"^\.overwrite-\d+$"),
+                    re.compile(r"^samples\.png\.tmp$"), re.compile(r"^\.epoch_\d+\.tmp\.keras$"),
+                    re.compile(r"^\.tmp_epoch_\d+$"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +107,10 @@ class RunLayout:
         """The temporary files and directories of interrupted writes (``model.keras``, JSON files, checkpoints, a
         backup generation, the sample grid); only the lock's holder writes, so under the lock they are stale."""
         found = []
-        for directory, pattern in ((self.workdir, re.compile(r"^\.?[\w.]+\.tmp-\d+(\.keras)?$")),
-                                   (self.workdir, re.compile(r"^\.overwrite-\d+$")),
-                                   (self.workdir, re.compile(r"^samples\.png\.tmp$")),
-                                   (self.checkpoints, re.compile(r"^\.epoch_\d+\.tmp\.keras$")),
-                                   (self.backup, re.compile(r"^\.tmp_epoch_\d+$"))):
+        for directory in (self.workdir, self.checkpoints, self.backup):
             if os.path.isdir(directory) and not os.path.islink(directory):
-                found += [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if pattern.match(n)]
+                found += [os.path.join(directory, n) for n in sorted(os.listdir(directory))
+                          if TEMPORARY.match(n) or any(p.match(n) for p in _OLD_TEMPORARIES)]
         return found
 
     def state(self) -> str:
@@ -141,8 +149,7 @@ def save_model_atomically(model: keras.Model, path: str) -> None:
     the temporary file removed."""
     directory = os.path.dirname(path) or "."
     check_free_space(directory, saved_state_bytes(model), path)
-    write_atomically(path, model.save,
-                     tmp=os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}.keras"))
+    write_atomically(path, model.save, suffix=".keras")
 
 
 def _check_writable_dir(path: str, what: str) -> None:
@@ -234,14 +241,14 @@ def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool =
 def clear_run(layout: RunLayout, *, log=print) -> None:
     """Removes a run's files from its work directory (``--overwrite``, after every check has passed).
 
-    Each is first renamed into a folder ``.overwrite-PID`` of the work directory (a link is moved as a link: a
-    link out of the work directory is never followed), so a failure puts back what was moved and deletes
-    nothing (``UsageError`` naming the path); only then is that folder deleted.
+    Each is first renamed into a temporary folder ``.overwrite.tmp-HOST-PID`` of the work directory (a link is
+    moved as a link: a link out of the work directory is never followed), so a failure puts back what was moved
+    and deletes nothing (``UsageError`` naming the path); only then is that folder deleted.
     """
     present = [path for path in layout.run_files() if os.path.lexists(path)]
     if not present:
         return
-    trash = os.path.join(layout.workdir, f".overwrite-{os.getpid()}")
+    trash = temporary_path(os.path.join(layout.workdir, "overwrite"))
     remove_path(trash)
     os.makedirs(trash)
     moved = []

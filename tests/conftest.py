@@ -73,7 +73,7 @@ def cli_error_line(result):
 def leftovers(directory):
     """Temporary files and directories anywhere below ``directory`` (of an interrupted write or --overwrite)."""
     return [os.path.join(root, name) for root, dirs, files in os.walk(directory) for name in files + dirs
-            if ".tmp" in name or name.startswith(".overwrite-")]
+            if ".tmp" in name or name.startswith(".overwrite")]
 
 
 def file_snapshot(directory):

@@ -4,10 +4,19 @@ temporary file or directory is gone after a failure."""
 import errno
 import json
 import os
+import socket
 
 import pytest
 
-from jem_tf.files import DiskFullError, atomic_write_bytes, atomic_write_json, write_atomically
+from jem_tf.files import (
+    TEMPORARY,
+    DiskFullError,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_temporaries,
+    temporary_path,
+    write_atomically,
+)
 
 
 def test_bytes_and_json_replace_the_whole_file(tmp_path):
@@ -37,7 +46,8 @@ def test_a_failing_writer_leaves_the_previous_file_and_no_temporary(tmp_path):
 
     with pytest.raises(RuntimeError, match="killed mid-write"):
         write_atomically(path, half_write)
-    assert seen == [f"{path}.tmp-{os.getpid()}"]
+    assert seen == [os.path.join(str(tmp_path), f".model.keras.tmp-{socket.gethostname()}-{os.getpid()}")]
+    assert TEMPORARY.match(os.path.basename(seen[0])).group("target") == "model.keras"
     assert open(path, "rb").read() == b"complete" and os.listdir(tmp_path) == ["model.keras"]
 
     def interrupted(tmp):
@@ -107,3 +117,27 @@ def test_directories(tmp_path):
     assert open(os.path.join(target, "state")).read() == "one" and os.listdir(tmp_path) == ["epoch_0001"]
     write_atomically(target, _write_directory("two"), replace_directory=True)
     assert open(os.path.join(target, "state")).read() == "two" and os.listdir(tmp_path) == ["epoch_0001"]
+
+
+def test_one_temporary_name_for_every_write_and_stale_ones_are_removed(tmp_path):
+    """Every temporary jem-tf writes is .NAME.tmp-HOST-PID[SUFFIX] (files.temporary_path), which TEMPORARY parses
+    (host names with dots and suffixes included) and remove_stale_temporaries uses to remove dead processes' files
+    only."""
+    import subprocess
+    import sys
+
+    host = socket.gethostname()
+    name = os.path.basename(temporary_path(str(tmp_path / "model.keras"), ".keras"))
+    assert name == f".model.keras.tmp-{host}-{os.getpid()}.keras"
+    assert TEMPORARY.match(name).group("target", "pid", "suffix") == ("model.keras", str(os.getpid()), ".keras")
+    assert TEMPORARY.match(".1.tmp-node.example.org-42").group("target", "host", "pid") == ("1", "node.example.org",
+                                                                                            "42")
+    assert not TEMPORARY.match("model.keras") and not TEMPORARY.match(".model.keras")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale, live, elsewhere = (f".a.tmp-{host}-{gone.pid}.npz", f".b.tmp-{host}-{os.getpid()}",
+                              f".c.tmp-other.host-{gone.pid}")
+    for entry in (stale, live, elsewhere, "kept.keras"):
+        (tmp_path / entry).write_bytes(b"x")
+    assert remove_stale_temporaries(str(tmp_path)) == [str(tmp_path / stale)]
+    assert sorted(os.listdir(tmp_path)) == sorted([live, elsewhere, "kept.keras"])

@@ -28,8 +28,9 @@ def export(tmp_path_factory):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a process that no longer runs
     host = os.uname().nodename
-    stale = [f".tmp-3-{gone.pid}", f".tmp-export-{host}-{gone.pid}"]  # the old name and ours
-    kept = [f".tmp-export-{host}-{os.getppid()}", f".tmp-export-elsewhere.example-{gone.pid}"]  # live; other host
+    stale = [f".tmp-3-{gone.pid}", f".tmp-export-{host}-{gone.pid}", f".3.tmp-{host}-{gone.pid}"]  # old names, ours
+    kept = [f".3.tmp-{host}-{os.getppid()}", f".tmp-export-{host}-{os.getppid()}",  # live processes'
+            f".3.tmp-elsewhere.example-{gone.pid}", f".tmp-export-elsewhere.example-{gone.pid}"]  # another host's
     for name in stale + kept:
         os.makedirs(export_dir / name / "variables")
     path = export_saved_model(_tiny_jem(), str(export_dir), ood_threshold=0.0, max_batch_size=4)

@@ -46,6 +46,7 @@ from jem_tf.data.image_files import (
     walk_images,
 )
 from jem_tf.errors import UsageError
+from jem_tf.files import DiskFullError, write_atomically
 
 CACHE_FORMAT = 1  # bumped when the cache file's layout or the decoding changes
 
@@ -124,19 +125,14 @@ def _write_cache(cache_file: str, arrays, meta: dict) -> None:
     """Atomic: a temporary file in the same folder, renamed. A cache that cannot be written is only a warning."""
     try:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        tmp = f"{cache_file}.tmp{os.getpid()}.npz"
         payload = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
         for split, (x, y) in arrays.items():
             payload[f"x_{split}"], payload[f"y_{split}"] = x, y
-        np.savez(tmp, **payload)
-        os.replace(tmp, cache_file)
-    except OSError as error:
-        print(f"warning: the decoded images could not be cached in {cache_file!r} ({error.strerror or error}); the "
-              "next run decodes them again.", file=sys.stderr)
-        try:
-            os.remove(tmp)
-        except (OSError, UnboundLocalError):
-            pass
+        write_atomically(cache_file, lambda tmp: np.savez(tmp, **payload), suffix=".npz")  # savez adds no .npz then
+    except (OSError, DiskFullError) as error:
+        # (write_atomically removed its temporary file.)
+        print(f"warning: the decoded images could not be cached in {cache_file!r} "
+              f"({getattr(error, 'strerror', None) or error}); the next run decodes them again.", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------------------------------------------- API

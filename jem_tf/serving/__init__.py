@@ -41,13 +41,12 @@ Modules: :mod:`~jem_tf.serving.signatures` (the served model and its signatures)
 
 from jem_tf.choices import DEFAULT_MAX_BATCH_SIZE, MAX_N_STEPS_LIMIT, SERVING_PRECISIONS
 from jem_tf.serving.limits import MAX_SAMPLE_BYTES, check_max_batch_size, max_num_samples_limit, sample_limits
-from jem_tf.serving.saved_model import EXPORT_TMP_PREFIX, METADATA_FILE, export_saved_model, next_version
+from jem_tf.serving.saved_model import METADATA_FILE, export_saved_model, next_version
 from jem_tf.serving.signatures import SIGNATURES, build_serving_module, check_class_names, serving_model
 from jem_tf.serving.warmup import WARMUP_FILE, warmup_requests, write_warmup_requests
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
-    "EXPORT_TMP_PREFIX",
     "MAX_N_STEPS_LIMIT",
     "MAX_SAMPLE_BYTES",
     "METADATA_FILE",

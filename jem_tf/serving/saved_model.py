@@ -17,7 +17,7 @@ import tensorflow as tf
 import jem_tf
 from jem_tf.choices import DEFAULT_MAX_BATCH_SIZE
 from jem_tf.errors import UsageError
-from jem_tf.files import remove_stale_temporaries, temporary_name, temporary_pattern, write_atomically
+from jem_tf.files import TEMPORARY, remove_stale_temporaries, write_atomically
 from jem_tf.jem import JEM
 from jem_tf.networks import compute_precision
 from jem_tf.ood import FittedDetector, OODScorer, fit_ood_detector, single
@@ -26,9 +26,9 @@ from jem_tf.serving.signatures import build_serving_module, check_class_names, s
 from jem_tf.serving.warmup import WARMUP_FILE, warmup_requests, write_warmup_requests
 
 METADATA_FILE = os.path.join("assets.extra", "jem_metadata.json")
-# An export is written to EXPORT_DIR/.tmp-export-HOST-PID and renamed to its version when complete.
-EXPORT_TMP_PREFIX = ".tmp-export"
-_OLD_EXPORT_TMP = re.compile(r"^\.tmp-\d+-(?P<pid>\d+)$")  # .tmp-VERSION-PID, before jem-tf named the host
+# An export is written to EXPORT_DIR/.VERSION.tmp-HOST-PID (files.temporary_path) and renamed when complete. The
+# names of older jem-tf versions' temporaries, removed the same way: .tmp-VERSION-PID, .tmp-export-HOST-PID.
+_OLD_EXPORT_TMP = (re.compile(r"^\.tmp-\d+-(?P<pid>\d+)$"), re.compile(r"^\.tmp-export-(?P<host>[^/]+)-(?P<pid>\d+)$"))
 
 
 def next_version(export_dir: str) -> int:
@@ -112,7 +112,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                                               **limits)
     os.makedirs(export_dir, exist_ok=True)
     # Temporaries of exports killed mid-write (this host's dead processes) go; then ours is written.
-    remove_stale_temporaries(export_dir, temporary_pattern(EXPORT_TMP_PREFIX), _OLD_EXPORT_TMP)
+    remove_stale_temporaries(export_dir, TEMPORARY, *_OLD_EXPORT_TMP)
     low, high = model.value_range
     metadata = {
         "format": "jem-tf SavedModel for TensorFlow Serving",
@@ -161,7 +161,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
     # between the check above and the rename: then the next free version (or, for a version asked for, an error).
     while True:
         try:
-            write_atomically(target, write_version, tmp=os.path.join(export_dir, temporary_name(EXPORT_TMP_PREFIX)))
+            write_atomically(target, write_version)
             return target
         except OSError as error:
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(target):
