@@ -61,7 +61,7 @@ else:
     from jem_tf.sgld import SGLDDiagnostics, SGLDSampler  # noqa: E402, F401
     from jem_tf.stability import StabilityGuard, TrainingDiverged  # noqa: E402, F401
 
-__version__ = "0.1.0"
+from jem_tf.version import __version__  # noqa: E402, F401
 
 __all__ = [
     "JEM",

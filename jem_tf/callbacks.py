@@ -15,27 +15,13 @@ import tensorflow as tf
 from jem_tf.figures import image_grid, upscale, write_png
 from jem_tf.files import check_free_space, write_atomically
 from jem_tf.keras_workarounds import set_initial_epoch
-
-
-def saved_state_bytes(model: keras.Model) -> int:
-    """About the bytes a save of ``model`` (weights, optimizer slots, replay buffer) takes, with a margin: checked
-    as free space before writing (h5py can crash the process on a full disk instead of raising)."""
-    variables = list(model.variables) + (list(model.optimizer.variables) if model.optimizer is not None else [])
-    raw = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
-    return int(raw * 1.1) + (1 << 20)
-
-
-def _numbered_entries(directory: str, pattern: re.Pattern):
-    """``(number, path)`` of the entries of ``directory`` whose name matches ``pattern`` (one group: the
-    number), in increasing order; empty if the directory does not exist."""
-    if not os.path.isdir(directory):
-        return []
-    found = []
-    for name in os.listdir(directory):
-        match = pattern.match(name)
-        if match:
-            found.append((int(match.group(1)), os.path.join(directory, name)))
-    return sorted(found)
+from jem_tf.workdir import (
+    BACKUP_GENERATION,
+    BACKUP_METADATA,
+    BACKUP_WEIGHTS,
+    numbered_entries,
+    saved_state_bytes,
+)
 
 
 class SampleGridCallback(keras.callbacks.Callback):
@@ -102,7 +88,7 @@ class RotatingCheckpoint(keras.callbacks.Callback):
 
     def checkpoints(self):
         """Existing checkpoint paths, oldest first."""
-        return [path for _, path in _numbered_entries(self.directory, self.PATTERN)]
+        return [path for _, path in numbered_entries(self.directory, self.PATTERN)]
 
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(self.directory, exist_ok=True)
@@ -137,9 +123,7 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
             :meth:`remove` after the final model is written, so that a kill in between loses nothing.
     """
 
-    PATTERN = re.compile(r"^epoch_(\d+)$")
-    WEIGHTS = "state.weights.h5"
-    METADATA = "training_metadata.json"
+    PATTERN, WEIGHTS, METADATA = BACKUP_GENERATION, BACKUP_WEIGHTS, BACKUP_METADATA  # jem_tf.workdir's layout
 
     def __init__(self, backup_dir: str, *, is_chief: bool = True, keep: int = 2, log=print,
                  delete_on_completion: bool = True):
@@ -156,19 +140,7 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def generations(self):
         """``(epoch, directory)`` of the complete generations, newest first."""
-        return _numbered_entries(self.backup_dir, self.PATTERN)[::-1]
-
-    @classmethod
-    def epochs_done(cls, backup_dir: str) -> int:
-        """The epochs a backup in ``backup_dir`` holds (its newest generation whose metadata reads; 0: none),
-        read without loading it, e.g. to check a resumed run's ``epochs`` before anything is written."""
-        for _, directory in _numbered_entries(backup_dir, cls.PATTERN)[::-1]:
-            try:
-                with open(os.path.join(directory, cls.METADATA)) as f:
-                    return int(json.load(f)["epoch"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-        return 0
+        return numbered_entries(self.backup_dir, self.PATTERN)[::-1]
 
     def restore(self, model: keras.Model) -> int:
         """Loads the newest loadable generation into ``model``; returns its epoch (0: nothing to resume)."""

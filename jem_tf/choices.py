@@ -27,7 +27,7 @@ ACCEPTED_SHIFTS = ("blurred", "low_contrast", "translated")
 MAX_N_STEPS_LIMIT = 100_000  # the sample signature's hardest bound on n_steps
 DEFAULT_MAX_BATCH_SIZE = 1024  # images per classify / energy request
 
-# Evaluation (jem_tf.evaluation, jem_tf.refinement).
+# Evaluation (jem_tf.evaluation).
 EVALUATION_MODES = ("accuracy", "calibration", "ood", "samples", "frechet", "robustness")
 REFINEMENT_SOURCES = ("model", "choose", "sampler")
 

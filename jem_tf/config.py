@@ -124,9 +124,9 @@ class TrainConfig:
     sample_every_epochs: int = 5
     num_sample_images: int = 64
     checkpoints_to_keep: int = 3
-    # Choose test-time refinement settings on the validation split when training ends (jem_tf.refinement,
-    # rule v2: PGD on validation images; seconds on digits, minutes on Fashion-MNIST). False: the model is
-    # saved without them (evaluate chooses them on demand).
+    # Choose test-time refinement settings on the validation split when training ends
+    # (jem_tf.evaluation.refinement_choice, rule v2: PGD on validation images; seconds on digits, minutes on
+    # Fashion-MNIST). False: the model is saved without them (evaluate chooses them on demand).
     choose_refinement: bool = True
     # Stability guard (jem_tf.stability.StabilityGuard): detect divergence and roll back.
     stability_guard: bool = True

@@ -57,7 +57,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
             noise instead. Default 0.
         energy_start_step: Optimizer step from which the energy terms and SGLD are on. Default 0.
         refinement: The :class:`~jem_tf.refinement.RefinementSettings` of :meth:`refine` (usually chosen by
-            :func:`jem_tf.refinement.choose_refinement`). Default ``None``: see :attr:`refinement_settings`.
+            :func:`jem_tf.evaluation.refinement_choice.choose_refinement`). Default ``None``: see
+            :attr:`refinement_settings`.
 
     Example:
         >>> backbone = jem_tf.networks.small_cnn(num_classes=10, input_shape=(8, 8, 1))

@@ -48,7 +48,8 @@ LABELLED_SUBSET = 2
 # StabilityGuard(reset_buffer=True): the refill after rollback number r uses seed [model seed, 1000 + r]
 # (the initial fill is [model seed, 0]).
 BUFFER_RESET_OFFSET = 1000
-# refinement.choose_refinement: the batch at offset a, refined to k steps, uses [seed, k * stride + a].
+# evaluation.refinement_choice.choose_refinement: the batch at offset a, refined to k steps, uses
+# [seed, k * stride + a].
 REFINE_STEPS_STRIDE = 100_003
 
 # ------------------------------------------------------------------ offsets added to an integer seed

@@ -82,11 +82,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _backup_epochs(workdir: str):
     """``(backup directory, epochs it holds)`` of the run in ``workdir``."""
-    from jem_tf.callbacks import ChiefBackupAndRestore
-    from jem_tf.workdir import RunLayout
+    from jem_tf.workdir import RunLayout, backup_epochs_done
 
     backup = RunLayout(workdir).backup
-    return backup, ChiefBackupAndRestore.epochs_done(backup)
+    return backup, backup_epochs_done(backup)
 
 
 def _train(config, workdir: str, verbose, overwrite: bool) -> int:

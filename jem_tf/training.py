@@ -25,12 +25,12 @@ from jem_tf.conversion import file_sha256
 from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
 from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.errors import as_usage_error
+from jem_tf.evaluation.refinement_choice import choose_refinement
 from jem_tf.factories import build_datasets, build_jem, build_stability_guard, compile_jem, resolve_config_precision
 from jem_tf.factories import steps_per_epoch as count_steps_per_epoch
 from jem_tf.files import atomic_write_json, remove_path
 from jem_tf.model_files import ClassifierSource, classifier_file, load_classifier, with_energy_l2_center
 from jem_tf.ood import fit_ood_detector
-from jem_tf.refinement import choose_refinement
 from jem_tf.serving import export_saved_model, serving_model
 from jem_tf.splits import RunSplits, load_run_dataset, run_splits
 from jem_tf.workdir import RunLayout, clear_run, prepare_workdir, save_model_atomically

@@ -15,8 +15,8 @@ import shutil
 from typing import Optional
 
 import keras
+import numpy as np
 
-from jem_tf.callbacks import ChiefBackupAndRestore, saved_state_bytes
 from jem_tf.config import TrainConfig
 from jem_tf.config_rules import RESUME_FIXED_FIELDS
 from jem_tf.errors import UsageError
@@ -32,6 +32,46 @@ from jem_tf.files import (
 _OLD_TEMPORARIES = (re.compile(r"^\.?[\w.]+\.tmp-\d+(\.keras)?$"), re.compile(r"^\.overwrite-\d+$"),
                     re.compile(r"^samples\.png\.tmp$"), re.compile(r"^\.epoch_\d+\.tmp\.keras$"),
                     re.compile(r"^\.tmp_epoch_\d+$"))
+
+
+# A backup (WORKDIR/backup, jem_tf.callbacks.ChiefBackupAndRestore) holds generations epoch_NNNN/ with the model's
+# weights and a small JSON of the epoch and optimizer step.
+BACKUP_GENERATION = re.compile(r"^epoch_(\d+)$")
+BACKUP_WEIGHTS = "state.weights.h5"
+BACKUP_METADATA = "training_metadata.json"
+
+
+def saved_state_bytes(model: keras.Model) -> int:
+    """About the bytes a save of ``model`` (weights, optimizer slots, replay buffer) takes, with a margin: checked
+    as free space before writing (h5py can crash the process on a full disk instead of raising)."""
+    variables = list(model.variables) + (list(model.optimizer.variables) if model.optimizer is not None else [])
+    raw = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    return int(raw * 1.1) + (1 << 20)
+
+
+def numbered_entries(directory: str, pattern: re.Pattern):
+    """``(number, path)`` of the entries of ``directory`` whose name matches ``pattern`` (one group: the
+    number), in increasing order; empty if the directory does not exist."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = pattern.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def backup_epochs_done(backup_dir: str) -> int:
+    """The epochs a backup in ``backup_dir`` holds (its newest generation whose metadata reads; 0: none), read
+    without loading it, e.g. to check a resumed run's ``epochs`` before anything is written."""
+    for _, directory in numbered_entries(backup_dir, BACKUP_GENERATION)[::-1]:
+        try:
+            with open(os.path.join(directory, BACKUP_METADATA)) as f:
+                return int(json.load(f)["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +260,7 @@ def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool =
                          "it, or choose another --workdir.")
     if state == "interrupted" and not overwrite:
         previous = load_run_config(layout.workdir)
-        done = ChiefBackupAndRestore.epochs_done(layout.backup)
+        done = backup_epochs_done(layout.backup)
         if config.epochs < done:
             raise UsageError(f"{layout.workdir} holds an interrupted run with {done} epoch(s) done; --epochs "
                              f"{config.epochs} is fewer: rerun with --epochs {done} or more to resume, or pass "

@@ -9,10 +9,11 @@ import tensorflow as tf
 from conftest import separable_data, tiny_jem
 
 from jem_tf import evaluation as ev
-from jem_tf import refinement as refinement_lib
 from jem_tf.attacks import PGD
+from jem_tf.evaluation import refinement_choice as refinement_lib
+from jem_tf.evaluation.refinement_choice import choose_refinement
 from jem_tf.generation import refinement_fn
-from jem_tf.refinement import RefinementSettings, choose_refinement
+from jem_tf.refinement import RefinementSettings
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,9 @@ class EvaluationConfig:
         num_bins: Calibration bins (mode ``calibration``).
         temperature_scaling: Fit a temperature on the validation data (mode ``calibration``).
         refinement: Which refinement settings modes ``accuracy`` and ``robustness`` use (see
-            :func:`jem_tf.refinement.resolve_refinement`): ``"model"`` (the model's saved settings, else chosen
-            on the validation split), ``"choose"`` (chosen anew on the validation split) or ``"sampler"`` (the
-            training sampler's settings, the old behaviour).
+            :func:`jem_tf.evaluation.refinement_choice.resolve_refinement`): ``"model"`` (the model's saved
+            settings, else chosen on the validation split), ``"choose"`` (chosen anew on the validation split) or
+            ``"sampler"`` (the training sampler's settings, the old behaviour).
         refine_steps: Numbers of SGLD refinement steps before classifying (mode ``accuracy``); ``None``: the
             refinement settings' number.
         sample_steps: SGLD steps of fresh chains (modes ``samples`` and ``frechet``).

@@ -15,13 +15,14 @@ from jem_tf.choices import EVALUATION_MODES as MODES
 from jem_tf.evaluation.classification import evaluate_accuracy, evaluate_calibration
 from jem_tf.evaluation.frechet import FeatureNetwork, evaluate_frechet
 from jem_tf.evaluation.ood_benchmark import evaluate_ood
+from jem_tf.evaluation.refinement_choice import resolve_refinement
 from jem_tf.evaluation.robustness import evaluate_robustness
 from jem_tf.evaluation.samples import evaluate_samples
 from jem_tf.evaluation.settings import DEFAULT_PGD_EPS, EvaluationConfig
 from jem_tf.files import atomic_write_json
 from jem_tf.jem import JEM
 from jem_tf.ood import OODScorer
-from jem_tf.refinement import RefinementSettings, resolve_refinement
+from jem_tf.refinement import RefinementSettings
 
 REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1

@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-import jem_tf
 from jem_tf.choices import DEFAULT_MAX_BATCH_SIZE
 from jem_tf.errors import UsageError
 from jem_tf.files import TEMPORARY, remove_stale_temporaries, write_atomically
@@ -24,6 +23,7 @@ from jem_tf.ood import FittedDetector, OODScorer, fit_ood_detector, single
 from jem_tf.serving.limits import check_max_batch_size, sample_limits
 from jem_tf.serving.signatures import build_serving_module, check_class_names, serving_model
 from jem_tf.serving.warmup import WARMUP_FILE, warmup_requests, write_warmup_requests
+from jem_tf.version import __version__
 
 METADATA_FILE = os.path.join("assets.extra", "jem_metadata.json")
 # An export is written to EXPORT_DIR/.VERSION.tmp-HOST-PID (files.temporary_path) and renamed when complete. The
@@ -116,7 +116,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
     low, high = model.value_range
     metadata = {
         "format": "jem-tf SavedModel for TensorFlow Serving",
-        "jem_tf_version": jem_tf.__version__,
+        "jem_tf_version": __version__,
         "tensorflow_version": tf.__version__,
         "exported_at_unix": int(time.time()),
         "version": version,
