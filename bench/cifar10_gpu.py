@@ -7,9 +7,10 @@
 
 Trains the bundled recipe `cifar10_wrn28_10` (WRN-28-10 without normalisation, global batch 64, 20 SGLD steps,
 buffer 10,000, crop+flip augmentation, Adam; trainers/cifar10_wrn28_10.json) unchanged except for the number of
-steps, through the library's own pieces, as `jem_tf.training.train_and_evaluate` wires them: the run's data
-(`jem_tf.splits.load_run_dataset`, `run_splits`: the recipe's 10 % validation split is held out), the strategy
-(`jem_tf.distribution.make_strategy`), the precision (`jem_tf.factories.resolve_config_precision`, probed
+steps, through the library's own pieces, as `jem_tf.training.pipeline.train_and_evaluate` wires them: the run's data
+(`jem_tf.run.splits.load_run_dataset`, `run_splits`: the recipe's 10 % validation split is held out), the strategy
+(`jem_tf.sampling.distribution.make_strategy`), the precision
+(`jem_tf.training.factories.resolve_config_precision`, probed
 outside the strategy's scope at the per-replica batch), the model and optimizer (`build_jem`, `compile_jem`,
 under the strategy's scope) and the input pipeline (`build_datasets`: seeded epochs, augmentation on the fly),
 then `model.fit`. No validation pass, checkpoint, sample grid or work directory: only the training steps.
@@ -142,10 +143,16 @@ def one(args):
     import keras
     import tensorflow as tf
 
-    from jem_tf.config import load_recipe
-    from jem_tf.distribution import make_strategy
-    from jem_tf.factories import build_datasets, build_jem, compile_jem, resolve_config_precision, steps_per_epoch
-    from jem_tf.splits import load_run_dataset, run_splits
+    from jem_tf.run.config import load_recipe
+    from jem_tf.run.splits import load_run_dataset, run_splits
+    from jem_tf.sampling.distribution import make_strategy
+    from jem_tf.training.factories import (
+        build_datasets,
+        build_jem,
+        compile_jem,
+        resolve_config_precision,
+        steps_per_epoch,
+    )
 
     strategy_name, precision = args.strategy_one, args.precision_one
     recipe = load_recipe(RECIPE)

@@ -9,7 +9,7 @@ trained from scratch; test accuracy and energy gap against training time.
         --out bench/results/conversion_cifar10.json
 
 Trains, one after the other in this process (never two at once), with the CLI's pipeline
-(`jem_tf.training.train_and_evaluate`; each run leaves a normal work directory under --workdir-base):
+(`jem_tf.training.pipeline.train_and_evaluate`; each run leaves a normal work directory under --workdir-base):
 
 * `classifier`: the RECIPE recipe with `--px-weight 0 --pxy-weight 0 --energy-l2-weight 0` (same epochs);
 * `converted`: the RECIPE_finetune recipe with `--init-from` the classifier's work directory;
@@ -65,7 +65,7 @@ def _cpu_name():
 
 
 def train_run(name, config, workdir, data, every_steps, budget_s=None):
-    from jem_tf.training import train_and_evaluate
+    from jem_tf.training.pipeline import train_and_evaluate
 
     print(f"== {name}: {workdir}" + (f" (budget {budget_s:.0f} s of training)" if budget_s else ""), flush=True)
     probe = make_probe((data.x_test, data.y_test), every_steps, budget_s)
@@ -173,8 +173,8 @@ def main(argv=None):
     if set(reuse) - set(RUNS):
         parser.error(f"--reuse takes NAME=JSON:KEY with NAME one of {', '.join(RUNS)}")
 
-    from jem_tf.config import load_recipe
     from jem_tf.data import load_dataset
+    from jem_tf.run.config import load_recipe
 
     base = args.workdir_base or f"runs/conversion_{recipe}"
     every = args.probe_every_steps if args.probe_every_steps is not None else (

@@ -6,7 +6,7 @@
 
 For each run (a training work directory): accuracy, ECE (20 bins) and NLL on the run's validation split,
 the AUROC of log p(x) between the validation images and each kind of outlier the library makes from them
-(`jem_tf.outliers`: accepted shifts and outlier kinds), the final training energy gap and the training time
+(`jem_tf.ood.outliers`: accepted shifts and outlier kinds), the final training energy gap and the training time
 from `metrics.json`;
 with --feature-model, the Fréchet distance between the validation images and 1,000 samples after 200 SGLD
 steps from the model's start distribution, in that classifier's penultimate features. No test image and no
@@ -26,12 +26,11 @@ import numpy as np
 
 
 def dev_scores(workdir, feature_model=None):
-    from jem_tf import outliers
     from jem_tf.evaluation.frechet import evaluate_frechet, load_feature_network
     from jem_tf.metrics import calibration_metrics
-    from jem_tf.model_files import load_trained_model
-    from jem_tf.ood import auroc
-    from jem_tf.splits import load_run_dataset, split_train_validation
+    from jem_tf.ood import auroc, outliers
+    from jem_tf.run.model_files import load_trained_model
+    from jem_tf.run.splits import load_run_dataset, split_train_validation
 
     model, config = load_trained_model(workdir)
     data = load_run_dataset(config=config)
@@ -58,8 +57,8 @@ def chain_energies(workdir, num=500):
     import tensorflow as tf
 
     from jem_tf import JEM, ClassGaussian, SGLDSampler
-    from jem_tf.model_files import load_trained_model
-    from jem_tf.splits import load_run_dataset, split_train_validation
+    from jem_tf.run.model_files import load_trained_model
+    from jem_tf.run.splits import load_run_dataset, split_train_validation
 
     model, config = load_trained_model(workdir)
     data = load_run_dataset(config=config)

@@ -48,10 +48,10 @@ def measure_run(label, workdir, ood_names, *, seed, data_dir, max_images, out_di
 
     from jem_tf.evaluation import evaluate_ood
     from jem_tf.metrics import ood_metrics
-    from jem_tf.model_files import load_trained_model
     from jem_tf.ood import OODScorer, fit_ood_detector
+    from jem_tf.run.model_files import load_trained_model
+    from jem_tf.run.splits import load_run_dataset, ood_calibration_data
     from jem_tf.serving import export_saved_model
-    from jem_tf.splits import load_run_dataset, ood_calibration_data
 
     model, config = load_trained_model(workdir)
     data = load_run_dataset(config=config)

@@ -57,9 +57,9 @@ def dev_sets(model, config, count, seed):
 
 
 def measure(workdir, *, count, seed):
-    from jem_tf.model_files import load_trained_model
     from jem_tf.ood import OODScorer, auroc, default_candidates, select_detector
-    from jem_tf.splits import load_run_dataset, ood_calibration_data
+    from jem_tf.run.model_files import load_trained_model
+    from jem_tf.run.splits import load_run_dataset, ood_calibration_data
 
     model, config = load_trained_model(workdir)
     data = load_run_dataset(config=config)

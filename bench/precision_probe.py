@@ -18,10 +18,10 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="append the records to this JSON list")
     args = parser.parse_args(argv)
 
-    from jem_tf.config import load_recipe
     from jem_tf.data import load_dataset
-    from jem_tf.factories import build_float32_backbone
-    from jem_tf.precision import machine_kind, resolve_precision
+    from jem_tf.run.config import load_recipe
+    from jem_tf.training.factories import build_float32_backbone
+    from jem_tf.training.precision import machine_kind, resolve_precision
 
     config = load_recipe(args.recipe)
     data = load_dataset(config.dataset, data_dir=config.data_dir)

@@ -19,8 +19,8 @@ import time
 from jem_tf.choices import REFINEMENT_SOURCES
 from jem_tf.evaluation.refinement_choice import resolve_refinement
 from jem_tf.evaluation.robustness import DEFAULT_EOT_SAMPLES, evaluate_robustness
-from jem_tf.model_files import load_trained_model
-from jem_tf.splits import held_out_split, load_run_dataset
+from jem_tf.run.model_files import load_trained_model
+from jem_tf.run.splits import held_out_split, load_run_dataset
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -106,9 +106,9 @@ def worker(args):
     import keras
     import tensorflow as tf
 
-    from jem_tf.config import TrainConfig
-    from jem_tf.factories import build_jem, compile_jem
+    from jem_tf.run.config import TrainConfig
     from jem_tf.serving import export_saved_model
+    from jem_tf.training.factories import build_jem, compile_jem
 
     backbone_name, shape = MODELS[args.model]
     batch, spe = args.batch_size, args.steps_per_execution

@@ -4,7 +4,7 @@
     python bench/time_to_accuracy.py --runs fast classifier --workdir-base runs/tta   # a subset
 
 Trains, one after the other in this process (never two at once), with the CLI's pipeline
-(`jem_tf.training.train_and_evaluate`, so every run also leaves a normal work directory with
+(`jem_tf.training.pipeline.train_and_evaluate`, so every run also leaves a normal work directory with
 `metrics.json` and `model.keras` under --workdir-base):
 
 * `fast`: the `fashion_mnist` recipe (JEM++-style: class-Gaussian chain starts, 5 proximal SGLD steps);
@@ -88,7 +88,7 @@ def make_probe(test_data, every_steps, budget_s):
 
 
 def run_one(name, config, workdir, data, test_data, every_steps, budget_s):
-    from jem_tf.training import train_and_evaluate
+    from jem_tf.training.pipeline import train_and_evaluate
 
     print(f"== {name}: {workdir} (budget {budget_s and round(budget_s)} s)", flush=True)
     probe = make_probe(test_data, every_steps, budget_s)
@@ -142,8 +142,8 @@ def main(argv=None):
 
     import tensorflow as tf
 
-    from jem_tf.config import load_recipe
     from jem_tf.data import load_dataset
+    from jem_tf.run.config import load_recipe
 
     data = load_dataset("fashion_mnist", data_dir=args.data_dir)
     overrides = {"data_dir": args.data_dir} | ({"epochs": args.epochs} if args.epochs else {})

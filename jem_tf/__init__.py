@@ -32,10 +32,11 @@ if _COMMAND:
     handle_ctrl_c_while_starting()
 
 _PUBLIC = {  # name -> the module that defines it
-    "JEM": "jem_tf.jem", "BufferDraw": "jem_tf.replay_buffer", "ClassGaussian": "jem_tf.chain_init",
-    "ReplayBuffer": "jem_tf.replay_buffer", "SGLDDiagnostics": "jem_tf.sgld", "SGLDSampler": "jem_tf.sgld",
-    "StabilityGuard": "jem_tf.stability", "TrainingDiverged": "jem_tf.stability",
-    "WarmupPiecewiseSchedule": "jem_tf.schedules", "build_backbone": "jem_tf.networks", "energy": None,
+    "JEM": "jem_tf.model.jem", "energy": "jem_tf.model.energy", "BufferDraw": "jem_tf.sampling.replay_buffer",
+    "ReplayBuffer": "jem_tf.sampling.replay_buffer", "ClassGaussian": "jem_tf.sampling.chain_init",
+    "SGLDDiagnostics": "jem_tf.sampling.sgld", "SGLDSampler": "jem_tf.sampling.sgld",
+    "StabilityGuard": "jem_tf.training.stability", "TrainingDiverged": "jem_tf.training.stability",
+    "WarmupPiecewiseSchedule": "jem_tf.training.schedules", "build_backbone": "jem_tf.networks",
     "fast_cnn": "jem_tf.networks", "small_cnn": "jem_tf.networks", "wide_resnet": "jem_tf.networks",
 }
 
@@ -47,19 +48,19 @@ if _COMMAND:
 
         if name not in _PUBLIC:
             raise AttributeError(f"module 'jem_tf' has no attribute {name!r}")
-        module = importlib.import_module(_PUBLIC[name] or f"jem_tf.{name}")
-        return module if _PUBLIC[name] is None else getattr(module, name)
+        module = importlib.import_module(_PUBLIC[name])
+        return module if module.__name__.endswith(f".{name}") else getattr(module, name)
 else:
-    # A library import: every public name at once (importing jem_tf.jem also registers JEM and its layers with
+    # A library import: every public name at once (importing jem_tf.model.jem also registers JEM and its layers with
     # Keras, which keras.models.load_model needs).
-    from jem_tf import energy  # noqa: E402, F401
-    from jem_tf.chain_init import ClassGaussian  # noqa: E402, F401
-    from jem_tf.jem import JEM  # noqa: E402, F401
+    from jem_tf.model import energy  # noqa: E402, F401
+    from jem_tf.model.jem import JEM  # noqa: E402, F401
     from jem_tf.networks import build_backbone, fast_cnn, small_cnn, wide_resnet  # noqa: E402, F401
-    from jem_tf.replay_buffer import BufferDraw, ReplayBuffer  # noqa: E402, F401
-    from jem_tf.schedules import WarmupPiecewiseSchedule  # noqa: E402, F401
-    from jem_tf.sgld import SGLDDiagnostics, SGLDSampler  # noqa: E402, F401
-    from jem_tf.stability import StabilityGuard, TrainingDiverged  # noqa: E402, F401
+    from jem_tf.sampling.chain_init import ClassGaussian  # noqa: E402, F401
+    from jem_tf.sampling.replay_buffer import BufferDraw, ReplayBuffer  # noqa: E402, F401
+    from jem_tf.sampling.sgld import SGLDDiagnostics, SGLDSampler  # noqa: E402, F401
+    from jem_tf.training.schedules import WarmupPiecewiseSchedule  # noqa: E402, F401
+    from jem_tf.training.stability import StabilityGuard, TrainingDiverged  # noqa: E402, F401
 
 from jem_tf.version import __version__  # noqa: E402, F401
 

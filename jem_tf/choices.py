@@ -4,13 +4,13 @@ each choice and by the commands, which parse their flags (and print ``--help``) 
 A leaf module: it imports nothing.
 """
 
-# Training config (jem_tf.config_rules checks the fields against these).
+# Training config (jem_tf.run.config_rules checks the fields against these).
 OPTIMIZERS = ("adam", "sgd")
-STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")  # jem_tf.distribution
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")  # jem_tf.sampling.distribution
 NORMALIZATIONS = ("none", "batch", "layer")  # jem_tf.networks
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")  # jem_tf.networks; config also takes "auto"
-CHAIN_INITS = ("uniform", "class_gaussian")  # jem_tf.chain_init
-BUFFER_STORAGES = ("float32", "uint8")  # jem_tf.replay_buffer
+CHAIN_INITS = ("uniform", "class_gaussian")  # jem_tf.sampling.chain_init
+BUFFER_STORAGES = ("float32", "uint8")  # jem_tf.sampling.replay_buffer
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")  # jem_tf.data.pipelines
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "lanczos", "box", "area")  # jem_tf.data.image_files
 SERVING_PRECISIONS = ("float32", "trained")  # jem_tf.serving
@@ -20,7 +20,7 @@ TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"
 DATASETS = ("digits",) + TFDS_DATASETS
 EVALUATION_ONLY_DATASETS = ("mnist_5k",)
 
-# Export (jem_tf.serving, jem_tf.splits, jem_tf.outliers).
+# Export (jem_tf.serving, jem_tf.run.splits, jem_tf.ood.outliers).
 CALIBRATION_SPLITS = ("validation", "test")
 OUTLIER_KINDS = ("inverted", "patch_shuffled", "noised", "outlined", "mosaic")
 ACCEPTED_SHIFTS = ("blurred", "low_contrast", "translated")
@@ -31,6 +31,6 @@ DEFAULT_MAX_BATCH_SIZE = 1024  # images per classify / energy request
 EVALUATION_MODES = ("accuracy", "calibration", "ood", "samples", "frechet", "robustness")
 REFINEMENT_SOURCES = ("model", "choose", "sampler")
 
-# Tuning (jem_tf.tuning).
+# Tuning (jem_tf.training.tuning).
 TUNERS = ("random", "hyperband", "bayesian", "grid")
 TUNING_OBJECTIVES = ("val_accuracy", "combined")

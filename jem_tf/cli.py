@@ -1,6 +1,6 @@
 """Command-line helpers shared by ``jem_tf.train``, ``jem_tf.tune``, ``jem_tf.evaluate`` and ``jem_tf.export``:
 one-line errors with exit code 2 for bad flags and for :class:`~jem_tf.errors.UsageError` (every other error keeps
-its traceback), and one flag per :class:`jem_tf.config.TrainConfig` field."""
+its traceback), and one flag per :class:`jem_tf.run.config.TrainConfig` field."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import threading
 import typing
 from typing import Callable, List, Optional, Sequence
 
-from jem_tf import config as config_lib
-from jem_tf.config_rules import choices
 from jem_tf.errors import UsageError
 from jem_tf.files import is_disk_full
+from jem_tf.run import config as config_lib
+from jem_tf.run.config_rules import choices
 
 DEFAULT_RECIPE = "digits"
 _NONE_WORDS = ("none", "null")

@@ -136,9 +136,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     # After the flags: TensorFlow and the evaluation's modules.
     from jem_tf.evaluation import REPORT_FILE, evaluate, load_feature_network, summary_lines
-    from jem_tf.model_files import load_trained_model
-    from jem_tf.splits import dataset_splits, load_run_dataset
-    from jem_tf.workdir import check_output_dir
+    from jem_tf.run.model_files import load_trained_model
+    from jem_tf.run.splits import dataset_splits, load_run_dataset
+    from jem_tf.run.workdir import check_output_dir
 
     with parser.usage_errors():
         check_output_dir(args.out, "--out")

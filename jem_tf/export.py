@@ -22,7 +22,7 @@ from jem_tf.choices import CALIBRATION_SPLITS, DATASETS, DEFAULT_MAX_BATCH_SIZE,
 from jem_tf.cli import OneLineErrorParser, dataset_argument, run_command
 from jem_tf.errors import UsageError
 
-# The made outlier and shift kinds a flag can name (jem_tf.outliers.KINDS).
+# The made outlier and shift kinds a flag can name (jem_tf.ood.outliers.KINDS).
 OUTLIER_AND_SHIFT_KINDS = sorted(names.OUTLIER_KINDS + names.ACCEPTED_SHIFTS)
 
 # The sample signature's bounds: library keyword -> flag.
@@ -113,11 +113,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
     check_flags(parser, args)
     # After the flags: TensorFlow and the model's modules.
     from jem_tf.data import preprocessing_of
-    from jem_tf.model_files import load_trained_model
     from jem_tf.ood import fit_ood_detector
+    from jem_tf.run.model_files import load_trained_model
+    from jem_tf.run.splits import load_run_dataset, ood_calibration_data
+    from jem_tf.run.workdir import check_output_dir
     from jem_tf.serving import check_max_batch_size, export_saved_model, sample_limits, serving_model
-    from jem_tf.splits import load_run_dataset, ood_calibration_data
-    from jem_tf.workdir import check_output_dir
     with parser.usage_errors():
         check_output_dir(args.export_dir, "--export-dir")
         target = None if args.version is None else os.path.join(args.export_dir, str(args.version))

@@ -19,7 +19,8 @@ import keras
 import tensorflow as tf
 
 # ------------------------------------------------------------------ salts folded into a seed (fold)
-# JEM.train_step (jem_tf.chains): data noise, replay-buffer draws and SGLD of the p(x) chains, the same for p(x|y).
+# JEM.train_step (jem_tf.model.chains): data noise, replay-buffer draws and SGLD of the p(x) chains, the same for
+# p(x|y).
 STEP_DATA_NOISE, STEP_DRAW, STEP_SGLD, STEP_DRAW_CONDITIONAL, STEP_SGLD_CONDITIONAL = 1, 2, 3, 4, 5
 # JEM.sample / JEM.refine and the exported `sample` signature: the SGLD noise (the start is drawn from the
 # caller's seed itself), the same in both so that the same seed gives the same images.
@@ -109,7 +110,7 @@ def fold(seed, *values) -> tf.Tensor:
 def step_seed(base_seed: int, reseeds, step, salt: int) -> tf.Tensor:
     """The training stream ``salt`` at optimizer ``step``: ``[base_seed, 0]`` folded with the reseed
     count, the step and the salt. The same on every replica: random numbers are drawn for the global
-    batch and each replica keeps its own rows (see :mod:`jem_tf.distribution`)."""
+    batch and each replica keeps its own rows (see :mod:`jem_tf.sampling.distribution`)."""
     return fold(tf.constant([base_seed, 0], tf.int64), reseeds, tf.cast(step, tf.int64), salt)
 
 

@@ -1,7 +1,7 @@
 """Command line: ``python -m jem_tf.train [--recipe NAME|PATH] [--FIELD VALUE ...]``.
 
 Trains the default recipe (``digits``: scikit-learn's 8x8 digits, no download) when run without
-arguments. Every field of :class:`jem_tf.config.TrainConfig` is a flag (``--sgld-steps 40``).
+arguments. Every field of :class:`jem_tf.run.config.TrainConfig` is a flag (``--sgld-steps 40``).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _backup_epochs(workdir: str):
     """``(backup directory, epochs it holds)`` of the run in ``workdir``."""
-    from jem_tf.workdir import RunLayout, backup_epochs_done
+    from jem_tf.run.workdir import RunLayout, backup_epochs_done
 
     backup = RunLayout(workdir).backup
     return backup, backup_epochs_done(backup)
@@ -91,9 +91,9 @@ def _backup_epochs(workdir: str):
 def _train(config, workdir: str, verbose, overwrite: bool) -> int:
     import keras
 
-    from jem_tf import training
-    from jem_tf.stability import TrainingDiverged
-    from jem_tf.workdir import RunLayout
+    from jem_tf.run.workdir import RunLayout
+    from jem_tf.training import pipeline as training
+    from jem_tf.training.stability import TrainingDiverged
 
     backup = RunLayout(workdir).backup
     # A Ctrl-C that Python code swallowed on the way (see jem_tf.cli.INTERRUPTS) is raised at the next batch's end:

@@ -53,9 +53,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # After the flags: keras-tuner (the `tune` extra: a one-line error naming it when missing) and TensorFlow.
-    from jem_tf.splits import load_run_dataset
-    from jem_tf.tuning import run_search, search_space
-    from jem_tf.workdir import check_output_dir
+    from jem_tf.run.splits import load_run_dataset
+    from jem_tf.run.workdir import check_output_dir
+    from jem_tf.training.tuning import run_search, search_space
 
     config = config_from_args(parser, args)
     if args.max_trials < 1:

@@ -15,7 +15,7 @@ NUM_LOGICAL_CPUS = 2
 def pytest_configure(config):
     import tempfile
 
-    from jem_tf.distribution import split_cpu
+    from jem_tf.sampling.distribution import split_cpu
 
     split_cpu(NUM_LOGICAL_CPUS)
     # jem-tf's caches (precision decisions, decoded image folders) go to a directory of this test session, never

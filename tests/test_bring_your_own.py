@@ -7,7 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from jem_tf import JEM, SGLDSampler, replay_buffer
+from jem_tf import JEM, SGLDSampler
+from jem_tf.sampling import replay_buffer
 
 
 def users_classifier(activation=None, input_shape=(8, 8, 1)):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import tiny_jem
 
-from jem_tf.callbacks import RotatingCheckpoint, SampleGridCallback
 from jem_tf.figures import image_grid, upscale, write_png
+from jem_tf.training.callbacks import RotatingCheckpoint, SampleGridCallback
 
 
 @pytest.mark.integration

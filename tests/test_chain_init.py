@@ -12,8 +12,8 @@ import tensorflow as tf
 from conftest import separable_data, tiny_jem
 
 from jem_tf import SGLDSampler, seeds
-from jem_tf.chain_init import ClassGaussian, start_chains
-from jem_tf.replay_buffer import ReplayBuffer
+from jem_tf.sampling.chain_init import ClassGaussian, start_chains
+from jem_tf.sampling.replay_buffer import ReplayBuffer
 from jem_tf.serving import METADATA_FILE, export_saved_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

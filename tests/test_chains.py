@@ -5,7 +5,7 @@ import tensorflow as tf
 from conftest import tiny_jem
 
 from jem_tf import JEM, SGLDSampler
-from jem_tf.chains import ContrastiveBatch, TrainingChains
+from jem_tf.model.chains import ContrastiveBatch, TrainingChains
 
 
 def _batch(n=8, seed=0):

@@ -9,8 +9,11 @@ import sys
 import pytest
 from conftest import CLI_ENV, TINY_TRAIN_ARGS, leftovers
 
-from jem_tf import cli, evaluate, export, model_files, train, training, tune, tuning
+from jem_tf import cli, evaluate, export, train, tune
 from jem_tf.errors import UsageError, as_usage_error
+from jem_tf.run import model_files
+from jem_tf.training import pipeline as training
+from jem_tf.training import tuning
 
 
 def _parser():
@@ -119,10 +122,10 @@ def test_each_command_reports_usage_errors_in_one_line_and_lets_internal_errors_
 def test_an_internal_value_error_in_training_keeps_its_traceback_and_exits_1(tmp_path):
     workdir = tmp_path / "run"
     script = ("import sys\n"
-              "import jem_tf.train, jem_tf.training\n"
+              "import jem_tf.train, jem_tf.training.pipeline\n"
               "def build_jem(*args, **kwargs):\n"
               "    raise ValueError('an internal invariant broke')\n"
-              "jem_tf.training.build_jem = build_jem\n"
+              "jem_tf.training.pipeline.build_jem = build_jem\n"
               "sys.exit(jem_tf.train.main(sys.argv[1:]))\n")
     result = subprocess.run([sys.executable, "-c", script, *TINY_TRAIN_ARGS, "--workdir", str(workdir)],
                             capture_output=True, text=True, timeout=300, env=CLI_ENV)
@@ -199,8 +202,9 @@ def test_a_swallowed_ctrl_c_is_raised_again_and_a_second_one_waits_for_the_clean
 def test_only_usage_errors_are_one_line_an_internal_value_error_keeps_its_traceback(command, finished_run, tmp_path,
                                                                                     monkeypatch):
     """The CLI boundary both ways: a plain ValueError from inside the work is a fault, not bad input."""
-    from jem_tf import factories, ood
+    from jem_tf import ood
     from jem_tf.evaluation import suite
+    from jem_tf.training import factories
 
     target, name, argv = {
         "train": (factories.ClassGaussian, "fit", [*TINY_TRAIN_ARGS, "--workdir", str(tmp_path / "run")]),
@@ -226,7 +230,7 @@ def test_another_keras_backend_is_named_at_import():
 
 
 def test_a_malformed_tf_config_is_named(monkeypatch):
-    from jem_tf.distribution import make_strategy, tf_config
+    from jem_tf.sampling.distribution import make_strategy, tf_config
 
     monkeypatch.setenv("TF_CONFIG", "{'cluster': oops")
     with pytest.raises(ValueError, match="the TF_CONFIG environment variable is not valid JSON"):

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 import jem_tf
-from jem_tf import config as config_lib
-from jem_tf.config import TrainConfig
-from jem_tf.config_rules import RESUME_FIXED_FIELDS, check_labels_per_class, choices
 from jem_tf.errors import UsageError
+from jem_tf.run import config as config_lib
+from jem_tf.run.config import TrainConfig
+from jem_tf.run.config_rules import RESUME_FIXED_FIELDS, check_labels_per_class, choices
 
 
 def test_bundled_recipes_are_valid():
@@ -127,7 +127,7 @@ def test_importing_the_config_imports_no_tensorflow():
     script = ("import sys, types\n"
               f"package = types.ModuleType('jem_tf'); package.__path__ = [{package_dir!r}]\n"
               "sys.modules['jem_tf'] = package\n"
-              "from jem_tf.config import TrainConfig, field_types\n"
+              "from jem_tf.run.config import TrainConfig, field_types\n"
               "config = TrainConfig().replace(epochs=2)\n"
               "assert config.to_dict()['epochs'] == 2 and 'dataset' in field_types()\n"
               "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'numpy'))\n"

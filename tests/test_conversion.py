@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jem_tf import JEM, SGLDSampler
-from jem_tf.conversion import check_classifier, check_logits, logits_network, mean_energy, softmax_head
+from jem_tf.model.conversion import check_classifier, check_logits, logits_network, mean_energy, softmax_head
 
 
 def users_cnn(head=None, input_shape=(8, 8, 1), num_classes=3, name=None):
@@ -236,9 +236,9 @@ import sys  # noqa: E402
 from conftest import file_snapshot  # noqa: E402
 
 from jem_tf import train  # noqa: E402
-from jem_tf.model_files import load_classifier  # noqa: E402
-from jem_tf.splits import load_run_dataset, run_splits  # noqa: E402
-from jem_tf.workdir import RunLayout, load_run_config  # noqa: E402
+from jem_tf.run.model_files import load_classifier  # noqa: E402
+from jem_tf.run.splits import load_run_dataset, run_splits  # noqa: E402
+from jem_tf.run.workdir import RunLayout, load_run_config  # noqa: E402
 
 CLASSIFIER = ["--epochs", "2", "--buffer-size", "100", "--width", "4", "--batch-size", "256", "--precision", "float32",
               "--px-weight", "0", "--pxy-weight", "0", "--energy-l2-weight", "0", "--verbose", "0"]
@@ -363,8 +363,8 @@ def test_a_source_among_the_run_files_that_overwrite_clears_is_refused(classifie
 def test_archives_that_inflate_beyond_their_bounds_are_refused_before_loading(tmp_path, monkeypatch):
     import zipfile
 
-    from jem_tf import model_files
     from jem_tf.errors import UsageError
+    from jem_tf.run import model_files
 
     def archive(name, members):
         path = str(tmp_path / name)
@@ -391,7 +391,7 @@ def test_archives_that_inflate_beyond_their_bounds_are_refused_before_loading(tm
 
 KILL_DURING_FINAL_SAVE = """
 import os, signal, sys
-import jem_tf.training as training
+import jem_tf.training.pipeline as training
 
 def save_then_die(model, path):
     os.kill(os.getpid(), signal.SIGKILL)

@@ -203,7 +203,7 @@ def test_npz_float_rgb_round_trip_and_an_ood_only_file(tmp_path):
     assert dataset.x_train.shape == (0, 5, 7, 3) and dataset.x_test.shape == (4, 5, 7, 3)
     assert data.dataset_problem(ood) is None
     assert "x_train in" in data.dataset_problem(ood, training=True)
-    from jem_tf.config import TrainConfig
+    from jem_tf.run.config import TrainConfig
 
     with pytest.raises(ValueError, match=r"dataset must be a \.npz file with training images .*x_train .* is empty"):
         TrainConfig(dataset=ood).validate()

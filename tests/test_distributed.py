@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from jem_tf import JEM, ClassGaussian, SGLDSampler, small_cnn, train
 from jem_tf.data import load_digits
-from jem_tf.distribution import make_strategy, split_cpu
+from jem_tf.sampling.distribution import make_strategy, split_cpu
 
 HELPER = os.path.join(os.path.dirname(__file__), "helpers", "multiworker_fit.py")
 # Mirrored and single-device steps differ only in the order of floating-point sums (the

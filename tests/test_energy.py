@@ -2,7 +2,7 @@ import numpy as np
 import tensorflow as tf
 from scipy.special import logsumexp
 
-from jem_tf import energy
+from jem_tf.model import energy
 
 
 def test_energy_is_negative_logsumexp():

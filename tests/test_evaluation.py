@@ -15,8 +15,8 @@ from conftest import separable_data, tiny_jem
 from jem_tf import evaluate as evaluate_cli
 from jem_tf import evaluation as ev
 from jem_tf import train
-from jem_tf.attacks import PGD
 from jem_tf.data import load_dataset
+from jem_tf.evaluation.attacks import PGD
 
 SMALL = dict(refine_steps=(2,), sample_steps=3, num_samples=8, long_chain_steps=6, frechet_images=40,
              pgd_eps={"linf": (0.1,), "l2": (0.5,)}, pgd_steps=3, robustness_examples=24, robustness_refine_steps=2,

@@ -17,8 +17,8 @@ import pytest
 import tensorflow as tf
 from conftest import tiny_jem
 
-from jem_tf import energy as energy_lib
 from jem_tf.export import main as export_main
+from jem_tf.model import energy as energy_lib
 from jem_tf.serving import (
     METADATA_FILE,
     WARMUP_FILE,
@@ -573,7 +573,7 @@ def test_export_cli_rejects_corrupt_model_file(tmp_path, capsys):
     bad.write_bytes(b"PK\x03\x04 definitely not a keras archive")
     with pytest.raises(SystemExit):
         export_main(["--model", str(bad), "--export-dir", str(tmp_path / "out"), "--dataset", "digits"])
-    # jem_tf.model_files' load_trained_model: "Cannot load ..." or, since it checks the archive first, "... is not a
+    # jem_tf.run.model_files' load_trained_model: "Cannot load ..." or, since it checks the archive first, "... is not a
     # .keras archive (truncated or corrupt: not a zip file)".
     assert re.search(r"Cannot load|is not a \.keras archive", capsys.readouterr().err)
     assert not (tmp_path / "out").exists()

@@ -1,13 +1,14 @@
-"""What a TrainConfig builds (jem_tf.factories): the JEM, its optimizer, the guard and the input pipelines, on
+"""What a TrainConfig builds (jem_tf.training.factories): the JEM, its optimizer, the guard and the input pipelines, on
 tiny shapes; every refusal names the value it got."""
 
 import keras
 import numpy as np
 import pytest
 
-from jem_tf.config import TrainConfig
 from jem_tf.errors import UsageError
-from jem_tf.factories import (
+from jem_tf.run.config import TrainConfig
+from jem_tf.run.splits import RunSplits, Split
+from jem_tf.training.factories import (
     build_datasets,
     build_jem,
     build_optimizer,
@@ -16,8 +17,7 @@ from jem_tf.factories import (
     resolve_config_precision,
     steps_per_epoch,
 )
-from jem_tf.schedules import WarmupPiecewiseSchedule
-from jem_tf.splits import RunSplits, Split
+from jem_tf.training.schedules import WarmupPiecewiseSchedule
 
 TINY = dict(width=4, sgld_steps=3, buffer_size=40, precision="float32", num_sample_images=4)
 

@@ -1,13 +1,14 @@
-"""jem_tf.generation: the SGLD energy, the start distribution and the Generator behind JEM.sample / refine."""
+"""jem_tf.model.generation: the SGLD energy, the start distribution and the Generator behind JEM.sample / refine."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import tiny_jem
 
-from jem_tf import SGLDSampler, generation
-from jem_tf.chain_init import start_chains
-from jem_tf.refinement import RefinementSettings
+from jem_tf import SGLDSampler
+from jem_tf.model import generation
+from jem_tf.model.refinement import RefinementSettings
+from jem_tf.sampling.chain_init import start_chains
 
 SEED = tf.constant([3, 0], tf.int64)
 

@@ -207,7 +207,7 @@ def test_ood_folders_with_or_without_class_subfolders(tmp_path, cache_dir):
 
 
 def test_cifar10_recipes_validate_on_an_image_folder(tmp_path, cache_dir):
-    from jem_tf.config import load_recipe
+    from jem_tf.run.config import load_recipe
 
     root = make_folder(tmp_path / "data", size=(32, 32))
     recipe = load_recipe("cifar10").replace(dataset=root)

@@ -1,4 +1,4 @@
-"""jem_tf.inputs: what the model and the export accept, and the errors naming what they received."""
+"""jem_tf.data.inputs: what the model and the export accept, and the errors naming what they received."""
 
 import types
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jem_tf import inputs
+from jem_tf.data import inputs
 
 SPEC = dict(image_shape=(2, 2, 1), num_classes=3, value_range=(-1.0, 1.0))
 

@@ -7,8 +7,8 @@ import tensorflow as tf
 from conftest import tiny_jem
 
 from jem_tf import JEM, SGLDSampler, small_cnn
-from jem_tf import energy as energy_lib
 from jem_tf.data import load_digits
+from jem_tf.model import energy as energy_lib
 
 
 def _weights_equal(a, b):

@@ -2,7 +2,7 @@ import keras
 import pytest
 
 from jem_tf import SGLDSampler, small_cnn
-from jem_tf.jem_arguments import check_compile_arguments, check_jem_arguments
+from jem_tf.model.jem_arguments import check_compile_arguments, check_jem_arguments
 
 WEIGHTS = dict(pyx_weight=1.0, px_weight=1.0, pxy_weight=0.0, energy_l2_weight=0.0, data_noise_std=0.03,
                value_range=(-1, 1), seed=0, energy_start_step=0)

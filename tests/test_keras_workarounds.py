@@ -111,7 +111,8 @@ def test_set_initial_epoch_from_a_callback_skips_the_done_epochs():
     history = model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=4, verbose=0, callbacks=[resume])
     assert resume.seen == [2, 3], (
         "Keras's fit no longer starts at model._initial_epoch set in on_train_begin: "
-        "keras_workarounds.set_initial_epoch (and jem_tf.callbacks' resume) must follow Keras's new mechanism.")
+        "keras_workarounds.set_initial_epoch (and jem_tf.training.callbacks' resume) must follow Keras's new "
+        "mechanism.")
     assert len(history.history["loss"]) == 2
     assert "_initial_epoch" in inspect.getsource(keras.callbacks.BackupAndRestore), (
         "Keras's own BackupAndRestore no longer sets model._initial_epoch: see how it resumes now and update "

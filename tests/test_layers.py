@@ -12,20 +12,15 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Top to bottom; a module may import its own layer and those below. `*` matches a package's modules.
 LAYERS = [
     ("commands", ["jem_tf", "jem_tf.train", "jem_tf.evaluate", "jem_tf.export", "jem_tf.tune", "jem_tf.cli"]),
-    ("training", ["jem_tf.training", "jem_tf.tuning", "jem_tf.factories", "jem_tf.callbacks", "jem_tf.stability",
-                  "jem_tf.precision"]),
-    ("evaluation and serving", ["jem_tf.evaluation", "jem_tf.evaluation.*", "jem_tf.serving", "jem_tf.serving.*",
-                                "jem_tf.attacks"]),
-    ("ood", ["jem_tf.ood", "jem_tf.ood.*", "jem_tf.outliers"]),
-    ("run files and config", ["jem_tf.config", "jem_tf.config_rules", "jem_tf.model_files", "jem_tf.splits",
-                              "jem_tf.workdir", "jem_tf.workdir_lock"]),
-    ("model", ["jem_tf.jem", "jem_tf.jem_arguments", "jem_tf.chains", "jem_tf.objective", "jem_tf.generation",
-               "jem_tf.conversion", "jem_tf.refinement", "jem_tf.energy"]),
-    ("sampling", ["jem_tf.sgld", "jem_tf.replay_buffer", "jem_tf.chain_init"]),
-    ("networks and data", ["jem_tf.networks", "jem_tf.data", "jem_tf.data.*", "jem_tf.distribution",
-                           "jem_tf.schedules", "jem_tf.inputs"]),
+    ("training", ["jem_tf.training", "jem_tf.training.*"]),
+    ("evaluation and serving", ["jem_tf.evaluation", "jem_tf.evaluation.*", "jem_tf.serving", "jem_tf.serving.*"]),
+    ("ood", ["jem_tf.ood", "jem_tf.ood.*"]),
+    ("run files and config", ["jem_tf.run", "jem_tf.run.*", "jem_tf.recipes"]),
+    ("model", ["jem_tf.model", "jem_tf.model.*"]),
+    ("sampling", ["jem_tf.sampling", "jem_tf.sampling.*"]),
+    ("networks and data", ["jem_tf.networks", "jem_tf.data", "jem_tf.data.*"]),
     ("leaves", ["jem_tf.errors", "jem_tf.seeds", "jem_tf.files", "jem_tf.metrics", "jem_tf.figures",
-                "jem_tf.keras_workarounds", "jem_tf.choices", "jem_tf.version", "jem_tf.recipes"]),
+                "jem_tf.keras_workarounds", "jem_tf.choices", "jem_tf.version"]),
 ]
 
 

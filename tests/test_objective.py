@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jem_tf.objective import jem_objective
+from jem_tf.model.objective import jem_objective
 
 
 def _logsumexp(a):

@@ -3,8 +3,8 @@ slow tests as a second command, so CI checks the claim; 26 s on an idle 2-core m
 
 import pytest
 
-from jem_tf.config import load_recipe
-from jem_tf.training import train_and_evaluate
+from jem_tf.run.config import load_recipe
+from jem_tf.training.pipeline import train_and_evaluate
 
 pytestmark = pytest.mark.slow
 

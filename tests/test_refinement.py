@@ -9,11 +9,11 @@ import tensorflow as tf
 from conftest import separable_data, tiny_jem
 
 from jem_tf import evaluation as ev
-from jem_tf.attacks import PGD
 from jem_tf.evaluation import refinement_choice as refinement_lib
+from jem_tf.evaluation.attacks import PGD
 from jem_tf.evaluation.refinement_choice import choose_refinement
-from jem_tf.generation import refinement_fn
-from jem_tf.refinement import RefinementSettings
+from jem_tf.model.generation import refinement_fn
+from jem_tf.model.refinement import RefinementSettings
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_training_saves_settings_chosen_by_the_rule_unless_told_not_to(finished_
     from conftest import TINY_TRAIN_ARGS
 
     from jem_tf import train
-    from jem_tf.model_files import load_trained_model
+    from jem_tf.run.model_files import load_trained_model
 
     metrics = json.load(open(f"{finished_run}/metrics.json"))
     chosen = metrics["refinement"]["settings"]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, file_snapshot, leftovers
 
-from jem_tf.workdir import RunLayout
-from jem_tf.workdir_lock import WorkdirBusy, WorkdirLock
+from jem_tf.run.workdir import RunLayout
+from jem_tf.run.workdir_lock import WorkdirBusy, WorkdirLock
 
 UNIFORM = ["--chain-init", "uniform", "--chain-init-uniform-fraction", "0"]
 
@@ -93,8 +93,8 @@ def test_data_problems_are_one_line_errors_before_the_work_directory_is_written(
 
 # ------------------------------------------------------------- 9: split messages, recipe files, downloads
 def test_scikit_learn_split_errors_are_ours():
-    from jem_tf.config import TrainConfig
-    from jem_tf.splits import split_train_validation
+    from jem_tf.run.config import TrainConfig
+    from jem_tf.run.splits import split_train_validation
 
     x = np.zeros((30, 8, 8, 1), np.float32)
     y = np.arange(30) % 10
@@ -174,8 +174,8 @@ def test_npz_headers_that_claim_more_than_the_file_holds_are_refused_before_allo
 # ---------------------------------------------------------------------------------------------- 3, 4: locks
 HOLD_LOCK = """
 import sys, time
-from jem_tf.workdir import RunLayout
-from jem_tf.workdir_lock import WorkdirLock
+from jem_tf.run.workdir import RunLayout
+from jem_tf.run.workdir_lock import WorkdirLock
 lock = WorkdirLock(RunLayout(sys.argv[1]), log=None).acquire()
 print("held", flush=True)
 time.sleep(float(sys.argv[2]))
@@ -236,8 +236,8 @@ def test_a_lock_of_another_host_is_respected_and_the_way_past_it_is_named(tmp_pa
 
 RACE = """
 import os, sys, time
-from jem_tf.workdir import RunLayout
-from jem_tf.workdir_lock import WorkdirBusy, WorkdirLock
+from jem_tf.run.workdir import RunLayout
+from jem_tf.run.workdir_lock import WorkdirBusy, WorkdirLock
 go = sys.argv[2]
 open(f"{go}.ready.{os.getpid()}", "w").close()
 while not os.path.exists(go):

@@ -1,5 +1,5 @@
-"""A run's layout, dataset and splits (jem_tf.workdir, jem_tf.splits, jem_tf.model_files): one rule, used by training,
-tuning, evaluation and export."""
+"""A run's layout, dataset and splits (jem_tf.run.workdir, jem_tf.run.splits, jem_tf.run.model_files): one rule, used
+by training, tuning, evaluation and export."""
 
 import dataclasses
 import json
@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-from jem_tf.config import TrainConfig
 from jem_tf.data import load_dataset
 from jem_tf.errors import UsageError
-from jem_tf.model_files import load_trained_model
-from jem_tf.splits import (
+from jem_tf.run.config import TrainConfig
+from jem_tf.run.model_files import load_trained_model
+from jem_tf.run.splits import (
     RunSplits,
     dataset_splits,
     held_out_split,
@@ -23,7 +23,7 @@ from jem_tf.splits import (
     select_labelled,
     split_train_validation,
 )
-from jem_tf.workdir import RunLayout, load_run_config
+from jem_tf.run.workdir import RunLayout, load_run_config
 
 
 def test_layout_names_every_file_of_a_work_directory(tmp_path):
@@ -35,7 +35,7 @@ def test_layout_names_every_file_of_a_work_directory(tmp_path):
 
 
 def test_auto_precision_is_probed_once_per_run_and_reused_on_resume(tmp_path):
-    from jem_tf.training import resolve_run_precision
+    from jem_tf.training.pipeline import resolve_run_precision
 
     layout = RunLayout(str(tmp_path))
     config = TrainConfig(precision="auto", width=4)
@@ -81,7 +81,7 @@ def test_split_is_seeded_stratified_disjoint_and_off_without_a_fraction():
 
 
 def test_evaluation_export_and_tuning_hold_out_the_split_training_never_saw():
-    from jem_tf.tuning import build_hypermodel
+    from jem_tf.training.tuning import build_hypermodel
 
     config = TrainConfig(dataset="digits", validation_fraction=0.1, seed=1, precision="float32")
     data = load_run_dataset(config=config)

@@ -10,9 +10,9 @@ import tensorflow as tf
 from conftest import tiny_jem
 
 from jem_tf import SGLDSampler
-from jem_tf.config import TrainConfig
 from jem_tf.data import load_digits, make_semi_supervised_dataset
-from jem_tf.splits import Split, select_labelled, split_train_validation
+from jem_tf.run.config import TrainConfig
+from jem_tf.run.splits import Split, select_labelled, split_train_validation
 
 
 @pytest.mark.integration
@@ -137,7 +137,7 @@ def test_semi_supervised_training_under_mirrored_strategy():
     import keras
 
     from jem_tf import JEM, small_cnn
-    from jem_tf.distribution import make_strategy
+    from jem_tf.sampling.distribution import make_strategy
 
     data = load_digits(seed=0)
     labelled = Split(data.x_train[:30], data.y_train[:30])

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jem_tf import SGLDSampler, energy, small_cnn
+from jem_tf import SGLDSampler, small_cnn
+from jem_tf.model import energy
 
 
 def quadratic_energy(x):

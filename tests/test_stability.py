@@ -13,10 +13,10 @@ import pytest
 from conftest import tiny_jem
 
 from jem_tf import JEM, SGLDSampler, small_cnn
-from jem_tf.callbacks import ChiefBackupAndRestore
 from jem_tf.data import load_digits
-from jem_tf.schedules import ScaledSchedule, WarmupPiecewiseSchedule
-from jem_tf.stability import StabilityGuard, TrainingDiverged
+from jem_tf.training.callbacks import ChiefBackupAndRestore
+from jem_tf.training.schedules import ScaledSchedule, WarmupPiecewiseSchedule
+from jem_tf.training.stability import StabilityGuard, TrainingDiverged
 
 
 class PoisonWeights(keras.callbacks.Callback):
@@ -235,9 +235,9 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
 # ------------------------------------------------------------------------------------- bad inputs
 def _api_cases():
     from jem_tf import ReplayBuffer
-    from jem_tf.config import TrainConfig
     from jem_tf.data import load_dataset
-    from jem_tf.distribution import make_strategy
+    from jem_tf.run.config import TrainConfig
+    from jem_tf.sampling.distribution import make_strategy
     from jem_tf.serving import export_saved_model
 
     backbone = small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4)

@@ -136,8 +136,8 @@ def test_tiny_fast_jem_run_end_to_end(tmp_path, capsys):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert model.sampler.grad_clamp == 1.0 and model.sampler.noise_std == 0.0
     # The Gaussians are those of the run's training split (recomputed here from the same split).
-    from jem_tf.chain_init import ClassGaussian
     from jem_tf.data import load_digits, split_validation
+    from jem_tf.sampling.chain_init import ClassGaussian
 
     data = load_digits(seed=0)
     (x_train, y_train), _ = split_validation(data.x_train, data.y_train, fraction=0.1, seed=0)
@@ -161,8 +161,8 @@ def test_trains_on_a_npz_file_and_evaluates_against_a_npz_ood_set(tmp_path, monk
     OOD-only file is a one-line error."""
     from jem_tf import evaluate
     from jem_tf.data import load_dataset
-    from jem_tf.splits import split_train_validation
-    from jem_tf.workdir import load_run_config
+    from jem_tf.run.splits import split_train_validation
+    from jem_tf.run.workdir import load_run_config
 
     rng = np.random.default_rng(0)
     labels = np.arange(260) % 3

@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from jem_tf import tuning
-from jem_tf.config import TrainConfig, load_recipe
 from jem_tf.data import ImageDataset, load_digits
-from jem_tf.factories import build_datasets
-from jem_tf.splits import select_labelled, split_train_validation
-from jem_tf.training import train_and_evaluate
-from jem_tf.tuning import build_hypermodel, make_tuner, run_search, search_space
+from jem_tf.run.config import TrainConfig, load_recipe
+from jem_tf.run.splits import select_labelled, split_train_validation
+from jem_tf.training import tuning
+from jem_tf.training.factories import build_datasets
+from jem_tf.training.pipeline import train_and_evaluate
+from jem_tf.training.tuning import build_hypermodel, make_tuner, run_search, search_space
 
 FIXED = ["sgld_step_size", "sgld_noise_std", "sgld_steps", "restart_prob", "px_weight", "energy_l2_weight",
          "warmup_steps"]
@@ -163,11 +163,12 @@ def test_tune_without_keras_tuner_is_one_line_naming_the_extra(monkeypatch, caps
     from jem_tf import tune
 
     monkeypatch.setitem(sys.modules, "keras_tuner", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "jem_tf.tuning")
+    monkeypatch.delitem(sys.modules, "jem_tf.training.tuning")
     assert tune.main(["--recipe", "digits", "--max-trials", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["python -m jem_tf.tune: error: Hyperparameter search (python -m jem_tf.tune, jem_tf.tuning) needs "
-                   "keras-tuner, an optional dependency of jem-tf that is not installed: pip install 'jem-tf[tune]'"]
+    assert err == ["python -m jem_tf.tune: error: Hyperparameter search (python -m jem_tf.tune, "
+                   "jem_tf.training.tuning) needs keras-tuner, an optional dependency of jem-tf that is not installed: "
+                   "pip install 'jem-tf[tune]'"]
 
 
 def test_search_space_validation():

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, file_snapshot
 
-from jem_tf.workdir import RunLayout
+from jem_tf.run.workdir import RunLayout
 
 
 def _cli(module, *argv, cwd=None):
@@ -144,7 +144,7 @@ def test_misleading_messages_now_name_the_real_problem(run_copy, tmp_path):
 
 
 def test_a_lock_that_is_a_link_or_not_a_file_is_refused_and_its_target_never_written(tmp_path):
-    from jem_tf.workdir_lock import WorkdirBusy, WorkdirLock
+    from jem_tf.run.workdir_lock import WorkdirBusy, WorkdirLock
 
     layout = RunLayout(str(tmp_path / "run"))
     os.makedirs(layout.workdir)

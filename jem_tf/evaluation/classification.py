@@ -10,8 +10,8 @@ import numpy as np
 from jem_tf import figures
 from jem_tf import metrics as metrics_lib
 from jem_tf.evaluation.common import predict_logits, refine_in_batches
-from jem_tf.jem import JEM
-from jem_tf.refinement import RefinementSettings
+from jem_tf.model.jem import JEM
+from jem_tf.model.refinement import RefinementSettings
 
 
 def evaluate_accuracy(model: JEM, images: np.ndarray, labels: np.ndarray, *,

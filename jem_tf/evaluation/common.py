@@ -8,10 +8,10 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from jem_tf import energy as energy_lib
 from jem_tf.figures import image_grid, upscale, write_png
-from jem_tf.jem import JEM
-from jem_tf.refinement import RefinementSettings
+from jem_tf.model import energy as energy_lib
+from jem_tf.model.jem import JEM
+from jem_tf.model.refinement import RefinementSettings
 
 
 def batches(n: int, batch_size: int) -> Iterator[Tuple[int, int]]:

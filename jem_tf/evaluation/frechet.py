@@ -17,9 +17,9 @@ from jem_tf import seeds
 from jem_tf.evaluation.common import batches
 from jem_tf.evaluation.samples import start_distribution
 from jem_tf.evaluation.settings import INCEPTION
-from jem_tf.jem import JEM
-from jem_tf.model_files import load_keras_archive
-from jem_tf.workdir import RunLayout
+from jem_tf.model.jem import JEM
+from jem_tf.run.model_files import load_keras_archive
+from jem_tf.run.workdir import RunLayout
 
 
 @dataclasses.dataclass

@@ -14,11 +14,11 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from jem_tf import choices as names
-from jem_tf import figures, metrics, outliers, seeds
+from jem_tf import figures, metrics, seeds
 from jem_tf.data import is_image_folder_name, load_dataset, load_image_folder_images
 from jem_tf.evaluation.settings import SYNTHETIC_OOD
-from jem_tf.jem import JEM
-from jem_tf.ood import COMPONENTS, OODScorer, default_candidates, select_detector
+from jem_tf.model.jem import JEM
+from jem_tf.ood import COMPONENTS, OODScorer, default_candidates, outliers, select_detector
 
 # The single scores (components that are scores by themselves); mode ``ood`` also reports the combined
 # detectors of jem_tf.ood.default_candidates.
@@ -92,7 +92,7 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
 
     With ``val_images`` (the run's validation split) the detector the export would carry is selected by
     :func:`jem_tf.ood.select_detector` from those images and the ``outlier_kinds`` and ``accepted_shifts``
-    made from them alone (:mod:`jem_tf.outliers`), and reported as
+    made from them alone (:mod:`jem_tf.ood.outliers`), and reported as
     ``detector`` (``chosen``, its threshold, the selection table, and how it does on each OOD set here).
     ``scorer``: a fitted :class:`~jem_tf.ood.OODScorer` (default: temperature 1, no Mahalanobis).
     """

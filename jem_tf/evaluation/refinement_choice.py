@@ -1,7 +1,7 @@
 """Choosing a model's test-time refinement settings on its validation split (:func:`choose_refinement`, by
 :data:`RULE`) and the settings an evaluation uses (:func:`resolve_refinement`). The settings themselves are the
-model's (:class:`jem_tf.refinement.RefinementSettings`); the choice attacks the model with PGD
-(:mod:`jem_tf.attacks`), so it sits with the evaluation.
+model's (:class:`jem_tf.model.refinement.RefinementSettings`); the choice attacks the model with PGD
+(:mod:`jem_tf.evaluation.attacks`), so it sits with the evaluation.
 
 It sees a model only through ``model.logits(x, training=False)``, ``model.value_range``, ``model.refine``,
 ``model.refinement`` and ``model.sampler`` (duck-typed).
@@ -16,10 +16,10 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import seeds
-from jem_tf.attacks import NORMS, PGD
 from jem_tf.choices import REFINEMENT_SOURCES
 from jem_tf.errors import UsageError
-from jem_tf.refinement import RefinementSettings
+from jem_tf.evaluation.attacks import NORMS, PGD
+from jem_tf.model.refinement import RefinementSettings
 
 RULE = ("rule v2: PGD attacks the plain classifier on the validation images at every budget of "
         "`attack_eps` (non-adaptive: the attack never sees the refinement); a candidate (n_steps x step_size, "

@@ -8,12 +8,12 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from jem_tf.attacks import NORMS, PGD
+from jem_tf.evaluation.attacks import NORMS, PGD
 from jem_tf.evaluation.common import predict_logits, refine_in_batches
 from jem_tf.evaluation.settings import DEFAULT_EOT_SAMPLES
-from jem_tf.generation import refinement_fn
-from jem_tf.jem import JEM
-from jem_tf.refinement import RefinementSettings
+from jem_tf.model.generation import refinement_fn
+from jem_tf.model.jem import JEM
+from jem_tf.model.refinement import RefinementSettings
 
 
 def evaluate_robustness(model: JEM, images: np.ndarray, labels: np.ndarray, *, eps: Mapping[str, Sequence[float]],

@@ -11,7 +11,7 @@ import numpy as np
 from jem_tf import figures, seeds
 from jem_tf import metrics as metrics_lib
 from jem_tf.evaluation.common import energies, predict_logits, save_grid
-from jem_tf.jem import JEM
+from jem_tf.model.jem import JEM
 
 
 def _sample_summary(model: JEM, samples: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:

@@ -20,9 +20,9 @@ from jem_tf.evaluation.robustness import evaluate_robustness
 from jem_tf.evaluation.samples import evaluate_samples
 from jem_tf.evaluation.settings import DEFAULT_PGD_EPS, EvaluationConfig
 from jem_tf.files import atomic_write_json
-from jem_tf.jem import JEM
+from jem_tf.model.jem import JEM
+from jem_tf.model.refinement import RefinementSettings
 from jem_tf.ood import OODScorer
-from jem_tf.refinement import RefinementSettings
 
 REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1

@@ -1,7 +1,7 @@
 """The OOD detector an export carries, chosen without looking at any OOD test set.
 
 **Selection** (:func:`select_detector`, rule :data:`SELECTION_RULE`) sees only the in-distribution
-validation split and images :mod:`jem_tf.outliers` makes from it, in two roles: *outliers* to flag
+validation split and images :mod:`jem_tf.ood.outliers` makes from it, in two roles: *outliers* to flag
 (inverted, patch-shuffled, noised, outlined, mosaic), which rank the candidates by their worst AUROC, and
 *accepted shifts* (blurred, low-contrast, translated), which never count against a candidate and are
 reported with the share each candidate accepts. None of them is a reported OOD set. The threshold is set
@@ -21,9 +21,10 @@ from typing import Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from jem_tf import choices as names
-from jem_tf import outliers, seeds
+from jem_tf import seeds
 from jem_tf.errors import UsageError
 from jem_tf.metrics import auroc, auroc_standard_error
+from jem_tf.ood import outliers
 from jem_tf.ood.detectors import OODDetector, default_candidates, single
 from jem_tf.ood.scorer import OODScorer
 
@@ -41,12 +42,12 @@ def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Op
                     validation_components: Optional[Mapping[str, np.ndarray]] = None) -> Tuple[OODDetector, dict]:
     """``(detector, report)``: the candidate chosen by :data:`SELECTION_RULE`, its standardisation and
     threshold (at ``tpr``) fitted on the validation images. Nothing else is seen: no test split, no OOD
-    dataset; only ``val_images`` and what :mod:`jem_tf.outliers` makes from them.
+    dataset; only ``val_images`` and what :mod:`jem_tf.ood.outliers` makes from them.
 
     ``outlier_kinds``: inputs to flag, which rank the candidates; ``accepted_shifts``: shifts to accept,
     which never count against a candidate (reported: each candidate's AUROC against them and the share it
     accepts at its threshold). Either is a list of built-in kind names or a ``{name: function}`` mapping
-    (:mod:`jem_tf.outliers`).
+    (:mod:`jem_tf.ood.outliers`).
 
     ``report``: every candidate's AUROC per kind, the rule, the kinds and their roles, and the choice.
     ``validation_components``: the scorer's components of ``val_images`` when the caller has them already
@@ -127,7 +128,7 @@ def fit_ood_detector(model, calibration_images: np.ndarray, *, calibration_split
     With ``select`` (default) the detector is chosen by :func:`select_detector` among
     :func:`default_candidates` on ``calibration_images`` (held-out in-distribution images, normally the
     run's validation split) and the ``outlier_kinds`` and ``accepted_shifts`` made from them
-    (:mod:`jem_tf.outliers`); otherwise it is ``log_px`` alone. The temperature
+    (:mod:`jem_tf.ood.outliers`); otherwise it is ``log_px`` alone. The temperature
     is fitted on ``calibration_labels`` when given, the Mahalanobis statistics on the training split when
     given. ``calibration_split`` names where the images come from (recorded in the metadata).
     """

@@ -17,7 +17,7 @@ import tensorflow as tf
 from jem_tf.choices import DEFAULT_MAX_BATCH_SIZE
 from jem_tf.errors import UsageError
 from jem_tf.files import TEMPORARY, remove_stale_temporaries, write_atomically
-from jem_tf.jem import JEM
+from jem_tf.model.jem import JEM
 from jem_tf.networks import compute_precision
 from jem_tf.ood import FittedDetector, OODScorer, fit_ood_detector, single
 from jem_tf.serving.limits import check_max_batch_size, sample_limits

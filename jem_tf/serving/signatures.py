@@ -8,17 +8,18 @@ from typing import List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from jem_tf import energy as energy_lib
-from jem_tf import generation, seeds
-from jem_tf.chain_init import start_chains
+from jem_tf import seeds
 from jem_tf.choices import DEFAULT_MAX_BATCH_SIZE, SERVING_PRECISIONS
+from jem_tf.data.inputs import check_image_shape_in_graph, check_images_in_graph
 from jem_tf.errors import UsageError
-from jem_tf.inputs import check_image_shape_in_graph, check_images_in_graph
-from jem_tf.jem import JEM
+from jem_tf.model import energy as energy_lib
+from jem_tf.model import generation
+from jem_tf.model.jem import JEM
 from jem_tf.networks import compute_precision, with_precision
 from jem_tf.ood import FittedDetector
+from jem_tf.sampling.chain_init import start_chains
+from jem_tf.sampling.sgld import SGLDSampler
 from jem_tf.serving.limits import check_max_batch_size, sample_limits
-from jem_tf.sgld import SGLDSampler
 
 SIGNATURES = ("classify", "energy", "sample")
 

@@ -15,9 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from jem_tf import JEM, SGLDSampler, small_cnn  # noqa: E402
-from jem_tf.callbacks import ChiefBackupAndRestore  # noqa: E402
 from jem_tf.data import load_digits, make_dataset  # noqa: E402
-from jem_tf.distribution import is_chief, make_strategy, worker_id  # noqa: E402
+from jem_tf.sampling.distribution import is_chief, make_strategy, worker_id  # noqa: E402
+from jem_tf.training.callbacks import ChiefBackupAndRestore  # noqa: E402
 
 
 def main(out, workdir, epochs, event=None):

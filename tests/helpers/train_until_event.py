@@ -19,7 +19,7 @@ import time
 import keras
 
 import jem_tf.train as train
-import jem_tf.training as training
+import jem_tf.training.pipeline as training
 
 
 def _wait_to_be_killed(event_file):

@@ -31,9 +31,9 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import seeds
-from jem_tf.distribution import BatchPosition, replica_random
+from jem_tf.data.inputs import check_value_range
 from jem_tf.errors import UsageError
-from jem_tf.inputs import check_value_range
+from jem_tf.sampling.distribution import BatchPosition, replica_random
 
 DEFAULT_MAX_FULL_DIM = 1024
 DEFAULT_LOW_RANK = 256
@@ -165,7 +165,7 @@ class ClassGaussian(keras.layers.Layer):
             seed: Shape-[2] integer seed; the same seed gives the same images.
             labels: Optional int ``[num]`` class ids; default: classes drawn from the class prior.
             position: Optional ``(offset, global_batch_size)``: the random numbers of the global batch,
-                of which this replica keeps its rows (see :mod:`jem_tf.distribution`).
+                of which this replica keeps its rows (see :mod:`jem_tf.sampling.distribution`).
         """
         seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
         class_seed, latent_seed, residual_seed = (
@@ -206,7 +206,7 @@ def start_chains(num, seed, *, image_shape: Sequence[int], value_range: Sequence
     Uniform noise on ``value_range`` without ``init`` (the paper's JEM); with a fitted :class:`ClassGaussian`,
     its Gaussians of ``labels`` (a row of -1, or ``labels=None``: a class drawn with the class prior), of which a
     ``uniform_fraction`` share of rows (picked at random) is replaced by uniform noise. ``position``: the random
-    numbers of the global batch, of which this replica keeps its rows (:mod:`jem_tf.distribution`).
+    numbers of the global batch, of which this replica keeps its rows (:mod:`jem_tf.sampling.distribution`).
 
     Example:
         >>> x0 = start_chains(16, tf.constant([0, 0], tf.int64), image_shape=(8, 8, 1), value_range=(-1, 1))

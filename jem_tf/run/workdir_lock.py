@@ -14,7 +14,7 @@ from typing import Optional
 
 from jem_tf.errors import UsageError
 from jem_tf.files import process_alive
-from jem_tf.workdir import RunLayout
+from jem_tf.run.workdir import RunLayout
 
 
 class WorkdirBusy(UsageError):

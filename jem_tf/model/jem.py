@@ -8,18 +8,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from jem_tf import energy as energy_lib
-from jem_tf import generation, inputs, keras_workarounds
-from jem_tf.chain_init import ClassGaussian
-from jem_tf.chains import TrainingChains
-from jem_tf.conversion import backbone_from_classifier
-from jem_tf.jem_arguments import check_compile_arguments, check_jem_arguments
+from jem_tf import keras_workarounds
+from jem_tf.data import inputs
+from jem_tf.model import energy as energy_lib
+from jem_tf.model import generation
+from jem_tf.model.chains import TrainingChains
+from jem_tf.model.conversion import backbone_from_classifier
+from jem_tf.model.jem_arguments import check_compile_arguments, check_jem_arguments
+from jem_tf.model.objective import jem_objective
+from jem_tf.model.refinement import RefinementSettings
 from jem_tf.networks import with_precision
-from jem_tf.objective import jem_objective
-from jem_tf.refinement import RefinementSettings
-from jem_tf.replay_buffer import ReplayBuffer
+from jem_tf.sampling.chain_init import ClassGaussian
+from jem_tf.sampling.replay_buffer import ReplayBuffer
+from jem_tf.sampling.sgld import SGLDSampler
 from jem_tf.seeds import SeedState
-from jem_tf.sgld import SGLDSampler
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")
@@ -27,8 +29,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
     """Joint Energy-based Model around a classifier ``backbone`` that outputs logits ``f(x)``.
 
     ``p(y|x) = softmax(f(x))`` and ``E(x) = -logsumexp_y f(x)[y]``. Each training step minimises
-    :func:`jem_tf.objective.jem_objective` on noisy data and SGLD chains from a persistent :class:`ReplayBuffer`
-    (:mod:`jem_tf.chains`); with ``px_weight=0`` and ``pxy_weight=0`` no sampling runs (a plain classifier).
+    :func:`jem_tf.model.objective.jem_objective` on noisy data and SGLD chains from a persistent :class:`ReplayBuffer`
+    (:mod:`jem_tf.model.chains`); with ``px_weight=0`` and ``pxy_weight=0`` no sampling runs (a plain classifier).
     Images are floats in ``value_range``, labels class ids; a row of ``sample_weight`` 0 is unlabelled and
     trains ``p(x)`` alone (semi-supervised learning).
 
@@ -40,11 +42,11 @@ class JEM(inputs.CheckedInputs, keras.Model):
         class_conditional_buffer: Keep per-class buffer slots. Default: ``pxy_weight > 0``.
         pyx_weight, px_weight, pxy_weight, energy_l2_weight: Weights of the cross-entropy, the contrastive
             ``log p(x)`` and ``log p(x|y)`` terms and the L2 energy regulariser. Defaults 1.0, 1.0, 0.0, 0.0.
-        energy_l2_center: The energy the L2 regulariser pulls towards (:mod:`jem_tf.objective`). Default 0; for
+        energy_l2_center: The energy the L2 regulariser pulls towards (:mod:`jem_tf.model.objective`). Default 0; for
             a converted classifier, its mean energy on the training data
-            (:func:`jem_tf.conversion.mean_energy`), as ``--init-from`` runs use.
+            (:func:`jem_tf.model.conversion.mean_energy`), as ``--init-from`` runs use.
         energy_l2_samples: Whether the L2 regulariser also pulls the samples' energies (default True, IGEBM's and
-            JEM's) or only the data's (:mod:`jem_tf.objective`).
+            JEM's) or only the data's (:mod:`jem_tf.model.objective`).
         data_noise_std: Std of Gaussian noise added to training images. Default 0.03.
         value_range: ``(low, high)`` of images. Default (-1.0, 1.0).
         validate_inputs: Check image range and label ids in every step. Default True.
@@ -52,11 +54,11 @@ class JEM(inputs.CheckedInputs, keras.Model):
         buffer_storage: ``"float32"`` (default) or ``"uint8"`` (4x smaller; see :class:`ReplayBuffer`).
         image_shape, num_classes: Needed only when the backbone has no static input/output shape.
         chain_init: Where chains start (buffer fill and restarts, :meth:`sample`): ``None`` (uniform noise, the
-            paper's JEM) or a fitted :class:`~jem_tf.chain_init.ClassGaussian` (JEM++). Default ``None``.
+            paper's JEM) or a fitted :class:`~jem_tf.sampling.chain_init.ClassGaussian` (JEM++). Default ``None``.
         chain_init_uniform_fraction: With ``chain_init``, the share of fresh chains that start from uniform
             noise instead. Default 0.
         energy_start_step: Optimizer step from which the energy terms and SGLD are on. Default 0.
-        refinement: The :class:`~jem_tf.refinement.RefinementSettings` of :meth:`refine` (usually chosen by
+        refinement: The :class:`~jem_tf.model.refinement.RefinementSettings` of :meth:`refine` (usually chosen by
             :func:`jem_tf.evaluation.refinement_choice.choose_refinement`). Default ``None``: see
             :attr:`refinement_settings`.
 
@@ -121,7 +123,7 @@ class JEM(inputs.CheckedInputs, keras.Model):
     @classmethod
     def from_classifier(cls, classifier: keras.Model, **kwargs) -> "JEM":
         """A JEM made from a trained Keras classifier, ready for ``compile`` and ``fit`` (fine-tuning): it trains a copy
-        whose softmax head gives its logits (:func:`jem_tf.conversion.backbone_from_classifier`, with a warning).
+        whose softmax head gives its logits (:func:`jem_tf.model.conversion.backbone_from_classifier`, with a warning).
 
         Args:
             classifier: A trained Functional or Sequential Keras classifier ``[batch, H, W, C] ->
@@ -189,12 +191,12 @@ class JEM(inputs.CheckedInputs, keras.Model):
     def energy(self, x, *, batch_size: int = 256) -> np.ndarray:
         """``E(x) = -logsumexp_y f(x)[y]`` of images ``x`` ``[N, *image_shape]`` (array or tensor), in batches of
         ``batch_size``, in inference mode: a float32 numpy array ``[N]``. In a ``tf.function`` use
-        ``jem_tf.energy.energy(model.logits(x))``."""
+        ``jem_tf.model.energy.energy(model.logits(x))``."""
         return -self.log_px(x, batch_size=batch_size)
 
     def log_px(self, x, *, batch_size: int = 256) -> np.ndarray:
         """Unnormalised ``log p(x) = logsumexp_y f(x)[y]`` of images ``x``, batched like :meth:`energy`; a
-        float32 numpy array ``[N]``. Inside a ``tf.function`` use ``jem_tf.energy.log_px(model.logits(x))``."""
+        float32 numpy array ``[N]``. Inside a ``tf.function`` use ``jem_tf.model.energy.log_px(model.logits(x))``."""
         logits = self.predict(x, batch_size=batch_size, verbose=0)
         return energy_lib.log_px(tf.constant(logits, tf.float32)).numpy()
 
@@ -224,7 +226,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
 
     # ----------------------------------------------------------------------------- compile
     def compile(self, optimizer="adam", loss=None, metrics=None, *, jit_compile=False, **kwargs):
-        """``keras.Model.compile`` for a JEM, whose loss is its own (:func:`jem_tf.objective.jem_objective`): passing
+        """``keras.Model.compile`` for a JEM, whose loss is its own (:func:`~jem_tf.model.objective.jem_objective`):
+        passing
         ``loss`` or ``loss_weights`` is an error. It always logs ``loss, ce, accuracy, e_data`` and, when sampling,
         ``e_sample, energy_gap, sgld_grad_norm, sample_abs_max``; ``metrics`` and ``weighted_metrics`` (any Keras
         metrics, e.g. ``["sparse_top_k_categorical_accuracy"]``) are computed on the classifier's logits (what
@@ -254,8 +257,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
 
     def train_step(self, data):
         """One JEM step on a batch ``(images, labels[, sample_weight])``: 1. **sample** the noisy data and
-        the SGLD chains (:meth:`jem_tf.chains.TrainingChains.sample`); 2. **forward** them; 3. **loss**:
-        :func:`jem_tf.objective.jem_objective` plus the backbone's own losses, scaled for the number of replicas;
+        the SGLD chains (:meth:`jem_tf.model.chains.TrainingChains.sample`); 2. **forward** them; 3. **loss**:
+        :func:`jem_tf.model.objective.jem_objective` plus the backbone's own losses, scaled for the number of replicas;
         4. **apply** one optimizer step (the samples are constants); 5. **track** the metrics Keras logs."""
         self.train_step_trace_count += 1
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -364,7 +367,7 @@ class JEM(inputs.CheckedInputs, keras.Model):
             labels: Optional int class ids ``[N]`` for class-conditional refinement.
             step_size, noise_std: Optional overrides of the settings.
             settings: ``None`` (default: :attr:`refinement_settings`, the chosen ones), a
-                :class:`~jem_tf.refinement.RefinementSettings`, or ``"sampler"``: the training sampler itself
+                :class:`~jem_tf.model.refinement.RefinementSettings`, or ``"sampler"``: the training sampler itself
                 (its clamps too; for continuing sampling chains).
         """
         return self._generator.refine(images, n_steps=n_steps, seed=seed, labels=labels, step_size=step_size,

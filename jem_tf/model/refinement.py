@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import keras
 import numpy as np
 
-from jem_tf.sgld import SGLDSampler
+from jem_tf.sampling.sgld import SGLDSampler
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")

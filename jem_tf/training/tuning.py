@@ -21,12 +21,16 @@ import numpy as np
 
 from jem_tf.choices import TUNERS
 from jem_tf.choices import TUNING_OBJECTIVES as OBJECTIVES
-from jem_tf.config import TrainConfig, field_names
-from jem_tf.conversion import logits_network
 from jem_tf.data import ImageDataset
-from jem_tf.distribution import make_strategy
 from jem_tf.errors import UsageError, as_usage_error, import_extra
-from jem_tf.factories import (
+from jem_tf.files import atomic_write_bytes, atomic_write_json
+from jem_tf.model.conversion import logits_network
+from jem_tf.ood import OODScorer, auroc
+from jem_tf.run.config import TrainConfig, field_names
+from jem_tf.run.model_files import load_classifier, with_energy_l2_center
+from jem_tf.run.splits import RunSplits, Split, run_splits
+from jem_tf.sampling.distribution import make_strategy
+from jem_tf.training.factories import (
     build_datasets,
     build_jem,
     build_stability_guard,
@@ -34,13 +38,10 @@ from jem_tf.factories import (
     resolve_config_precision,
     steps_per_epoch,
 )
-from jem_tf.files import atomic_write_bytes, atomic_write_json
-from jem_tf.model_files import load_classifier, with_energy_l2_center
-from jem_tf.ood import OODScorer, auroc
-from jem_tf.splits import RunSplits, Split, run_splits
 
-# The optional dependency of this module (the `tune` extra): without it, importing jem_tf.tuning is one UsageError.
-keras_tuner = import_extra("keras_tuner", needed_for="Hyperparameter search (python -m jem_tf.tune, jem_tf.tuning)")
+# The optional dependency of this module (the `tune` extra): without it, importing it is one UsageError.
+keras_tuner = import_extra("keras_tuner",
+                           needed_for="Hyperparameter search (python -m jem_tf.tune, jem_tf.training.tuning)")
 
 # name -> spec. "float"/"int": a range (log sampling where marked); "choice": a list of values.
 DEFAULT_SEARCH_SPACE: Dict[str, dict] = {
@@ -149,7 +150,7 @@ class JEMHyperModel(keras_tuner.HyperModel):
 
     Args:
         base_config: The recipe; hyperparameters override its fields.
-        data: The recipe's dataset; every trial trains on its :func:`~jem_tf.splits.run_splits` (train,
+        data: The recipe's dataset; every trial trains on its :func:`~jem_tf.run.splits.run_splits` (train,
             validation and, for a semi-supervised recipe, the labelled images), as ``python -m jem_tf.train`` does.
         space: Search space (see :func:`search_space`).
         objective: ``"val_accuracy"`` or ``"combined"`` (validation accuracy + OOD AUROC of log p(x)

@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import keras
 import tensorflow as tf
 
-from jem_tf import energy as energy_lib
+from jem_tf.model import energy as energy_lib
 
 
 class ObjectiveTerms(NamedTuple):

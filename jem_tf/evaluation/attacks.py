@@ -26,7 +26,7 @@ class PGD:
         value_range: Adversarial images are clipped to this box.
         random_start: Start at a uniformly random point of the ball (L2: random direction, random radius).
         preprocess: Optional defence ``preprocess(x, seed) -> x'`` applied before the classifier (e.g. SGLD
-            refinement, :func:`jem_tf.generation.refinement_fn`); the attack then uses BPDA: the forward pass
+            refinement, :func:`jem_tf.model.generation.refinement_fn`); the attack then uses BPDA: the forward pass
             runs ``logits_fn(preprocess(x))`` and the backward pass treats ``preprocess`` as the identity,
             ``d loss / dx := d loss / dx'``. Default ``None``: attack ``logits_fn`` alone.
         eot_samples: With ``preprocess``, the gradient of each step is the mean over this many draws of the

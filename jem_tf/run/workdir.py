@@ -2,7 +2,7 @@
 before a run writes to it.
 
 ``python -m jem_tf.train --workdir DIR`` writes one run; ``tune``, ``evaluate`` and ``export`` read runs back.
-The lock that keeps one training per work directory is :mod:`jem_tf.workdir_lock`.
+The lock that keeps one training per work directory is :mod:`jem_tf.run.workdir_lock`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from typing import Optional
 import keras
 import numpy as np
 
-from jem_tf.config import TrainConfig
-from jem_tf.config_rules import RESUME_FIXED_FIELDS
 from jem_tf.errors import UsageError
 from jem_tf.files import (
     TEMPORARY,
@@ -27,6 +25,8 @@ from jem_tf.files import (
     temporary_path,
     write_atomically,
 )
+from jem_tf.run.config import TrainConfig
+from jem_tf.run.config_rules import RESUME_FIXED_FIELDS
 
 # The temporaries of runs written by older jem-tf versions (before files.temporary_path), cleaned up the same way.
 _OLD_TEMPORARIES = (re.compile(r"^\.?[\w.]+\.tmp-\d+(\.keras)?$"), re.compile(r"^\.overwrite-\d+$"),
@@ -34,7 +34,8 @@ _OLD_TEMPORARIES = (re.compile(r"^\.?[\w.]+\.tmp-\d+(\.keras)?$"), re.compile(r"
                     re.compile(r"^\.tmp_epoch_\d+$"))
 
 
-# A backup (WORKDIR/backup, jem_tf.callbacks.ChiefBackupAndRestore) holds generations epoch_NNNN/ with the model's
+# A backup (WORKDIR/backup, jem_tf.training.callbacks.ChiefBackupAndRestore) holds generations epoch_NNNN/ with the
+# model's
 # weights and a small JSON of the epoch and optimizer step.
 BACKUP_GENERATION = re.compile(r"^epoch_(\d+)$")
 BACKUP_WEIGHTS = "state.weights.h5"
@@ -240,7 +241,7 @@ def prepare_workdir(layout: RunLayout, config: TrainConfig, *, overwrite: bool =
 
     * a finished run is never replaced unless ``overwrite`` (then the caller removes it: :func:`clear_run`);
     * an interrupted run (a backup) is resumed only with a config that matches it in
-      :data:`~jem_tf.config_rules.RESUME_FIXED_FIELDS` (else ``UsageError`` naming the differing fields;
+      :data:`~jem_tf.run.config_rules.RESUME_FIXED_FIELDS` (else ``UsageError`` naming the differing fields;
       ``overwrite`` starts over);
     * the directory and ``config.export_dir`` must be writable directories (or creatable);
     * a classifier to convert (``config.init_from``) must not lie among the run's files, which ``overwrite``

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from jem_tf.distribution import BatchPosition, replica_random
+from jem_tf.sampling.distribution import BatchPosition, replica_random
 from jem_tf.seeds import as_stateless_seed
 
 SGLDDiagnostics = collections.namedtuple(
@@ -104,7 +104,7 @@ class SGLDSampler:
         """One SGLD step. Returns ``(new_x, energy_at_x [batch], grad_norm [batch])``.
 
         ``position`` (``(offset, global_batch)``) makes the noise that of rows ``offset..`` of a
-        global batch (see :mod:`jem_tf.distribution`).
+        global batch (see :mod:`jem_tf.sampling.distribution`).
         """
         step_size = self.step_size if step_size is None else step_size
         noise_std = self.noise_std if noise_std is None else noise_std
@@ -180,7 +180,7 @@ class SGLDSampler:
                 scalar tensors, e.g. from a serving signature).
             position: Optional ``(offset, global_batch_size)``: draw the noise of the global batch
                 and use this replica's rows, so that data-parallel sampling equals single-device
-                sampling (see :mod:`jem_tf.distribution`).
+                sampling (see :mod:`jem_tf.sampling.distribution`).
 
         Returns:
             ``(samples, SGLDDiagnostics)``; samples carry no gradient.

@@ -70,7 +70,7 @@ class WarmupPiecewiseSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 @keras.saving.register_keras_serializable(package="jem_tf")
 class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """``factor * schedule(step)``: how :class:`jem_tf.stability.StabilityGuard` lowers the learning
+    """``factor * schedule(step)``: how :class:`jem_tf.training.stability.StabilityGuard` lowers the learning
     rate of a scheduled optimizer after a divergence (saved with the optimizer, so a resumed run keeps
     the lowered rate).
 

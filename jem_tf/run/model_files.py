@@ -11,12 +11,12 @@ from typing import NamedTuple, Optional, Tuple
 import keras
 import numpy as np
 
-from jem_tf.config import TrainConfig
-from jem_tf.conversion import check_logits, file_sha256, logits_network, mean_energy
 from jem_tf.errors import UsageError
 from jem_tf.files import zip_member_is_forged
-from jem_tf.jem import JEM
-from jem_tf.workdir import RunLayout, load_run_config
+from jem_tf.model.conversion import check_logits, file_sha256, logits_network, mean_energy
+from jem_tf.model.jem import JEM
+from jem_tf.run.config import TrainConfig
+from jem_tf.run.workdir import RunLayout, load_run_config
 
 # Bounds on what a .keras archive may inflate to, checked from its zip directory before anything is read: Keras
 # stores members uncompressed, and a model's config.json is kilobytes; a small file that declares gigabytes (a
@@ -82,7 +82,7 @@ def load_trained_model(model_path: str) -> Tuple[JEM, Optional[TrainConfig]]:
 class ClassifierSource(NamedTuple):
     """A trained classifier to convert (``--init-from``): its logits network and where it came from."""
 
-    network: keras.Model  # float32 logits network (jem_tf.conversion.logits_network)
+    network: keras.Model  # float32 logits network (jem_tf.model.conversion.logits_network)
     path: str  # the .keras file read (a work directory's model.keras)
     sha256: str
     kind: str  # "jem-tf model" (its backbone) or "keras classifier"
@@ -96,7 +96,7 @@ class ClassifierSource(NamedTuple):
 
 def with_energy_l2_center(config: TrainConfig, source: Optional[ClassifierSource], images: np.ndarray) -> TrainConfig:
     """``config`` with ``energy_l2_center`` measured when it is unset for a conversion: the source classifier's mean
-    energy on the training ``images`` (:func:`jem_tf.conversion.mean_energy`), so that the L2 term pulls energies
+    energy on the training ``images`` (:func:`jem_tf.model.conversion.mean_energy`), so that the L2 term pulls energies
     towards where the classifier has them, not towards an arbitrary 0. Unchanged otherwise (0 is used)."""
     if source is None or config.energy_l2_center is not None:
         return config
@@ -126,12 +126,13 @@ def load_classifier(path: str, *, image_shape, num_classes: int, sha256: Optiona
                     images: Optional[np.ndarray] = None) -> ClassifierSource:
     """The trained classifier at ``path`` (a training work directory or a ``.keras`` file holding a jem-tf model,
     whose backbone is taken, or any Keras classifier) as a float32 logits network for a JEM of ``image_shape``
-    images and ``num_classes`` classes (:func:`jem_tf.conversion.logits_network`).
+    images and ``num_classes`` classes (:func:`jem_tf.model.conversion.logits_network`).
 
     Raises:
         UsageError: one line naming the path: missing or unreadable file, another file than ``sha256`` pins,
             not a classifier, or another image shape or class count; with ``images`` (the run's training
-            images), outputs that are probabilities whatever the layers say (:func:`jem_tf.conversion.check_logits`).
+            images), outputs that are probabilities whatever the layers say
+            (:func:`jem_tf.model.conversion.check_logits`).
     """
     file = classifier_file(path)
     digest = file_sha256(file)

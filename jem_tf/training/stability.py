@@ -16,8 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf.keras_workarounds import learning_rate_or_schedule
-from jem_tf.schedules import ScaledSchedule
 from jem_tf.seeds import buffer_reset_seed
+from jem_tf.training.schedules import ScaledSchedule
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,8 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the whole training pipeline, importable and testable.
 
-It loads the run's data and derives its splits once (:func:`jem_tf.splits.run_splits`), builds what the config
-describes (:mod:`jem_tf.factories`), trains with resumption, checkpoints and the stability guard, evaluates on
-the test split and writes the work directory (:class:`jem_tf.workdir.RunLayout`).
+It loads the run's data and derives its splits once (:func:`jem_tf.run.splits.run_splits`), builds what the config
+describes (:mod:`jem_tf.training.factories`), trains with resumption, checkpoints and the stability guard, evaluates on
+the test split and writes the work directory (:class:`jem_tf.run.workdir.RunLayout`).
 """
 
 from __future__ import annotations
@@ -16,31 +16,37 @@ from typing import Optional, Tuple
 import keras
 import numpy as np
 
-from jem_tf import energy as energy_lib
 from jem_tf import metrics as metrics_lib
-from jem_tf.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
-from jem_tf.config import TrainConfig
-from jem_tf.config_rules import check_steps_per_execution
-from jem_tf.conversion import file_sha256
 from jem_tf.data import ImageDataset, make_dataset, preprocessing_of
-from jem_tf.distribution import is_chief, make_strategy
 from jem_tf.errors import as_usage_error
 from jem_tf.evaluation.refinement_choice import choose_refinement
-from jem_tf.factories import build_datasets, build_jem, build_stability_guard, compile_jem, resolve_config_precision
-from jem_tf.factories import steps_per_epoch as count_steps_per_epoch
 from jem_tf.files import atomic_write_json, remove_path
-from jem_tf.model_files import ClassifierSource, classifier_file, load_classifier, with_energy_l2_center
+from jem_tf.model import energy as energy_lib
+from jem_tf.model.conversion import file_sha256
 from jem_tf.ood import fit_ood_detector
+from jem_tf.run.config import TrainConfig
+from jem_tf.run.config_rules import check_steps_per_execution
+from jem_tf.run.model_files import ClassifierSource, classifier_file, load_classifier, with_energy_l2_center
+from jem_tf.run.splits import RunSplits, load_run_dataset, run_splits
+from jem_tf.run.workdir import RunLayout, clear_run, prepare_workdir, save_model_atomically
+from jem_tf.run.workdir_lock import WorkdirLock
+from jem_tf.sampling.distribution import is_chief, make_strategy
 from jem_tf.serving import export_saved_model, serving_model
-from jem_tf.splits import RunSplits, load_run_dataset, run_splits
-from jem_tf.workdir import RunLayout, clear_run, prepare_workdir, save_model_atomically
-from jem_tf.workdir_lock import WorkdirLock
+from jem_tf.training.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
+from jem_tf.training.factories import (
+    build_datasets,
+    build_jem,
+    build_stability_guard,
+    compile_jem,
+    resolve_config_precision,
+)
+from jem_tf.training.factories import steps_per_epoch as count_steps_per_epoch
 
 
 def resolve_run_precision(config: TrainConfig, layout: RunLayout, *, image_shape, num_classes: int, batch_size: int,
                           log=print, write: bool = True, backbone=None, resume: Optional[bool] = None
                           ) -> Tuple[TrainConfig, dict]:
-    """:func:`~jem_tf.factories.resolve_config_precision` once per run: ``precision="auto"`` is probed when
+    """:func:`~jem_tf.training.factories.resolve_config_precision` once per run: ``precision="auto"`` is probed when
     the run starts and the choice recorded in ``layout.precision``; a run that resumes from a backup reuses
     it (a second probe, on a busy machine, could choose the other precision and break exact resumption).
     ``resume``: whether the run resumes (default: whether ``layout`` holds a backup); ``write=False`` records
@@ -88,10 +94,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         config: The run's settings (validated here).
         workdir: Output directory (created).
         verbose: Keras ``fit`` verbosity.
-        data: Optional already-loaded dataset (else :func:`jem_tf.splits.load_run_dataset`).
+        data: Optional already-loaded dataset (else :func:`jem_tf.run.splits.load_run_dataset`).
         callbacks: Extra Keras callbacks for ``fit`` (after the pipeline's own; e.g. a time budget).
         overwrite: Replace a finished run (or an interrupted one) in ``workdir``; without it a finished
-            run is an error and an interrupted one is resumed (see :func:`jem_tf.workdir.prepare_workdir`).
+            run is an error and an interrupted one is resumed (see :func:`jem_tf.run.workdir.prepare_workdir`).
 
     Returns:
         The metrics written to ``metrics.json``.

@@ -260,7 +260,8 @@ class CheckedInputs:
         return super().evaluate(evaluate_inputs(self, x, y), y, *args, **kwargs)
 
     def train_on_batch(self, x, y=None, *args, **kwargs):
-        """``keras.Model.train_on_batch``; under XLA the batch is checked eagerly first (see :mod:`jem_tf.inputs`)."""
+        """``keras.Model.train_on_batch``; under XLA the batch is checked eagerly first (see
+        :mod:`jem_tf.data.inputs`)."""
         check_batch(self, x, y)
         return super().train_on_batch(x, y, *args, **kwargs)
 

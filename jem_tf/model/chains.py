@@ -15,7 +15,7 @@ One step of :meth:`jem_tf.JEM.train_step`:
 
 Every random number comes from :meth:`TrainingChains.step_seed`: (model seed, reseed count, optimizer step,
 stream), so a step is reproducible and resumable, and under a strategy the numbers are drawn for the global
-batch (see :mod:`jem_tf.distribution`).
+batch (see :mod:`jem_tf.sampling.distribution`).
 
 The SGLD samples are constants of the loss; the sampler sees the network in inference mode. Batch-norm
 statistics must never see them, so with batch norm the data and the chains take separate forward passes;
@@ -29,8 +29,9 @@ from typing import List, NamedTuple, Optional, Tuple
 import keras
 import tensorflow as tf
 
-from jem_tf import generation, keras_workarounds, seeds
-from jem_tf.distribution import global_batch_position, replica_random
+from jem_tf import keras_workarounds, seeds
+from jem_tf.model import generation
+from jem_tf.sampling.distribution import global_batch_position, replica_random
 
 
 class ContrastiveBatch(NamedTuple):

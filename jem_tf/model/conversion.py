@@ -17,7 +17,7 @@ the model:
 
 The network returned is a copy (weights copied exactly, nothing shared with the original model), so
 fine-tuning the JEM never changes the user's classifier. :meth:`jem_tf.JEM.from_classifier` is the one call
-for users; :func:`jem_tf.model_files.load_classifier` reads a classifier from a file for the CLI's ``--init-from``.
+for users; :func:`jem_tf.run.model_files.load_classifier` reads a classifier from a file for the CLI's ``--init-from``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from jem_tf import energy as energy_lib
+from jem_tf.model import energy as energy_lib
 
 # Activations of a last layer whose pre-activation values are the logits.
 _SOFTMAX_ACTIVATIONS = ("softmax", "log_softmax")
@@ -315,7 +315,7 @@ def backbone_from_classifier(classifier: keras.Model, *, image_shape: Optional[S
 def mean_energy(network: keras.Model, images: np.ndarray, *, max_images: int = 2048, batch_size: int = 256) -> float:
     """The mean energy ``-logsumexp_y f(x)[y]`` of a logits ``network`` (inference mode, float32) on the first
     ``max_images`` of ``images``: where a converted classifier's energies sit before fine-tuning, the centre of
-    its energy L2 term (``energy_l2_center``; see :mod:`jem_tf.objective`).
+    its energy L2 term (``energy_l2_center``; see :mod:`jem_tf.model.objective`).
 
     Example:
         >>> center = mean_energy(backbone_from_classifier(my_cnn), x_train)

@@ -15,7 +15,7 @@ import tensorflow as tf
 from jem_tf.figures import image_grid, upscale, write_png
 from jem_tf.files import check_free_space, write_atomically
 from jem_tf.keras_workarounds import set_initial_epoch
-from jem_tf.workdir import (
+from jem_tf.run.workdir import (
     BACKUP_GENERATION,
     BACKUP_METADATA,
     BACKUP_WEIGHTS,
@@ -123,7 +123,7 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
             :meth:`remove` after the final model is written, so that a kill in between loses nothing.
     """
 
-    PATTERN, WEIGHTS, METADATA = BACKUP_GENERATION, BACKUP_WEIGHTS, BACKUP_METADATA  # jem_tf.workdir's layout
+    PATTERN, WEIGHTS, METADATA = BACKUP_GENERATION, BACKUP_WEIGHTS, BACKUP_METADATA  # jem_tf.run.workdir's layout
 
     def __init__(self, backup_dir: str, *, is_chief: bool = True, keep: int = 2, log=print,
                  delete_on_completion: bool = True):

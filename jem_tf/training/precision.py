@@ -40,9 +40,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from jem_tf import energy as energy_lib
 from jem_tf import seeds
 from jem_tf.files import atomic_write_json
+from jem_tf.model import energy as energy_lib
 from jem_tf.networks import with_precision
 
 AUTO_CANDIDATES = ("float32", "mixed_bfloat16")

@@ -19,10 +19,10 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import keras
 import numpy as np
 
-from jem_tf import inputs
-from jem_tf.conversion import softmax_head
-from jem_tf.refinement import RefinementSettings
-from jem_tf.sgld import SGLDSampler
+from jem_tf.data import inputs
+from jem_tf.model.conversion import softmax_head
+from jem_tf.model.refinement import RefinementSettings
+from jem_tf.sampling.sgld import SGLDSampler
 
 
 class JEMArguments(NamedTuple):

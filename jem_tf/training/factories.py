@@ -1,8 +1,8 @@
-"""Everything a :class:`~jem_tf.config.TrainConfig` builds, used by training, tuning and the benchmarks:
+"""Everything a :class:`~jem_tf.run.config.TrainConfig` builds, used by training, tuning and the benchmarks:
 the backbone, the JEM, its optimizer, the compiled model, the stability guard and the input pipelines.
 
-The pipeline that runs them (:func:`jem_tf.training.train_and_evaluate`) and the search
-(:mod:`jem_tf.tuning`) call these and build nothing themselves.
+The pipeline that runs them (:func:`jem_tf.training.pipeline.train_and_evaluate`) and the search
+(:mod:`jem_tf.training.tuning`) call these and build nothing themselves.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from jem_tf.chain_init import ClassGaussian
-from jem_tf.config import TrainConfig
-from jem_tf.config_rules import check_steps_per_execution
 from jem_tf.data import make_dataset, make_epochs_dataset, make_semi_supervised_dataset
-from jem_tf.jem import JEM
+from jem_tf.model.jem import JEM
 from jem_tf.networks import build_backbone, freeze_batch_norm, freeze_layers, with_precision
-from jem_tf.precision import resolve_precision
-from jem_tf.schedules import WarmupPiecewiseSchedule
-from jem_tf.sgld import SGLDSampler
-from jem_tf.splits import RunSplits
-from jem_tf.stability import StabilityGuard
+from jem_tf.run.config import TrainConfig
+from jem_tf.run.config_rules import check_steps_per_execution
+from jem_tf.run.splits import RunSplits
+from jem_tf.sampling.chain_init import ClassGaussian
+from jem_tf.sampling.sgld import SGLDSampler
+from jem_tf.training.precision import resolve_precision
+from jem_tf.training.schedules import WarmupPiecewiseSchedule
+from jem_tf.training.stability import StabilityGuard
 
 
 def build_float32_backbone(config: TrainConfig, *, image_shape, num_classes: int) -> keras.Model:
@@ -44,9 +44,9 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
     """Builds the backbone and the (uncompiled) JEM a config describes.
 
     ``backbone``: a float32 logits network to start from instead of the config's (a converted classifier,
-    :func:`jem_tf.model_files.load_classifier`), trained as the JEM's network (a 16-bit precision trains a copy).
+    :func:`jem_tf.run.model_files.load_classifier`), trained as the JEM's network (a 16-bit precision trains a copy).
 
-    ``train_data`` ``(images, labels)``: the labelled training images (:attr:`jem_tf.splits.RunSplits.labelled`),
+    ``train_data`` ``(images, labels)``: the labelled training images (:attr:`jem_tf.run.splits.RunSplits.labelled`),
     needed for ``chain_init="class_gaussian"`` (the class Gaussians are fitted to them). ``steps_per_epoch``:
     needed for ``classifier_epochs > 0``.
     ``config.precision`` must be resolved (not ``"auto"``; see :func:`resolve_config_precision`).
@@ -103,7 +103,7 @@ def resolve_config_precision(config: TrainConfig, *, image_shape, num_classes: i
                              ) -> Tuple[TrainConfig, dict]:
     """``(config with a concrete precision, report)``: ``precision="auto"`` is decided by a measured probe
     of the config's backbone (or the float32 ``backbone`` given) at ``batch_size`` (default: the config's; see
-    :func:`jem_tf.precision.resolve_precision`). Call it outside a ``tf.distribute`` strategy's scope."""
+    :func:`jem_tf.training.precision.resolve_precision`). Call it outside a ``tf.distribute`` strategy's scope."""
     if config.precision != "auto":
         return config, {"precision": config.precision, "reason": "set explicitly"}
     if backbone is None:
@@ -158,7 +158,7 @@ def steps_per_epoch(config: TrainConfig, num_train: int) -> int:
 
 def build_datasets(config: TrainConfig, splits: RunSplits, *, first_epoch: int = 0, num_epochs: Optional[int] = None
                    ) -> Tuple[tf.data.Dataset, Optional[tf.data.Dataset], Optional[int]]:
-    """``(train_ds, validation_ds, epoch_steps)`` of a run's ``splits`` (:func:`jem_tf.splits.run_splits`) for
+    """``(train_ds, validation_ds, epoch_steps)`` of a run's ``splits`` (:func:`jem_tf.run.splits.run_splits`) for
     ``model.fit(train_ds, validation_data=validation_ds, steps_per_epoch=epoch_steps, initial_epoch=first_epoch,
     epochs=num_epochs)``.
 

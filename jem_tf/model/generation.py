@@ -4,13 +4,13 @@ behind :meth:`jem_tf.JEM.sample` and :meth:`jem_tf.JEM.refine`.
 One home for what the model and its export share: :func:`sgld_energy` is the target of the training
 chains, of :meth:`~jem_tf.JEM.sample` and of :meth:`~jem_tf.JEM.refine`; :func:`sgld_energy_per_row` is the
 exported ``sample`` signature's (:mod:`jem_tf.serving`); both start where training chains start
-(:func:`jem_tf.chain_init.start_chains`), and with the same seed salt, so ``JEM.sample(seed=s)`` and a served
+(:func:`jem_tf.sampling.chain_init.start_chains`), and with the same seed salt, so ``JEM.sample(seed=s)`` and a served
 ``sample`` request with seed ``s`` draw the same images from a float32 model. :class:`Generator` is what a
 model's ``sample`` and ``refine`` delegate to.
 
 The module sees a model only through its attributes (``logits``, ``sampler``, ``replay_buffer``,
 ``chain_init``, ``class_conditional_buffer``, ``refinement_settings``, ``image_shape``, ``num_classes``,
-``value_range``), so :mod:`jem_tf.jem` can import it.
+``value_range``), so :mod:`jem_tf.model.jem` can import it.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from jem_tf import energy as energy_lib
 from jem_tf import seeds
-from jem_tf.chain_init import start_chains
-from jem_tf.refinement import RefinementSettings
+from jem_tf.model import energy as energy_lib
+from jem_tf.model.refinement import RefinementSettings
+from jem_tf.sampling.chain_init import start_chains
+from jem_tf.sampling.sgld import SGLDSampler
 from jem_tf.seeds import as_stateless_seed
-from jem_tf.sgld import SGLDSampler
 
 # Where JEM.sample starts its chains (see Generator.sample).
 INITS = ("default", "uniform", "class_gaussian", "buffer")

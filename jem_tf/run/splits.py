@@ -17,10 +17,10 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from jem_tf.choices import CALIBRATION_SPLITS
-from jem_tf.config import TrainConfig
-from jem_tf.config_rules import check_labels_per_class
 from jem_tf.data import ImageDataset, load_dataset, split_validation
 from jem_tf.errors import UsageError, as_usage_error
+from jem_tf.run.config import TrainConfig
+from jem_tf.run.config_rules import check_labels_per_class
 from jem_tf.seeds import LABELLED_SUBSET
 
 
@@ -125,7 +125,7 @@ def select_labelled(config: TrainConfig, train: Split) -> Split:
 
     Raises:
         UsageError: ``labels_per_class`` exceeds the smallest class of the training split
-            (:func:`jem_tf.config_rules.check_labels_per_class`).
+            (:func:`jem_tf.run.config_rules.check_labels_per_class`).
     """
     classes, counts = np.unique(train.labels, return_counts=True)
     check_labels_per_class(config, dict(zip(classes, counts)))

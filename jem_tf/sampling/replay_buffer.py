@@ -11,10 +11,10 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf import seeds
-from jem_tf.chain_init import ClassGaussian, start_chains
 from jem_tf.choices import BUFFER_STORAGES as STORAGES
-from jem_tf.distribution import BatchPosition, all_gather_rows, replica_random
-from jem_tf.inputs import check_value_range
+from jem_tf.data.inputs import check_value_range
+from jem_tf.sampling.chain_init import ClassGaussian, start_chains
+from jem_tf.sampling.distribution import BatchPosition, all_gather_rows, replica_random
 
 # A buffer larger than this gets a warning with its size before it is allocated.
 LARGE_BUFFER_BYTES = 1 << 30
@@ -32,7 +32,7 @@ class ReplayBuffer(keras.layers.Layer):
 
     Each training step draws ``batch`` slots at random, restarts each drawn chain from its start
     distribution (``init``: uniform noise on ``value_range`` by default, or JEM++'s per-class Gaussians
-    :class:`~jem_tf.chain_init.ClassGaussian`) with probability ``restart_prob``, runs SGLD on them and writes
+    :class:`~jem_tf.sampling.chain_init.ClassGaussian`) with probability ``restart_prob``, runs SGLD on them and writes
     the result back to the same slots with :meth:`update` (an in-place scatter; the buffer is
     never copied as a whole).
 
@@ -48,7 +48,7 @@ class ReplayBuffer(keras.layers.Layer):
     replica's ``(indices, samples)`` and applies the *same* in-place scatter on every replica. The
     default settings let the copies silently diverge; ``MEAN`` aggregation silently averages new and
     old rows; ``ONLY_FIRST_REPLICA`` without the all-gather silently drops the other replicas' chains.
-    Draws use the global batch's random numbers (see :mod:`jem_tf.distribution`), so replicas draw
+    Draws use the global batch's random numbers (see :mod:`jem_tf.sampling.distribution`), so replicas draw
     different slots and restarts. The variable is saved once and restores onto every replica.
 
     Args:
@@ -58,7 +58,7 @@ class ReplayBuffer(keras.layers.Layer):
         num_classes: If set, keep per-class slots (see above). Default ``None``.
         value_range: ``(low, high)`` of the uniform initialisation and restarts. Default (-1, 1).
         seed: Seed of the initial fill. Default ``None`` (random; a ``ClassGaussian`` fill uses 0).
-        init: ``None`` (uniform noise) or a fitted :class:`~jem_tf.chain_init.ClassGaussian`: the initial
+        init: ``None`` (uniform noise) or a fitted :class:`~jem_tf.sampling.chain_init.ClassGaussian`: the initial
             fill (slot ``i`` of ``size`` starts from class ``i * num_classes // size``, so every class has
             its share; per-class slots start from their class) and every restart (class-conditional draws
             restart from the drawn label's Gaussian, unconditional ones from a class drawn with the prior).
@@ -190,7 +190,7 @@ class ReplayBuffer(keras.layers.Layer):
         return tf.range(self.size) * classes // self.size
 
     def _fresh_chains(self, num, seed, labels=None, position: Optional[BatchPosition] = None) -> tf.Tensor:
-        """``num`` float32 chains from the start distribution (:func:`jem_tf.chain_init.start_chains`: uniform
+        """``num`` float32 chains from the start distribution (:func:`jem_tf.sampling.chain_init.start_chains`: uniform
         noise, or ``init``'s Gaussians of ``labels`` with a ``uniform_fraction`` of uniform noise). ``position`` as
         in :meth:`draw`."""
         return start_chains(num, seed, image_shape=self.image_shape, value_range=self.value_range, init=self.init,
@@ -210,7 +210,7 @@ class ReplayBuffer(keras.layers.Layer):
             labels: Optional int tensor ``[batch]``: draw chain ``i`` from class ``labels[i]``'s
                 slots (needs ``num_classes``).
             position: Optional ``(offset, global_batch_size)``: draw the random numbers of the global
-                batch and keep this replica's rows (see :mod:`jem_tf.distribution`).
+                batch and keep this replica's rows (see :mod:`jem_tf.sampling.distribution`).
 
         Returns:
             A :class:`BufferDraw`.

@@ -1,10 +1,10 @@
-"""Every rule about a :class:`~jem_tf.config.TrainConfig`'s fields, one function per concern: the checks of
-:meth:`TrainConfig.validate <jem_tf.config.TrainConfig.validate>` (:func:`check_config`), the two that need the
+"""Every rule about a :class:`~jem_tf.run.config.TrainConfig`'s fields, one function per concern: the checks of
+:meth:`TrainConfig.validate <jem_tf.run.config.TrainConfig.validate>` (:func:`check_config`), the two that need the
 data (:func:`check_labels_per_class`, :func:`check_steps_per_execution`), the values of each choice field
 (:func:`choices`) and the fields a resumed run must keep (:data:`RESUME_FIXED_FIELDS`).
 
 Each raises :class:`~jem_tf.errors.UsageError` naming the field and the value received. Nothing here imports
-TensorFlow when imported (so neither does :mod:`jem_tf.config`): the choices' names are plain data
+TensorFlow when imported (so neither does :mod:`jem_tf.run.config`): the choices' names are plain data
 (:mod:`jem_tf.choices`).
 """
 
@@ -18,7 +18,7 @@ from jem_tf import choices as names
 from jem_tf.errors import UsageError
 
 if TYPE_CHECKING:
-    from jem_tf.config import TrainConfig
+    from jem_tf.run.config import TrainConfig
 
 
 # Settings a resumed run must share with the interrupted one: they fix the shapes of the saved state (network,

@@ -1,6 +1,6 @@
 """Training configuration: one dataclass of defaults, recipes (JSON files in the repository's
 ``trainers/`` folder, installed as the package :mod:`jem_tf.recipes`) that override some fields, and
-command-line overrides of any field. The rules about the fields' values are in :mod:`jem_tf.config_rules`."""
+command-line overrides of any field. The rules about the fields' values are in :mod:`jem_tf.run.config_rules`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import os
 import typing
 from typing import List, Optional
 
-from jem_tf.config_rules import check_config
 from jem_tf.errors import UsageError
+from jem_tf.run.config_rules import check_config
 
 MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: a recipe is a small JSON object; a larger file is refused unread
 
@@ -39,14 +39,14 @@ class TrainConfig:
     # keeps all its labels) and train p(x) on every training image. labelled_batch_size: labelled rows added
     # to each batch of `batch_size` unlabelled rows (default: batch_size // 4, chosen on the digits validation
     # split: as accurate as batch_size, lower NLL, cheaper; docs/semi_supervised.md). See
-    # jem_tf.splits.select_labelled.
+    # jem_tf.run.splits.select_labelled.
     labels_per_class: Optional[int] = None
     labelled_batch_size: Optional[int] = None
     augment: str = "none"
     # Conversion: start from a trained classifier instead of the backbone below: a training work directory or a
     # .keras file holding a jem-tf model or any Keras classifier of the data's image shape and class count
     # (weights copied exactly; a softmax head gives its logits; the optimizer state and replay buffer start
-    # fresh; see jem_tf.model_files.load_classifier). init_from_sha256: the source file's SHA-256, recorded when
+    # fresh; see jem_tf.run.model_files.load_classifier). init_from_sha256: the source file's SHA-256, recorded when
     # the run starts; given in advance it pins the file (another one is refused), and a resumed run checks it.
     init_from: Optional[str] = None
     init_from_sha256: Optional[str] = None
@@ -68,7 +68,7 @@ class TrainConfig:
     dropout: float = 0.0
     # float32 | mixed_bfloat16 | mixed_float16: the network computes in 16 bits (head and SGLD chains
     # stay float32); see networks.with_precision. auto: float32 or mixed_bfloat16, whichever a measured
-    # probe on this machine finds faster (jem_tf.precision.resolve_precision).
+    # probe on this machine finds faster (jem_tf.training.precision.resolve_precision).
     precision: str = "float32"
     # Optimisation. `batch_size` is the global batch (split over replicas under a strategy).
     epochs: int = 30
@@ -87,9 +87,9 @@ class TrainConfig:
     pxy_weight: float = 0.0
     energy_l2_weight: float = 0.0
     # The energy the L2 term pulls towards; none: 0, or with init_from the source classifier's mean energy on
-    # the training data (measured at the start and written to config.json). See jem_tf.objective.
+    # the training data (measured at the start and written to config.json). See jem_tf.model.objective.
     energy_l2_center: Optional[float] = None
-    # False: the L2 term pulls the data's energies only (not the samples'); see jem_tf.objective.
+    # False: the L2 term pulls the data's energies only (not the samples'); see jem_tf.model.objective.
     energy_l2_samples: bool = True
     data_noise_std: float = 0.03
     # SGLD and replay buffer.
@@ -109,7 +109,7 @@ class TrainConfig:
     buffer_storage: str = "float32"  # float32 | uint8 (4x smaller; see ReplayBuffer)
     restart_prob: float = 0.05
     # Where chains start (buffer fill, restarts, fresh samples): uniform noise (JEM) or class_gaussian
-    # (JEM++'s per-class Gaussians of the training split; see jem_tf.chain_init). chain_init_rank: columns
+    # (JEM++'s per-class Gaussians of the training split; see jem_tf.sampling.chain_init). chain_init_rank: columns
     # of each class's covariance factor (none: full up to 1,024 pixels, else 256 + a per-pixel residual).
     chain_init: str = "uniform"
     chain_init_rank: Optional[int] = None
@@ -128,7 +128,7 @@ class TrainConfig:
     # (jem_tf.evaluation.refinement_choice, rule v2: PGD on validation images; seconds on digits, minutes on
     # Fashion-MNIST). False: the model is saved without them (evaluate chooses them on demand).
     choose_refinement: bool = True
-    # Stability guard (jem_tf.stability.StabilityGuard): detect divergence and roll back.
+    # Stability guard (jem_tf.training.stability.StabilityGuard): detect divergence and roll back.
     stability_guard: bool = True
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
@@ -144,7 +144,7 @@ class TrainConfig:
     def validate(self, *, complete: bool = True) -> "TrainConfig":
         """Raises :class:`~jem_tf.errors.UsageError` (a ``ValueError``) naming the first bad field; returns ``self``.
         ``complete=False``: a recipe on its own, before the command line gives what it leaves to the user (a
-        fine-tuning recipe's ``init_from``). The rules: :mod:`jem_tf.config_rules`."""
+        fine-tuning recipe's ``init_from``). The rules: :mod:`jem_tf.run.config_rules`."""
         check_config(self, complete=complete)
         return self
 
