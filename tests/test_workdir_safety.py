@@ -122,7 +122,7 @@ def test_a_work_directory_in_use_is_refused_naming_the_process(run_copy, tmp_pat
     assert "stale lock" in result.stdout and not os.path.exists(layout.lock)
 
 
-# The kill during the final save (of the real writer): tests/test_reliability_round3.py.
+# The kill during the final save (of the real writer): tests/test_reliability.py.
 
 
 @pytest.mark.slow

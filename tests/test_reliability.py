@@ -1,4 +1,4 @@
-"""Nothing lost, round 3 (issue 23): every check before the first write, locks that cannot be held twice,
+"""Nothing lost (docs/reliability.md): every check before the first write, locks that cannot be held twice,
 hostile data and recipe files, Ctrl-C, a full disk and --overwrite across links. CLI cases run as subprocesses
 and check the exit code, the single message line and that the files are unchanged where nothing may change."""
 
