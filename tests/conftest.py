@@ -97,3 +97,13 @@ def finished_run(tmp_path_factory):
     assert train.main(TINY_TRAIN_ARGS + ["--workdir", workdir]) == 0
     return workdir
 
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of :func:`finished_run` that a test may change."""
+    import shutil
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(finished_run, copy)
+    return copy
+

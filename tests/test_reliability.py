@@ -319,13 +319,6 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path):
 
 
 # ------------------------------------------------------------------------------ 2: --overwrite and links
-@pytest.fixture
-def run_copy(finished_run, tmp_path):
-    copy = str(tmp_path / "run")
-    shutil.copytree(finished_run, copy)
-    return copy
-
-
 @pytest.mark.slow
 def test_overwrite_never_follows_a_link_out_of_the_work_directory(run_copy, tmp_path):
     outside = tmp_path / "precious"

@@ -19,13 +19,6 @@ def _cli(module, *argv, cwd=None):
                           timeout=600, env=CLI_ENV, cwd=cwd)
 
 
-@pytest.fixture
-def run_copy(finished_run, tmp_path):
-    copy = str(tmp_path / "run")
-    shutil.copytree(finished_run, copy)
-    return copy
-
-
 @pytest.mark.slow
 def test_a_finished_run_is_never_overwritten_without_overwrite(run_copy):
     before = file_snapshot(run_copy)
