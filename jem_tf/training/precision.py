@@ -41,7 +41,7 @@ import keras
 import tensorflow as tf
 
 from jem_tf import seeds
-from jem_tf.files import atomic_write_json
+from jem_tf.files import DiskFullError, atomic_write_json
 from jem_tf.model import energy as energy_lib
 from jem_tf.networks import with_precision
 
@@ -202,9 +202,10 @@ def resolve_precision(precision: str, *, backbone: keras.Model, batch_size: int,
         try:
             os.makedirs(cache_dir, exist_ok=True)
             atomic_write_json(path, report)
-        except OSError as error:  # a read-only home: decide anyway, say so
+        except (OSError, DiskFullError) as error:  # a read-only home, a full disk: decide anyway, say so
             if log is not None:
-                log(f"precision auto: could not cache the decision in {path} ({error.strerror})")
+                log(f"precision auto: could not cache the decision in {path} "
+                    f"({getattr(error, 'strerror', None) or error})")
             path = None
     report["source"] = "measured"
     if log is not None:
