@@ -658,3 +658,27 @@ def test_a_mixed_bfloat16_model_is_served_in_float32_unless_asked(tmp_path):
     np.testing.assert_allclose(energies["energy"].numpy(), energy_lib.energy(served), atol=1e-5)
     with pytest.raises(ValueError, match="serving_precision"):
         export_saved_model(model, base, calibration_images=x, serving_precision="bfloat16")
+
+
+def test_a_model_of_8_bit_images_also_serves_classify_uint8(trained, tmp_path, loaded):
+    from jem_tf.data.base import UINT8_PREPROCESSING
+
+    model, x, _, _ = trained
+    assert "classify_uint8" not in loaded.signatures  # the test data's preprocessing is not 8-bit pixels
+    path = export_saved_model(model, str(tmp_path / "jem"), ood_threshold=0.0, preprocessing=UINT8_PREPROCESSING)
+    served = tf.saved_model.load(path)
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1)).astype(np.uint8)
+    raw = served.signatures["classify_uint8"](images=tf.constant(pixels))
+    scaled = served.signatures["classify"](images=tf.constant(pixels.astype(np.float32) / 127.5 - 1.0))
+    for name in ("logits", "probabilities", "predicted_class"):
+        np.testing.assert_allclose(raw[name].numpy(), scaled[name].numpy(), rtol=1e-6, atol=1e-6)
+    metadata = json.load(open(os.path.join(path, METADATA_FILE)))
+    assert "classify_uint8" in metadata["signatures"]
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    warmed = []
+    for record in tf.data.TFRecordDataset(os.path.join(path, WARMUP_FILE)):
+        log = prediction_log_pb2.PredictionLog()
+        log.ParseFromString(record.numpy())
+        warmed.append(log.predict_log.request.model_spec.signature_name)
+    assert warmed == ["classify", "energy", "sample", "classify_uint8"]

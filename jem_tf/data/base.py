@@ -28,7 +28,15 @@ PREPROCESSING = {
     "digits": "scikit-learn digits pixels {0..16} -> x / 8 - 1, shape [N, 8, 8, 1]",
     **{name: "uint8 pixels {0..255} -> x / 127.5 - 1" for name in TFDS_DATASETS + EVALUATION_ONLY_DATASETS},
 }
-_UINT8_PREPROCESSING = "uint8 pixels {0..255} -> x / 127.5 - 1"
+# The mapping of 8-bit images (tfds data sets, image folders, IDX files, uint8 .npz files), part of their
+# preprocessing text.
+UINT8_PREPROCESSING = "uint8 pixels {0..255} -> x / 127.5 - 1"
+
+
+def reads_uint8_pixels(preprocessing: str) -> bool:
+    """Whether a data set's ``preprocessing`` text (:func:`jem_tf.data.preprocessing_of`) maps 8-bit pixels to
+    ``[-1, 1]`` by ``x / 127.5 - 1``."""
+    return isinstance(preprocessing, str) and UINT8_PREPROCESSING in preprocessing
 
 
 class DataNotFoundError(UsageError):

@@ -9,9 +9,9 @@ import numpy as np
 
 from jem_tf.choices import DATASETS, EVALUATION_ONLY_DATASETS, RESIZE_METHODS
 from jem_tf.data.base import (
-    _UINT8_PREPROCESSING,
     MNIST_5K_FILE,
     PREPROCESSING,
+    UINT8_PREPROCESSING,
     DataNotFoundError,
     ImageDataset,
 )
@@ -79,7 +79,7 @@ def preprocessing_of(name: str) -> str:
     if name in PREPROCESSING:
         return PREPROCESSING[name]
     if is_image_folder_name(name):
-        return f"image files -> uint8 [N, H, W, C] (Pillow); {_UINT8_PREPROCESSING}"
+        return f"image files -> uint8 [N, H, W, C] (Pillow); {UINT8_PREPROCESSING}"
     if is_npz_path(name):
         headers = read_npz_headers(name)
         kind, (height, width, channels) = _npz_layout(name, headers)
@@ -87,10 +87,10 @@ def preprocessing_of(name: str) -> str:
         shape = f"[N, {height}, {width}, {channels}]"
         source = f"[N, {', '.join(str(d) for d in stored)}]"
         if kind == "uint8":
-            return f"{_UINT8_PREPROCESSING}, .npz images {source} -> shape {shape}"
+            return f"{UINT8_PREPROCESSING}, .npz images {source} -> shape {shape}"
         return f"float pixels in [-1, 1], used as stored, .npz images {source} -> shape {shape}"
     if isinstance(name, str) and name and is_tfds_name(name):
-        return _UINT8_PREPROCESSING
+        return UINT8_PREPROCESSING
     return ""
 
 

@@ -1,6 +1,7 @@
 """SavedModel export for TensorFlow Serving (the library behind ``python -m jem_tf.export``).
 
-The export holds the backbone only (no replay buffer, no optimizer) and three signatures:
+The export holds the backbone only (no replay buffer, no optimizer) and three signatures (four for a model of 8-bit
+images: ``classify_uint8`` takes raw ``uint8`` pixels):
 
 * ``classify`` (also ``serving_default``): ``images`` -> ``probabilities``, ``logits``,
   ``predicted_class``.

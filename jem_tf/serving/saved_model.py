@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf.choices import DEFAULT_MAX_BATCH_SIZE
+from jem_tf.data.base import reads_uint8_pixels
 from jem_tf.errors import UsageError
 from jem_tf.files import TEMPORARY, remove_stale_temporaries, write_atomically
 from jem_tf.model.jem import JEM
@@ -108,8 +109,10 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                              dataclasses.replace(detector, threshold=float(ood_threshold)),
                              {"calibration_split": "none (explicit threshold)", "num_calibration_images": 0,
                               "tpr": None})
+    # 8-bit images scaled by x / 127.5 - 1: a classify_uint8 signature takes the raw pixels.
+    uint8_inputs = reads_uint8_pixels(preprocessing) and tuple(model.value_range) == (-1.0, 1.0)
     module, signatures = build_serving_module(model, ood=ood, max_batch_size=max_batch_size, class_names=class_names,
-                                              **limits)
+                                              uint8_inputs=uint8_inputs, **limits)
     os.makedirs(export_dir, exist_ok=True)
     # Temporaries of exports killed mid-write (this host's dead processes) go; then ours is written.
     remove_stale_temporaries(export_dir, TEMPORARY, *_OLD_EXPORT_TMP)
@@ -147,6 +150,8 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
             "sample": "num_samples, n_steps, seed, class_label, step_size, noise_std (scalars) -> "
                       "samples [num_samples, H, W, C] (clipped to input.value_range), energy [num_samples] (of the "
                       "clipped samples)",
+            **({"classify_uint8": "images (uint8 pixels 0..255, scaled in the graph by x / 127.5 - 1) -> the outputs "
+                                  "of classify"} if uint8_inputs else {}),
         },
     }
 
@@ -155,7 +160,7 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
-        write_warmup_requests(os.path.join(tmp, WARMUP_FILE), warmup_requests(model))
+        write_warmup_requests(os.path.join(tmp, WARMUP_FILE), warmup_requests(model, uint8_inputs=uint8_inputs))
 
     # Atomic: a polling server sees the whole version or nothing. Another export may take the same version
     # between the check above and the rename: then the next free version (or, for a version asked for, an error).

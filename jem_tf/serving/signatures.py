@@ -44,12 +44,16 @@ def serving_model(model: JEM, serving_precision: str = "float32") -> JEM:
 def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: int = 256,
                          max_n_steps: int = 1000, max_step_size: Optional[float] = None,
                          max_noise_std: Optional[float] = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                         class_names: Optional[Sequence[str]] = None):
+                         class_names: Optional[Sequence[str]] = None, uint8_inputs: bool = False):
     """``(module, signatures)`` for ``tf.saved_model.save``: a ``tf.Module`` that tracks the backbone's
     variables only, and the three signatures (see the module docstring) plus ``serving_default``.
 
     ``class_names`` (one per class, e.g. an image folder's class folders): ``classify`` also returns
     ``predicted_class_name`` [N] (string).
+
+    ``uint8_inputs`` (a model of 8-bit images scaled by ``x / 127.5 - 1`` to ``[-1, 1]``): a fourth signature,
+    ``classify_uint8``, takes the raw ``uint8`` pixels ``[N, H, W, C]`` and scales them in the graph, so that a
+    client need not know the scaling; its outputs are ``classify``'s.
 
     The ``sample`` signature's hard upper bounds (a request above one fails in-graph before any sampling, with an
     ``InvalidArgumentError`` naming the bound):
@@ -162,6 +166,16 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
     if chain_init is not None:  # the class Gaussians the sample signature starts from
         module.chain_init_variables = [variable.value for variable in chain_init.variables]
     classify_fn = tf.function(classify, input_signature=[images_spec]).get_concrete_function()
+    extra = {}
+    if uint8_inputs:
+        if tuple(value_range) != (-1.0, 1.0):
+            raise ValueError(f"`uint8_inputs` needs a model of the value range (-1, 1); received {value_range!r}")
+
+        def classify_uint8(images):
+            return classify(tf.cast(images, tf.float32) / 127.5 - 1.0)
+
+        extra["classify_uint8"] = tf.function(classify_uint8, input_signature=[
+            tf.TensorSpec([None, *image_shape], tf.uint8, name="images")]).get_concrete_function()
     signatures = {
         "serving_default": classify_fn,
         "classify": classify_fn,
@@ -175,6 +189,7 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
             tf.TensorSpec([], tf.float32, name="noise_std"),
         ]).get_concrete_function(),
     }
+    signatures.update(extra)
     return module, signatures
 
 

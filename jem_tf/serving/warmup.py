@@ -12,14 +12,18 @@ import tensorflow as tf
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
-def warmup_requests(model) -> dict:
+def warmup_requests(model, *, uint8_inputs: bool = False) -> dict:
     """``{signature: {input: array}}``: one small request per signature (one mid-range image for ``classify`` and
-    ``energy``; one sample of one SGLD step for ``sample``), the export's TF Serving warm-up."""
+    ``energy``, and with ``uint8_inputs`` for ``classify_uint8``; one sample of one SGLD step for ``sample``), the
+    export's TF Serving warm-up."""
     low, high = model.value_range
     image = np.full((1, *model.image_shape), (low + high) / 2, np.float32)
-    return {"classify": {"images": image}, "energy": {"images": image},
-            "sample": {"num_samples": np.int32(1), "n_steps": np.int32(1), "seed": np.int64(0),
-                       "class_label": np.int32(-1), "step_size": np.float32(0.0), "noise_std": np.float32(-1.0)}}
+    requests = {"classify": {"images": image}, "energy": {"images": image},
+                "sample": {"num_samples": np.int32(1), "n_steps": np.int32(1), "seed": np.int64(0),
+                           "class_label": np.int32(-1), "step_size": np.float32(0.0), "noise_std": np.float32(-1.0)}}
+    if uint8_inputs:
+        requests["classify_uint8"] = {"images": np.full((1, *model.image_shape), 128, np.uint8)}
+    return requests
 
 
 def _length_delimited(field: int, payload: bytes) -> bytes:
