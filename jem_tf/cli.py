@@ -71,6 +71,16 @@ def _parser_for(annotation):
     return annotation
 
 
+def import_library() -> None:
+    """Imports every module of jem_tf's public API, as ``import jem_tf`` does outside a command (a command imports
+    the package lazily, to parse its flags first): Keras finds the classes a saved model names (``JEM``, its layers,
+    the learning-rate schedule of its optimizer) only once their modules are imported."""
+    import jem_tf
+
+    for name in jem_tf.__all__:
+        getattr(jem_tf, name)
+
+
 def dataset_argument(*, training: bool = False, extra: Sequence[str] = ()) -> Callable[[str], str]:
     """An argparse ``type=`` for dataset flags: the names in ``extra`` (e.g. synthetic OOD sets) and what
     :func:`jem_tf.data.dataset_problem` accepts; anything else is a one-line usage error listing the options. The

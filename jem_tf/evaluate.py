@@ -19,7 +19,7 @@ from typing import List, Optional
 
 from jem_tf.choices import DATASETS, EVALUATION_ONLY_DATASETS, REFINEMENT_SOURCES
 from jem_tf.choices import EVALUATION_MODES as MODES
-from jem_tf.cli import OneLineErrorParser, dataset_argument, run_command
+from jem_tf.cli import OneLineErrorParser, dataset_argument, import_library, run_command
 from jem_tf.errors import UsageError, as_usage_error
 from jem_tf.evaluation.settings import DEFAULT_PGD_EPS, INCEPTION, SYNTHETIC_OOD, EvaluationConfig
 
@@ -134,7 +134,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
     _check_ranges(parser, args)
     config = evaluation_config_from_args(args)
     started = time.perf_counter()
-    # After the flags: TensorFlow and the evaluation's modules.
+    # After the flags: TensorFlow, the library (what saved models name) and the evaluation's modules.
+    import_library()
     from jem_tf.evaluation import REPORT_FILE, evaluate, load_feature_network, summary_lines
     from jem_tf.run.model_files import load_trained_model
     from jem_tf.run.splits import dataset_splits, load_run_dataset

@@ -19,7 +19,7 @@ from typing import List, Optional
 
 from jem_tf import choices as names
 from jem_tf.choices import CALIBRATION_SPLITS, DATASETS, DEFAULT_MAX_BATCH_SIZE, MAX_N_STEPS_LIMIT, SERVING_PRECISIONS
-from jem_tf.cli import OneLineErrorParser, dataset_argument, run_command
+from jem_tf.cli import OneLineErrorParser, dataset_argument, import_library, run_command
 from jem_tf.errors import UsageError
 
 # The made outlier and shift kinds a flag can name (jem_tf.ood.outliers.KINDS).
@@ -111,7 +111,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
-    # After the flags: TensorFlow and the model's modules.
+    # After the flags: TensorFlow, the library (what saved models name) and the export's modules.
+    import_library()
     from jem_tf.data import preprocessing_of
     from jem_tf.ood import fit_ood_detector
     from jem_tf.run.model_files import load_trained_model

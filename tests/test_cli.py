@@ -297,3 +297,16 @@ def test_another_programs_python_m_imports_jem_tf_whole(tmp_path):
                             cwd=str(tmp_path), env={**CLI_ENV, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "eager"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_the_commands_load_a_finished_run_in_their_own_process(command, finished_run, tmp_path):
+    """A command imports the package lazily: before it loads a saved model, every class the model names (the JEM,
+    its layers, the learning-rate schedule of its optimizer) must be imported and registered with Keras."""
+    argv = {"evaluate": ["--model", finished_run, "--out", str(tmp_path / "eval"), "--modes", "accuracy",
+                         "--refinement", "sampler", "--refine-steps", "0"],
+            "export": ["--model", finished_run, "--export-dir", str(tmp_path / "served")]}[command]
+    result = subprocess.run([sys.executable, "-m", f"jem_tf.{command}", *argv], capture_output=True, text=True,
+                            timeout=600, env=CLI_ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
