@@ -139,12 +139,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
         data = load_run_dataset(dataset, config=config, data_dir=args.data_dir)
         calibration, train = ood_calibration_data(dataset, config=config, data=data,
                                                   calibration_split=args.calibration_split)
-    model = serving_model(model, args.serving_precision)  # the OOD threshold calibrated on the served scores
-    ood = fit_ood_detector(model, calibration.images, calibration_split=args.calibration_split,
-                           calibration_labels=calibration.labels, train_images=train.images,
-                           train_labels=train.labels, select=args.ood_detector == "select", tpr=args.tpr,
-                           seed=args.seed, outlier_kinds=args.ood_outlier_kinds,
-                           accepted_shifts=args.ood_accepted_shifts)
+    # The OOD threshold calibrated on the scores the export serves; the export gets the trained model (its metadata
+    # records the training precision).
+    ood = fit_ood_detector(serving_model(model, args.serving_precision), calibration.images,
+                           calibration_split=args.calibration_split, calibration_labels=calibration.labels,
+                           train_images=train.images, train_labels=train.labels,
+                           select=args.ood_detector == "select", tpr=args.tpr, seed=args.seed,
+                           outlier_kinds=args.ood_outlier_kinds, accepted_shifts=args.ood_accepted_shifts)
     path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
                               preprocessing=data.preprocessing or preprocessing_of(dataset), dataset=dataset,
                               class_names=data.class_names,

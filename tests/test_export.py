@@ -656,6 +656,15 @@ def test_a_mixed_bfloat16_model_is_served_in_float32_unless_asked(tmp_path):
     np.testing.assert_allclose(served, model.predict(x[:16], verbose=0), atol=0.05)
     energies = float32_export.signatures["energy"](images=tf.constant(x[:16]))
     np.testing.assert_allclose(energies["energy"].numpy(), energy_lib.energy(served), atol=1e-5)
+    # As training and python -m jem_tf.export call it: the OOD detector fitted on the served copy, the trained
+    # model exported (the metadata records the precision it trained in).
+    from jem_tf.ood import fit_ood_detector
+
+    fitted = fit_ood_detector(twin, x, calibration_split="given")
+    path = export_saved_model(model, base, ood=fitted, max_num_samples=8, max_n_steps=10)
+    assert json.load(open(os.path.join(path, METADATA_FILE)))["precision"] == {
+        "serving": "float32", "training": "mixed_bfloat16"}
+    assert not _computes_in_bfloat16(tf.saved_model.load(path), "energy")
     with pytest.raises(ValueError, match="serving_precision"):
         export_saved_model(model, base, calibration_images=x, serving_precision="bfloat16")
 

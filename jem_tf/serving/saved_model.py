@@ -72,9 +72,9 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
         class_names: The name of each class (recorded in the metadata; ``classify`` returns
             ``predicted_class_name``), or ``None``.
         serving_precision: ``"float32"`` (default: the graph computes in float32 whatever the training
-            precision; see :func:`serving_model`) or ``"trained"``. An ``ood`` fitted on the training-precision
-            model is moved to the served network with its threshold unchanged (fit it on
-            ``serving_model(model)`` to calibrate on the served scores, as ``python -m jem_tf.export`` does).
+            precision; see :func:`serving_model`) or ``"trained"``. Pass the trained ``model`` (the metadata records
+            its precision); an ``ood`` is moved to the served network with its threshold unchanged, so fit it on
+            ``serving_model(model)`` to calibrate on the served scores, as ``python -m jem_tf.export`` does.
 
     Example:
         >>> path = export_saved_model(model, "/models/jem", calibration_images=x_val)

@@ -260,12 +260,14 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
         # The OOD detector: chosen and calibrated on the validation split (config.validate requires one), with
         # the feature statistics of the training images whose labels the run used.
         with stage("export"):
-            served = serving_model(model, config.serving_precision)
-            ood = fit_ood_detector(served, validation.images, calibration_split="validation",
+            # Calibrated on the scores the export serves; the export itself gets the trained model (its metadata
+            # records the training precision).
+            ood = fit_ood_detector(serving_model(model, config.serving_precision), validation.images,
+                                   calibration_split="validation",
                                    calibration_labels=validation.labels, train_images=splits.labelled.images,
                                    train_labels=splits.labelled.labels, seed=config.seed)
             metrics["export_path"] = export_saved_model(
-                served, config.export_dir, ood=ood,
+                model, config.export_dir, ood=ood,
                 preprocessing=splits.preprocessing or preprocessing_of(config.dataset), dataset=config.dataset,
                 class_names=splits.class_names, serving_precision=config.serving_precision)
             metrics["ood_detector"] = {"score": ood.detector.name, "threshold": ood.detector.threshold,
