@@ -206,12 +206,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
         counts its chains as non-trainable parameters, but they are the sampler's state (saved with the model,
         not part of the network or of any export)."""
         super().summary(*args, print_fn=print_fn, **kwargs)
-        buffer = self.replay_buffer
-        values = int(np.prod(buffer.samples.shape))
-        line = (f" Of the non-trainable params, {values:,} ({4 * values / 2 ** 20:.2f} MB as float32) are the replay "
-                f"buffer: {buffer.size:,} SGLD chains of {'x'.join(map(str, self.image_shape))} images (sampler "
-                f"state, not weights); the network has {self.backbone.count_params():,} params.")
-        (print_fn or print)(line)
+        (print_fn or print)(f" Of the non-trainable params, {self.replay_buffer.describe()}; the network has "
+                            f"{self.backbone.count_params():,} params.")
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """``keras.Model.export`` of the network's forward pass (the logits, as :meth:`predict`): the backbone in
@@ -227,10 +223,9 @@ class JEM(inputs.CheckedInputs, keras.Model):
     # ----------------------------------------------------------------------------- compile
     def compile(self, optimizer="adam", loss=None, metrics=None, *, jit_compile=False, **kwargs):
         """``keras.Model.compile`` for a JEM, whose loss is its own (:func:`~jem_tf.model.objective.jem_objective`):
-        passing
-        ``loss`` or ``loss_weights`` is an error. It always logs ``loss, ce, accuracy, e_data`` and, when sampling,
-        ``e_sample, energy_gap, sgld_grad_norm, sample_abs_max``; ``metrics`` and ``weighted_metrics`` (any Keras
-        metrics, e.g. ``["sparse_top_k_categorical_accuracy"]``) are computed on the classifier's logits (what
+        passing ``loss`` or ``loss_weights`` is an error. It always logs ``loss, ce, accuracy, e_data`` and, when
+        sampling, ``e_sample, energy_gap, sgld_grad_norm, sample_abs_max``; ``metrics`` and ``weighted_metrics`` (any
+        Keras metrics, e.g. ``["sparse_top_k_categorical_accuracy"]``) are computed on the classifier's logits (what
         :meth:`predict` returns: use ``from_logits=True`` metrics for probabilities) of the training batch (the
         noised data) and of the evaluation data. ``jit_compile`` (XLA for the whole step) defaults to ``False`` on
         every device, unlike Keras's ``"auto"``; ``True`` or ``"auto"`` are honoured, with the same input checks

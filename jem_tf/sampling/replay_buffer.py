@@ -175,6 +175,13 @@ class ReplayBuffer(keras.layers.Layer):
         """Every stored chain as float32 ``[size, *image_shape]``."""
         return self._decode(self.samples.value)
 
+    def describe(self) -> str:
+        """What the buffer holds, for a model summary: its values (counted by Keras as non-trainable parameters),
+        their size as float32, and its chains."""
+        values = int(np.prod(self.samples.shape))
+        return (f"{values:,} ({4 * values / 2 ** 20:.2f} MB as float32) are the replay buffer: {self.size:,} SGLD "
+                f"chains of {'x'.join(map(str, self.image_shape))} images (sampler state, not weights)")
+
     @property
     def slots_per_class(self) -> Optional[int]:
         """Chains per class when the buffer is class-conditional, else ``None``."""
