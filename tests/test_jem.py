@@ -168,7 +168,8 @@ def test_sampler_runs_in_inference_mode_batchnorm_untouched_by_samples(tiny_data
 @pytest.mark.integration
 def test_keras_round_trip_keeps_buffer_optimizer_and_resumes_identically(tiny_data, tmp_path):
     x, y = tiny_data
-    model = tiny_jem(pxy_weight=0.5, buffer_size=30, energy_l2_weight=0.1, energy_l2_samples=False)
+    model = tiny_jem(pxy_weight=0.5, buffer_size=30, energy_l2_weight=0.1, energy_l2_samples=False,
+                     label_smoothing=0.1)
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
     path = str(tmp_path / "jem.keras")
     model.save(path)
@@ -176,7 +177,7 @@ def test_keras_round_trip_keeps_buffer_optimizer_and_resumes_identically(tiny_da
     assert isinstance(loaded, JEM)
     config, loaded_config = model.get_config(), loaded.get_config()
     config.pop("backbone"), loaded_config.pop("backbone")
-    assert loaded_config == config and loaded.energy_l2_samples is False
+    assert loaded_config == config and loaded.energy_l2_samples is False and loaded.label_smoothing == 0.1
     assert [layer.name for layer in loaded.backbone.layers] == [layer.name for layer in model.backbone.layers]
     np.testing.assert_array_equal(loaded.replay_buffer.samples.numpy(), model.replay_buffer.samples.numpy())
     assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 3
@@ -235,7 +236,8 @@ def test_bad_dataset_inputs_raise_in_graph():
 
 @pytest.mark.parametrize("kwargs, match", [({"px_weight": -1.0}, "px_weight"), ({"value_range": (1, 0)}, "value_range"),
                                            ({"sampler": "sgld"}, "sampler"), ({"seed": 1.5}, "seed"),
-                                           ({"energy_l2_samples": "no"}, "energy_l2_samples")])
+                                           ({"energy_l2_samples": "no"}, "energy_l2_samples"),
+                                           ({"label_smoothing": 1.0}, r"label_smoothing=1\.0")])
 def test_bad_constructor_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         JEM(small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4), **kwargs)

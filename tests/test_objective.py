@@ -114,3 +114,18 @@ def test_missing_sample_logits_are_an_error(batch):
         jem_objective(labels, logits_data, px_weight=1.0)
     with pytest.raises(ValueError, match="logits_conditional_sample"):
         jem_objective(labels, logits_data, px_weight=0.0, pxy_weight=1.0)
+
+
+def test_label_smoothing_trains_on_smoothed_targets(batch):
+    logits_data, _, _, labels = batch
+    smoothing, classes = 0.2, logits_data.shape[1]
+    d = logits_data.astype(np.float64)
+    log_p = d - _logsumexp(d)[:, None]
+    targets = np.full_like(d, smoothing / classes)
+    targets[np.arange(len(labels)), labels] += 1 - smoothing
+    expected = -(targets * log_p).sum(axis=1).mean()
+    terms = jem_objective(labels, logits_data, px_weight=0.0, label_smoothing=smoothing)
+    np.testing.assert_allclose(float(terms.ce), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(terms.loss), expected, rtol=1e-5)
+    plain = jem_objective(labels, logits_data, px_weight=0.0, label_smoothing=0.0)
+    np.testing.assert_allclose(float(plain.ce), _ce(d, labels).mean(), rtol=1e-5)

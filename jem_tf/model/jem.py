@@ -47,6 +47,7 @@ class JEM(inputs.CheckedInputs, keras.Model):
             (:func:`jem_tf.model.conversion.mean_energy`), as ``--init-from`` runs use.
         energy_l2_samples: Whether the L2 regulariser also pulls the samples' energies (default True, IGEBM's and
             JEM's) or only the data's (:mod:`jem_tf.model.objective`).
+        label_smoothing: Share in ``[0, 1)`` of the cross-entropy's target spread over the classes. Default 0.
         data_noise_std: Std of Gaussian noise added to training images. Default 0.03.
         value_range: ``(low, high)`` of images. Default (-1.0, 1.0).
         validate_inputs: Check image range and label ids in every step. Default True.
@@ -69,15 +70,14 @@ class JEM(inputs.CheckedInputs, keras.Model):
         >>> model.fit(x_train, y_train, batch_size=64, epochs=1)
 
     Reference:
-        Grathwohl et al., "Your Classifier is Secretly an Energy Based Model and You Should Treat
-        it Like One", ICLR 2020.
+        Grathwohl et al., "Your Classifier is Secretly an Energy Based Model and You Should Treat it Like One", 2020.
     """
 
     def __init__(self, backbone: keras.Model, *, sampler: Optional[SGLDSampler] = None, buffer_size: int = 10_000,
                  restart_prob: float = 0.05, class_conditional_buffer: Optional[bool] = None,
                  pyx_weight: float = 1.0, px_weight: float = 1.0, pxy_weight: float = 0.0,
                  energy_l2_weight: float = 0.0, energy_l2_center: float = 0.0, energy_l2_samples: bool = True,
-                 data_noise_std: float = 0.03, value_range: Sequence[float] = (-1.0, 1.0),
+                 label_smoothing: float = 0.0, data_noise_std: float = 0.03, value_range: Sequence[float] = (-1.0, 1.0),
                  validate_inputs: bool = True, seed: int = 0,
                  buffer_storage: str = "float32", image_shape: Optional[Sequence[int]] = None,
                  num_classes: Optional[int] = None, chain_init: Optional[ClassGaussian] = None,
@@ -87,8 +87,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
         args = check_jem_arguments(
             backbone, sampler=sampler, class_conditional_buffer=class_conditional_buffer, pyx_weight=pyx_weight,
             px_weight=px_weight, pxy_weight=pxy_weight, energy_l2_weight=energy_l2_weight,
-            energy_l2_center=energy_l2_center, energy_l2_samples=energy_l2_samples, data_noise_std=data_noise_std,
-            value_range=value_range, seed=seed, energy_start_step=energy_start_step,
+            energy_l2_center=energy_l2_center, energy_l2_samples=energy_l2_samples, label_smoothing=label_smoothing,
+            data_noise_std=data_noise_std, value_range=value_range, seed=seed, energy_start_step=energy_start_step,
             image_shape=image_shape, num_classes=num_classes, refinement=refinement)
         self.backbone, self.sampler, self.refinement = backbone, args.sampler, args.refinement
         self.image_shape, self.num_classes = args.image_shape, args.num_classes
@@ -96,8 +96,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
         self.pyx_weight, self.px_weight, self.pxy_weight = float(pyx_weight), float(px_weight), float(pxy_weight)
         self.energy_l2_weight, self.data_noise_std = float(energy_l2_weight), float(data_noise_std)
         self.energy_l2_center, self.energy_l2_samples = float(energy_l2_center), energy_l2_samples
+        self.label_smoothing, self.seed, self.energy_start_step = float(label_smoothing), seed, energy_start_step
         self.value_range, self.validate_inputs = args.value_range, bool(validate_inputs)
-        self.seed, self.energy_start_step = seed, energy_start_step
         self.replay_buffer = ReplayBuffer(
             image_shape=self.image_shape, size=buffer_size, restart_prob=restart_prob,
             num_classes=self.num_classes if self.class_conditional_buffer else None, value_range=self.value_range,
@@ -272,7 +272,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
                 sample_weight=sample_weight,
                 pyx_weight=self.pyx_weight, px_weight=self.px_weight, pxy_weight=self.pxy_weight,
                 energy_l2_weight=self.energy_l2_weight, energy_l2_center=self.energy_l2_center,
-                energy_l2_samples=self.energy_l2_samples, energy_active=self._chains.energy_active())
+                energy_l2_samples=self.energy_l2_samples, energy_active=self._chains.energy_active(),
+                label_smoothing=self.label_smoothing)
             loss = terms.loss
             if self.backbone.losses:
                 loss += tf.add_n([tf.cast(term, tf.float32) for term in self.backbone.losses])
@@ -378,7 +379,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
             "class_conditional_buffer": self.class_conditional_buffer,
             "pyx_weight": self.pyx_weight, "px_weight": self.px_weight, "pxy_weight": self.pxy_weight,
             "energy_l2_weight": self.energy_l2_weight, "energy_l2_center": self.energy_l2_center,
-            "energy_l2_samples": self.energy_l2_samples, "data_noise_std": self.data_noise_std,
+            "energy_l2_samples": self.energy_l2_samples, "label_smoothing": self.label_smoothing,
+            "data_noise_std": self.data_noise_std,
             "value_range": list(self.value_range), "validate_inputs": self.validate_inputs, "seed": self.seed,
             "buffer_storage": self.replay_buffer.storage, "image_shape": list(self.image_shape),
             "num_classes": self.num_classes,

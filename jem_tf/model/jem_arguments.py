@@ -68,7 +68,7 @@ def backbone_shapes(backbone, image_shape: Optional[Sequence[int]] = None, num_c
 def check_jem_arguments(backbone, *, sampler=None, class_conditional_buffer: Optional[bool] = None,
                         pyx_weight: float, px_weight: float, pxy_weight: float, energy_l2_weight: float,
                         data_noise_std: float, value_range: Sequence[float], seed: int, energy_start_step: int,
-                        energy_l2_center: float = 0.0, energy_l2_samples: bool = True,
+                        energy_l2_center: float = 0.0, energy_l2_samples: bool = True, label_smoothing: float = 0.0,
                         image_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
                         refinement=None) -> JEMArguments:
     """Checks :class:`jem_tf.JEM`'s own arguments (see there) in order, raising ``ValueError`` at the first bad
@@ -90,6 +90,9 @@ def check_jem_arguments(backbone, *, sampler=None, class_conditional_buffer: Opt
     if isinstance(energy_l2_center, bool) or not (isinstance(energy_l2_center, (int, float))
                                                   and np.isfinite(energy_l2_center)):
         raise ValueError(f"`energy_l2_center` must be a finite number; received energy_l2_center={energy_l2_center!r}")
+    if isinstance(label_smoothing, bool) or not (isinstance(label_smoothing, (int, float))
+                                                 and 0 <= label_smoothing < 1):
+        raise ValueError(f"`label_smoothing` must be a number in [0, 1); received label_smoothing={label_smoothing!r}")
     if not isinstance(energy_l2_samples, bool):
         raise ValueError(f"`energy_l2_samples` must be True or False; received energy_l2_samples={energy_l2_samples!r}")
     if sampler is None:

@@ -91,6 +91,8 @@ class TrainConfig:
     energy_l2_center: Optional[float] = None
     # False: the L2 term pulls the data's energies only (not the samples'); see jem_tf.model.objective.
     energy_l2_samples: bool = True
+    # Share of the cross-entropy's target spread over all classes (0: none); see jem_tf.model.objective.
+    label_smoothing: float = 0.0
     data_noise_std: float = 0.03
     # SGLD and replay buffer.
     sgld_steps: int = 20

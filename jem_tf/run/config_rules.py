@@ -195,6 +195,8 @@ def check_steps_per_execution(config: TrainConfig, steps_per_epoch: int) -> None
 
 def _check_objective(config: TrainConfig) -> None:
     _non_negative(config, "pyx_weight", "px_weight", "pxy_weight", "energy_l2_weight", "data_noise_std")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        _fail(config, "label_smoothing", "in [0, 1)")
 
 
 def _check_sampler(config: TrainConfig) -> None:
