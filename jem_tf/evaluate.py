@@ -139,11 +139,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
     from jem_tf.evaluation import REPORT_FILE, evaluate, load_feature_network, summary_lines
     from jem_tf.run.model_files import load_trained_model
     from jem_tf.run.splits import dataset_splits, load_run_dataset
-    from jem_tf.run.workdir import check_output_dir
+    from jem_tf.run.workdir import check_output_dir, load_run_metrics
 
     with parser.usage_errors():
         check_output_dir(args.out, "--out")
         model, train_config = load_trained_model(args.model)
+        training = load_run_metrics(args.model) if os.path.isdir(args.model) else None
         dataset = args.dataset or (train_config.dataset if train_config else None)
         if dataset is None:
             parser.error("--dataset is needed with a bare .keras file")
@@ -172,7 +173,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         model, test_images=x_test, test_labels=y_test, out_dir=args.out, config=config, val_images=x_val,
         val_labels=y_val, train_images=x_train, train_labels=y_train, ood_sets=ood_sets, feature_network=network,
         model_info={"path": os.path.abspath(args.model), "dataset": dataset,
-                    "train_config": dataclasses.asdict(train_config) if train_config else None})
+                    "train_config": dataclasses.asdict(train_config) if train_config else None,
+                    "training": training})
     for line in summary_lines(report):
         print(line)
     print(f"wrote {os.path.join(args.out, REPORT_FILE)} ({time.perf_counter() - started:.0f} s)")

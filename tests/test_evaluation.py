@@ -242,6 +242,8 @@ def test_cli_on_a_training_workdir(digits_run, tmp_path, capsys):
     assert "ECE" in printed and "OOD AUROC [log_px]" in printed and "frechet_distance" in printed
     report = json.load(open(os.path.join(out, ev.REPORT_FILE)))
     assert report["model"]["dataset"] == "digits" and report["model"]["train_config"]["sgld_steps"] == 2
+    with open(os.path.join(digits_run, "metrics.json")) as f:
+        assert report["model"]["training"] == json.load(f)  # the run's own metrics: its training time too
     assert report["settings"]["num_test"] == 120
     assert report["ood"]["settings"]["ood_sets"] == {"uniform": 100, "constant": 100, "permuted": 100}
     assert report["ood"]["settings"]["temperature_source"] == "fitted on the validation split"

@@ -23,7 +23,7 @@ from jem_tf.run.splits import (
     select_labelled,
     split_train_validation,
 )
-from jem_tf.run.workdir import RunLayout, load_run_config
+from jem_tf.run.workdir import RunLayout, load_run_config, load_run_metrics
 
 
 def test_layout_names_every_file_of_a_work_directory(tmp_path):
@@ -127,6 +127,20 @@ def test_load_trained_model_reads_the_layout_and_names_what_is_wrong(tmp_path):
     keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(plain)
     with pytest.raises(ValueError, match="not a jem_tf.JEM"):
         load_trained_model(str(plain))
+
+
+def test_load_run_metrics_reads_a_finished_run_and_names_a_bad_file(tmp_path):
+    layout = RunLayout(str(tmp_path / "run"))
+    assert load_run_metrics(layout.workdir) is None  # no run, or one that has not finished
+    os.makedirs(layout.workdir)
+    with open(layout.metrics, "w") as f:
+        json.dump({"test_accuracy": 0.5, "train_seconds": 12.0}, f)
+    assert load_run_metrics(layout.workdir) == {"test_accuracy": 0.5, "train_seconds": 12.0}
+    for text in ("[1, 2]", "{broken"):
+        with open(layout.metrics, "w") as f:
+            f.write(text)
+        with pytest.raises(ValueError, match="metrics.json is not a valid metrics file"):
+            load_run_metrics(layout.workdir)
 
 
 def test_run_splits_are_derived_once_for_every_consumer():

@@ -184,6 +184,25 @@ def load_run_config(workdir: str) -> Optional[TrainConfig]:
         raise UsageError(f"{path} is not a valid run config: {error}") from error
 
 
+def load_run_metrics(workdir: str) -> Optional[dict]:
+    """The final metrics a finished run's ``metrics.json`` holds, or ``None`` (no work directory, or not finished).
+
+    Raises:
+        UsageError: naming the file, when it is not a JSON object.
+    """
+    path = RunLayout(workdir).metrics
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (ValueError, OSError) as error:
+        raise UsageError(f"{path} is not a valid metrics file: {error}") from error
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} is not a valid metrics file: not a JSON object")
+    return values
+
+
 def save_model_atomically(model: keras.Model, path: str) -> None:
     """``model.save(path)`` through a temporary file and a rename: a kill mid-write leaves the previous file
     (or none), never a truncated one; a full disk is a :class:`~jem_tf.files.DiskFullError` naming ``path``, with
