@@ -1,11 +1,12 @@
+"""jem_tf.training.callbacks: rotating checkpoints, sample grids, and the backup a run resumes from."""
+
 import os
 
 import numpy as np
 import pytest
 from conftest import tiny_jem
 
-from jem_tf.figures import image_grid, upscale, write_png
-from jem_tf.training.callbacks import RotatingCheckpoint, SampleGridCallback
+from jem_tf.training.callbacks import ChiefBackupAndRestore, RotatingCheckpoint, SampleGridCallback
 
 
 @pytest.mark.integration
@@ -32,14 +33,37 @@ def test_sample_grid_callback_writes_png_of_buffer(tiny_data, tmp_path):
     assert os.listdir(tmp_path / "logs" / "samples")
 
 
-def test_image_grid_layout_and_scaling(tmp_path):
-    images = np.stack([np.full((2, 3, 1), v, "float32") for v in (-1.0, 0.0, 1.0, 5.0, -5.0)])
-    grid = image_grid(images, columns=3, padding=1)
-    assert grid.shape == (1 + 2 * 3, 1 + 3 * 4, 1) and grid.dtype == np.uint8
-    assert grid[1, 1, 0] == 0 and grid[1, 5, 0] == 128 and grid[1, 9, 0] == 255
-    assert grid[4, 1, 0] == 255 and grid[4, 5, 0] == 0  # clipped to the value range
-    assert upscale(grid, 2).shape == (14, 26, 1)
-    write_png(str(tmp_path / "g.png"), grid)
-    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="N, H, W, C"):
-        image_grid(np.zeros((2, 3)))
+def test_truncated_backup_is_detected_and_the_previous_one_is_used(tiny_data, tmp_path):
+    x, y = tiny_data
+    model = tiny_jem()
+    backup = ChiefBackupAndRestore(str(tmp_path / "backup"), keep=2, log=lambda m: None)
+    backup.on_train_end = lambda logs=None: None  # keep the backup as if the run had been killed
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[backup])
+    assert [epoch for epoch, _ in backup.generations()] == [3, 2]
+    newest = tmp_path / "backup" / "epoch_0003" / ChiefBackupAndRestore.WEIGHTS
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn by a crash
+    messages = []
+    fresh = tiny_jem()
+    epoch = ChiefBackupAndRestore(str(tmp_path / "backup"), log=messages.append).restore(fresh)
+    assert epoch == 2 and int(fresh.optimizer.iterations.numpy()) == 6
+    assert "epoch_0003 is unreadable" in messages[0] and "Resuming" in messages[1]
+
+
+def test_a_backup_that_does_not_load_leaves_no_partial_state(tiny_data, tmp_path):
+    # A model of another shape (a bigger replay buffer) cannot load the backup: it must stay exactly as built,
+    # not half-restored (optimizer step of the old run with fresh weights).
+    x, y = tiny_data
+    model = tiny_jem()
+    backup = ChiefBackupAndRestore(str(tmp_path / "backup"), log=lambda m: None, delete_on_completion=False)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[backup])
+    other = tiny_jem(buffer_size=128)
+    other.optimizer.build(other.trainable_variables)
+    before = [v.numpy().copy() for v in other.variables + other.optimizer.variables]
+    messages = []
+    assert ChiefBackupAndRestore(str(tmp_path / "backup"), log=messages.append).restore(other) == 0
+    assert all("unreadable" in m for m in messages) and len(messages) == 2
+    for variable, value in zip(other.variables + other.optimizer.variables, before):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    assert backup.completed and os.path.isdir(tmp_path / "backup")  # kept until remove()
+    backup.remove()
+    assert not os.path.exists(tmp_path / "backup")

@@ -1,4 +1,4 @@
-"""JEM++'s informative initialisation: per-class Gaussians, the buffer's fill and restarts, sampling, saving."""
+"""jem_tf.sampling.chain_init: JEM++'s class Gaussians: the buffer's fill and restarts, sampling, saving."""
 
 import json
 import os
@@ -259,6 +259,7 @@ def test_class_gaussian_start_of_given_labels_and_of_prior_drawn_ones():
     assert dark.mean() < bright.mean() - 0.5
 
 
+@pytest.mark.integration
 def test_one_start_distribution_for_buffer_sample_and_serving(tmp_path):
     """The replay buffer's fresh chains, JEM.sample's default start and the served `sample` signature's are one
     function (start_chains, with the model's uniform share): the same seed gives the same images."""

@@ -1,5 +1,4 @@
-"""The command-line boundary (jem_tf.cli): one flag per config field, one-line errors with exit code 2 for bad
-input (flags and UsageError), and a traceback with exit code 1 for everything else."""
+"""jem_tf.cli: the commands' boundary: flags, one-line errors (exit 2), tracebacks (1), Ctrl-C (130)."""
 
 import argparse
 import os
@@ -7,11 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CLI_ENV, TINY_TRAIN_ARGS, leftovers
+from conftest import CLI_ENV, TINY_TRAIN_ARGS, cli_error_line, leftovers
+from conftest import run_command as _cli
 
 from jem_tf import cli, evaluate, export, train, tune
 from jem_tf.errors import UsageError, as_usage_error
 from jem_tf.run import model_files
+from jem_tf.run.workdir import RunLayout
 from jem_tf.training import pipeline as training
 from jem_tf.training import tuning
 
@@ -136,21 +137,6 @@ def test_an_internal_value_error_in_training_keeps_its_traceback_and_exits_1(tmp
     assert not workdir.exists()  # the model is built before anything is written
 
 
-def test_tune_reports_a_bad_search_directory_or_space_file_in_one_line(tmp_path, capsys):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("not a directory")
-    bad_json = tmp_path / "space.json"
-    bad_json.write_text("{ nope")
-    for argv, message in ((["--directory", str(a_file)], f"--directory {str(a_file)!r} is a file, not a directory"),
-                          (["--space", str(bad_json)], "Expecting property name enclosed in double quotes"),
-                          (["--space", str(tmp_path / "none.json")], "No such file or directory")):
-        with pytest.raises(SystemExit) as exit_info:
-            tune.main(["--directory", str(tmp_path / "search"), *argv])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
-    assert not (tmp_path / "search").exists()
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("failure, code, line", [
     (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
@@ -229,19 +215,6 @@ def test_another_keras_backend_is_named_at_import():
     assert "ImportError: jem-tf needs Keras's TensorFlow backend, but KERAS_BACKEND='jax'" in result.stderr
 
 
-def test_a_malformed_tf_config_is_named(monkeypatch):
-    from jem_tf.sampling.distribution import make_strategy, tf_config
-
-    monkeypatch.setenv("TF_CONFIG", "{'cluster': oops")
-    with pytest.raises(ValueError, match="the TF_CONFIG environment variable is not valid JSON"):
-        tf_config()
-    with pytest.raises(ValueError, match="TF_CONFIG"):
-        make_strategy("multi_worker")
-    monkeypatch.setenv("TF_CONFIG", '["a list"]')
-    with pytest.raises(ValueError, match="TF_CONFIG environment variable must be a JSON object"):
-        tf_config()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["export", "evaluate", "tune"])
 @pytest.mark.parametrize("delay_s", [3.0, 8.0])
@@ -310,3 +283,39 @@ def test_the_commands_load_a_finished_run_in_their_own_process(command, finished
     result = subprocess.run([sys.executable, "-m", f"jem_tf.{command}", *argv], capture_output=True, text=True,
                             timeout=600, env=CLI_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_paths_that_are_files_or_directories_in_the_wrong_place(tmp_path, finished_run):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", str(a_file))
+    assert result.returncode == 2 and "is a file, not a directory" in cli_error_line(result)
+    # --export-dir that is a file: refused before training, not after it.
+    result = _cli("train", *TINY_TRAIN_ARGS, "--workdir", str(tmp_path / "new"), "--export-dir", str(a_file))
+    assert result.returncode == 2 and "--export-dir" in cli_error_line(result)
+    assert not os.path.exists(tmp_path / "new")
+    result = _cli("export", "--model", finished_run, "--export-dir", str(a_file))
+    assert result.returncode == 2 and "--export-dir" in cli_error_line(result) and "is a file" in cli_error_line(result)
+    result = _cli("evaluate", "--model", finished_run, "--out", str(a_file), "--modes", "accuracy")
+    assert result.returncode == 2 and "--out" in cli_error_line(result) and a_file.read_text() == "not a directory"
+    result = _cli("train", "--recipe", str(tmp_path), "--workdir", str(tmp_path / "new"))
+    assert result.returncode == 2 and "is a directory, not a JSON file" in cli_error_line(result)
+
+
+@pytest.mark.slow
+def test_misleading_messages_now_name_the_real_problem(run_copy, tmp_path):
+    layout = RunLayout(run_copy)
+    data = open(layout.model, "rb").read()
+    open(layout.model, "wb").write(data[: len(data) // 3])
+    result = _cli("export", "--model", run_copy, "--export-dir", str(tmp_path / "served"))
+    assert result.returncode == 2 and "not a .keras archive (truncated or corrupt" in cli_error_line(result)
+    open(layout.model, "wb").write(data)
+    open(layout.config, "w").write("{ junk")
+    result = _cli("evaluate", "--model", run_copy, "--out", str(tmp_path / "eval"), "--modes", "accuracy")
+    assert result.returncode == 2 and f"{layout.config} is not a valid run config" in cli_error_line(result)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _cli("evaluate", "--model", layout.model, "--dataset", "digits", "--out", str(tmp_path / "eval"),
+                  "--modes", "ood", "--ood", "mnist_5k", "--ood-data-dir", str(empty))
+    assert result.returncode == 2 and f"--ood-data-dir {str(empty)!r}" in cli_error_line(result)

@@ -1,4 +1,4 @@
-"""TrainConfig, its validation, and the recipes installed as jem_tf.recipes."""
+"""jem_tf.run.config: TrainConfig, its validation, and the recipes installed as jem_tf.recipes."""
 
 import configparser
 import json
@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_folder
 
 import jem_tf
 from jem_tf.errors import UsageError
 from jem_tf.run import config as config_lib
 from jem_tf.run.config import TrainConfig
-from jem_tf.run.config_rules import RESUME_FIXED_FIELDS, check_labels_per_class, choices
 
 
 def test_bundled_recipes_are_valid():
@@ -34,7 +34,6 @@ def test_fast_recipes_are_jem_plus_plus_and_the_paper_recipe_is_kept():
         ("uniform", 20, 1.0, 0.01)
     assert (paper.learning_rate, paper.warmup_steps, paper.restart_prob, paper.sgld_grad_clamp) == \
         (1e-4, 1000, 0.05, None)
-
 
 
 def test_finetune_recipes_need_a_classifier_and_keep_their_datasets_sampler():
@@ -150,22 +149,16 @@ def test_validation_errors_are_usage_errors_and_value_errors():
         TrainConfig(epochs="3", classifier_epochs=5).validate()
 
 
-def test_labels_per_class_against_the_training_split_names_the_smallest_class():
-    config = TrainConfig(labels_per_class=5)
-    check_labels_per_class(config, {0: 9, 1: 5, 2: 7})
-    with pytest.raises(UsageError, match=r"labels_per_class \(5\) is more than the 4 training images of class 2 "
-                                         r"\(after the validation split\); use at most 4\."):
-        check_labels_per_class(config, {0: 9, 1: 6, 2: 4, 3: 4})
-    with pytest.raises(UsageError, match="labels_per_class must be an integer >= 1; received None"):
-        check_labels_per_class(TrainConfig(), {0: 9})
+def test_cifar10_recipes_validate_on_an_image_folder(tmp_path, cache_dir):
+    from jem_tf.run.config import load_recipe
 
-
-def test_resume_fixed_fields_and_choices_name_config_fields():
-    assert set(RESUME_FIXED_FIELDS) <= set(config_lib.field_names())
-    allowed = choices()
-    assert allowed["strategy"] == ("default", "mirrored", "multi_worker", "tpu")
-    assert allowed["precision"][-1] == "auto" and allowed["optimizer"] == ("adam", "sgd")
-    for field, values in allowed.items():
-        assert TrainConfig().replace(**{field: values[0]}).validate() is not None
-        with pytest.raises(UsageError, match=f"{field} must be one of {', '.join(values)}; received 'nope'"):
-            TrainConfig().replace(**{field: "nope"}).validate()
+    root = make_folder(tmp_path / "data", size=(32, 32))
+    recipe = load_recipe("cifar10").replace(dataset=root)
+    assert recipe.validate().backbone == "fast_cnn" and recipe.augment == "crop_flip"
+    finetune = load_recipe("cifar10_finetune").replace(dataset=root, init_from="runs/cifar10_classifier")
+    assert finetune.validate().finetune
+    with pytest.raises(UsageError, match="init_from must be"):
+        load_recipe("cifar10_finetune").replace(dataset=root).validate()
+    assert load_recipe("cifar10_wrn28_10").replace(dataset=root).validate().backbone == "wrn-28-10"
+    with pytest.raises(UsageError, match="image_size must be none unless the dataset is an image folder"):
+        load_recipe("cifar10").replace(image_size=[16, 16]).validate()

@@ -1,3 +1,5 @@
+"""jem_tf.model.energy: energies and densities of logits."""
+
 import numpy as np
 import tensorflow as tf
 from scipy.special import logsumexp

@@ -1,5 +1,4 @@
-"""What a TrainConfig builds (jem_tf.training.factories): the JEM, its optimizer, the guard and the input pipelines, on
-tiny shapes; every refusal names the value it got."""
+"""jem_tf.training.factories: what a TrainConfig builds (JEM, optimizer, guard, input pipelines)."""
 
 import keras
 import numpy as np

@@ -1,5 +1,4 @@
-"""The one atomic write of jem_tf.files: the target holds the old content or the new one, never a part, and the
-temporary file or directory is gone after a failure."""
+"""jem_tf.files: atomic writes: the old content or the new, never a part, no temporary left."""
 
 import errno
 import json
@@ -7,6 +6,9 @@ import os
 import socket
 
 import pytest
+from conftest import fill as _fill
+from conftest import mount_tmpfs as _mount_tmpfs
+from conftest import umount as _umount
 
 from jem_tf.files import (
     TEMPORARY,
@@ -141,3 +143,19 @@ def test_one_temporary_name_for_every_write_and_stale_ones_are_removed(tmp_path)
         (tmp_path / entry).write_bytes(b"x")
     assert remove_stale_temporaries(str(tmp_path)) == [str(tmp_path / stale)]
     assert sorted(os.listdir(tmp_path)) == sorted([live, elsewhere, "kept.keras"])
+
+
+def test_json_writes_on_a_full_disk_keep_the_previous_file(tmp_path):
+    from jem_tf.files import DiskFullError, atomic_write_json
+
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "1m")
+    try:
+        path = str(disk / "config.json")
+        atomic_write_json(path, {"epochs": 1})
+        _fill(disk / "filler")
+        with pytest.raises(DiskFullError, match=f"cannot write {path}: the disk is full"):
+            atomic_write_json(path, {"epochs": 2, "padding": "x" * 100_000})
+        assert json.load(open(path)) == {"epochs": 1} and sorted(os.listdir(disk)) == ["config.json", "filler"]
+    finally:
+        _umount(disk)

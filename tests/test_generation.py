@@ -1,4 +1,4 @@
-"""jem_tf.model.generation: the SGLD energy, the start distribution and the Generator behind JEM.sample / refine."""
+"""jem_tf.model.generation: the SGLD energy, the start distribution and the Generator behind sample and refine."""
 
 import numpy as np
 import pytest
@@ -118,3 +118,25 @@ def test_model_sample_starts_where_generation_says(tiny_data):
 def test_bad_sampling_arguments_name_the_value(call, match):
     with pytest.raises(ValueError, match=match):
         call(tiny_jem())
+
+
+@pytest.fixture(scope="module")
+def trained(evaluation_jem):
+    """The tiny trained model these tests share: conftest's ``evaluation_jem``, trained once per test run."""
+    return evaluation_jem
+
+
+def test_refine_is_seeded_and_mixes_with_conditional_sampling(trained):
+    model, _, _, (x_test, _), _ = trained
+    a = model.refine(x_test[:6], n_steps=4, seed=5)
+    assert np.array_equal(a, model.refine(x_test[:6], n_steps=4, seed=5))
+    assert not np.array_equal(a, x_test[:6])
+    assert np.array_equal(model.refine(x_test[:6], n_steps=0), x_test[:6])
+    # Unconditional and class-conditional SGLD on one model (they compile separately).
+    model.sample(4, n_steps=2)
+    assert model.sample(3, n_steps=2, labels=[0, 1, 2]).shape == (3, 8, 8, 1)
+    model.refine(x_test[:3], n_steps=2, labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="images"):
+        model.refine(np.zeros((2, 4, 4, 1)), n_steps=1)
+    with pytest.raises(ValueError, match="labels"):
+        model.refine(x_test[:2], n_steps=1, labels=[0, 7])

@@ -1,14 +1,17 @@
+"""jem_tf.model.jem: the JEM: training, metrics, saving, sampling, XLA, a user's own classifier."""
+
 import os
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_jem
+from conftest import CHAIN_TOLERANCE, tiny_jem, users_classifier
 
 from jem_tf import JEM, SGLDSampler, small_cnn
 from jem_tf.data import load_digits
 from jem_tf.model import energy as energy_lib
+from jem_tf.networks import with_precision
 
 
 def _weights_equal(a, b):
@@ -56,6 +59,7 @@ def test_summary_tells_the_replay_buffer_apart_from_the_weights(tiny_data):
     assert f"the network has {model.backbone.count_params():,} params" in lines[-1]
 
 
+@pytest.mark.integration
 def test_keras_export_serves_the_logits_after_fit_and_after_loading(tiny_data, tmp_path):
     x, y = tiny_data
     model = tiny_jem(buffer_size=500)
@@ -266,3 +270,200 @@ def test_energy_start_step_trains_a_plain_classifier_first(tiny_data):
     assert JEM.from_config(warm.get_config()).energy_start_step == 3
     with pytest.raises(ValueError, match="energy_start_step"):
         tiny_jem(energy_start_step=-1)
+
+
+@pytest.mark.integration
+def test_mixed_bfloat16_jem_trains_with_float32_chains(tiny_data):
+    x, y = tiny_data
+    backbone = with_precision(small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, stages=1, seed=0),
+                              "mixed_bfloat16")
+    model = JEM(backbone, sampler=SGLDSampler(n_steps=3), buffer_size=64, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert model.replay_buffer.samples.dtype == "float32"
+    assert model.sample(4, n_steps=2).dtype == np.float32
+
+
+def test_train_step_is_traced_once():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (96, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 96).astype("int32")
+    model = tiny_jem()
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0)  # 9 steps, 3 epochs
+    assert model.train_step_trace_count == 1
+
+
+@pytest.mark.integration
+def test_steps_per_execution_gives_the_same_training():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (96, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 96).astype("int32")
+    weights = []
+    for steps_per_execution in (1, 3):
+        model = tiny_jem()
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), steps_per_execution=steps_per_execution)
+        model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
+        weights.append(model.get_weights())
+        assert int(model.optimizer.iterations.numpy()) == 6
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("pxy_weight", [0.0, 1.0])
+def test_unlabelled_rows_never_reach_the_label_terms(tiny_data, pxy_weight):
+    x, y = tiny_data
+    x, y = x[:32], y[:32]
+    weights = (np.arange(32) % 4 == 0).astype("float32")  # 8 labelled rows, 24 unlabelled
+    wrong = np.where(weights > 0, y, (y + 1) % 3).astype("int32")  # deliberately wrong labels where unlabelled
+    results = []
+    for labels in (y, wrong):
+        model = tiny_jem(data_noise_std=0.0, restart_prob=0.0, pxy_weight=pxy_weight,
+                         sampler=SGLDSampler(n_steps=2, noise_std=0.0))
+        logs = model.train_on_batch(x, labels, sample_weight=weights, return_dict=True)
+        results.append((logs, [v.numpy() for v in model.trainable_variables]))
+    (logs_a, weights_a), (logs_b, weights_b) = results
+    for a, b in zip(weights_a, weights_b):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert logs_a["ce"] == pytest.approx(logs_b["ce"], rel=1e-6)
+    # And the labels of the labelled rows do matter (the test would notice if nothing were used).
+    flipped = np.where(weights > 0, (y + 1) % 3, y).astype("int32")
+    model = tiny_jem(data_noise_std=0.0, restart_prob=0.0, pxy_weight=pxy_weight,
+                     sampler=SGLDSampler(n_steps=2, noise_std=0.0))
+    assert model.train_on_batch(x, flipped, sample_weight=weights, return_dict=True)["ce"] != \
+        pytest.approx(logs_a["ce"], rel=1e-3)
+
+
+@pytest.mark.integration
+def test_a_users_sequential_classifier_trains_samples_and_scores(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 96).astype("int32")
+    x = np.clip(rng.uniform(-1, 1, (96, 8, 8, 1)) * 0.3 + (y[:, None, None, None] - 1) * 0.6, -1, 1).astype("float32")
+    model = JEM(users_classifier(), buffer_size=64, sampler=SGLDSampler(n_steps=2), seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"][-1]) and model.image_shape == (8, 8, 1) and model.num_classes == 3
+    # energy / log_px: numpy arrays like predict, computed in batches (any batch size gives the same values).
+    energies = model.energy(x, batch_size=7)
+    assert isinstance(energies, np.ndarray) and energies.shape == (96,) and energies.dtype == np.float32
+    np.testing.assert_allclose(energies, model.energy(x, batch_size=96), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.log_px(x), -energies, rtol=1e-5, atol=1e-6)
+    assert model.sample(4, seed=0, n_steps=2).shape == (4, 8, 8, 1)
+    model.save(tmp_path / "mine.keras")
+    assert isinstance(keras.models.load_model(tmp_path / "mine.keras"), JEM)
+
+
+# XLA's float random kernels draw other numbers than TensorFlow's for the same stateless seed (integer draws
+# agree), so the comparison runs without float randomness: no data noise, noiseless SGLD, no restarts. What
+# is left differs by the order of floating-point operations only.
+DETERMINISTIC = dict(data_noise_std=0.0, restart_prob=0.0, sampler=SGLDSampler(n_steps=3, step_size=0.2, noise_std=0.0))
+
+# The stated tolerance of XLA against the default kernels after 6 training steps (weights, losses): the two
+# compile the same maths into different fused kernels, and each step's SGLD chains feed the differences back
+# (an input gradient through a leaky ReLU changes branch when a pre-activation changes sign); TensorFlow's
+# multithreaded CPU reductions are not bit-reproducible either, so even one step differs by ~1e-4.
+TOLERANCE = dict(rtol=1e-3, atol=5e-4)
+
+
+def _trained(data, jit_compile, epochs=2, num=96, same_chains=False):
+    x, y = data
+    model = tiny_jem(**DETERMINISTIC)
+    # Plain SGD: Adam's normalised steps would turn last-bit gradient differences of near-zero gradients
+    # into differences of the size of the learning rate.
+    model.compile(optimizer=keras.optimizers.SGD(0.05), jit_compile=jit_compile)
+    if same_chains:  # every chain the same image: which chains are drawn no longer matters
+        model.replay_buffer.samples.assign(np.broadcast_to(x[-1], model.replay_buffer.samples.shape))
+    before = model.replay_buffer.samples.numpy().copy()
+    history = model.fit(tf.data.Dataset.from_tensor_slices((x[:num], y[:num])).batch(32), epochs=epochs, verbose=0)
+    return model, before, history.history
+
+
+@pytest.mark.integration
+def test_one_train_step_under_xla_equals_the_default_kernels(data):
+    # XLA draws other random numbers than TensorFlow's kernels for the same seed, the buffer's chain indices
+    # included (deterministically per seed in each mode); with identical chains the step's maths is compared.
+    default, _, default_logs = _trained(data, False, epochs=1, num=32, same_chains=True)
+    xla, before, xla_logs = _trained(data, True, epochs=1, num=32, same_chains=True)
+    assert xla.jit_compile is True and default.jit_compile is False
+    for a, b in zip(xla.trainable_variables, default.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), **TOLERANCE)
+    for name in ("loss", "ce", "e_data", "e_sample", "energy_gap"):
+        np.testing.assert_allclose(xla_logs[name], default_logs[name], **TOLERANCE, err_msg=name)
+    # Buffer semantics in both modes: the drawn chains (at most 32 of 64), and only those, were rewritten, all with
+    # the same SGLD result (they started from the same image), and that result agrees between the modes.
+    written = []
+    for model in (xla, default):
+        after = model.replay_buffer.samples.numpy()
+        changed = np.any(after != before, axis=(1, 2, 3))
+        assert 0 < changed.sum() <= 32
+        np.testing.assert_allclose(after[changed], np.broadcast_to(after[changed][0], after[changed].shape), atol=1e-6)
+        np.testing.assert_array_equal(after[~changed], before[~changed])
+        written.append(after[changed][0])
+    np.testing.assert_allclose(written[0], written[1], **CHAIN_TOLERANCE)
+    # Deterministic per seed under XLA too.
+    again, _, _ = _trained(data, True, epochs=1, num=32, same_chains=True)
+    np.testing.assert_array_equal(again.replay_buffer.samples.numpy(), xla.replay_buffer.samples.numpy())
+
+
+@pytest.mark.slow
+def test_xla_training_stays_within_the_stated_tolerance(data):
+    default, _, default_logs = _trained(data, False, same_chains=True)
+    xla, _, xla_logs = _trained(data, True, same_chains=True)
+    assert int(xla.optimizer.iterations.numpy()) == 6
+    for a, b in zip(xla.trainable_variables, default.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), **TOLERANCE)
+    for name in ("loss", "ce", "e_data", "e_sample", "energy_gap"):
+        np.testing.assert_allclose(xla_logs[name], default_logs[name], **TOLERANCE, err_msg=name)
+    # Test step and predict under XLA agree with the default kernels too.
+    x, y = data
+    xla_eval = xla.evaluate(x, y, batch_size=32, return_dict=True, verbose=0)
+    default_eval = default.evaluate(x, y, batch_size=32, return_dict=True, verbose=0)
+    for name in ("ce", "accuracy", "e_data"):
+        np.testing.assert_allclose(xla_eval[name], default_eval[name], **TOLERANCE)
+    np.testing.assert_allclose(xla.predict(x, verbose=0), default.predict(x, verbose=0), **TOLERANCE)
+
+
+def test_bad_inputs_still_get_the_promised_errors_under_xla(data):
+    x, y = data
+    model = tiny_jem(**DETERMINISTIC)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    bad_images = tf.data.Dataset.from_tensor_slices((np.full_like(x, 5.0), y)).batch(32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"images must lie in \[-1.0, 1.0\]"):
+        model.fit(bad_images, epochs=1, verbose=0)
+    bad_labels = tf.data.Dataset.from_tensor_slices((x, np.full_like(y, 7))).batch(32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Labels must be in"):
+        model.fit(bad_labels, epochs=1, verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN"):
+        model.evaluate(tf.data.Dataset.from_tensor_slices((np.full_like(x, np.nan), y)).batch(32), verbose=0)
+    with pytest.raises(ValueError, match="Images must lie in"):
+        model.fit(np.full_like(x, 5.0), y, epochs=1, verbose=0)  # numpy: checked eagerly, as without XLA
+    assert int(model.optimizer.iterations.numpy()) == 0  # no step ran on bad data
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_train_on_batch_and_fit_on_tensors_are_checked_under_xla_as_without(tiny_data, jit_compile):
+    import keras
+    import tensorflow as tf
+    from conftest import tiny_jem
+
+    x, y = tiny_data
+    model = tiny_jem()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
+    initial = model.backbone.get_weights()
+    errors = (ValueError, tf.errors.InvalidArgumentError)  # eager check / in-graph check (without XLA)
+    bright, nan = tf.constant(np.full_like(x[:32], 5.0)), tf.constant(np.full_like(x[:32], np.nan))
+    labels, bad_labels = tf.constant(y[:32]), tf.constant(np.full_like(y[:32], 7))
+    for call in (lambda: model.train_on_batch(bright, labels),
+                 lambda: model.train_on_batch(np.full_like(x[:32], 5.0), y[:32]),
+                 lambda: model.train_on_batch(tf.constant(x[:32]), bad_labels),
+                 lambda: model.fit(bright, labels, epochs=1, verbose=0),
+                 lambda: model.fit(nan, labels, epochs=1, verbose=0),
+                 lambda: model.test_on_batch(bright, labels)):
+        with pytest.raises(errors, match=r"(?i)lie in \[-1.0, 1.0\]|NaN|Labels must be"):
+            call()
+    for before, after in zip(initial, model.backbone.get_weights()):  # no step trained on bad data
+        np.testing.assert_array_equal(before, after)
+    if jit_compile:  # checked before Keras is called: not even the step counter moved
+        assert int(model.optimizer.iterations.numpy()) == 0

@@ -1,7 +1,11 @@
+"""jem_tf.model.jem_arguments: the checks of JEM(...)'s and JEM.compile's arguments."""
+
+
 import keras
 import pytest
+from conftest import tiny_jem, users_classifier
 
-from jem_tf import SGLDSampler, small_cnn
+from jem_tf import JEM, SGLDSampler, small_cnn
 from jem_tf.model.jem_arguments import check_compile_arguments, check_jem_arguments
 
 WEIGHTS = dict(pyx_weight=1.0, px_weight=1.0, pxy_weight=0.0, energy_l2_weight=0.0, data_noise_std=0.03,
@@ -52,3 +56,27 @@ def test_compile_refuses_a_loss(kwargs, match):
     with pytest.raises(ValueError, match=match):
         check_compile_arguments(**kwargs)
     check_compile_arguments(jit_compile="auto", steps_per_execution=2, metrics=["accuracy"], weighted_metrics=[])
+
+
+@pytest.mark.parametrize("head", ["softmax", "layer"])
+def test_a_softmax_head_is_refused(head):
+    backbone = users_classifier("softmax") if head == "softmax" else keras.Sequential(
+        [*users_classifier().layers, keras.layers.Softmax()])
+    with pytest.raises(ValueError, match="ends in a softmax"):
+        JEM(backbone, buffer_size=16)
+
+
+def test_a_dynamic_input_shape_is_refused_unless_given():
+    backbone = users_classifier(input_shape=(None, None, 1))
+    with pytest.raises(ValueError, match="must be static"):
+        JEM(backbone, buffer_size=16)
+    assert JEM(backbone, buffer_size=16, image_shape=(8, 8, 1)).image_shape == (8, 8, 1)
+
+
+def test_compile_defaults_and_rejected_arguments():
+    model = tiny_jem()
+    assert model.jit_compile is False  # tiny_jem compiles with the default: off, on every device
+    with pytest.raises(ValueError, match="does not take `loss`"):
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="jit_compile"):
+        model.compile(optimizer="adam", jit_compile="yes")

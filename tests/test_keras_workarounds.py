@@ -1,5 +1,4 @@
-"""jem_tf.keras_workarounds: each workaround does its job, and a test per workaround fails the day Keras no longer
-needs it (the private API is gone, or the public path now works), saying which workaround can go."""
+"""jem_tf.keras_workarounds: each workaround works, and its test fails the day Keras no longer needs it."""
 
 import inspect
 from unittest import mock

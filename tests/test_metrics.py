@@ -1,4 +1,4 @@
-"""Evaluation metrics against values computed by hand on tiny arrays."""
+"""jem_tf.metrics: evaluation metrics against values computed by hand on tiny arrays."""
 
 import math
 

@@ -1,8 +1,12 @@
+"""jem_tf.networks: Wide-ResNet, the small and fast CNNs, frozen layers, mixed precision."""
+
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from jem_tf import build_backbone, small_cnn, wide_resnet
+from jem_tf.networks import with_precision
 
 
 @pytest.mark.parametrize("depth, width, params", [(10, 1, 77_706), (28, 2, 1_466_026)])
@@ -92,3 +96,26 @@ def test_frozen_layers_by_name_or_prefix_stay_fixed_and_survive_the_precision_co
     assert freeze_layers(backbone, ["logits"]) == 1 and not backbone.get_layer("logits").trainable
     with pytest.raises(UsageError, match=r"no layer of 'fast_cnn' is named 'block' or block_\.\.\.; its layers: "):
         freeze_layers(backbone, ["block"])
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_with_precision_keeps_weights_float32_head_and_float32_input_gradients(precision, tmp_path):
+    net = wide_resnet(depth=10, width=1, input_shape=(8, 8, 3), seed=0)
+    mixed = with_precision(net, precision)
+    assert mixed.layers[-1].dtype_policy.name == "float32"  # the logits head
+    assert {layer.dtype_policy.name for layer in mixed.layers[1:-1]} == {precision}
+    assert all(w.dtype == "float32" for w in mixed.weights)
+    for a, b in zip(net.get_weights(), mixed.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype("float32"))
+    np.testing.assert_allclose(mixed(x).numpy(), net(x).numpy(), atol=0.05)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        energy = -tf.reduce_sum(tf.reduce_logsumexp(mixed(x), axis=1))
+    assert mixed(x).dtype == tf.float32 and tape.gradient(energy, x).dtype == tf.float32
+    mixed.save(tmp_path / "mixed.keras")
+    restored = keras.models.load_model(tmp_path / "mixed.keras")
+    assert restored.layers[1].dtype_policy.name == precision
+    assert with_precision(net, "float32") is net
+    with pytest.raises(ValueError, match="precision"):
+        with_precision(net, "float8")

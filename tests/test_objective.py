@@ -1,4 +1,4 @@
-"""The JEM objective as a pure function of logits, checked against the formula written out in numpy."""
+"""jem_tf.model.objective: the JEM objective as a pure function of logits, against its formula."""
 
 import numpy as np
 import pytest

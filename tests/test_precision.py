@@ -1,5 +1,4 @@
-"""precision="auto": a measured probe decides, never choosing a 16-bit precision that is not clearly faster, and
-the decision is cached per machine kind so that the same command gets the same precision under any load."""
+"""jem_tf.training.precision: precision "auto" decided by a measured probe, cached per machine kind."""
 
 import json
 import os

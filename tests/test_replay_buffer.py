@@ -1,9 +1,14 @@
+"""jem_tf.sampling.replay_buffer: the chains' slots, draws, restarts, storage and size warning."""
+
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import stats
 
 from jem_tf import ReplayBuffer
+from jem_tf.sampling import replay_buffer
 
 
 def test_initialised_uniform_in_value_range():
@@ -121,3 +126,12 @@ def test_jem_with_uint8_buffer_trains_saves_and_restores(tmp_path):
     assert restored.replay_buffer.storage == "uint8"
     np.testing.assert_array_equal(restored.replay_buffer.samples.numpy(), model.replay_buffer.samples.numpy())
     assert model.sample(4, n_steps=0, init="buffer").dtype == np.float32
+
+
+def test_a_huge_replay_buffer_is_announced_before_it_is_allocated(monkeypatch):
+    monkeypatch.setattr(replay_buffer, "LARGE_BUFFER_BYTES", 1000)
+    with pytest.warns(UserWarning, match=r"takes 0\.0 GiB.*buffer_storage='uint8'"):
+        replay_buffer.ReplayBuffer(image_shape=(8, 8, 1), size=16, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replay_buffer.ReplayBuffer(image_shape=(8, 8, 1), size=3, seed=0)  # 768 bytes: quiet

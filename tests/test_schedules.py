@@ -1,8 +1,12 @@
+"""jem_tf.training.schedules: the warm-up schedule and its scaled copy after a rollback."""
+
+
 import keras
 import numpy as np
 import pytest
 
 from jem_tf import WarmupPiecewiseSchedule
+from jem_tf.training.schedules import ScaledSchedule
 
 
 def test_linear_warmup_then_step_decay():
@@ -25,3 +29,10 @@ def test_serializable_inside_optimizer():
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         WarmupPiecewiseSchedule(**kwargs)
+
+
+def test_scaled_schedule_round_trips():
+    schedule = ScaledSchedule(ScaledSchedule(WarmupPiecewiseSchedule(1e-3), 0.5), 0.5)
+    assert schedule.factor == 0.25 and float(schedule(100)) == pytest.approx(2.5e-4)
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    assert again.get_config() == schedule.get_config()

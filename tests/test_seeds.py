@@ -1,5 +1,4 @@
-"""The random streams of jem_tf.seeds: distinct salts per kind, folding and step seeds as documented, and no
-salt left as a literal outside the module."""
+"""jem_tf.seeds: distinct salts per kind, folding and step seeds, no literal salt anywhere else."""
 
 import os
 import re

@@ -1,6 +1,9 @@
+"""jem_tf.sampling.sgld: SGLD on any energy, XLA-compiled too."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CHAIN_TOLERANCE, tiny_jem
 
 from jem_tf import SGLDSampler, small_cnn
 from jem_tf.model import energy
@@ -126,3 +129,16 @@ def test_grad_clamp_bounds_every_pixel_move_and_still_descends():
     assert SGLDSampler.from_config(sampler.get_config()).grad_clamp == 1.0
     with pytest.raises(ValueError, match="grad_clamp"):
         SGLDSampler(grad_clamp=0.0)
+
+
+@pytest.mark.integration
+def test_the_sampler_and_sampling_under_xla(data):
+    x, _ = data
+    model = tiny_jem(sampler=SGLDSampler(n_steps=5, noise_std=0.0, jit_compile=True))
+    plain = tiny_jem(sampler=SGLDSampler(n_steps=5, noise_std=0.0))
+    # settings="sampler": the training sampler itself (refinement settings build their own, uncompiled one).
+    np.testing.assert_allclose(model.refine(x[:8], n_steps=5, seed=1, settings="sampler"),
+                               plain.refine(x[:8], n_steps=5, seed=1, settings="sampler"), **CHAIN_TOLERANCE)
+    samples = model.sample(8, seed=3, n_steps=5)
+    np.testing.assert_array_equal(samples, model.sample(8, seed=3, n_steps=5))  # deterministic per seed
+    assert model.energy(samples).mean() < model.energy(model.sample(8, seed=3, n_steps=0)).mean()

@@ -1,47 +1,14 @@
-"""Image folders (jem_tf.data.folders): layout and class order as Keras reads them, decoding, sizes, channels, the
-cache, every hostile folder's one-line error, and a tiny colour run through the CLI, the export and ``classify``."""
+"""jem_tf.data.folders: image folders read as Keras reads them, decoded once and cached, hostile ones refused."""
 
-import json
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import HOSTILE, cache_files, make_folder, write_image
+from conftest import hostile_folder as _hostile
 
 from jem_tf.data import load_dataset, load_image_folder, load_image_folder_images, read_image_folder
 from jem_tf.errors import UsageError
-
-CLASSES = ("cat", "ant", "Bee")  # sorted: Bee, ant, cat (Keras sorts the folder names as strings)
-
-
-def write_image(path, array, fmt=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1]] if array.ndim == 3 else "L"
-    Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array, mode=mode).save(
-        path, format=fmt)
-
-
-def make_folder(root, *, per_class=(4, 2), size=(8, 8), channels=3, classes=CLASSES, ext=".png", seed=0):
-    """A generated image folder: ``per_class`` = (train, test) images of each class, a per-class colour plus noise."""
-    rng = np.random.default_rng(seed)
-    for split, count in zip(("train", "test"), per_class):
-        for c, name in enumerate(classes):
-            for i in range(count):
-                base = np.full((*size, channels), 40 + 80 * c, np.uint8)
-                array = np.clip(base + rng.integers(0, 30, base.shape), 0, 255).astype(np.uint8)
-                write_image(os.path.join(root, split, name, f"{i:03d}{ext}"), array)
-    return str(root)
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(path))
-    return path
-
-
-def cache_files(cache_dir):
-    return [f for _, _, files in os.walk(cache_dir) for f in files]
 
 
 def test_class_order_counts_and_pixels_match_keras_image_dataset_from_directory(tmp_path, cache_dir):
@@ -129,50 +96,6 @@ def test_the_cache_is_used_and_invalidated_when_a_file_changes(tmp_path, cache_d
     assert not info.from_cache and info.cache_file is None
 
 
-def _hostile(tmp_path, kind):
-    root = make_folder(tmp_path / kind)
-    if kind == "no_train":
-        os.rename(os.path.join(root, "train"), os.path.join(root, "training"))
-        return root, r"/train' does not exist: an image folder holds train/<class>/"
-    if kind == "no_test":
-        os.rename(os.path.join(root, "test"), os.path.join(root, "tests"))
-        return root, r"/test' does not exist"
-    if kind == "empty_class":
-        os.makedirs(os.path.join(root, "train", "dog"))
-        return root, r"train/dog' holds no image files"
-    if kind == "unknown_test_class":
-        write_image(os.path.join(root, "test", "dog", "0.png"), np.zeros((8, 8, 3), np.uint8))
-        return root, r"test/dog' is a class that train/ does not have"
-    if kind == "not_an_image":
-        open(os.path.join(root, "train", "ant", "fake.jpg"), "w").write("hello, not a JPEG")
-        return root, r"fake.jpg' is not a readable image"
-    if kind == "truncated_jpeg":
-        path = os.path.join(root, "train", "ant", "cut.jpg")
-        write_image(path, np.random.default_rng(0).integers(0, 255, (8, 8, 3)).astype(np.uint8), "JPEG")
-        data = open(path, "rb").read()
-        open(path, "wb").write(data[: len(data) // 2])
-        return root, r"cut.jpg' is (truncated or corrupt|not a readable image)"
-    if kind == "symlink_loop":
-        os.symlink(os.path.join(root, "train"), os.path.join(root, "train", "ant", "loop"))
-        return root, r"loop' is a symbolic link loop"
-    if kind == "self_link":
-        path = os.path.join(root, "train", "ant", "self.png")
-        os.symlink(path, path)
-        return root, r"self.png' is a symbolic link loop"
-    if kind == "single_class":
-        for name in ("ant", "cat"):
-            for split in ("train", "test"):
-                for f in os.listdir(os.path.join(root, split, name)):
-                    os.remove(os.path.join(root, split, name, f))
-                os.rmdir(os.path.join(root, split, name))
-        return root, r"train' holds 1 class folder\(s\) \(Bee\); a classifier needs at least 2"
-    raise AssertionError(kind)
-
-
-HOSTILE = ("no_train", "no_test", "empty_class", "unknown_test_class", "not_an_image", "truncated_jpeg",
-           "symlink_loop", "self_link", "single_class")
-
-
 @pytest.mark.parametrize("kind", HOSTILE)
 def test_hostile_folders_get_one_line_naming_the_path_and_nothing_is_cached(tmp_path, cache_dir, kind):
     root, message = _hostile(tmp_path, kind)
@@ -204,59 +127,3 @@ def test_ood_folders_with_or_without_class_subfolders(tmp_path, cache_dir):
     assert images.x_test.shape == (3, 8, 8, 3) and len(images.x_train) == 0
     classes = load_image_folder_images(os.path.join(root, "train"), log=None)
     assert classes.x_test.shape == (12, 8, 8, 3) and classes.class_names == ("Bee", "ant", "cat")
-
-
-def test_cifar10_recipes_validate_on_an_image_folder(tmp_path, cache_dir):
-    from jem_tf.run.config import load_recipe
-
-    root = make_folder(tmp_path / "data", size=(32, 32))
-    recipe = load_recipe("cifar10").replace(dataset=root)
-    assert recipe.validate().backbone == "fast_cnn" and recipe.augment == "crop_flip"
-    finetune = load_recipe("cifar10_finetune").replace(dataset=root, init_from="runs/cifar10_classifier")
-    assert finetune.validate().finetune
-    with pytest.raises(UsageError, match="init_from must be"):
-        load_recipe("cifar10_finetune").replace(dataset=root).validate()
-    assert load_recipe("cifar10_wrn28_10").replace(dataset=root).validate().backbone == "wrn-28-10"
-    with pytest.raises(UsageError, match="image_size must be none unless the dataset is an image folder"):
-        load_recipe("cifar10").replace(image_size=[16, 16]).validate()
-
-
-@pytest.mark.integration
-def test_cli_trains_exports_and_serves_class_names_from_a_colour_folder(tmp_path, cache_dir, capsys):
-    import tensorflow as tf
-
-    from jem_tf import train
-
-    root = make_folder(tmp_path / "data", per_class=(28, 4), size=(12, 10))
-    workdir, export_dir = tmp_path / "run", tmp_path / "export"
-    argv = ["--dataset", root, "--image-size", "8", "8", "--epochs", "1", "--buffer-size", "32", "--sgld-steps",
-            "1", "--width", "4", "--batch-size", "16", "--num-sample-images", "4", "--precision", "float32",
-            "--choose-refinement", "false", "--validation-fraction", "0.25", "--verbose", "0",
-            "--workdir", str(workdir), "--export-dir", str(export_dir)]
-    assert train.main(argv) == 0
-    metrics = json.load(open(workdir / "metrics.json"))
-    assert metrics["class_names"] == ["Bee", "ant", "cat"] and metrics["num_test"] == 12
-    config = json.load(open(workdir / "config.json"))
-    assert config["image_size"] == [8, 8] and config["dataset"] == root
-    served = tf.saved_model.load(metrics["export_path"])
-    meta = json.load(open(os.path.join(metrics["export_path"], "assets.extra", "jem_metadata.json")))
-    assert meta["class_names"] == ["Bee", "ant", "cat"] and "Pillow bilinear to 8x8" in meta["input"]["preprocessing"]
-    out = served.signatures["classify"](images=tf.zeros([2, 8, 8, 3]))
-    names = [n.decode() for n in out["predicted_class_name"].numpy()]
-    assert names == [meta["class_names"][i] for i in out["predicted_class"].numpy()]
-
-
-def test_cli_refuses_a_hostile_folder_in_one_line_and_writes_nothing(tmp_path, cache_dir, capsys):
-    from jem_tf import train
-
-    root, _ = _hostile(tmp_path, "truncated_jpeg")
-    workdir = tmp_path / "run"
-    assert train.main(["--dataset", root, "--workdir", str(workdir), "--verbose", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cut.jpg" in err[0]
-    assert not workdir.exists() and cache_files(cache_dir) == []
-    no_layout = tmp_path / "plain"
-    no_layout.mkdir()
-    with pytest.raises(SystemExit):  # a flag's value: argparse's own exit
-        train.main(["--dataset", str(no_layout), "--workdir", str(workdir), "--verbose", "0"])
-    assert "has no train/ or test/" in capsys.readouterr().err

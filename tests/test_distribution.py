@@ -1,10 +1,8 @@
-"""JEM under tf.distribute on CPU: MirroredStrategy over 2 logical CPU devices (split in conftest)
-and MultiWorkerMirroredStrategy with 2 local worker processes on 127.0.0.1."""
+"""jem_tf.sampling.distribution: MirroredStrategy on 2 logical CPUs, and 2-worker MultiWorkerMirroredStrategy."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,12 +11,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import free_port as _free_port
 
-from jem_tf import JEM, ClassGaussian, SGLDSampler, small_cnn, train
-from jem_tf.data import load_digits
+from jem_tf import JEM, ClassGaussian, SGLDSampler, small_cnn
+from jem_tf.data import load_digits, make_semi_supervised_dataset
+from jem_tf.run.splits import Split
 from jem_tf.sampling.distribution import make_strategy, split_cpu
 
 HELPER = os.path.join(os.path.dirname(__file__), "helpers", "multiworker_fit.py")
+
 # Mirrored and single-device steps differ only in the order of floating-point sums (the
 # cross-replica gradient all-reduce): measured <= 2e-8 after two steps.
 TOLERANCE = 1e-6
@@ -108,18 +109,6 @@ def test_uneven_last_batch_keeps_copies_identical_and_draws_like_single_device()
         np.testing.assert_allclose(a, b, atol=1e-3)
 
 
-@pytest.mark.slow
-def test_cli_mirrored_on_two_logical_cpus(tmp_path):
-    workdir = str(tmp_path / "run")
-    assert train.main(["--strategy", "mirrored", "--cpu-devices", "2", "--epochs", "1", "--buffer-size", "100",
-                       "--sgld-steps", "2", "--width", "4", "--batch-size", "128", "--num-sample-images", "4",
-                       "--verbose", "0", "--workdir", workdir]) == 0
-    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
-    assert metrics["strategy"] == "mirrored" and metrics["num_replicas"] == 2 and metrics["steps"] == 11
-    assert not os.path.exists(os.path.join(workdir, "backup"))  # removed after a completed run
-    assert isinstance(keras.models.load_model(os.path.join(workdir, "model.keras")), JEM)
-
-
 def test_make_strategy_reuses_one_mirrored_instance_per_process():
     # Two instances over the same devices would collide on collective keys (see distribution.py).
     assert make_strategy("mirrored") is make_strategy("mirrored")
@@ -135,11 +124,51 @@ def test_strategy_errors():
         split_cpu(3)
 
 
-# ----------------------------------------------------------------------------------------- multi-worker
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_a_malformed_tf_config_is_named(monkeypatch):
+    from jem_tf.sampling.distribution import make_strategy, tf_config
+
+    monkeypatch.setenv("TF_CONFIG", "{'cluster': oops")
+    with pytest.raises(ValueError, match="the TF_CONFIG environment variable is not valid JSON"):
+        tf_config()
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        make_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", '["a list"]')
+    with pytest.raises(ValueError, match="TF_CONFIG environment variable must be a JSON object"):
+        tf_config()
+
+
+@pytest.mark.integration
+def test_semi_supervised_training_under_mirrored_strategy():
+    """Two replicas, semi-supervised batches: the replay-buffer copies stay identical, the loss is finite, and the
+    labels of unlabelled rows still never matter."""
+    import keras
+
+    from jem_tf import JEM, small_cnn
+    from jem_tf.sampling.distribution import make_strategy
+
+    data = load_digits(seed=0)
+    labelled = Split(data.x_train[:30], data.y_train[:30])
+    strategy = make_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == 2
+    results = []
+    for scramble in (False, True):
+        x = data.x_train[:64]
+        dataset = make_semi_supervised_dataset(x, labelled.images, labelled.labels, batch_size=16,
+                                               labelled_batch_size=16, seed=0, first_epoch=0, num_epochs=1)
+        if scramble:  # wrong labels on every unlabelled row (weight 0)
+            dataset = dataset.map(lambda images, labels, weights: (
+                images, tf.where(weights > 0, labels, (labels + 3) % 10), weights))
+        with strategy.scope():
+            model = JEM(small_cnn(num_classes=10, input_shape=(8, 8, 1), width=4, seed=0), buffer_size=100, seed=0,
+                        data_noise_std=0.0, restart_prob=0.0, sampler=SGLDSampler(n_steps=2, noise_std=0.0))
+            model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        history = model.fit(dataset, epochs=1, steps_per_epoch=4, verbose=0)
+        assert np.isfinite(history.history["loss"][-1])
+        copies = [v.numpy() for v in model.replay_buffer.samples.value.values]
+        np.testing.assert_array_equal(copies[0], copies[1])
+        results.append([v.numpy() for v in model.trainable_variables])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 class _Cluster:

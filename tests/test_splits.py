@@ -1,18 +1,13 @@
-"""A run's layout, dataset and splits (jem_tf.run.workdir, jem_tf.run.splits, jem_tf.run.model_files): one rule, used
-by training, tuning, evaluation and export."""
+"""jem_tf.run.splits: a run's data and its splits (validation, labelled, held out), derived once."""
 
 import dataclasses
-import json
-import os
 
-import keras
 import numpy as np
 import pytest
 
-from jem_tf.data import load_dataset
+from jem_tf.data import load_dataset, load_digits
 from jem_tf.errors import UsageError
 from jem_tf.run.config import TrainConfig
-from jem_tf.run.model_files import load_trained_model
 from jem_tf.run.splits import (
     RunSplits,
     dataset_splits,
@@ -23,41 +18,6 @@ from jem_tf.run.splits import (
     select_labelled,
     split_train_validation,
 )
-from jem_tf.run.workdir import RunLayout, load_run_config, load_run_metrics
-
-
-def test_layout_names_every_file_of_a_work_directory(tmp_path):
-    layout = RunLayout(str(tmp_path))
-    paths = (layout.model, layout.config, layout.metrics, layout.samples, layout.checkpoints, layout.logs,
-             layout.backup, layout.precision)
-    assert [os.path.relpath(p, tmp_path) for p in paths] == \
-        ["model.keras", "config.json", "metrics.json", "samples.png", "checkpoints", "logs", "backup", "precision.json"]
-
-
-def test_auto_precision_is_probed_once_per_run_and_reused_on_resume(tmp_path):
-    from jem_tf.training.pipeline import resolve_run_precision
-
-    layout = RunLayout(str(tmp_path))
-    config = TrainConfig(precision="auto", width=4)
-    messages = []
-    resolved, report = resolve_run_precision(config, layout, image_shape=(8, 8, 1), num_classes=10, batch_size=8,
-                                             log=messages.append)
-    assert resolved.precision in ("float32", "mixed_bfloat16") and "measured probe" in report["reason"]
-    with open(layout.precision) as f:
-        assert json.load(f)["precision"] == resolved.precision
-    # A resumed run (a backup exists) takes the recorded choice without probing, whatever it was.
-    recorded = {"precision": "mixed_bfloat16", "reason": "probe said so"}
-    with open(layout.precision, "w") as f:
-        json.dump(recorded, f)
-    os.makedirs(layout.backup)
-    messages.clear()
-    resolved, report = resolve_run_precision(config, layout, image_shape=(8, 8, 1), num_classes=10, batch_size=8,
-                                             log=messages.append)
-    assert resolved.precision == "mixed_bfloat16" and "reused on resume" in report["reason"]
-    assert messages == ["precision auto -> mixed_bfloat16: the choice of the run being resumed"]
-    # An explicit precision is never replaced.
-    assert resolve_run_precision(config.replace(precision="float32"), layout, image_shape=(8, 8, 1), num_classes=10,
-                                 batch_size=8)[0].precision == "float32"
 
 
 def test_split_is_seeded_stratified_disjoint_and_off_without_a_fraction():
@@ -108,41 +68,6 @@ def test_run_dataset_uses_the_runs_seed_for_its_own_dataset_only():
         load_run_dataset()
 
 
-def test_load_trained_model_reads_the_layout_and_names_what_is_wrong(tmp_path):
-    from conftest import tiny_jem
-
-    layout = RunLayout(str(tmp_path / "run"))
-    os.makedirs(layout.workdir)
-    with pytest.raises(ValueError, match="No model at"):
-        load_trained_model(layout.workdir)
-    tiny_jem().save(layout.model)
-    with open(layout.config, "w") as f:
-        json.dump(TrainConfig(epochs=3).to_dict(), f)
-    model, config = load_trained_model(layout.workdir)
-    assert config == TrainConfig(epochs=3) == load_run_config(layout.workdir)
-    assert model.num_classes == 3
-    model, config = load_trained_model(layout.model)
-    assert config is None
-    plain = tmp_path / "plain.keras"
-    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(plain)
-    with pytest.raises(ValueError, match="not a jem_tf.JEM"):
-        load_trained_model(str(plain))
-
-
-def test_load_run_metrics_reads_a_finished_run_and_names_a_bad_file(tmp_path):
-    layout = RunLayout(str(tmp_path / "run"))
-    assert load_run_metrics(layout.workdir) is None  # no run, or one that has not finished
-    os.makedirs(layout.workdir)
-    with open(layout.metrics, "w") as f:
-        json.dump({"test_accuracy": 0.5, "train_seconds": 12.0}, f)
-    assert load_run_metrics(layout.workdir) == {"test_accuracy": 0.5, "train_seconds": 12.0}
-    for text in ("[1, 2]", "{broken"):
-        with open(layout.metrics, "w") as f:
-            f.write(text)
-        with pytest.raises(ValueError, match="metrics.json is not a valid metrics file"):
-            load_run_metrics(layout.workdir)
-
-
 def test_run_splits_are_derived_once_for_every_consumer():
     config = TrainConfig(dataset="digits", validation_fraction=0.1, seed=2, labels_per_class=3)
     data = load_run_dataset(config=config)
@@ -173,3 +98,34 @@ def test_run_splits_are_derived_once_for_every_consumer():
         ood_calibration_data("digits", config=None, data=data)
     with pytest.raises(UsageError, match=r"labels_per_class \(200\) is more than the"):
         run_splits(config.replace(labels_per_class=200), data)
+
+
+def test_scikit_learn_split_errors_are_ours():
+    from jem_tf.run.config import TrainConfig
+    from jem_tf.run.splits import split_train_validation
+
+    x = np.zeros((30, 8, 8, 1), np.float32)
+    y = np.arange(30) % 10
+    with pytest.raises(ValueError, match=r"'mine.npz'.*validation_fraction=0.1\): its 3 validation image\(s\) of 30 "
+                                         r"are fewer than the 10 classes"):
+        split_train_validation(TrainConfig(dataset="mine.npz", validation_fraction=0.1), x, y)
+    with pytest.raises(ValueError, match=r"it leaves 3 training image\(s\) of 30, fewer than the 10 classes"):
+        split_train_validation(TrainConfig(validation_fraction=0.9), x, y)
+    train, validation = split_train_validation(TrainConfig(validation_fraction=0.34), x, y)
+    assert len(train.images) == 19 and len(validation.images) == 11
+
+
+def test_labelled_selection_is_balanced_seeded_and_disjoint_from_validation():
+    data = load_digits(seed=0)
+    config = TrainConfig(labels_per_class=10, seed=3)
+    train, validation = split_train_validation(config, data.x_train, data.y_train)
+    labelled = select_labelled(config, train)
+    assert np.bincount(labelled.labels).tolist() == [10] * 10
+    np.testing.assert_array_equal(labelled.images, select_labelled(config, train).images)
+    assert not np.array_equal(labelled.images, select_labelled(config.replace(seed=4), train).images)
+    validation_rows = {row.tobytes() for row in validation.images}
+    assert not any(row.tobytes() in validation_rows for row in labelled.images)
+    with pytest.raises(ValueError, match="is more than the .* training images of class"):
+        select_labelled(config.replace(labels_per_class=1000), train)
+    with pytest.raises(ValueError, match="labels_per_class must be"):
+        TrainConfig(labels_per_class=0).validate()

@@ -1,0 +1,103 @@
+"""jem_tf.ood.selection: a detector chosen on validation images only, ties within the standard error."""
+
+import numpy as np
+import pytest
+from conftest import gaussian_backbone
+
+from jem_tf import choices as names
+from jem_tf import metrics, ood
+from jem_tf.ood import OODDetector, OODScorer, Term, outliers, single
+
+
+def _scaled(factor):
+    return lambda images, value_range, seed: images * factor
+
+
+def test_accepted_shifts_never_count_against_a_candidate():
+    """log p(x) flags wide inputs and calls shrunk ones *more* typical than the data; a two-sided z-score
+    flags both. With shrunk inputs as outliers the two-sided score wins; as an accepted shift they do not
+    count, and the one that accepts them is chosen."""
+    scorer = OODScorer(gaussian_backbone(), value_range=(-4.0, 4.0))
+    validation = np.random.default_rng(0).normal(0, 0.5, (200, 4, 4, 1)).astype(np.float32)
+    candidates = [single("log_px"), OODDetector("typical", (Term("log_px", standardized=True, two_sided=True),))]
+    _, report = ood.select_detector(scorer, validation, candidates=candidates, accepted_shifts=[],
+                                    outlier_kinds={"wide": _scaled(3.0), "shrunk": _scaled(0.2)})
+    assert report["chosen"] == "typical" and report["candidates"]["log_px"]["shrunk"] < 0.01
+    detector, report = ood.select_detector(scorer, validation, candidates=candidates,
+                                           outlier_kinds={"wide": _scaled(3.0)},
+                                           accepted_shifts={"shrunk": _scaled(0.2)})
+    assert report["chosen"] == detector.name == "log_px"
+    assert report["accepted_shifts"] == ["shrunk"] and report["outlier_kinds"] == ["wide"]
+    rows = report["candidates"]
+    assert rows["log_px"]["worst"] == rows["typical"]["worst"] == 1.0
+    assert rows["log_px"]["accepted_shifts"]["shrunk"]["accepted"] == 1.0
+    assert rows["typical"]["accepted_shifts"]["shrunk"]["accepted"] < 0.05
+    with pytest.raises(ValueError, match="both as outliers and as accepted shifts"):
+        ood.select_detector(scorer, validation, outlier_kinds=["inverted"], accepted_shifts=["inverted"])
+    with pytest.raises(ValueError, match="at least one outlier kind"):
+        ood.select_detector(scorer, validation, outlier_kinds=[])
+
+
+class SpyScorer(OODScorer):
+    """Records every image it is asked to score."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def arrays(self, images, names, *, batch_size=256):
+        self.seen.append(np.asarray(images, np.float32).copy())
+        return super().arrays(images, names, batch_size=batch_size)
+
+
+def _rows(images):
+    return {row.tobytes() for row in np.asarray(images, np.float32)}
+
+
+def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them(tmp_path):
+    from jem_tf.evaluation import evaluate_ood
+
+    rng = np.random.default_rng(0)
+    backbone = gaussian_backbone()
+    validation = rng.normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
+    test = rng.normal(0, 0.5, (30, 4, 4, 1)).astype(np.float32)
+    ood_sets = {"wide": rng.normal(0, 2.0, (30, 4, 4, 1)).astype(np.float32)}
+    scorer = SpyScorer(backbone, value_range=(-4.0, 4.0))
+    detector, report = ood.select_detector(scorer, validation, seed=0)
+    kinds = names.OUTLIER_KINDS + names.ACCEPTED_SHIFTS
+    made = [outliers.make(kind, validation, value_range=(-4.0, 4.0), seed=1 + i) for i, kind in enumerate(kinds)]
+    allowed = _rows(validation).union(*(_rows(m) for m in made))
+    assert all(_rows(batch) <= allowed for batch in scorer.seen)
+    assert report["chosen"] == detector.name and report["outlier_kinds"] == list(names.OUTLIER_KINDS)
+    assert report["accepted_shifts"] == list(names.ACCEPTED_SHIFTS)
+
+    # Inside the evaluation, the selection gets the validation images only: changing the test images and the
+    # OOD sets does not change the choice or its threshold; the evaluation then reports it on those sets.
+    class FakeModel:
+        value_range = (-4.0, 4.0)
+
+    FakeModel.backbone = backbone
+    chosen = []
+    for shift in (0.0, 1.0):
+        spy = SpyScorer(backbone, value_range=(-4.0, 4.0))
+        result = evaluate_ood(FakeModel(), test + shift, {k: v + shift for k, v in ood_sets.items()},
+                              out_dir=str(tmp_path), scorer=spy, val_images=validation)
+        chosen.append((result["detector"]["chosen"], result["detector"]["detector"]["threshold"]))
+        selection_batches = spy.seen[:1 + len(kinds)]
+        assert all(_rows(batch) <= allowed for batch in selection_batches)
+        assert result["detector"]["chosen"] in result["metrics"]
+    assert chosen[0] == chosen[1]
+
+
+def test_auroc_standard_error_and_the_tie_tolerance():
+    # Hanley & McNeil's worked example: AUROC 0.8 with 50 and 50 cases has a standard error of about 0.043.
+    assert abs(metrics.auroc_standard_error(0.8, 50, 50) - 0.043) < 0.002
+    assert metrics.auroc_standard_error(0.9, 6000, 6000) < metrics.auroc_standard_error(0.9, 144, 144) / 5
+    scorer = OODScorer(gaussian_backbone(), value_range=(-4.0, 4.0))
+    validation = np.random.default_rng(0).normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
+    _, report = ood.select_detector(scorer, validation)
+    best = max(row["worst"] for row in report["candidates"].values())
+    assert report["tie_tolerance"] == max(1e-3, metrics.auroc_standard_error(best, 40, 40))
+    assert report["chosen"] in report["finalists"]
+    assert set(report["finalists"]) == {name for name, row in report["candidates"].items()
+                                        if row["worst"] >= best - report["tie_tolerance"]}
