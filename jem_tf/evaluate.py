@@ -137,7 +137,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     # After the flags: TensorFlow, the library (what saved models name) and the evaluation's modules.
     import_library()
     from jem_tf.evaluation import REPORT_FILE, evaluate, load_feature_network, summary_lines
-    from jem_tf.run.model_files import load_trained_model
+    from jem_tf.run.model_files import load_trained_model, source_classifier_network
     from jem_tf.run.splits import dataset_splits, load_run_dataset
     from jem_tf.run.workdir import check_output_dir, load_run_metrics
 
@@ -169,9 +169,14 @@ def _main(argv: Optional[List[str]] = None) -> int:
                 network = load_feature_network(args.feature_model, image_shape=model.image_shape,
                                                layer=args.feature_layer, inception_weights=args.inception_weights,
                                                batch_size=args.batch_size)
+        source_network = None  # a conversion's detector may also be its classifier's own (jem_tf.ood.detectors)
+        if "ood" in config.modes:
+            source_network = source_classifier_network(train_config, image_shape=model.image_shape,
+                                                       num_classes=model.num_classes)
     report = evaluate(
         model, test_images=x_test, test_labels=y_test, out_dir=args.out, config=config, val_images=x_val,
         val_labels=y_val, train_images=x_train, train_labels=y_train, ood_sets=ood_sets, feature_network=network,
+        source_network=source_network,
         model_info={"path": os.path.abspath(args.model), "dataset": dataset,
                     "train_config": dataclasses.asdict(train_config) if train_config else None,
                     "training": training})

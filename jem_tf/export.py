@@ -115,7 +115,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     import_library()
     from jem_tf.data import preprocessing_of
     from jem_tf.ood import fit_ood_detector
-    from jem_tf.run.model_files import load_trained_model
+    from jem_tf.run.model_files import load_trained_model, source_classifier_network
     from jem_tf.run.splits import load_run_dataset, ood_calibration_data
     from jem_tf.run.workdir import check_output_dir
     from jem_tf.serving import check_max_batch_size, export_saved_model, sample_limits, serving_model
@@ -145,7 +145,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
                            calibration_split=args.calibration_split, calibration_labels=calibration.labels,
                            train_images=train.images, train_labels=train.labels,
                            select=args.ood_detector == "select", tpr=args.tpr, seed=args.seed,
-                           outlier_kinds=args.ood_outlier_kinds, accepted_shifts=args.ood_accepted_shifts)
+                           outlier_kinds=args.ood_outlier_kinds, accepted_shifts=args.ood_accepted_shifts,
+                           source_network=source_classifier_network(config, image_shape=model.image_shape,
+                                                                    num_classes=model.num_classes))
     path = export_saved_model(model, args.export_dir, version=args.version, ood=ood,
                               preprocessing=data.preprocessing or preprocessing_of(dataset), dataset=dataset,
                               class_names=data.class_names,

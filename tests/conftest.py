@@ -157,6 +157,13 @@ def users_classifier(activation=None, input_shape=(8, 8, 1)):
     ])
 
 
+def two_small_cnns():
+    """Two different tiny logits networks for 8x8x1 images of 3 classes: a JEM's and its source classifier's."""
+    from jem_tf import small_cnn
+
+    return tuple(small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, stages=1, seed=seed) for seed in (0, 1))
+
+
 def users_cnn(head=None, input_shape=(8, 8, 1), num_classes=3, name=None):
     """A Sequential CNN as users write it; ``head``: None (logits), "softmax" (Dense activation), "layer"
     (a Softmax layer), "activation" (an Activation layer) or "log_softmax"."""

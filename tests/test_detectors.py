@@ -69,3 +69,19 @@ def test_the_detectors_import_no_orchestration_module():
                     modules = ({f"{node.module}.{a.name}" for a in node.names}
                                if node.module in ("jem_tf", "jem_tf.ood") else {node.module})
                     assert modules <= allowed, (name, modules)
+
+
+def test_the_candidates_of_a_converted_model_include_every_one_of_its_classifiers():
+    own = ood.default_candidates(["log_px", "max_softmax", "grad_norm", "energy_t", "mahalanobis", "png_bits"])
+    available = [c for d in own for c in d.components]
+    available += ["source_" + c for c in available if c != "png_bits"]
+    everything = {d.name: d for d in ood.default_candidates(available)}
+    for detector in own:
+        twin = everything["source_" + detector.name]
+        assert ood.origin(detector) == "this model" and ood.origin(twin) == "source classifier"
+        assert [t.component for t in twin.terms] == [
+            t.component if t.component == "png_bits" else "source_" + t.component for t in detector.terms]
+        assert [(t.weight, t.two_sided, t.standardized) for t in twin.terms] == [
+            (t.weight, t.two_sided, t.standardized) for t in detector.terms]
+    assert ood.origin(everything["log_px+source_mahalanobis"]) == "both"
+    assert len(everything) == 2 * len(own) + 1

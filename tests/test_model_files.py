@@ -72,3 +72,24 @@ def test_archives_that_inflate_beyond_their_bounds_are_refused_before_loading(tm
     path = str(tmp_path / "real.keras")
     users_cnn(num_classes=10).save(path)
     model_files.check_keras_archive(path)
+
+
+@pytest.mark.integration
+def test_source_classifier_network_reloads_the_classifier_as_it_was(classifier_run, tmp_path):
+    from jem_tf.run.model_files import source_classifier_network
+
+    assert source_classifier_network(None, image_shape=(8, 8, 1), num_classes=10) is None
+    assert source_classifier_network(TrainConfig(), image_shape=(8, 8, 1), num_classes=10) is None
+    digest = _sha256(RunLayout(classifier_run).model)
+    config = TrainConfig(init_from=classifier_run, init_from_sha256=digest)
+    network = source_classifier_network(config, image_shape=(8, 8, 1), num_classes=10)
+    saved = keras.models.load_model(RunLayout(classifier_run).model)
+    for a, b in zip(network.get_weights(), saved.backbone.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    lines = []
+    changed = config.replace(init_from_sha256="0" * 64)
+    assert source_classifier_network(changed, image_shape=(8, 8, 1), num_classes=10, log=lines.append) is None
+    gone = config.replace(init_from=str(tmp_path / "gone"))
+    assert source_classifier_network(gone, image_shape=(8, 8, 1), num_classes=10, log=lines.append) is None
+    assert len(lines) == 2 and all("source classifier's candidates are left out" in line for line in lines)
+    assert "SHA-256" in lines[0] and "gone" in lines[1]

@@ -5,7 +5,9 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import ood_scores as _ood_scores
+from conftest import tiny_jem
 
 from jem_tf.serving import METADATA_FILE, export_saved_model, next_version
 
@@ -82,3 +84,29 @@ def test_two_exports_at_once_never_collide(trained, tmp_path, monkeypatch):
 def test_exports_remove_the_temporaries_of_killed_exports_only(export):
     export_dir, path, kept = export
     assert sorted(os.listdir(export_dir)) == sorted(["1"] + kept) and path == str(export_dir / "1")
+
+
+@pytest.mark.integration
+def test_an_export_serves_a_detector_of_the_source_classifier(tiny_data, tmp_path):
+    """A converted model's export whose detector is its classifier's own serves that network's scores."""
+    import dataclasses
+
+    from jem_tf import small_cnn
+    from jem_tf.ood import default_candidates, fit_ood_detector
+
+    x, y = tiny_data
+    model = tiny_jem()
+    source_net = small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, stages=1, seed=7)
+    fitted = fit_ood_detector(model, x[:48], calibration_split="validation", calibration_labels=y[:48],
+                              train_images=x[48:], train_labels=y[48:], source_network=source_net)
+    candidate = {c.name: c for c in default_candidates(fitted.scorer.available)}["source_mahalanobis"]
+    components = fitted.scorer.arrays(x[:48], candidate.components)
+    detector = candidate.fitted(components)
+    detector = detector.with_threshold(detector.combine(components))
+    path = export_saved_model(model, str(tmp_path / "export"),
+                              ood=dataclasses.replace(fitted, detector=detector))
+    served = tf.saved_model.load(path).signatures["energy"](images=tf.constant(x[:8]))
+    expected = detector.combine(fitted.scorer.arrays(x[:8], detector.components))
+    np.testing.assert_allclose(served["ood_score"].numpy(), expected, rtol=1e-4)
+    metadata = json.load(open(os.path.join(path, "assets.extra", "jem_metadata.json")))
+    assert metadata["ood"]["score"] == "source_mahalanobis" and "source" in metadata["ood"]["parameters"]

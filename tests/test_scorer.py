@@ -3,7 +3,8 @@
 import keras
 import numpy as np
 import pytest
-from conftest import gaussian_backbone
+import tensorflow as tf
+from conftest import gaussian_backbone, two_small_cnns
 
 from jem_tf import metrics, ood
 from jem_tf.ood import OODScorer
@@ -55,3 +56,23 @@ def test_mahalanobis_of_two_known_clusters():
     scores = scorer.arrays(points, ["mahalanobis"])["mahalanobis"]
     np.testing.assert_allclose(scores[:2], 0.0, atol=1e-4)
     assert scores[2] < -20  # 3 std in the narrow direction: about -(3 * 2)^2 = -36 plus the x offset
+
+
+def test_a_scorer_computes_its_source_classifiers_components_under_their_own_names(tiny_data):
+    x, y = tiny_data
+    model_net, source_net = two_small_cnns()
+    source = OODScorer(source_net, temperature=3.0)
+    source.class_means, source.precision = ood.tied_gaussian(
+        source.arrays(x, ["features"])["features"], y, num_classes=3)
+    scorer = OODScorer(model_net, source=source)
+    assert "source_mahalanobis" in scorer.available and "source_png_bits" not in scorer.available
+    assert "mahalanobis" not in scorer.available  # the model's own statistics were not fitted
+    both = scorer.arrays(x, ["log_px", "source_mahalanobis", "source_energy_t", "png_bits"])
+    alone = source.arrays(x, ["mahalanobis", "energy_t"])
+    np.testing.assert_allclose(both["source_mahalanobis"], alone["mahalanobis"], rtol=1e-5)
+    np.testing.assert_allclose(both["source_energy_t"], alone["energy_t"], rtol=1e-5)
+    assert not np.allclose(both["log_px"], OODScorer(source_net).arrays(x, ["log_px"])["log_px"])
+    with pytest.raises(ValueError, match="need the source classifier's scorer"):
+        OODScorer(model_net).components(tf.constant(x[:2]), ["source_log_px"])
+    assert scorer.with_backbone(model_net).source is source
+    assert scorer.parameters()["source"]["temperature"] == 3.0

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import gaussian_backbone
+from conftest import gaussian_backbone, two_small_cnns
 
 from jem_tf import choices as names
 from jem_tf import metrics, ood
@@ -101,3 +101,25 @@ def test_auroc_standard_error_and_the_tie_tolerance():
     assert report["chosen"] in report["finalists"]
     assert set(report["finalists"]) == {name for name, row in report["candidates"].items()
                                         if row["worst"] >= best - report["tie_tolerance"]}
+
+
+def test_fit_ood_detector_of_a_converted_model_chooses_among_both_origins(tiny_data):
+    from jem_tf import JEM
+
+    x, y = tiny_data
+    model_net, source_net = two_small_cnns()
+    model = JEM(model_net, seed=0)
+    fitted = ood.fit_ood_detector(model, x[:48], calibration_split="validation", calibration_labels=y[:48],
+                                  train_images=x[48:], train_labels=y[48:], source_network=source_net)
+    table = fitted.calibration["selection"]["candidates"]
+    origins = {name: row["origin"] for name, row in table.items()}
+    assert set(origins.values()) == {"this model", "source classifier", "both"}
+    assert origins["source_mahalanobis"] == "source classifier" and origins["mahalanobis"] == "this model"
+    # Ranked by one rule: the chosen candidate has the best worst AUROC up to the tie tolerance.
+    best = max(row["worst"] for row in table.values())
+    chosen = fitted.calibration["selection"]["chosen"]
+    assert table[chosen]["worst"] >= best - fitted.calibration["selection"]["tie_tolerance"]
+    assert fitted.scorer.source is not None and fitted.metadata()["parameters"]["source"]["network"] == "small_cnn"
+    plain = ood.fit_ood_detector(model, x[:48], calibration_split="validation", calibration_labels=y[:48],
+                                 train_images=x[48:], train_labels=y[48:])
+    assert {row["origin"] for row in plain.calibration["selection"]["candidates"].values()} == {"this model"}

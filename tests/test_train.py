@@ -942,3 +942,16 @@ def test_an_interrupted_conversion_resumes_and_refuses_a_changed_source(classifi
     assert "Resuming from the backup" in resumed.stdout and "2 epoch(s) done" in resumed.stdout
     metrics = json.load(open(RunLayout(workdir).metrics))
     assert metrics["resumed_from_epoch"] == 2 and metrics["init_from"]["sha256"] == _sha256(RunLayout(source).model)
+
+
+@pytest.mark.integration
+def test_a_converted_runs_export_chooses_among_its_classifiers_detectors_too(classifier_run, tmp_path):
+    workdir, export_dir = str(tmp_path / "converted"), str(tmp_path / "export")
+    assert train.main(CONVERT + ["--init-from", classifier_run, "--workdir", workdir, "--epochs", "1",
+                                 "--export-dir", export_dir]) == 0
+    metrics = json.load(open(RunLayout(workdir).metrics))
+    metadata = json.load(open(os.path.join(metrics["export_path"], "assets.extra", "jem_metadata.json")))
+    table = metadata["ood"]["selection"]["candidates"]
+    assert {row["origin"] for row in table.values()} == {"this model", "source classifier", "both"}
+    assert table["source_mahalanobis"]["origin"] == "source classifier"
+    assert metadata["ood"]["score"] in table and metrics["ood_detector"]["score"] == metadata["ood"]["score"]

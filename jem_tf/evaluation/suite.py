@@ -9,6 +9,7 @@ import os
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+import keras
 import numpy as np
 
 from jem_tf.choices import EVALUATION_MODES as MODES
@@ -44,6 +45,7 @@ class ModeContext:
     train_labels: Optional[np.ndarray]
     ood_sets: Mapping[str, np.ndarray]
     feature_network: Optional[FeatureNetwork]
+    source_network: Optional[keras.Model]
     refinement: RefinementSettings
     report: dict
 
@@ -68,7 +70,7 @@ def _ood(run: ModeContext) -> dict:
     fitted = run.report.get("calibration", {}).get("temperature_scaled", {}).get("temperature")
     scorer = OODScorer.fit(run.model, train_images=run.train_images, train_labels=run.train_labels,
                            val_images=run.val_images, val_labels=run.val_labels, temperature=fitted,
-                           batch_size=c.batch_size)
+                           batch_size=c.batch_size, source_network=run.source_network)
     source = "1 (no validation split to fit it on)"
     if run.val_images is not None and len(run.val_images) > 0:
         source = "fitted on the validation split"
@@ -133,7 +135,7 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
              val_labels: Optional[np.ndarray] = None, train_images: Optional[np.ndarray] = None,
              train_labels: Optional[np.ndarray] = None, ood_sets: Optional[Mapping[str, np.ndarray]] = None,
              feature_network: Optional[FeatureNetwork] = None, model_info: Optional[dict] = None,
-             **settings) -> dict:
+             source_network: Optional[keras.Model] = None, **settings) -> dict:
     """Runs the configured modes and writes ``out_dir/report.json`` and the figures; returns the report.
 
     Args:
@@ -149,6 +151,9 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
             :func:`~jem_tf.evaluation.ood_benchmark.synthetic_ood_images`.
         feature_network: Needed by mode ``frechet``; see :func:`~jem_tf.evaluation.frechet.load_feature_network`.
         model_info: Entries for the report's ``model`` section (its path, dataset, ...).
+        source_network: For a converted model, its classifier's logits network before the fine-tune
+            (:func:`jem_tf.run.model_files.source_classifier_network`): mode ``ood``'s candidates include the
+            classifier's own (``source_...``).
         **settings: :class:`EvaluationConfig` fields that override ``config`` (``modes=("accuracy",)``,
             ``seed=1``, ...); unknown names raise ``ValueError``.
     """
@@ -183,7 +188,8 @@ def evaluate(model: JEM, *, test_images: np.ndarray, test_labels: np.ndarray, ou
     run = ModeContext(model=model, config=config, out_dir=out_dir, test_images=test_images, test_labels=test_labels,
                       val_images=val_images, val_labels=val_labels, train_images=train_images,
                       train_labels=train_labels, ood_sets=ood_sets,
-                      feature_network=feature_network, refinement=refinement, report=report)
+                      feature_network=feature_network, source_network=source_network, refinement=refinement,
+                      report=report)
     for mode in MODES:
         if mode not in config.modes:
             continue

@@ -17,14 +17,15 @@ reports every detector on OOD sets is :mod:`jem_tf.evaluation.ood_benchmark`.
 """
 
 from jem_tf.metrics import auroc, auroc_standard_error
-from jem_tf.ood.detectors import REDUCTIONS, OODDetector, Term, default_candidates, single
-from jem_tf.ood.scorer import COMPONENTS, OODScorer, penultimate_model, png_bits, tied_gaussian
+from jem_tf.ood.detectors import REDUCTIONS, OODDetector, Term, default_candidates, origin, single
+from jem_tf.ood.scorer import COMPONENTS, SOURCE, OODScorer, describe, penultimate_model, png_bits, tied_gaussian
 from jem_tf.ood.selection import SELECTION_RULE, FittedDetector, fit_ood_detector, select_detector
 
 __all__ = [
     "COMPONENTS",
     "REDUCTIONS",
     "SELECTION_RULE",
+    "SOURCE",
     "FittedDetector",
     "OODDetector",
     "OODScorer",
@@ -32,7 +33,9 @@ __all__ = [
     "auroc",
     "auroc_standard_error",
     "default_candidates",
+    "describe",
     "fit_ood_detector",
+    "origin",
     "penultimate_model",
     "png_bits",
     "select_detector",

@@ -7,7 +7,9 @@ input atypical in any one term is flagged). The candidates (:func:`default_candi
 alone, Serrà et al.'s ``S(x) = log2 p(x) + L(x)`` as published, standardised sums of the JEM's likelihood or
 features with the input complexity (a likelihood-based score fails on inputs *simpler* than the data;
 Nalisnick et al., ICLR 2019), and the "atypical in any" minima of the density, the feature distance and the
-complexity.
+complexity. A converted model whose scorer carries its source classifier's adds every one of those candidates
+computed by the classifier as it was before the fine-tune (``source_...``: the detector the user already had is
+always in the running) and the JEM's density beside the classifier's feature distance.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from jem_tf.ood.scorer import COMPONENTS
+from jem_tf.ood.scorer import SOURCE, describe
 
 REDUCTIONS = ("sum", "min")
 _LN2 = math.log(2.0)
@@ -109,11 +111,38 @@ class OODDetector:
 
 def single(component: str) -> OODDetector:
     """A detector that is one component as it is."""
-    return OODDetector(component, (Term(component),), COMPONENTS[component])
+    return OODDetector(component, (Term(component),), describe(component))
+
+
+def origin(detector: OODDetector) -> str:
+    """``"source classifier"``, ``"both"`` or ``"this model"``: whose network a detector's components come from
+    (``png_bits`` depends on the input alone)."""
+    networks = {"source classifier" if name.startswith(SOURCE) else "this model"
+                for name in detector.components if name != "png_bits"}
+    return "both" if len(networks) > 1 else networks.pop() if networks else "this model"
+
+
+def _from_source(detector: OODDetector) -> OODDetector:
+    """The same detector computed by the source classifier (``png_bits`` stays the input's)."""
+    terms = tuple(term if term.component == "png_bits" else dataclasses.replace(term, component=SOURCE + term.component)
+                  for term in detector.terms)
+    return dataclasses.replace(detector, name=SOURCE + detector.name, terms=terms,
+                               description="the source classifier's " + detector.description)
 
 
 def default_candidates(available: Sequence[str]) -> List[OODDetector]:
     """The candidate detectors (see the module docstring), restricted to the ``available`` components."""
+    own = _own_candidates()
+    candidates = own + [_from_source(candidate) for candidate in own]
+    candidates.append(OODDetector(
+        "log_px+source_mahalanobis", (Term("log_px", standardized=True),
+                                      Term(SOURCE + "mahalanobis", standardized=True)),
+        "z(log p(x)) + z(the source classifier's Mahalanobis score): the JEM's density and the original features' "
+        "distance"))
+    return [c for c in candidates if set(c.components) <= set(available)]
+
+
+def _own_candidates() -> List[OODDetector]:
     candidates = [single(name) for name in ("log_px", "max_softmax", "grad_norm", "energy_t", "mahalanobis")]
     candidates.append(OODDetector(
         "serra_log_px", (Term("log_px", weight=1.0 / _LN2), Term("png_bits")),
@@ -144,4 +173,4 @@ def default_candidates(available: Sequence[str]) -> List[OODDetector]:
             "any_atypical(" + ",".join(parts) + ")", tuple(typical[p] for p in parts),
             "min(" + ", ".join("-|z(" + p + ")|" if typical[p].two_sided else "z(" + p + ")" for p in parts)
             + "): flagged when atypical in any one of them (z-scores of the validation split)", reduce="min"))
-    return [c for c in candidates if set(c.components) <= set(available)]
+    return candidates

@@ -11,6 +11,10 @@ Every component is oriented so that **higher = more in-distribution**:
   means and a tied covariance of the training split (Lee et al., NeurIPS 2018).
 * ``png_bits``: the input's complexity ``L(x)``, the length in bits of its lossless PNG (DEFLATE) encoding
   (Serrà et al., ICLR 2020, arXiv 1909.11480). Not a score alone: it corrects the likelihood.
+
+A converted model's scorer can carry the scorer of the classifier it was converted from (``source``): its
+components are then available too, named ``source_<component>`` (``source_mahalanobis``: the original
+classifier's feature distance), so that the detector chosen for the JEM can be the one its classifier had.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ COMPONENTS = {
                    "of the training split (Lee et al. 2018)",
     "png_bits": "input complexity L(x): bits of the lossless PNG encoding (Serrà et al. 2020)",
 }
+
+SOURCE = "source_"  # the prefix of a source classifier's components
+
+
+def describe(name: str) -> str:
+    """The description of a component, ``source_`` ones included."""
+    if name.startswith(SOURCE) and name[len(SOURCE):] in COMPONENTS:
+        return "the source classifier's " + COMPONENTS[name[len(SOURCE):]]
+    return COMPONENTS[name]
 
 
 def penultimate_model(backbone: keras.Model) -> Optional[keras.Model]:
@@ -63,12 +76,17 @@ class OODScorer:
         temperature: ``T`` of ``energy_t``.
         class_means: ``[K, D]`` class means of the penultimate features (``mahalanobis``).
         precision: ``[D, D]`` inverse of the tied feature covariance (``mahalanobis``).
+        source: The fitted scorer of the classifier this model was converted from (its components become
+            ``source_<name>``; ``png_bits`` depends on the input alone and stays this scorer's).
 
     Use :meth:`fit` to estimate the temperature and the feature statistics from data.
     """
 
     def __init__(self, backbone: keras.Model, *, value_range: Sequence[float] = (-1.0, 1.0), temperature: float = 1.0,
-                 class_means: Optional[np.ndarray] = None, precision: Optional[np.ndarray] = None):
+                 class_means: Optional[np.ndarray] = None, precision: Optional[np.ndarray] = None,
+                 source: Optional["OODScorer"] = None):
+        if source is not None and (source.source is not None or not isinstance(source, OODScorer)):
+            raise ValueError("`source` must be the plain OODScorer of the source classifier.")
         if not (np.isfinite(temperature) and temperature > 0):
             raise ValueError(f"`temperature` must be a finite number > 0; received {temperature!r}")
         if (class_means is None) != (precision is None):
@@ -79,45 +97,66 @@ class OODScorer:
         self.features_and_logits = penultimate_model(backbone)
         self.class_means = None if class_means is None else np.asarray(class_means, np.float32)
         self.precision = None if precision is None else np.asarray(precision, np.float32)
+        self.source = source
         self._score_fns = {}
 
     def with_backbone(self, backbone: keras.Model) -> "OODScorer":
         """The same fitted scorer (temperature, feature statistics) on another copy of the network, e.g. the
         float32 copy an export serves."""
         return OODScorer(backbone, value_range=self.value_range, temperature=self.temperature,
-                         class_means=self.class_means, precision=self.precision)
+                         class_means=self.class_means, precision=self.precision, source=self.source)
 
     @property
     def available(self) -> Tuple[str, ...]:
-        """The components this scorer can compute."""
-        return tuple(name for name in COMPONENTS if name != "mahalanobis" or self.class_means is not None)
+        """The components this scorer can compute (its source's as ``source_<name>``)."""
+        own = tuple(name for name in COMPONENTS if name != "mahalanobis" or self.class_means is not None)
+        if self.source is None:
+            return own
+        return own + tuple(SOURCE + name for name in self.source.available if name != "png_bits")
 
     @classmethod
     def fit(cls, model, *, train_images: Optional[np.ndarray] = None, train_labels: Optional[np.ndarray] = None,
             val_images: Optional[np.ndarray] = None, val_labels: Optional[np.ndarray] = None,
-            temperature: Optional[float] = None, batch_size: int = 256) -> "OODScorer":
+            temperature: Optional[float] = None, batch_size: int = 256,
+            source_network: Optional[keras.Model] = None) -> "OODScorer":
         """A scorer for ``model`` (a :class:`~jem_tf.JEM`): the temperature fitted on the validation split
         (1 without one; ``temperature``: one fitted there already) and the Mahalanobis statistics of the
-        training split (none without one)."""
-        scorer = cls(model.backbone, value_range=model.value_range)
-        if temperature is not None:
-            scorer.temperature = float(temperature)
-        elif val_images is not None and len(val_images) > 0:
-            logits = scorer.arrays(val_images, ["logits"], batch_size=batch_size)["logits"]
-            scorer.temperature = fit_temperature(logits, val_labels)
-        if train_images is not None and len(train_images) > 0 and scorer.features_and_logits is not None:
-            features = scorer.arrays(train_images, ["features"], batch_size=batch_size)["features"]
-            scorer.class_means, scorer.precision = tied_gaussian(features, np.asarray(train_labels),
-                                                                 num_classes=model.num_classes)
-        return scorer
+        training split (none without one). ``source_network``: the logits network of the classifier ``model``
+        was converted from, before its fine-tune; fitted on the same images as the ``source``."""
+        fitted = {}
+        for role, network in (("model", model.backbone), ("source", source_network)):
+            if network is None:
+                continue
+            scorer = fitted[role] = cls(network, value_range=model.value_range)
+            if temperature is not None and role == "model":
+                scorer.temperature = float(temperature)
+            elif val_images is not None and len(val_images) > 0:
+                logits = scorer.arrays(val_images, ["logits"], batch_size=batch_size)["logits"]
+                scorer.temperature = fit_temperature(logits, val_labels)
+            if train_images is not None and len(train_images) > 0 and scorer.features_and_logits is not None:
+                features = scorer.arrays(train_images, ["features"], batch_size=batch_size)["features"]
+                scorer.class_means, scorer.precision = tied_gaussian(features, np.asarray(train_labels),
+                                                                     num_classes=model.num_classes)
+        fitted["model"].source = fitted.get("source")
+        return fitted["model"]
 
     def components(self, images: tf.Tensor, names: Sequence[str]) -> Dict[str, tf.Tensor]:
         """``{name: float32 [N]}`` for each of ``names`` (components, or ``"logits"``/``"features"``), from
         one forward pass (plus one backward pass for ``grad_norm``). Pure TensorFlow: traced into the
         serving signatures."""
+        source_names = [name[len(SOURCE):] for name in names if name.startswith(SOURCE)]
+        if source_names and self.source is None:
+            raise ValueError(f"Components {sorted(n for n in names if n.startswith(SOURCE))} need the source "
+                             "classifier's scorer (OODScorer(..., source=...)).")
+        names = [name for name in names if not name.startswith(SOURCE)]
         unknown = sorted(set(names) - set(COMPONENTS) - {"logits", "features"})
         if unknown:
             raise ValueError(f"Unknown OOD components {unknown}; expected some of {list(COMPONENTS)}")
+        out = {}
+        if source_names:
+            out = {SOURCE + name: value for name, value in self.source.components(images, source_names).items()}
+            if not names:
+                return out
         if "mahalanobis" in names and self.class_means is None:
             raise ValueError("The `mahalanobis` score needs feature statistics: OODScorer.fit(..., train_images=...).")
         if ("mahalanobis" in names or "features" in names) and self.features_and_logits is None:
@@ -133,7 +172,6 @@ class OODScorer:
             logits = tf.cast(logits, tf.float32)
             log_px = tf.reduce_logsumexp(logits, axis=1)
             total_log_px = tf.reduce_sum(log_px)
-        out = {}
         if "grad_norm" in names:
             gradient = tape.gradient(total_log_px, images)
             out["grad_norm"] = -tf.sqrt(tf.reduce_sum(tf.square(gradient), axis=[1, 2, 3]))
@@ -173,9 +211,13 @@ class OODScorer:
 
     def parameters(self) -> dict:
         """JSON-serialisable description of the fitted parameters (the arrays by shape)."""
-        return {"temperature": self.temperature, "value_range": list(self.value_range),
-                "mahalanobis": None if self.class_means is None else {
-                    "class_means_shape": list(self.class_means.shape), "covariance": "tied, training split"}}
+        parameters = {"temperature": self.temperature, "value_range": list(self.value_range),
+                      "mahalanobis": None if self.class_means is None else {
+                          "class_means_shape": list(self.class_means.shape), "covariance": "tied, training split"}}
+        if self.source is not None:
+            parameters["source"] = {**self.source.parameters(), "network": self.source.backbone.name,
+                                    "num_params": int(self.source.backbone.count_params())}
+        return parameters
 
 
 def tied_gaussian(features: np.ndarray, labels: np.ndarray, *, num_classes: int,

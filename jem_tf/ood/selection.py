@@ -25,7 +25,7 @@ from jem_tf import seeds
 from jem_tf.errors import UsageError
 from jem_tf.metrics import auroc, auroc_standard_error
 from jem_tf.ood import outliers
-from jem_tf.ood.detectors import OODDetector, default_candidates, single
+from jem_tf.ood.detectors import OODDetector, default_candidates, origin, single
 from jem_tf.ood.scorer import OODScorer
 
 SELECTION_RULE = ("max over candidates of the worst AUROC of the validation images against each outlier kind "
@@ -85,7 +85,8 @@ def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Op
         per_kind = {kind: auroc(scores_in, scores[kind]) for kind in outlier_names}
         accepted = {kind: float(np.mean(scores[kind] >= detector.threshold)) for kind in shift_names}
         table[candidate.name] = {
-            "worst": min(per_kind.values()), "mean": float(np.mean(list(per_kind.values()))), **per_kind,
+            "origin": origin(candidate), "worst": min(per_kind.values()),
+            "mean": float(np.mean(list(per_kind.values()))), **per_kind,
             "accepted_shifts": {kind: {"auroc": auroc(scores_in, scores[kind]), "accepted": accepted[kind]}
                                 for kind in shift_names},
             "mean_accepted": float(np.mean(list(accepted.values()))) if accepted else None}
@@ -122,7 +123,7 @@ def fit_ood_detector(model, calibration_images: np.ndarray, *, calibration_split
                      train_labels: Optional[np.ndarray] = None, select: bool = True, tpr: float = 0.95, seed: int = 0,
                      outlier_kinds: outliers.Kinds = names.OUTLIER_KINDS,
                      accepted_shifts: outliers.Kinds = names.ACCEPTED_SHIFTS,
-                     batch_size: int = 256) -> FittedDetector:
+                     batch_size: int = 256, source_network=None) -> FittedDetector:
     """The OOD detector an export carries, fitted without any OOD data.
 
     With ``select`` (default) the detector is chosen by :func:`select_detector` among
@@ -131,6 +132,9 @@ def fit_ood_detector(model, calibration_images: np.ndarray, *, calibration_split
     (:mod:`jem_tf.ood.outliers`); otherwise it is ``log_px`` alone. The temperature
     is fitted on ``calibration_labels`` when given, the Mahalanobis statistics on the training split when
     given. ``calibration_split`` names where the images come from (recorded in the metadata).
+    ``source_network``: for a converted model, the logits network of its classifier before the fine-tune
+    (:func:`jem_tf.run.model_files.source_classifier_network`): the classifier's own candidates run too, fitted on
+    the same images, so that the choice can fall on the detector the user already had.
     """
     calibration_images = np.asarray(calibration_images, np.float32)
     model.check_arrays(calibration_images, calibration_labels)
@@ -138,7 +142,7 @@ def fit_ood_detector(model, calibration_images: np.ndarray, *, calibration_split
         raise UsageError(f"OOD calibration needs at least 20 held-out images; received {len(calibration_images)}.")
     scorer = OODScorer.fit(model, train_images=train_images, train_labels=train_labels,
                            val_images=calibration_images if calibration_labels is not None else None,
-                           val_labels=calibration_labels, batch_size=batch_size)
+                           val_labels=calibration_labels, batch_size=batch_size, source_network=source_network)
     candidates = default_candidates(scorer.available) if select else [single("log_px")]
     # The calibration images' components, computed once for the selection, the threshold and the achieved TPR.
     components = scorer.arrays(calibration_images, sorted({n for c in candidates for n in c.components}),

@@ -150,3 +150,20 @@ def load_classifier(path: str, *, image_shape, num_classes: int, sha256: Optiona
     except ValueError as error:
         raise UsageError(f"--init-from {file!r}: {error}") from error
     return ClassifierSource(network, file, digest, kind, tuple(changes))
+
+
+def source_classifier_network(config: Optional[TrainConfig], *, image_shape, num_classes: int,
+                              log=print) -> Optional[keras.Model]:
+    """The logits network of the classifier a conversion run started from, as it was before the fine-tune
+    (``config.init_from``, checked against ``init_from_sha256``): the OOD detector's ``source_`` candidates
+    (:mod:`jem_tf.ood.detectors`). ``None`` for a run that converted nothing, or, with one line through ``log``,
+    when the file is gone or has changed (the detector is then chosen among the model's own candidates)."""
+    if config is None or config.init_from is None:
+        return None
+    try:
+        return load_classifier(config.init_from, image_shape=image_shape, num_classes=num_classes,
+                               sha256=config.init_from_sha256).network
+    except UsageError as error:
+        if log is not None:
+            log(f"OOD detector: the source classifier's candidates are left out: {error}")
+        return None

@@ -16,7 +16,7 @@ from jem_tf.model import energy as energy_lib
 from jem_tf.model import generation
 from jem_tf.model.jem import JEM
 from jem_tf.networks import compute_precision, with_precision
-from jem_tf.ood import FittedDetector
+from jem_tf.ood import SOURCE, FittedDetector
 from jem_tf.sampling.chain_init import start_chains
 from jem_tf.sampling.sgld import SGLDSampler
 from jem_tf.serving.limits import check_max_batch_size, sample_limits
@@ -163,6 +163,9 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
     module = tf.Module(name="jem_serving")
     # The tf.Variables behind the backbone's Keras variables: saved once, captured by the signatures.
     module.backbone_variables = [variable.value for variable in backbone.variables]
+    if scorer.source is not None and any(name.startswith(SOURCE) for name in detector.components):
+        # The converted model's detector is (partly) its source classifier's: that network is served too.
+        module.source_variables = [variable.value for variable in scorer.source.backbone.variables]
     if chain_init is not None:  # the class Gaussians the sample signature starts from
         module.chain_init_variables = [variable.value for variable in chain_init.variables]
     classify_fn = tf.function(classify, input_signature=[images_spec]).get_concrete_function()

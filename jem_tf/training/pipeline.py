@@ -26,7 +26,13 @@ from jem_tf.model.conversion import file_sha256
 from jem_tf.ood import fit_ood_detector
 from jem_tf.run.config import TrainConfig
 from jem_tf.run.config_rules import check_steps_per_execution
-from jem_tf.run.model_files import ClassifierSource, classifier_file, load_classifier, with_energy_l2_center
+from jem_tf.run.model_files import (
+    ClassifierSource,
+    classifier_file,
+    load_classifier,
+    source_classifier_network,
+    with_energy_l2_center,
+)
 from jem_tf.run.splits import RunSplits, load_run_dataset, run_splits
 from jem_tf.run.workdir import RunLayout, clear_run, prepare_workdir, save_model_atomically
 from jem_tf.run.workdir_lock import WorkdirLock
@@ -262,10 +268,14 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
         with stage("export"):
             # Calibrated on the scores the export serves; the export itself gets the trained model (its metadata
             # records the training precision).
+            # A conversion's detector may also be its classifier's own, computed by the classifier as it was.
+            source_network = source_classifier_network(config, image_shape=model.image_shape,
+                                                       num_classes=model.num_classes)
             ood = fit_ood_detector(serving_model(model, config.serving_precision), validation.images,
                                    calibration_split="validation",
                                    calibration_labels=validation.labels, train_images=splits.labelled.images,
-                                   train_labels=splits.labelled.labels, seed=config.seed)
+                                   train_labels=splits.labelled.labels, seed=config.seed,
+                                   source_network=source_network)
             metrics["export_path"] = export_saved_model(
                 model, config.export_dir, ood=ood,
                 preprocessing=splits.preprocessing or preprocessing_of(config.dataset), dataset=config.dataset,
