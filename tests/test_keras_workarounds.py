@@ -30,7 +30,7 @@ def test_keras_still_builds_symbolically_by_reducing_a_batch_across_replicas():
         "keras_workarounds.build_for_distributed_fit) is dead code and can go.")
     assert "distribute_strategy.reduce(" in inspect.getsource(hook), (
         "Keras's _maybe_symbolic_build no longer reduces the batch across replicas (keras-team/keras#20585): JEM's "
-        "override and keras_workarounds.build_for_distributed_fit may go; check tests/test_distributed.py's "
+        "override and keras_workarounds.build_for_distributed_fit may go; check tests/test_distribution.py's "
         "multi-worker tests without them.")
     assert callable(getattr(keras.Model, "_post_build", None)), (
         "Keras removed Model._post_build: keras_workarounds.build_for_distributed_fit must follow its replacement.")
@@ -55,7 +55,7 @@ def test_keras_still_reduces_multi_worker_logs_along_an_axis_scalars_lack():
     calls = [c for c in multi_worker.reduce.call_args_list if c.kwargs.get("axis") == 0 and c.args[1].shape == ()]
     assert calls, ("Keras no longer reduces scalar step logs along axis 0 under a multi-worker "
                    "MultiWorkerMirroredStrategy: keras_workarounds.step_logs may return scalars (drop its reshape to "
-                   "[1]); check tests/test_distributed.py's multi-worker tests without it.")
+                   "[1]); check tests/test_distribution.py's multi-worker tests without it.")
     with pytest.raises(ValueError, match="Invalid reduction dimension 0"):  # what such a reduce does to a scalar
         tf.distribute.get_strategy().reduce("MEAN", tf.constant(2.0), axis=0)
 
