@@ -127,6 +127,7 @@ def test_plain_classifier_mode_runs_no_sampler(tiny_data):
     np.testing.assert_array_equal(model.replay_buffer.samples.numpy(), buffer_before)
 
 
+@pytest.mark.integration  # 1.7-1.9 s of CPU: near the default tier's 2 s limit
 def test_class_conditional_term_uses_per_class_buffer(tiny_data):
     x, y = tiny_data
     model = tiny_jem(pxy_weight=1.0, buffer_size=30)
@@ -247,6 +248,7 @@ def test_bad_constructor_arguments_raise(kwargs, match):
         JEM(small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4), **kwargs)
 
 
+@pytest.mark.integration  # 1.7-1.9 s of CPU: near the default tier's 2 s limit
 def test_energy_start_step_trains_a_plain_classifier_first(tiny_data):
     """Before energy_start_step only the cross-entropy counts and the chains take no SGLD step; from it on
     the JEM objective runs."""

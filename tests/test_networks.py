@@ -58,6 +58,7 @@ def test_bad_arguments_raise(kwargs, match):
         wide_resnet(**kwargs)
 
 
+@pytest.mark.integration  # 1.7-1.9 s of CPU: near the default tier's 2 s limit
 def test_fast_cnn_and_frozen_batch_norm_through_a_jem_step():
     import keras
     import numpy as np
