@@ -165,13 +165,10 @@ class RunLayout:
         return "empty"
 
 
-def load_run_config(workdir: str) -> Optional[TrainConfig]:
-    """The :class:`TrainConfig` a work directory's ``config.json`` holds, or ``None`` without one.
-
-    Raises:
-        UsageError: naming the file, when it is not a JSON object of valid config fields.
-    """
-    path = RunLayout(workdir).config
+def _read_json_object(path: str, what: str, parse=lambda values: values):
+    """``parse(the JSON object in path)``, ``None`` when there is no such file; a ``UsageError`` naming the file and
+    ``what`` it should be when it is unreadable, not a JSON object, or ``parse`` refuses it (``ValueError``,
+    ``TypeError``)."""
     if not os.path.isfile(path):
         return None
     try:
@@ -179,9 +176,19 @@ def load_run_config(workdir: str) -> Optional[TrainConfig]:
             values = json.load(f)
         if not isinstance(values, dict):
             raise ValueError("not a JSON object")
-        return TrainConfig().replace(**values).validate()
+        return parse(values)
     except (ValueError, TypeError, OSError) as error:  # JSONDecodeError is a ValueError
-        raise UsageError(f"{path} is not a valid run config: {error}") from error
+        raise UsageError(f"{path} is not a valid {what}: {error}") from error
+
+
+def load_run_config(workdir: str) -> Optional[TrainConfig]:
+    """The :class:`TrainConfig` a work directory's ``config.json`` holds, or ``None`` without one.
+
+    Raises:
+        UsageError: naming the file, when it is not a JSON object of valid config fields.
+    """
+    return _read_json_object(RunLayout(workdir).config, "run config",
+                             lambda values: TrainConfig().replace(**values).validate())
 
 
 def load_run_metrics(workdir: str) -> Optional[dict]:
@@ -190,17 +197,7 @@ def load_run_metrics(workdir: str) -> Optional[dict]:
     Raises:
         UsageError: naming the file, when it is not a JSON object.
     """
-    path = RunLayout(workdir).metrics
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except (ValueError, OSError) as error:
-        raise UsageError(f"{path} is not a valid metrics file: {error}") from error
-    if not isinstance(values, dict):
-        raise UsageError(f"{path} is not a valid metrics file: not a JSON object")
-    return values
+    return _read_json_object(RunLayout(workdir).metrics, "metrics file")
 
 
 def save_model_atomically(model: keras.Model, path: str) -> None:
