@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from typing import List, Optional
 
 from jem_tf.choices import DATASETS, EVALUATION_ONLY_DATASETS, REFINEMENT_SOURCES
 from jem_tf.choices import EVALUATION_MODES as MODES
-from jem_tf.cli import OneLineErrorParser, dataset_argument, import_library, run_command
+from jem_tf.cli import OneLineErrorParser, dataset_argument, exit_process, import_library, run_command
 from jem_tf.errors import UsageError, as_usage_error
 from jem_tf.evaluation.settings import DEFAULT_PGD_EPS, INCEPTION, SYNTHETIC_OOD, EvaluationConfig
 
@@ -187,4 +186,4 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import List, Optional
 
 from jem_tf import choices as names
 from jem_tf.choices import CALIBRATION_SPLITS, DATASETS, DEFAULT_MAX_BATCH_SIZE, MAX_N_STEPS_LIMIT, SERVING_PRECISIONS
-from jem_tf.cli import OneLineErrorParser, dataset_argument, import_library, run_command
+from jem_tf.cli import OneLineErrorParser, dataset_argument, exit_process, import_library, run_command
 from jem_tf.errors import UsageError
 
 # The made outlier and shift kinds a flag can name (jem_tf.ood.outliers.KINDS).
@@ -159,4 +158,4 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -10,7 +10,15 @@ import os
 import sys
 from typing import List, Optional
 
-from jem_tf.cli import INTERRUPTS, OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name, run_command
+from jem_tf.cli import (
+    INTERRUPTS,
+    OneLineErrorParser,
+    add_recipe_arguments,
+    config_from_args,
+    exit_process,
+    recipe_name,
+    run_command,
+)
 
 # The training modules (and so TensorFlow) are imported inside main(), once Ctrl-C is the command's: an interrupt
 # while they import is one line and exit 130, like any other.
@@ -117,4 +125,4 @@ def _train(config, workdir: str, verbose, overwrite: bool) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

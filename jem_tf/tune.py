@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import List, Optional
 
 from jem_tf.choices import TUNERS
 from jem_tf.choices import TUNING_OBJECTIVES as OBJECTIVES
-from jem_tf.cli import OneLineErrorParser, add_recipe_arguments, config_from_args, recipe_name, run_command
+from jem_tf.cli import (
+    OneLineErrorParser,
+    add_recipe_arguments,
+    config_from_args,
+    exit_process,
+    recipe_name,
+    run_command,
+)
 from jem_tf.errors import UsageError
 
 
@@ -77,4 +83,4 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
