@@ -8,6 +8,7 @@ A leaf module: it imports nothing.
 OPTIMIZERS = ("adam", "sgd")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")  # jem_tf.sampling.distribution
 NORMALIZATIONS = ("none", "batch", "layer")  # jem_tf.networks
+STEM_INITS = ("default", "whitened")  # jem_tf.networks.whiten_stem
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")  # jem_tf.networks; config also takes "auto"
 CHAIN_INITS = ("uniform", "class_gaussian")  # jem_tf.sampling.chain_init
 BUFFER_STORAGES = ("float32", "uint8")  # jem_tf.sampling.replay_buffer

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import keras
+import numpy as np
 
 from jem_tf.choices import NORMALIZATIONS, PRECISIONS
 from jem_tf.errors import UsageError
@@ -251,6 +252,58 @@ def fast_cnn(
         num_classes, kernel_initializer=torch_default_initializer(None if seed is None else next(seeds)),
         name="logits")(x)
     return keras.Model(inputs, logits, name=name)
+
+
+def whiten_stem(model: keras.Model, images, *, layer: str = "stem_conv", eps: float = 5e-4,
+                max_images: int = 5000) -> np.ndarray:
+    """Sets the kernel of ``model``'s first conv (``layer``; fast_cnn's ``stem_conv``) to a patch-whitening
+    transform of ``images``, as airbench does (Jordan, 2024): for the second-moment matrix of the conv's
+    ``kh x kw x C`` input patches, with eigenvalues ``l_i`` and eigenvectors ``v_i`` (largest first), filter ``i``
+    is ``v_i / sqrt(l_i + eps mean(l))`` and filter ``k + i`` its negation (``k`` directions), so the responses to
+    the images are decorrelated with unit second moment (up to ``eps``) and both signs survive the activation after
+    it. ``k = d = kh kw C`` when the conv has ``2 d`` filters or more (the rest keep their initialisation), else the
+    leading ``filters // 2`` directions. A bias, if any, is set to 0.
+
+    ``images``: ``(n, H, W, C)`` in the network's input scale: the training images (never validation or test
+    images); the first ``max_images`` are used. ``eps``: added to each eigenvalue, relative to their mean
+    (scale-free; bounds the gain of the faintest directions; airbench's 5e-4 on standardized images). The kernel
+    stays trainable: freeze ``layer`` to keep it, as airbench does (:func:`freeze_layers`). Returns the
+    eigenvalues, largest first.
+    """
+    conv = next((candidate for candidate in all_layers(model) if candidate.name == layer), None)
+    if not isinstance(conv, keras.layers.Conv2D):
+        raise ValueError(f"whiten_stem: {model.name!r} has no Conv2D layer named {layer!r}")
+    kernel = conv.kernel.numpy()
+    kh, kw, channels, filters = kernel.shape
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[-1] != channels or images.shape[1] < kh or images.shape[2] < kw:
+        raise ValueError(f"whiten_stem needs images of shape (n, H >= {kh}, W >= {kw}, {channels}); "
+                         f"received {images.shape}")
+    if not (isinstance(max_images, int) and max_images >= 1) or not eps > 0:
+        raise ValueError(f"whiten_stem needs max_images >= 1 and eps > 0; received max_images={max_images!r}, "
+                         f"eps={eps!r}")
+    images = images[:max_images]
+    if len(images) == 0:
+        raise ValueError("whiten_stem needs at least one image; received none")
+    dims = kh * kw * channels
+    moment, count = np.zeros((dims, dims), np.float64), 0
+    for start in range(0, len(images), 256):  # bounded memory: 256 images' patches at a time
+        chunk = images[start:start + 256]
+        h, w = chunk.shape[1] - kh + 1, chunk.shape[2] - kw + 1
+        patches = np.stack([chunk[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=3)
+        patches = patches.reshape(-1, dims).astype(np.float64)  # (kh, kw, C) order, as the kernel's
+        moment += patches.T @ patches
+        count += len(patches)
+    eigenvalues, eigenvectors = np.linalg.eigh(moment / count)
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    used = min(dims, filters // 2)
+    floor = eps * max(float(np.mean(eigenvalues)), float(np.finfo(np.float32).tiny))
+    scaled = eigenvectors[:, :used] / np.sqrt(np.maximum(eigenvalues[:used], 0.0) + floor)
+    kernel[..., :2 * used] = np.concatenate([scaled, -scaled], axis=1).reshape(kh, kw, channels, 2 * used)
+    conv.kernel.assign(kernel)
+    if conv.use_bias:
+        conv.bias.assign(np.zeros(conv.bias.shape, np.float32))
+    return eigenvalues
 
 
 def freeze_batch_norm(model: keras.Model) -> int:

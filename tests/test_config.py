@@ -110,6 +110,9 @@ def test_load_recipe_from_a_path_and_unknown_fields(tmp_path):
     ({"precision": "auto", "strategy": "multi_worker"}, "precision"),
     ({"classifier_epochs": 5, "epochs": 5}, "classifier_epochs"),
     ({"decay_epochs": [5, 3]}, "decay_epochs"), ({"restart_prob": 1.5}, "restart_prob"),
+    ({"stem_init": "pca"}, "stem_init"), ({"stem_init": "whitened"}, "stem_init"),  # the default small_cnn has none
+    ({"density_head": -1}, "density_head"), ({"density_head": 8}, "density_head"),  # no init_from
+    ({"density_head": 8, "init_from": "run", "px_weight": 0.0}, "density_head"),
 ])
 def test_validate_names_the_bad_field(overrides, field):
     with pytest.raises(ValueError, match=field):

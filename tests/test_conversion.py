@@ -8,7 +8,8 @@ import pytest
 from conftest import _segmenter, users_cnn
 
 from jem_tf import JEM, SGLDSampler
-from jem_tf.model.conversion import check_classifier, check_logits, logits_network, mean_energy, softmax_head
+from jem_tf.model.conversion import (check_classifier, check_logits, logits_network, mean_energy, softmax_head,
+                                     with_density_head)
 
 
 def functional_cnn(head="softmax"):
@@ -201,3 +202,49 @@ def test_what_is_not_a_classifier_of_the_data_is_refused(make, kwargs, message):
         check_classifier(make(), **kwargs)
     with pytest.raises(ValueError, match=message):
         JEM.from_classifier(make(), buffer_size=16, **kwargs)
+
+
+def test_a_density_head_keeps_the_classifiers_probabilities_exactly_and_trains_alone():
+    classifier = functional_cnn(head=None)
+    logits = classifier.predict(IMAGES, verbose=0)
+    network = with_density_head(logits_network(classifier)[0], units=4, seed=0)
+    np.testing.assert_array_equal(network.predict(IMAGES, verbose=0), logits)  # the offset starts at 0
+    assert [layer.name for layer in network.layers if layer.trainable_weights] == ["density_hidden", "density_offset"]
+    assert network.layers[-1].input.shape[-1] == 7  # a linear head on [features, g]: 6 + 1
+    rng = np.random.default_rng(0)
+    network.get_layer("density_offset").set_weights([rng.normal(size=(4, 1)).astype("float32"), np.ones(1, "float32")])
+    shifted = network.predict(IMAGES, verbose=0)
+    offsets = shifted - logits  # the same g(x) added to every logit of a row
+    np.testing.assert_allclose(offsets - offsets[:, :1], 0.0, atol=1e-5)
+    assert np.ptp(offsets[:, 0]) > 1e-3
+    np.testing.assert_allclose(keras.ops.softmax(shifted), keras.ops.softmax(logits), atol=1e-6)
+
+
+@pytest.mark.integration  # trains and saves a JEM: about 3 s
+def test_a_density_head_conversion_changes_only_the_energy_and_survives_saving(tmp_path):
+    classifier = functional_cnn(head="softmax")
+    probabilities = classifier.predict(IMAGES, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the softmax head is taken off, with a warning
+        jem = JEM.from_classifier(classifier, density_head=8, buffer_size=16, sampler=SGLDSampler(n_steps=2),
+                                  px_weight=1.0, seed=0)
+    jem.compile(optimizer=keras.optimizers.Adam(1e-2))
+    before = jem.energy(IMAGES)
+    jem.fit(IMAGES, np.arange(16) % 3, batch_size=8, epochs=2, verbose=0)
+    np.testing.assert_allclose(keras.ops.softmax(jem.predict(IMAGES, verbose=0)), probabilities, atol=1e-5)
+    assert np.abs(jem.energy(IMAGES) - before).max() > 1e-3  # the density moved
+    path = str(tmp_path / "jem.keras")
+    jem.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.energy(IMAGES), jem.energy(IMAGES), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("units, message", [(0, "units >= 1"), (True, "units >= 1")])
+def test_a_density_head_refuses_bad_units_and_networks_without_a_linear_head(units, message):
+    network = logits_network(functional_cnn(head=None))[0]
+    with pytest.raises(ValueError, match=message):
+        with_density_head(network, units=units)
+    inputs = keras.Input((8, 8, 1))
+    pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inputs)))
+    with pytest.raises(ValueError, match="ends in a linear Dense layer on \\[batch, features\\]; 'functional.*' ends in"):
+        with_density_head(pooled, units=2)

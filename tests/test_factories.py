@@ -49,10 +49,42 @@ def test_class_gaussian_starts_are_fitted_to_the_labelled_images_given():
         build_jem(config, image_shape=(8, 8, 1), num_classes=3, train_data=one_of_class_2)
 
 
+def test_a_whitened_stem_is_fitted_to_the_training_images_given_and_frozen_on_request():
+    from jem_tf.networks import fast_cnn, whiten_stem
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (12, 16, 16, 3)).astype("float32")
+    config = TrainConfig(**{**TINY, "backbone": "fast_cnn", "width": 4, "normalization": "batch",
+                            "stem_init": "whitened", "frozen_layers": ["stem"]})
+    model = build_jem(config, image_shape=(16, 16, 3), num_classes=3, train_data=Split(images, np.arange(12) % 3))
+    expected = fast_cnn(num_classes=3, input_shape=(16, 16, 3), width=4, seed=config.seed)
+    whiten_stem(expected, images)
+    stem = model.backbone.get_layer("stem_conv")
+    np.testing.assert_allclose(stem.kernel.numpy(), expected.get_layer("stem_conv").kernel.numpy(), rtol=1e-6)
+    assert not stem.trainable
+
+
+def test_a_density_head_is_added_to_a_converted_classifier_and_refused_without_a_linear_head():
+    from jem_tf.networks import small_cnn
+
+    config = TrainConfig(**{**TINY, "density_head": 5, "init_from": "classifier.keras"})
+    classifier = small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, seed=0)
+    model = build_jem(config, image_shape=(8, 8, 1), num_classes=3, backbone=classifier)
+    assert [layer.name for layer in model.backbone.layers if layer.trainable_weights] == [
+        "density_hidden", "density_offset"]
+    images = _images(4).images
+    np.testing.assert_allclose(model.backbone(images), classifier(images), atol=1e-6)
+    inputs = keras.Input((8, 8, 1))
+    pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inputs)))
+    with pytest.raises(UsageError, match="density_head 5: a density head needs a network that ends in a linear Dense"):
+        build_jem(config, image_shape=(8, 8, 1), num_classes=3, backbone=pooled)
+
+
 @pytest.mark.parametrize("overrides, kwargs, message", [
     ({"precision": "auto"}, {}, "build_jem needs a resolved precision"),
     ({"classifier_epochs": 1, "epochs": 2}, {}, "classifier_epochs > 0 needs `steps_per_epoch`"),
     ({"chain_init": "class_gaussian"}, {}, "chain_init 'class_gaussian' needs the training data"),
+    ({"backbone": "fast_cnn", "stem_init": "whitened"}, {}, "stem_init 'whitened' needs the training data"),
 ])
 def test_build_jem_refuses_what_it_cannot_build(overrides, kwargs, message):
     config = TrainConfig(**{**TINY, **overrides})

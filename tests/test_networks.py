@@ -99,6 +99,32 @@ def test_frozen_layers_by_name_or_prefix_stay_fixed_and_survive_the_precision_co
         freeze_layers(backbone, ["block"])
 
 
+def test_whitened_stem_decorrelates_the_patches_of_the_images_it_is_given():
+    from jem_tf.networks import fast_cnn, whiten_stem
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(60, 16, 16, 3)).astype("float32")
+    images = images + 0.9 * np.roll(images, 1, axis=2) + 0.5 * images[..., :1]  # correlated pixels and channels
+    backbone = fast_cnn(num_classes=3, input_shape=(16, 16, 3), width=4, seed=0)
+    eigenvalues = whiten_stem(backbone, images, eps=1e-9)
+    assert eigenvalues.shape == (12,) and np.all(np.diff(eigenvalues) <= 0)
+    kernel = backbone.get_layer("stem_conv").kernel.numpy().reshape(12, 24)
+    np.testing.assert_allclose(kernel[:, 12:], -kernel[:, :12])  # both signs of each direction
+    patches = np.stack([images[:, i:i + 15, j:j + 15] for i in range(2) for j in range(2)], axis=3).reshape(-1, 12)
+    responses = patches @ kernel[:, :12]
+    np.testing.assert_allclose(responses.T @ responses / len(responses), np.eye(12), atol=1e-3)
+    # eps bounds the gain of the faintest direction (relative to the mean eigenvalue); the first max_images only.
+    damped = whiten_stem(backbone, images, eps=1.0)
+    np.testing.assert_allclose(damped, eigenvalues, rtol=1e-5)
+    assert np.linalg.norm(backbone.get_layer("stem_conv").kernel.numpy().reshape(12, 24)[:, 11]) < 1 / np.sqrt(
+        eigenvalues.mean())
+    assert not np.allclose(whiten_stem(backbone, images, max_images=2), eigenvalues)
+    with pytest.raises(ValueError, match=r"shape \(n, H >= 2, W >= 2, 3\); received \(4, 16, 16, 1\)"):
+        whiten_stem(backbone, images[..., :1][:4])
+    with pytest.raises(ValueError, match="no Conv2D layer named 'conv0'"):
+        whiten_stem(backbone, images, layer="conv0")
+
+
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_with_precision_keeps_weights_float32_head_and_float32_input_gradients(precision, tmp_path):
     net = wide_resnet(depth=10, width=1, input_shape=(8, 8, 3), seed=0)

@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jem_tf.keras_workarounds import all_layers
 from jem_tf.model import energy as energy_lib
 
 # Activations of a last layer whose pre-activation values are the logits.
@@ -310,6 +311,47 @@ def backbone_from_classifier(classifier: keras.Model, *, image_shape: Optional[S
         # stacklevel: the warning points at the caller of JEM.from_classifier.
         warnings.warn(f"JEM.from_classifier: {'; '.join(changes)}.", UserWarning, stacklevel=3)
     return backbone
+
+
+def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] = None) -> keras.Model:
+    """``network`` with its classifier fixed and a trainable energy offset: logits ``f(x) + g(x)``, where ``f`` is
+    ``network``'s logits and ``g(x)`` a scalar from a small MLP (``units`` GELU units, then one linear unit,
+    initialised to 0) on its penultimate features, added to every logit.
+
+    ``softmax(f + g) = softmax(f)``: ``p(y|x)``, hence accuracy and calibration, are exactly the classifier's, and
+    the cross-entropy gives ``g`` no gradient; the JEM's ``p(x)`` term trains ``g`` alone (``log p(x) =
+    logsumexp f(x) + g(x) + const``). A conversion that must keep everything its classifier had.
+
+    Every layer of ``network`` is frozen (``trainable = False``; batch norm then runs in inference mode), in place.
+    The last layer is rebuilt as a frozen ``Dense`` over ``[features, g]`` whose kernel is the head's with a row of
+    ones for ``g``, so the model still ends in a linear head on (now ``D + 1``) penultimate features (what the OOD
+    detector's ``mahalanobis`` and the Fréchet features read).
+
+    Raises:
+        ValueError: ``units`` is not a positive int, or ``network`` does not end in a linear ``Dense`` layer on
+            ``[batch, D]`` features.
+    """
+    if not (isinstance(units, int) and not isinstance(units, bool) and units >= 1):
+        raise ValueError(f"with_density_head needs units >= 1; received units={units!r}")
+    head = network.layers[-1] if _is_graph_network(network) and network.layers else None
+    activation = _activation_name(head) if head is not None else None
+    if not isinstance(head, keras.layers.Dense) or activation not in _LOGIT_ACTIVATIONS \
+            or len(head.input.shape) != 2:
+        raise ValueError(f"a density head needs a network that ends in a linear Dense layer on [batch, features]; "
+                         f"{network.name!r} ends in {getattr(head, 'name', None)!r} ({type(head).__name__})")
+    for layer in all_layers(network):
+        layer.trainable = False
+    features = head.input
+    hidden = keras.layers.Dense(units, activation="gelu", kernel_initializer=keras.initializers.HeNormal(seed),
+                                name="density_hidden")(features)
+    offset = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)
+    joined = keras.layers.Concatenate(name="density_features")([features, offset])
+    num_classes = int(head.units)
+    logits = keras.layers.Dense(num_classes, use_bias=head.use_bias, trainable=False, name=head.name)
+    logits.build(joined.shape)
+    kernel = np.concatenate([head.kernel.numpy(), np.ones((1, num_classes), np.float32)])
+    logits.set_weights([kernel] + ([head.bias.numpy()] if head.use_bias else []))
+    return keras.Model(network.inputs, logits(joined), name=network.name)
 
 
 def mean_energy(network: keras.Model, images: np.ndarray, *, max_images: int = 2048, batch_size: int = 256) -> float:

@@ -13,7 +13,7 @@ from jem_tf.data import inputs
 from jem_tf.model import energy as energy_lib
 from jem_tf.model import generation
 from jem_tf.model.chains import TrainingChains
-from jem_tf.model.conversion import backbone_from_classifier
+from jem_tf.model.conversion import backbone_from_classifier, with_density_head
 from jem_tf.model.jem_arguments import check_compile_arguments, check_jem_arguments
 from jem_tf.model.objective import jem_objective
 from jem_tf.model.refinement import RefinementSettings
@@ -121,13 +121,16 @@ class JEM(inputs.CheckedInputs, keras.Model):
         self.build((None,) + self.image_shape)
 
     @classmethod
-    def from_classifier(cls, classifier: keras.Model, **kwargs) -> "JEM":
+    def from_classifier(cls, classifier: keras.Model, *, density_head: int = 0, **kwargs) -> "JEM":
         """A JEM made from a trained Keras classifier, ready for ``compile`` and ``fit`` (fine-tuning): it trains a copy
         whose softmax head gives its logits (:func:`jem_tf.model.conversion.backbone_from_classifier`, with a warning).
 
         Args:
             classifier: A trained Functional or Sequential Keras classifier ``[batch, H, W, C] ->
                 [batch, num_classes]`` (logits or softmax probabilities); a subclassed one must end in logits.
+            density_head: 0 (default) trains the classifier's weights; ``N > 0`` keeps them fixed and trains an
+                energy offset of ``N`` hidden units instead, so ``p(y|x)`` stays exactly the classifier's
+                (:func:`jem_tf.model.conversion.with_density_head`).
             **kwargs: The :class:`JEM` arguments (``sampler``, ``chain_init``, ``px_weight``, ...).
 
         Example:
@@ -136,6 +139,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
         """
         backbone = backbone_from_classifier(classifier, image_shape=kwargs.get("image_shape"),
                                             num_classes=kwargs.get("num_classes"))
+        if density_head:
+            backbone = with_density_head(backbone, units=density_head, seed=kwargs.get("seed"))
         return cls(backbone, **kwargs)
 
     # ----------------------------------------------------------------------------- model API

@@ -61,10 +61,17 @@ class TrainConfig:
     # Layers of the backbone kept fixed (trainable False): names or name prefixes before "_" (fast_cnn: "stem",
     # "block0", ...); e.g. a conversion that adapts only the late layers. See jem_tf.networks.freeze_layers.
     frozen_layers: List[str] = dataclasses.field(default_factory=list)
+    # Conversion only: 0 fine-tunes the classifier; N > 0 keeps it fixed and trains a density head instead: an energy
+    # offset g(x), an MLP of N GELU units on its penultimate features, added to every logit, so that p(y|x) stays
+    # exactly the classifier's and only the p(x) term trains (jem_tf.model.conversion.with_density_head).
+    density_head: int = 0
     # Backbone (ignored with init_from): "small_cnn", "fast_cnn" (colour images) or "wrn-DEPTH-WIDTH" ("wrn-28-10").
     backbone: str = "small_cnn"
     width: int = 32  # small_cnn: channels of the stem; fast_cnn: channels of the first block.
     normalization: str = "none"  # wrn and fast_cnn: none | batch | layer.
+    # fast_cnn's stem: "default" (He init) or "whitened": its kernel set to whiten the 2x2 patches of (up to 5,000)
+    # training images, as airbench does (jem_tf.networks.whiten_stem); freeze it with frozen_layers ["stem"].
+    stem_init: str = "default"
     dropout: float = 0.0
     # float32 | mixed_bfloat16 | mixed_float16: the network computes in 16 bits (head and SGLD chains
     # stay float32); see networks.with_precision. auto: float32 or mixed_bfloat16, whichever a measured

@@ -27,13 +27,14 @@ if TYPE_CHECKING:
 RESUME_FIXED_FIELDS = ("dataset", "image_size", "resize_method", "validation_fraction", "seed", "backbone", "width",
                        "normalization", "precision", "batch_size", "optimizer", "buffer_size", "buffer_storage",
                        "chain_init", "chain_init_rank", "pxy_weight", "labels_per_class", "labelled_batch_size",
-                       "init_from", "init_from_sha256", "freeze_batch_norm", "frozen_layers")
+                       "init_from", "init_from_sha256", "freeze_batch_norm", "frozen_layers", "density_head")
 
 
 def choices() -> Dict[str, tuple]:
     """Choice field -> the values it takes (plain data from :mod:`jem_tf.choices`)."""
     return {"augment": names.AUGMENTATIONS, "resize_method": names.RESIZE_METHODS,
-            "normalization": names.NORMALIZATIONS, "optimizer": names.OPTIMIZERS, "strategy": names.STRATEGIES,
+            "normalization": names.NORMALIZATIONS, "stem_init": names.STEM_INITS, "optimizer": names.OPTIMIZERS,
+            "strategy": names.STRATEGIES,
             "precision": names.PRECISIONS + ("auto",), "buffer_storage": names.BUFFER_STORAGES,
             "chain_init": names.CHAIN_INITS, "serving_precision": names.SERVING_PRECISIONS}
 
@@ -157,6 +158,11 @@ def _check_conversion(config: TrainConfig, *, complete: bool) -> None:
             or any(c not in "0123456789abcdef" for c in config.init_from_sha256)):
         _fail(config, "init_from_sha256",
               "none, or the 64 lowercase hex digits of init_from's SHA-256 (with init_from)")
+    _integers_at_least(config, 0, "density_head")
+    if config.density_head and config.init_from is None and (complete or not config.finetune):
+        _fail(config, "density_head", "0 without init_from (a density head is added to a classifier being converted)")
+    if config.density_head and config.px_weight <= 0:
+        _fail(config, "density_head", "0 with px_weight 0 (only the p(x) term trains the density head)")
 
 
 def _check_network(config: TrainConfig) -> None:
@@ -164,6 +170,9 @@ def _check_network(config: TrainConfig) -> None:
         _fail(config, "backbone", "'small_cnn', 'fast_cnn' or 'wrn-DEPTH-WIDTH' with DEPTH = 6n+4 (e.g. wrn-28-10)")
     _integers_at_least(config, 1, "width")
     _one_of(config, "normalization")
+    _one_of(config, "stem_init")
+    if config.stem_init == "whitened" and config.backbone != "fast_cnn":
+        _fail(config, "stem_init", f"'default' with backbone {config.backbone!r} (only fast_cnn has a stem to whiten)")
     if not 0.0 <= config.dropout < 1.0:
         _fail(config, "dropout", "in [0, 1)")
     _one_of(config, "precision")

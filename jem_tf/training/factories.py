@@ -15,8 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf.data import make_dataset, make_epochs_dataset, make_semi_supervised_dataset
+from jem_tf.errors import UsageError
+from jem_tf.model.conversion import with_density_head
 from jem_tf.model.jem import JEM
-from jem_tf.networks import build_backbone, freeze_batch_norm, freeze_layers, with_precision
+from jem_tf.networks import build_backbone, freeze_batch_norm, freeze_layers, whiten_stem, with_precision
 from jem_tf.run.config import TrainConfig
 from jem_tf.run.config_rules import check_steps_per_execution
 from jem_tf.run.splits import RunSplits
@@ -38,6 +40,11 @@ def build_float32_backbone(config: TrainConfig, *, image_shape, num_classes: int
     return build_backbone(config.backbone, **backbone_kwargs)
 
 
+def _require_train_data(train_data, setting: str) -> None:
+    if train_data is None:
+        raise ValueError(f"{setting} needs the training data (`train_data=(images, labels)`).")
+
+
 def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
               train_data: Optional[Tuple[np.ndarray, np.ndarray]] = None,
               steps_per_epoch: Optional[int] = None, backbone: Optional[keras.Model] = None) -> JEM:
@@ -47,22 +54,31 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
     :func:`jem_tf.run.model_files.load_classifier`), trained as the JEM's network (a 16-bit precision trains a copy).
 
     ``train_data`` ``(images, labels)``: the labelled training images (:attr:`jem_tf.run.splits.RunSplits.labelled`),
-    needed for ``chain_init="class_gaussian"`` (the class Gaussians are fitted to them). ``steps_per_epoch``:
-    needed for ``classifier_epochs > 0``.
+    needed for ``chain_init="class_gaussian"`` (the class Gaussians are fitted to them) and
+    ``stem_init="whitened"``. ``steps_per_epoch``: needed for ``classifier_epochs > 0``.
     ``config.precision`` must be resolved (not ``"auto"``; see :func:`resolve_config_precision`).
     """
     if config.precision == "auto":
         raise ValueError("build_jem needs a resolved precision; call resolve_config_precision first.")
     if config.classifier_epochs and steps_per_epoch is None:
         raise ValueError("classifier_epochs > 0 needs `steps_per_epoch`.")
+    whiten = backbone is None and config.stem_init == "whitened"  # a given backbone keeps its own weights
+    if whiten:
+        _require_train_data(train_data, "stem_init 'whitened'")
     chain_init = None
     if config.chain_init == "class_gaussian":
-        if train_data is None:
-            raise ValueError("chain_init 'class_gaussian' needs the training data (`train_data=(images, labels)`).")
+        _require_train_data(train_data, "chain_init 'class_gaussian'")
         # A class of the run's data with fewer than 2 images is a UsageError; any other error is a fault.
         chain_init = ClassGaussian.fit(*train_data, num_classes=num_classes, rank=config.chain_init_rank)
     if backbone is None:
         backbone = build_float32_backbone(config, image_shape=image_shape, num_classes=num_classes)
+        if whiten:
+            whiten_stem(backbone, train_data[0])
+    elif config.density_head:
+        try:
+            backbone = with_density_head(backbone, units=config.density_head, seed=config.seed)
+        except ValueError as error:  # the user's classifier has no linear head to extend
+            raise UsageError(f"density_head {config.density_head}: {error}") from error
     if config.freeze_batch_norm:
         freeze_batch_norm(backbone)
     if config.frozen_layers:
