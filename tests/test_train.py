@@ -835,6 +835,22 @@ def test_cli_converts_a_trained_run(classifier_run, tmp_path, capsys):
 
 
 @pytest.mark.integration
+def test_cli_density_head_conversion_keeps_the_classifiers_predictions_exactly(classifier_run, tmp_path):
+    workdir = str(tmp_path / "converted")
+    assert train.main(CONVERT + ["--init-from", classifier_run, "--workdir", workdir, "--density-head", "16",
+                                 "--learning-rate", "0.05", "--warmup-steps", "0"]) == 0
+    source = load_classifier(classifier_run, image_shape=(8, 8, 1), num_classes=10)
+    model = keras.models.load_model(RunLayout(workdir).model)
+    images = load_run_dataset(config=load_run_config(workdir)).x_test[:64]
+    np.testing.assert_allclose(keras.ops.softmax(model.predict(images, verbose=0)),
+                               keras.ops.softmax(source.network.predict(images, verbose=0)), atol=1e-5)
+    assert np.abs(model.energy(images) + np.log(np.exp(source.network.predict(images, verbose=0).astype(
+        np.float64)).sum(axis=1))).max() > 1e-3  # the density head moved the energy
+    assert [layer.name for layer in model.backbone.layers if layer.trainable_weights] == [
+        "density_hidden", "density_offset"]
+
+
+@pytest.mark.integration
 def test_cli_converts_a_users_keras_classifier_with_a_softmax_head(tmp_path):
     path = str(tmp_path / "mine.keras")
     users_cnn("softmax", num_classes=10).save(path)
