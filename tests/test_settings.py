@@ -19,7 +19,9 @@ def test_evaluation_config_defaults_are_the_cli_defaults_and_bad_settings_raise(
     cli = evaluate_cli.evaluation_config_from_args(args)
     assert cli == ev.EvaluationConfig().replace(pgd_eps=ev.DEFAULT_PGD_EPS)  # no budgets given: the CLI's
     assert ev.EvaluationConfig().validate().modes == ev.DEFAULT_MODES
-    assert tuple(ev.suite.MODE_TABLE) == ev.MODES
+    from jem_tf.evaluation import suite  # a submodule: not an attribute until imported
+
+    assert tuple(suite.MODE_TABLE) == ev.MODES
     model, _, _, (x_test, y_test), _ = trained
     with pytest.raises(ValueError, match=r"\['num_sample', 'sede'\]"):
         ev.evaluate(model, test_images=x_test, test_labels=y_test, out_dir=str(tmp_path / "out"), sede=1,
