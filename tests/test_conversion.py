@@ -8,8 +8,14 @@ import pytest
 from conftest import _segmenter, users_cnn
 
 from jem_tf import JEM, SGLDSampler
-from jem_tf.model.conversion import (check_classifier, check_logits, logits_network, mean_energy, softmax_head,
-                                     with_density_head)
+from jem_tf.model.conversion import (
+    check_classifier,
+    check_logits,
+    logits_network,
+    mean_energy,
+    softmax_head,
+    with_density_head,
+)
 
 
 def functional_cnn(head="softmax"):
@@ -246,5 +252,5 @@ def test_a_density_head_refuses_bad_units_and_networks_without_a_linear_head(uni
         with_density_head(network, units=units)
     inputs = keras.Input((8, 8, 1))
     pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inputs)))
-    with pytest.raises(ValueError, match="ends in a linear Dense layer on \\[batch, features\\]; 'functional.*' ends in"):
+    with pytest.raises(ValueError, match=r"ends in a linear Dense layer on \[batch, features\]; 'functional.*' ends"):
         with_density_head(pooled, units=2)
