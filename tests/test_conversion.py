@@ -210,13 +210,15 @@ def test_what_is_not_a_classifier_of_the_data_is_refused(make, kwargs, message):
         JEM.from_classifier(make(), buffer_size=16, **kwargs)
 
 
-def test_a_density_head_keeps_the_classifiers_probabilities_exactly_and_trains_alone():
-    classifier = functional_cnn(head=None)
+@pytest.mark.parametrize("kind", ["functional", "sequential"])
+def test_a_density_head_keeps_the_classifiers_probabilities_exactly_and_trains_alone(kind):
+    classifier = functional_cnn(head=None) if kind == "functional" else users_cnn()
     logits = classifier.predict(IMAGES, verbose=0)
+    features = classifier.layers[-1].input.shape[-1]
     network = with_density_head(logits_network(classifier)[0], units=4, seed=0)
     np.testing.assert_array_equal(network.predict(IMAGES, verbose=0), logits)  # the offset starts at 0
     assert [layer.name for layer in network.layers if layer.trainable_weights] == ["density_hidden", "density_offset"]
-    assert network.layers[-1].input.shape[-1] == 7  # a linear head on [features, g]: 6 + 1
+    assert network.layers[-1].input.shape[-1] == features + 1  # a linear head on [features, g]
     rng = np.random.default_rng(0)
     network.get_layer("density_offset").set_weights([rng.normal(size=(4, 1)).astype("float32"), np.ones(1, "float32")])
     shifted = network.predict(IMAGES, verbose=0)

@@ -341,7 +341,12 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
                          f"{network.name!r} ends in {getattr(head, 'name', None)!r} ({type(head).__name__})")
     for layer in all_layers(network):
         layer.trainable = False
-    features = head.input
+    if isinstance(network, keras.Sequential):  # its layers, called on a new input: a Functional graph to extend
+        inputs = features = keras.Input(shape=tuple(network.input_shape[1:]))
+        for layer in network.layers[:-1]:
+            features = layer(features)
+    else:
+        inputs, features = network.inputs, head.input
     hidden = keras.layers.Dense(units, activation="gelu", kernel_initializer=keras.initializers.HeNormal(seed),
                                 name="density_hidden")(features)
     offset = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)
@@ -351,7 +356,7 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     logits.build(joined.shape)
     kernel = np.concatenate([head.kernel.numpy(), np.ones((1, num_classes), np.float32)])
     logits.set_weights([kernel] + ([head.bias.numpy()] if head.use_bias else []))
-    return keras.Model(network.inputs, logits(joined), name=network.name)
+    return keras.Model(inputs, logits(joined), name=network.name)
 
 
 def mean_energy(network: keras.Model, images: np.ndarray, *, max_images: int = 2048, batch_size: int = 256) -> float:
