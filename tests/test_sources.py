@@ -108,6 +108,7 @@ def test_a_given_data_dir_is_the_only_place_looked_at(tmp_path):
         data.load_dataset("digits", data_dir="")
 
 
+@pytest.mark.integration  # decodes the 70,000 real images: 1-5 s of CPU, over the default tier's 2 s under load
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DEBIAN_DIR),
                     reason="Debian package dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist_from_the_debian_package():
