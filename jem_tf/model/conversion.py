@@ -334,8 +334,7 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     if not (isinstance(units, int) and not isinstance(units, bool) and units >= 1):
         raise ValueError(f"with_density_head needs units >= 1; received units={units!r}")
     head = network.layers[-1] if _is_graph_network(network) and network.layers else None
-    activation = _activation_name(head) if head is not None else None
-    if not isinstance(head, keras.layers.Dense) or activation not in _LOGIT_ACTIVATIONS \
+    if not isinstance(head, keras.layers.Dense) or _activation_name(head) not in _LOGIT_ACTIVATIONS \
             or len(head.input.shape) != 2:
         raise ValueError(f"a density head needs a network that ends in a linear Dense layer on [batch, features]; "
                          f"{network.name!r} ends in {getattr(head, 'name', None)!r} ({type(head).__name__})")
