@@ -9,6 +9,7 @@ from typing import List, Optional
 from jem_tf.choices import TUNERS
 from jem_tf.choices import TUNING_OBJECTIVES as OBJECTIVES
 from jem_tf.cli import (
+    INTERRUPTS,
     OneLineErrorParser,
     add_recipe_arguments,
     config_from_args,
@@ -74,7 +75,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         data = load_run_dataset(config=config, download=config.download)
         summary = run_search(config, data, directory=directory, kind=args.tuner, max_trials=args.max_trials,
                              objective=args.objective, space=space, save_buffers=args.save_buffers,
-                             overwrite=args.overwrite, verbose=args.verbose)
+                             overwrite=args.overwrite, verbose=args.verbose,
+                             stop_check=INTERRUPTS.raise_if_interrupted)
     best = summary["best"]
     print(f"{summary['num_trials']} trials ({summary['num_failed']} failed) in {summary['wall_seconds']:.0f} s; "
           + (f"best {summary['objective']} = {best['score']:.4f} with {best['hyperparameters']}; "

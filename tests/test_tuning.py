@@ -185,3 +185,42 @@ def test_search_refuses_data_it_would_ignore(small_digits, tmp_path):
                                              rf"received {re.escape(named)}"):
             tuner.search(*args, **kwargs)
     assert tuner.oracle.trials == {}  # nothing ran
+
+
+@pytest.mark.integration
+def test_a_stop_check_ends_the_search_even_when_a_trial_fails_on_the_way(small_digits, tmp_path, monkeypatch):
+    """`stop_check` (the tune command's Ctrl-C flag) runs after every batch, and when a trial fails: a stop request
+    that surfaced as an Exception (a Ctrl-C swallowed while TensorFlow traced the step) ends the search instead of
+    being recorded, and printed, as a failed trial."""
+    space = search_space({"learning_rate": {"type": "choice", "values": [1e-3, 3e-3]}}, fixed=FIXED)
+    calls = []
+
+    def stop_after_three_batches():
+        calls.append(1)
+        if len(calls) >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(_config(), small_digits, directory=str(tmp_path / "batches"), kind="grid", max_trials=2,
+                   space=space, stop_check=stop_after_three_batches)
+    assert len(calls) == 3
+
+    stop = {"requested": False}
+
+    def swallowed_interrupt(*args, **kwargs):
+        stop["requested"] = True
+        raise ValueError("None values not supported.")
+
+    def check():
+        if stop["requested"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning.JEMHyperModel, "fit", swallowed_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(_config(), small_digits, directory=str(tmp_path / "failed"), kind="grid", max_trials=2,
+                   space=space, stop_check=check)
+    # Without a stop check the same failure is a failed trial, and the search goes on to the next one.
+    stop["requested"] = False
+    summary = run_search(_config(), small_digits, directory=str(tmp_path / "plain"), kind="grid", max_trials=3,
+                         space=space)
+    assert summary["num_failed"] == 2 and summary["best"] is None

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import keras
 import numpy as np
@@ -272,6 +272,8 @@ def _tuner_class(kind: str):
             "bayesian": keras_tuner.BayesianOptimization, "grid": keras_tuner.GridSearch}[kind]
 
     class JEMTuner(base):
+        stop_check: Optional[Callable[[], None]] = None
+
         def search(self, *fit_args, **fit_kwargs):
             """Runs the search on the data the hypermodel was built with (its run splits: train, validation):
             data given here would be silently ignored, so it is refused."""
@@ -300,7 +302,14 @@ def _tuner_class(kind: str):
             checkpoint = BestEpochCheckpoint(self.best_epoch_file(trial.trial_id), hypermodel.keras_objective,
                                              hypermodel.save_buffers)
             fit_kwargs["callbacks"] = [*fit_kwargs.get("callbacks", []), checkpoint]
-            return hypermodel.fit(hp, model, *fit_args, **fit_kwargs)
+            try:
+                return hypermodel.fit(hp, model, *fit_args, **fit_kwargs)
+            except Exception:
+                # keras-tuner records (and prints) any Exception as a failed trial and goes on: a stop request that
+                # surfaced as one (a Ctrl-C swallowed while TensorFlow traced the step) must end the search instead.
+                if self.stop_check is not None:
+                    self.stop_check()
+                raise
 
         def best_epoch_file(self, trial_id) -> str:
             """The weights of a trial's best epoch (see :meth:`run_trial`)."""
@@ -316,9 +325,14 @@ def _tuner_class(kind: str):
 
 
 def make_tuner(hypermodel: JEMHyperModel, *, kind: str = "random", max_trials: int = 10, directory: str,
-               project_name: str = "jem", seed: int = 0, strategy=None, overwrite: bool = False):
+               project_name: str = "jem", seed: int = 0, strategy=None, overwrite: bool = False,
+               stop_check: Optional[Callable[[], None]] = None):
     """A keras-tuner tuner of ``kind`` (random, hyperband, bayesian, grid) that can resume a search
-    in ``directory`` (``overwrite=False``) and reloads trial models from their (buffer-less) checkpoints."""
+    in ``directory`` (``overwrite=False``) and reloads trial models from their (buffer-less) checkpoints.
+
+    ``stop_check`` (e.g. a command's Ctrl-C flag) is called after every training batch and when a trial fails; it
+    stops the search by raising (a ``BaseException`` such as ``KeyboardInterrupt``, which keras-tuner does not
+    record as a failed trial)."""
     if kind not in TUNERS:
         raise ValueError(f"Unknown tuner {kind!r}; expected one of {TUNERS}.")
     if not (isinstance(max_trials, int) and max_trials >= 1):
@@ -329,7 +343,9 @@ def make_tuner(hypermodel: JEMHyperModel, *, kind: str = "random", max_trials: i
         kwargs.update(max_epochs=hypermodel.base_config.epochs, factor=3)
     else:
         kwargs.update(max_trials=max_trials)
-    return _tuner_class(kind)(hypermodel, **kwargs)
+    tuner = _tuner_class(kind)(hypermodel, **kwargs)
+    tuner.stop_check = stop_check
+    return tuner
 
 
 def summarize(tuner, hypermodel: JEMHyperModel, directory: str, *, wall_seconds: float) -> dict:
@@ -361,15 +377,19 @@ def summarize(tuner, hypermodel: JEMHyperModel, directory: str, *, wall_seconds:
 
 def run_search(base_config: TrainConfig, data: ImageDataset, *, directory: str, kind: str = "random",
                max_trials: int = 10, objective: str = "val_accuracy", space=None, save_buffers: bool = False,
-               overwrite: bool = False, verbose=0) -> dict:
-    """Runs (or resumes) a search and writes its summary; see :func:`summarize`."""
+               overwrite: bool = False, verbose=0, stop_check: Optional[Callable[[], None]] = None) -> dict:
+    """Runs (or resumes) a search and writes its summary; see :func:`summarize` (``stop_check``: see
+    :func:`make_tuner`)."""
     with as_usage_error():  # the machine does not offer what the config asks (TF_CONFIG, the CPU split)
         strategy = make_strategy(base_config.strategy, devices=base_config.devices,
                                  cpu_devices=base_config.cpu_devices)
     hypermodel = build_hypermodel(base_config, data, space=space, objective=objective, save_buffers=save_buffers,
                                   verbose=verbose)
     tuner = make_tuner(hypermodel, kind=kind, max_trials=max_trials, directory=directory, seed=base_config.seed,
-                       strategy=None if base_config.strategy == "default" else strategy, overwrite=overwrite)
+                       strategy=None if base_config.strategy == "default" else strategy, overwrite=overwrite,
+                       stop_check=stop_check)
+    callbacks = [] if stop_check is None else [
+        keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: stop_check())]
     start = time.time()
-    tuner.search()
+    tuner.search(callbacks=callbacks)
     return summarize(tuner, hypermodel, directory, wall_seconds=time.time() - start)
