@@ -13,6 +13,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")  # jem_tf.networks; 
 CHAIN_INITS = ("uniform", "class_gaussian")  # jem_tf.sampling.chain_init
 BUFFER_STORAGES = ("float32", "uint8")  # jem_tf.sampling.replay_buffer
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")  # jem_tf.data.pipelines
+TEST_TIME_AUGMENTATIONS = ("none", "flip", "flip_shift")  # jem_tf.model.views
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "lanczos", "box", "area")  # jem_tf.data.image_files
 SERVING_PRECISIONS = ("float32", "trained")  # jem_tf.serving
 

@@ -366,7 +366,8 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
             config["dtype"] = "float32" if layer.name == head or precision == "float32" else precision
         return layer.__class__.from_config(config)
 
-    clone = keras.models.clone_model(model, clone_function=clone_layer)
+    # recursive: the layers of nested models too (a test-time-augmented network nests its single-view network).
+    clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     clone.set_weights(model.get_weights())
     return clone
 

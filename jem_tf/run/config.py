@@ -73,6 +73,10 @@ class TrainConfig:
     # training images, as airbench does (jem_tf.networks.whiten_stem); freeze it with frozen_layers ["stem"].
     stem_init: str = "default"
     dropout: float = 0.0
+    # Test-time augmentation, part of the saved model: "none", "flip" or "flip_shift" averages the logits over
+    # mirrored (and one-pixel shifted) views of each image. Training runs single-view; the network is wrapped after
+    # fit, before the refinement choice, evaluation, saving and export (jem_tf.model.views).
+    test_time_augmentation: str = "none"
     # float32 | mixed_bfloat16 | mixed_float16: the network computes in 16 bits (head and SGLD chains
     # stay float32); see networks.with_precision. auto: float32 or mixed_bfloat16, whichever a measured
     # probe on this machine finds faster (jem_tf.training.precision.resolve_precision).

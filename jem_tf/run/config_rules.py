@@ -36,7 +36,8 @@ def choices() -> Dict[str, tuple]:
             "normalization": names.NORMALIZATIONS, "stem_init": names.STEM_INITS, "optimizer": names.OPTIMIZERS,
             "strategy": names.STRATEGIES,
             "precision": names.PRECISIONS + ("auto",), "buffer_storage": names.BUFFER_STORAGES,
-            "chain_init": names.CHAIN_INITS, "serving_precision": names.SERVING_PRECISIONS}
+            "chain_init": names.CHAIN_INITS, "serving_precision": names.SERVING_PRECISIONS,
+            "test_time_augmentation": names.TEST_TIME_AUGMENTATIONS}
 
 
 def check_config(config: TrainConfig, *, complete: bool = True) -> None:
@@ -175,6 +176,7 @@ def _check_network(config: TrainConfig) -> None:
         _fail(config, "stem_init", f"'default' with backbone {config.backbone!r} (only fast_cnn has a stem to whiten)")
     if not 0.0 <= config.dropout < 1.0:
         _fail(config, "dropout", "in [0, 1)")
+    _one_of(config, "test_time_augmentation")
     _one_of(config, "precision")
     if config.precision == "auto" and config.strategy == "multi_worker":
         # Each machine would time its own probe and could choose differently.

@@ -15,6 +15,7 @@ from jem_tf.errors import UsageError
 from jem_tf.files import zip_member_is_forged
 from jem_tf.model.conversion import check_logits, file_sha256, logits_network, mean_energy
 from jem_tf.model.jem import JEM
+from jem_tf.model.views import views_of, with_test_time_augmentation, without_test_time_augmentation
 from jem_tf.run.config import TrainConfig
 from jem_tf.run.workdir import RunLayout, load_run_config
 
@@ -87,6 +88,7 @@ class ClassifierSource(NamedTuple):
     sha256: str
     kind: str  # "jem-tf model" (its backbone) or "keras classifier"
     changes: Tuple[str, ...]  # what was changed to get logits (empty: none)
+    test_time_augmentation: str = "none"  # the views the source averaged over (its network is the single view)
 
     def record(self) -> dict:
         """The source as ``metrics.json`` records it."""
@@ -143,13 +145,18 @@ def load_classifier(path: str, *, image_shape, num_classes: int, sha256: Optiona
     kind = "keras classifier"
     if isinstance(model, JEM):
         model, kind = model.backbone, "jem-tf model"
+    views = views_of(model)
     try:
+        # A fine-tune trains the single-view network (its run's test_time_augmentation wraps it again at the end).
+        model = without_test_time_augmentation(model)
         network, changes = logits_network(model, image_shape=image_shape, num_classes=num_classes)
+        if views != "none":
+            changes = [f"took the single-view network out of its {views!r} test-time augmentation"] + changes
         if images is not None:
             check_logits(network, images)
     except ValueError as error:
         raise UsageError(f"--init-from {file!r}: {error}") from error
-    return ClassifierSource(network, file, digest, kind, tuple(changes))
+    return ClassifierSource(network, file, digest, kind, tuple(changes), views)
 
 
 def source_classifier_network(config: Optional[TrainConfig], *, image_shape, num_classes: int,
@@ -161,8 +168,9 @@ def source_classifier_network(config: Optional[TrainConfig], *, image_shape, num
     if config is None or config.init_from is None:
         return None
     try:
-        return load_classifier(config.init_from, image_shape=image_shape, num_classes=num_classes,
-                               sha256=config.init_from_sha256).network
+        source = load_classifier(config.init_from, image_shape=image_shape, num_classes=num_classes,
+                                 sha256=config.init_from_sha256)
+        return with_test_time_augmentation(source.network, source.test_time_augmentation)
     except UsageError as error:
         if log is not None:
             log(f"OOD detector: the source classifier's candidates are left out: {error}")

@@ -23,6 +23,7 @@ from jem_tf.evaluation.refinement_choice import choose_refinement
 from jem_tf.files import atomic_write_json, remove_path
 from jem_tf.model import energy as energy_lib
 from jem_tf.model.conversion import file_sha256
+from jem_tf.model.views import jem_with_views
 from jem_tf.ood import fit_ood_detector
 from jem_tf.run.config import TrainConfig
 from jem_tf.run.config_rules import check_steps_per_execution
@@ -160,7 +161,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
             atomic_write_json(layout.config, config.to_dict())
             write_run_precision(config, layout, precision_report)
         return _train(config, model, layout, splits, strategy=strategy, chief=chief, verbose=verbose,
-                      callbacks=callbacks, source=source, precision_report=precision_report)
+                      callbacks=callbacks, source=source, precision_report=precision_report,
+                      compile_model=lambda jem: compile_jem(jem, run_config, steps_per_epoch=steps_per_epoch))
 
 
 def _stage_timer(seconds: dict):
@@ -176,8 +178,9 @@ def _stage_timer(seconds: dict):
 
 
 def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, strategy, chief: bool, verbose,
-           callbacks, source: Optional[ClassifierSource], precision_report: dict) -> dict:
-    """The locked part of :func:`train_and_evaluate`: resume, fit, save, evaluate, export."""
+           callbacks, source: Optional[ClassifierSource], precision_report: dict, compile_model) -> dict:
+    """The locked part of :func:`train_and_evaluate`: resume, fit, save, evaluate, export (``compile_model(jem)``
+    compiles a JEM as the run does)."""
     # Resume: restore the newest readable backup (weights, optimizer, buffer, seed state) first, so that
     # the data pipeline can start at the right epoch.
     backup = ChiefBackupAndRestore(layout.backup, is_chief=chief, delete_on_completion=False)
@@ -205,11 +208,17 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                         steps_per_epoch=epoch_steps, callbacks=callbacks, verbose=verbose, shuffle=False)
     train_seconds = time.time() - start
+    steps = int(model.optimizer.iterations.numpy())
     if guard is not None:
         guard.raise_if_failed()  # the backup of the last good epoch stays in WORKDIR/backup
     # What the run does after training, each stage timed (metrics.json: end_of_training_seconds).
     stage_seconds = {}
     stage = _stage_timer(stage_seconds)
+    if config.test_time_augmentation != "none":
+        # From here on the model is the view-averaged network: refinement, evaluation, model.keras and the export.
+        with stage("test_time_augmentation"), strategy.scope():
+            model = compile_model(jem_with_views(model, config.test_time_augmentation))
+            model.optimizer.build(model.trainable_variables)  # saved built (its state is not the training's)
     refinement = None
     if config.choose_refinement and validation is not None and len(validation.images) > 0:
         # Test-time refinement settings for this model, chosen on the run's validation split and saved with it.
@@ -241,10 +250,10 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
         "strategy": config.strategy,
         "precision": precision_report,
         "num_replicas": int(strategy.num_replicas_in_sync),
-        "steps": int(model.optimizer.iterations.numpy()),
+        "steps": steps,
         "train_seconds": train_seconds,
         # Of the steps this process ran (a resumed run ran fewer than `steps`).
-        "seconds_per_step": train_seconds / max(1, int(model.optimizer.iterations.numpy()) - start_step),
+        "seconds_per_step": train_seconds / max(1, steps - start_step),
         "resumed_from_epoch": initial_epoch,
         "rollbacks": guard.rollbacks if guard is not None else [],
         "final_train": {k: float(np.ravel(v[-1])[0]) for k, v in history.history.items()
