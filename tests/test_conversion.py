@@ -9,12 +9,14 @@ from conftest import _segmenter, users_cnn
 
 from jem_tf import JEM, SGLDSampler
 from jem_tf.model.conversion import (
+    LastRowOfOnes,
     check_classifier,
     check_logits,
     logits_network,
     mean_energy,
     softmax_head,
     with_density_head,
+    with_temperature,
 )
 
 
@@ -256,3 +258,41 @@ def test_a_density_head_refuses_bad_units_and_networks_without_a_linear_head(uni
     pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inputs)))
     with pytest.raises(ValueError, match=r"ends in a linear Dense layer on \[batch, features\]; 'functional.*' ends"):
         with_density_head(pooled, units=2)
+
+
+def test_a_temperature_divides_the_logits_of_a_copy():
+    network = logits_network(functional_cnn(head=None))[0]
+    head = network.layers[-1]
+    head.bias.assign(np.linspace(-1, 1, head.bias.shape[0]).astype("float32"))
+    scaled = with_temperature(network, 2.5)
+    np.testing.assert_allclose(scaled(IMAGES).numpy(), network(IMAGES).numpy() / 2.5, rtol=1e-5, atol=1e-6)
+    assert scaled is not network and not {id(v) for v in scaled.weights} & {id(v) for v in network.weights}
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="finite temperature > 0; received temperature="):
+            with_temperature(network, bad)
+    inputs = keras.Input((8, 8, 1))
+    pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inputs)))
+    with pytest.raises(ValueError, match="a temperature needs a network that ends in a linear Dense layer"):
+        with_temperature(pooled, 2.0)
+
+
+def test_a_density_head_over_a_trained_classifier_keeps_its_row_of_ones(tmp_path):
+    """`train_classifier=True`: the classifier and its head train with the density head; the row that adds g(x) to
+    every logit stays ones through the optimizer's updates and weight decay, and saving."""
+    from jem_tf.model.jem import JEM as JEMClass
+
+    network = with_density_head(logits_network(functional_cnn(head=None))[0], units=4, seed=0, train_classifier=True)
+    head = network.layers[-1]
+    assert head.trainable and len([layer for layer in network.layers if layer.trainable_weights]) > 3
+    jem = JEMClass(network, buffer_size=16, sampler=SGLDSampler(n_steps=2), px_weight=1.0, seed=0)
+    jem.compile(optimizer=keras.optimizers.AdamW(1e-2, weight_decay=0.5))
+    kernel_before = head.kernel.numpy().copy()
+    jem.fit(IMAGES, np.arange(16) % 3, batch_size=8, epochs=2, verbose=0)
+    kernel = head.kernel.numpy()
+    np.testing.assert_array_equal(kernel[-1], np.ones_like(kernel[-1]))
+    assert np.abs(kernel[:-1] - kernel_before[:-1]).max() > 1e-3  # the classifier's own head trained
+    path = str(tmp_path / "jem.keras")
+    jem.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.energy(IMAGES), jem.energy(IMAGES), rtol=1e-5, atol=1e-5)
+    assert isinstance(loaded.backbone.layers[-1].kernel_constraint, LastRowOfOnes)

@@ -851,6 +851,29 @@ def test_cli_density_head_conversion_keeps_the_classifiers_predictions_exactly(c
 
 
 @pytest.mark.integration
+def test_cli_temperature_scaling_divides_the_classifiers_logits_by_the_validation_temperature(classifier_run, tmp_path,
+                                                                                               capsys):
+    """`--temperature-scaling true` with a density head: the converted model's logits' class part is the classifier's
+    divided by the temperature that minimises the validation NLL (the same predictions, the NLL no worse)."""
+    from jem_tf.metrics import fit_temperature
+
+    workdir = str(tmp_path / "calibrated")
+    assert train.main(CONVERT + ["--init-from", classifier_run, "--workdir", workdir, "--density-head", "16",
+                                 "--temperature-scaling", "true", "--epochs", "1"]) == 0
+    config = load_run_config(workdir)
+    splits = run_splits(config, load_run_dataset(config=config))
+    source = load_classifier(classifier_run, image_shape=(8, 8, 1), num_classes=10)
+    expected = fit_temperature(source.network.predict(splits.validation.images, verbose=0), splits.validation.labels)
+    record = json.load(open(RunLayout(workdir).metrics))["init_from"]
+    assert record["temperature"] == pytest.approx(expected, rel=1e-6) and record["temperature"] != 1.0
+    assert f"Temperature: {expected:.4g}" in capsys.readouterr().out
+    model = keras.models.load_model(RunLayout(workdir).model)
+    images = splits.test.images[:64]
+    np.testing.assert_allclose(keras.ops.softmax(model.predict(images, verbose=0)),
+                               keras.ops.softmax(source.network.predict(images, verbose=0) / expected), atol=1e-5)
+
+
+@pytest.mark.integration
 def test_cli_converts_a_users_keras_classifier_with_a_softmax_head(tmp_path):
     path = str(tmp_path / "mine.keras")
     users_cnn("softmax", num_classes=10).save(path)

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from jem_tf.choices import TEST_TIME_AUGMENTATIONS
+from jem_tf.model.conversion import linear_head
 
 # (flip, (dy, dx), weight) per view.
 _VIEWS = {
@@ -97,15 +98,6 @@ class ViewAverage(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def _linear_head(network: keras.Model, what: str) -> keras.layers.Dense:
-    head = network.layers[-1] if network.layers else None
-    activation = getattr(getattr(head, "activation", None), "__name__", None)
-    if not isinstance(head, keras.layers.Dense) or activation not in ("linear", None) or len(head.input.shape) != 2:
-        raise ValueError(f"{what} needs a network that ends in a linear Dense layer on [batch, features]; "
-                         f"{network.name!r} ends in {getattr(head, 'name', None)!r} ({type(head).__name__})")
-    return head
-
-
 def _parts(network: keras.Model) -> Optional[Tuple[ImageViews, keras.Model, keras.layers.Dense]]:
     """``(views layer, single-view features model, head)`` of a wrapped network, ``None`` for any other."""
     layers = list(getattr(network, "layers", None) or [])
@@ -136,7 +128,7 @@ def with_test_time_augmentation(network: keras.Model, mode: str) -> keras.Model:
         return network
     if views_of(network) != "none":
         raise ValueError(f"{network.name!r} already averages over the {views_of(network)!r} views")
-    head = _linear_head(network, "test-time augmentation")
+    head = linear_head(network, "test-time augmentation")
     if isinstance(network, keras.Sequential):
         features = keras.Sequential([keras.Input(shape=tuple(network.input_shape[1:]))] + network.layers[:-1],
                                     name=network.name + _FEATURES_SUFFIX)

@@ -65,6 +65,13 @@ class TrainConfig:
     # offset g(x), an MLP of N GELU units on its penultimate features, added to every logit, so that p(y|x) stays
     # exactly the classifier's and only the p(x) term trains (jem_tf.model.conversion.with_density_head).
     density_head: int = 0
+    # With density_head: also fine-tune the classifier under the head (its cross-entropy and the p(x) term train it;
+    # the offset's row of ones stays fixed). p(y|x) then changes, as in a fine-tune.
+    density_head_finetune: bool = False
+    # Conversion only: divide the classifier's logits by the temperature that minimises their NLL on the validation
+    # split (Guo et al., 2017) before converting (jem_tf.model.conversion.with_temperature): calibrated p(y|x), the
+    # same predictions. With a density head the calibration is kept exactly; a fine-tune starts from it.
+    temperature_scaling: bool = False
     # Backbone (ignored with init_from): "small_cnn", "fast_cnn" (colour images) or "wrn-DEPTH-WIDTH" ("wrn-28-10").
     backbone: str = "small_cnn"
     width: int = 32  # small_cnn: channels of the stem; fast_cnn: channels of the first block.

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 RESUME_FIXED_FIELDS = ("dataset", "image_size", "resize_method", "validation_fraction", "seed", "backbone", "width",
                        "normalization", "precision", "batch_size", "optimizer", "buffer_size", "buffer_storage",
                        "chain_init", "chain_init_rank", "pxy_weight", "labels_per_class", "labelled_batch_size",
-                       "init_from", "init_from_sha256", "freeze_batch_norm", "frozen_layers", "density_head")
+                       "init_from", "init_from_sha256", "freeze_batch_norm", "frozen_layers", "density_head",
+                       "density_head_finetune", "temperature_scaling")
 
 
 def choices() -> Dict[str, tuple]:
@@ -164,6 +165,15 @@ def _check_conversion(config: TrainConfig, *, complete: bool) -> None:
         _fail(config, "density_head", "0 without init_from (a density head is added to a classifier being converted)")
     if config.density_head and config.px_weight <= 0:
         _fail(config, "density_head", "0 with px_weight 0 (only the p(x) term trains the density head)")
+    if config.density_head_finetune and not config.density_head:
+        _fail(config, "density_head_finetune", "false with density_head 0 (it fine-tunes the classifier under a "
+                                               "density head)")
+    if config.temperature_scaling and config.init_from is None and (complete or not config.finetune):
+        _fail(config, "temperature_scaling", "false without init_from (it scales the logits of a classifier being "
+                                             "converted)")
+    if config.temperature_scaling and config.validation_fraction <= 0:
+        _fail(config, "temperature_scaling", "false with validation_fraction 0 (the temperature is fitted on the "
+                                             "validation split)")
 
 
 def _check_network(config: TrainConfig) -> None:

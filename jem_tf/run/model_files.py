@@ -13,7 +13,8 @@ import numpy as np
 
 from jem_tf.errors import UsageError
 from jem_tf.files import zip_member_is_forged
-from jem_tf.model.conversion import check_logits, file_sha256, logits_network, mean_energy
+from jem_tf.metrics import fit_temperature
+from jem_tf.model.conversion import check_logits, file_sha256, logits_network, mean_energy, with_temperature
 from jem_tf.model.jem import JEM
 from jem_tf.model.views import views_of, with_test_time_augmentation, without_test_time_augmentation
 from jem_tf.run.config import TrainConfig
@@ -89,11 +90,12 @@ class ClassifierSource(NamedTuple):
     kind: str  # "jem-tf model" (its backbone) or "keras classifier"
     changes: Tuple[str, ...]  # what was changed to get logits (empty: none)
     test_time_augmentation: str = "none"  # the views the source averaged over (its network is the single view)
+    temperature: float = 1.0  # what its logits were divided by (with_validation_temperature)
 
     def record(self) -> dict:
         """The source as ``metrics.json`` records it."""
         return {"path": os.path.abspath(self.path), "sha256": self.sha256, "kind": self.kind,
-                "changes": list(self.changes)}
+                "changes": list(self.changes), "temperature": self.temperature}
 
 
 def with_energy_l2_center(config: TrainConfig, source: Optional[ClassifierSource], images: np.ndarray) -> TrainConfig:
@@ -103,6 +105,19 @@ def with_energy_l2_center(config: TrainConfig, source: Optional[ClassifierSource
     if source is None or config.energy_l2_center is not None:
         return config
     return config.replace(energy_l2_center=mean_energy(source.network, images))
+
+
+def with_validation_temperature(config: TrainConfig, source: Optional[ClassifierSource], validation
+                                ) -> Optional[ClassifierSource]:
+    """``source`` with its logits divided by the temperature that minimises their NLL on the run's ``validation``
+    split (:class:`jem_tf.run.splits.Split`; :func:`jem_tf.metrics.fit_temperature`,
+    :func:`jem_tf.model.conversion.with_temperature`) when ``config.temperature_scaling`` is on; unchanged
+    otherwise (the config rules require a validation split for it)."""
+    if source is None or not config.temperature_scaling:
+        return source
+    logits = source.network.predict(validation.images, batch_size=256, verbose=0).astype(np.float64)
+    temperature = fit_temperature(logits, validation.labels)
+    return source._replace(network=with_temperature(source.network, temperature), temperature=temperature)
 
 
 def classifier_file(path: str) -> str:

@@ -76,7 +76,8 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
             whiten_stem(backbone, train_data[0])
     elif config.density_head:
         try:
-            backbone = with_density_head(backbone, units=config.density_head, seed=config.seed)
+            backbone = with_density_head(backbone, units=config.density_head, seed=config.seed,
+                                         train_classifier=config.density_head_finetune)
         except ValueError as error:  # the user's classifier has no linear head to extend
             raise UsageError(f"density_head {config.density_head}: {error}") from error
     if config.freeze_batch_norm:

@@ -33,6 +33,7 @@ from jem_tf.run.model_files import (
     load_classifier,
     source_classifier_network,
     with_energy_l2_center,
+    with_validation_temperature,
 )
 from jem_tf.run.splits import RunSplits, load_run_dataset, run_splits
 from jem_tf.run.workdir import RunLayout, clear_run, prepare_workdir, save_model_atomically
@@ -135,6 +136,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
     source = None if config.init_from is None else load_classifier(
         config.init_from, image_shape=data.image_shape, num_classes=data.num_classes, sha256=config.init_from_sha256,
         images=splits.train.images)
+    source = with_validation_temperature(config, source, splits.validation)
+    if chief and source is not None and config.temperature_scaling:
+        print(f"Temperature: {source.temperature:.4g} (the classifier's logits divided by it; fitted on the "
+              "validation split).")
     if config.energy_l2_weight > 0:
         config = with_energy_l2_center(config, source, splits.train.images)  # recorded in config.json
         if chief and source is not None:
