@@ -40,9 +40,8 @@ _VIEWS = {
 _FEATURES_SUFFIX = "_single_view_features"
 
 
-@keras.saving.register_keras_serializable(package="jem_tf")
-class ImageViews(keras.layers.Layer):
-    """``[B, H, W, C]`` images -> ``[V * B, H, W, C]``: the ``mode``'s views stacked along the batch (view-major)."""
+class _ViewsLayer(keras.layers.Layer):
+    """A layer of one test-time augmentation ``mode`` (its views and weights in ``_VIEWS``)."""
 
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
@@ -53,6 +52,14 @@ class ImageViews(keras.layers.Layer):
     @property
     def num_views(self) -> int:
         return len(_VIEWS[self.mode])
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="jem_tf")
+class ImageViews(_ViewsLayer):
+    """``[B, H, W, C]`` images -> ``[V * B, H, W, C]``: the ``mode``'s views stacked along the batch (view-major)."""
 
     def call(self, images):
         height, width = images.shape[1], images.shape[2]
@@ -71,19 +78,10 @@ class ImageViews(keras.layers.Layer):
         batch = None if input_shape[0] is None else input_shape[0] * self.num_views
         return (batch,) + tuple(input_shape[1:])
 
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
-
 
 @keras.saving.register_keras_serializable(package="jem_tf")
-class ViewAverage(keras.layers.Layer):
+class ViewAverage(_ViewsLayer):
     """``[V * B, ...]`` (view-major, as :class:`ImageViews` stacks them) -> ``[B, ...]``: the views' weighted mean."""
-
-    def __init__(self, mode: str, **kwargs):
-        super().__init__(**kwargs)
-        if mode not in _VIEWS:
-            raise ValueError(f"`mode` must be one of {tuple(_VIEWS)}; received {mode!r}")
-        self.mode = mode
 
     def call(self, stacked):
         weights = [weight for _, _, weight in _VIEWS[self.mode]]
@@ -91,11 +89,8 @@ class ViewAverage(keras.layers.Layer):
         return tf.add_n([tf.cast(weight, stacked.dtype) * view for weight, view in zip(weights, per_view)])
 
     def compute_output_shape(self, input_shape):
-        batch = None if input_shape[0] is None else input_shape[0] // len(_VIEWS[self.mode])
+        batch = None if input_shape[0] is None else input_shape[0] // self.num_views
         return (batch,) + tuple(input_shape[1:])
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
 
 
 def _parts(network: keras.Model) -> Optional[Tuple[ImageViews, keras.Model, keras.layers.Dense]]:
