@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import (
+    CLASSIFIER,
     CLI_ENV,
     TINY_TRAIN_ARGS,
     _segmenter,
@@ -871,6 +872,27 @@ def test_cli_temperature_scaling_divides_the_classifiers_logits_by_the_validatio
     images = splits.test.images[:64]
     np.testing.assert_allclose(keras.ops.softmax(model.predict(images, verbose=0)),
                                keras.ops.softmax(source.network.predict(images, verbose=0) / expected), atol=1e-5)
+    assert json.load(open(RunLayout(workdir).metrics))["temperature"] == {
+        "value": record["temperature"], "fitted_to": "the source classifier, before training"}
+
+
+@pytest.mark.integration
+def test_temperature_scaling_of_a_trained_model_folds_the_validation_temperature_into_its_head(tmp_path):
+    """Without a frozen density head, `--temperature-scaling true` fits the temperature to the trained model on the
+    validation split and divides its head by it: the saved model's validation logits need no further temperature."""
+    from jem_tf.metrics import fit_temperature
+
+    workdir = str(tmp_path / "calibrated")
+    assert train.main(CLASSIFIER + ["--epochs", "3", "--learning-rate", "0.01", "--warmup-steps", "0", "--batch-size",
+                                    "64", "--workdir", workdir, "--temperature-scaling", "true"]) == 0
+    metrics = json.load(open(RunLayout(workdir).metrics))
+    assert metrics["temperature"]["fitted_to"] == "the trained model" and metrics["temperature"]["value"] != 1.0
+    assert "temperature_scaling" in metrics["end_of_training_seconds"]
+    config = load_run_config(workdir)
+    splits = run_splits(config, load_run_dataset(config=config))
+    model = keras.models.load_model(RunLayout(workdir).model)
+    assert fit_temperature(model.predict(splits.validation.images, verbose=0), splits.validation.labels) == \
+        pytest.approx(1.0, abs=2e-3)
 
 
 @pytest.mark.integration

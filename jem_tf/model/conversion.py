@@ -325,11 +325,12 @@ def linear_head(network: keras.Model, what: str) -> keras.layers.Dense:
     return head
 
 
-def with_temperature(network: keras.Model, temperature: float) -> keras.Model:
+def with_temperature(network: keras.Model, temperature: float, *, in_place: bool = False) -> keras.Model:
     """A copy of ``network`` whose logits are ``f(x) / temperature``: its linear ``Dense`` head's kernel and bias
     divided by ``temperature`` (:func:`linear_head`). The same predictions; ``p(y|x) = softmax(f / T)``, calibrated when
     ``T`` is fitted on held-out data (:func:`jem_tf.metrics.fit_temperature`, Guo et al., 2017), and the energy
-    ``-logsumexp(f / T)``. ``network`` is unchanged.
+    ``-logsumexp(f / T)``. ``network`` is unchanged, unless ``in_place`` (then its head is divided and it is returned:
+    e.g. a trained JEM's ``backbone``).
 
     Raises:
         ValueError: ``temperature`` is not a finite number > 0, or ``network`` has no linear ``Dense`` head.
@@ -338,13 +339,14 @@ def with_temperature(network: keras.Model, temperature: float) -> keras.Model:
             or not (np.isfinite(temperature) and temperature > 0):
         raise ValueError(f"with_temperature needs a finite temperature > 0; received temperature={temperature!r}")
     linear_head(network, "a temperature")
-    copy = keras.models.clone_model(network)
-    copy.set_weights(network.get_weights())
-    head = copy.layers[-1]
+    if not in_place:
+        network, source = keras.models.clone_model(network), network
+        network.set_weights(source.get_weights())
+    head = network.layers[-1]
     head.kernel.assign(head.kernel / float(temperature))
     if head.use_bias:
         head.bias.assign(head.bias / float(temperature))
-    return copy
+    return network
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")

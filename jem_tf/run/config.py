@@ -68,9 +68,10 @@ class TrainConfig:
     # With density_head: also fine-tune the classifier under the head (its cross-entropy and the p(x) term train it;
     # the offset's row of ones stays fixed). p(y|x) then changes, as in a fine-tune.
     density_head_finetune: bool = False
-    # Conversion only: divide the classifier's logits by the temperature that minimises their NLL on the validation
-    # split (Guo et al., 2017) before converting (jem_tf.model.conversion.with_temperature): calibrated p(y|x), the
-    # same predictions. With a density head the calibration is kept exactly; a fine-tune starts from it.
+    # Divide the model's logits by the temperature that minimises their NLL on the validation split (Guo et al.,
+    # 2017; jem_tf.model.conversion.with_temperature): calibrated p(y|x), the same predictions. Under a frozen
+    # classifier's density head it is fitted to the classifier before training (the head trains on the calibrated
+    # logits and keeps them); otherwise to the trained model (after test_time_augmentation), folded into its head.
     temperature_scaling: bool = False
     # Backbone (ignored with init_from): "small_cnn", "fast_cnn" (colour images) or "wrn-DEPTH-WIDTH" ("wrn-28-10").
     backbone: str = "small_cnn"

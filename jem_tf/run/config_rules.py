@@ -168,9 +168,6 @@ def _check_conversion(config: TrainConfig, *, complete: bool) -> None:
     if config.density_head_finetune and not config.density_head:
         _fail(config, "density_head_finetune", "false with density_head 0 (it fine-tunes the classifier under a "
                                                "density head)")
-    if config.temperature_scaling and config.init_from is None and (complete or not config.finetune):
-        _fail(config, "temperature_scaling", "false without init_from (it scales the logits of a classifier being "
-                                             "converted)")
     if config.temperature_scaling and config.validation_fraction <= 0:
         _fail(config, "temperature_scaling", "false with validation_fraction 0 (the temperature is fitted on the "
                                              "validation split)")

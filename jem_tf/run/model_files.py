@@ -107,13 +107,21 @@ def with_energy_l2_center(config: TrainConfig, source: Optional[ClassifierSource
     return config.replace(energy_l2_center=mean_energy(source.network, images))
 
 
+def calibrates_source(config: TrainConfig) -> bool:
+    """Whether ``temperature_scaling`` is fitted to the source classifier before training (a frozen classifier under
+    a density head: its ``p(y|x)`` does not change) rather than to the trained model."""
+    return bool(config.temperature_scaling and config.init_from is not None and config.density_head
+                and not config.density_head_finetune)
+
+
 def with_validation_temperature(config: TrainConfig, source: Optional[ClassifierSource], validation
                                 ) -> Optional[ClassifierSource]:
     """``source`` with its logits divided by the temperature that minimises their NLL on the run's ``validation``
     split (:class:`jem_tf.run.splits.Split`; :func:`jem_tf.metrics.fit_temperature`,
-    :func:`jem_tf.model.conversion.with_temperature`) when ``config.temperature_scaling`` is on; unchanged
-    otherwise (the config rules require a validation split for it)."""
-    if source is None or not config.temperature_scaling:
+    :func:`jem_tf.model.conversion.with_temperature`) when ``config.temperature_scaling`` is on and a frozen
+    classifier's density head will train on it (:func:`calibrates_source`); unchanged otherwise (the config rules
+    require a validation split for it)."""
+    if source is None or not calibrates_source(config):
         return source
     logits = source.network.predict(validation.images, batch_size=256, verbose=0).astype(np.float64)
     temperature = fit_temperature(logits, validation.labels)

@@ -22,13 +22,14 @@ from jem_tf.errors import as_usage_error
 from jem_tf.evaluation.refinement_choice import choose_refinement
 from jem_tf.files import atomic_write_json, remove_path
 from jem_tf.model import energy as energy_lib
-from jem_tf.model.conversion import file_sha256
+from jem_tf.model.conversion import file_sha256, with_temperature
 from jem_tf.model.views import jem_with_views
 from jem_tf.ood import fit_ood_detector
 from jem_tf.run.config import TrainConfig
 from jem_tf.run.config_rules import check_steps_per_execution
 from jem_tf.run.model_files import (
     ClassifierSource,
+    calibrates_source,
     classifier_file,
     load_classifier,
     source_classifier_network,
@@ -137,7 +138,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, verbose="auto",
         config.init_from, image_shape=data.image_shape, num_classes=data.num_classes, sha256=config.init_from_sha256,
         images=splits.train.images)
     source = with_validation_temperature(config, source, splits.validation)
-    if chief and source is not None and config.temperature_scaling:
+    if chief and calibrates_source(config):
         print(f"Temperature: {source.temperature:.4g} (the classifier's logits divided by it; fitted on the "
               "validation split).")
     if config.energy_l2_weight > 0:
@@ -224,6 +225,13 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
         with stage("test_time_augmentation"), strategy.scope():
             model = compile_model(jem_with_views(model, config.test_time_augmentation))
             model.optimizer.build(model.trainable_variables)  # saved built (its state is not the training's)
+    temperature = source.temperature if calibrates_source(config) else None
+    if config.temperature_scaling and not calibrates_source(config):
+        # Calibrated on the validation split, folded into the trained model's linear head (the predictions unchanged).
+        with stage("temperature_scaling"):
+            temperature = metrics_lib.fit_temperature(model.predict(validation.images, batch_size=256, verbose=0),
+                                          validation.labels)
+            with_temperature(model.backbone, temperature, in_place=True)
     refinement = None
     if config.choose_refinement and validation is not None and len(validation.images) > 0:
         # Test-time refinement settings for this model, chosen on the run's validation split and saved with it.
@@ -266,6 +274,9 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
         "final_validation": {k[4:]: float(np.ravel(v[-1])[0]) for k, v in history.history.items()
                              if v and k.startswith("val_")},
     }
+    if temperature is not None:
+        metrics["temperature"] = {"value": temperature, "fitted_to": "the source classifier, before training"
+                                  if calibrates_source(config) else "the trained model"}
     if refinement is not None:
         metrics["refinement"] = {"settings": refinement.settings.describe(), "validation_plain": refinement.plain,
                                  "candidates": refinement.candidates}
