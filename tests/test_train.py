@@ -828,7 +828,7 @@ def test_cli_converts_a_trained_run(classifier_run, tmp_path, capsys):
     assert config["energy_l2_center"] == pytest.approx(mean_energy(source.network, splits.train.images), rel=1e-5)
     metrics = json.load(open(RunLayout(workdir).metrics))
     assert metrics["init_from"] == {"path": os.path.abspath(RunLayout(classifier_run).model), "sha256": digest,
-                                    "kind": "jem-tf model", "changes": []}
+                                    "kind": "jem-tf model", "changes": [], "temperature": 1.0}
     assert metrics["steps"] == 2 * 6 and np.isfinite(metrics["buffer_energy_mean"])  # 1,293 images / 256
     model = keras.models.load_model(RunLayout(workdir).model)
     assert isinstance(model, JEM) and model.chain_init is not None and model.samples_contrastive
@@ -839,6 +839,7 @@ def test_cli_converts_a_trained_run(classifier_run, tmp_path, capsys):
 def test_cli_density_head_conversion_keeps_the_classifiers_predictions_exactly(classifier_run, tmp_path):
     workdir = str(tmp_path / "converted")
     assert train.main(CONVERT + ["--init-from", classifier_run, "--workdir", workdir, "--density-head", "16",
+                                 "--density-head-finetune", "false", "--temperature-scaling", "false",
                                  "--learning-rate", "0.05", "--warmup-steps", "0"]) == 0
     source = load_classifier(classifier_run, image_shape=(8, 8, 1), num_classes=10)
     model = keras.models.load_model(RunLayout(workdir).model)
@@ -860,7 +861,8 @@ def test_cli_temperature_scaling_divides_the_classifiers_logits_by_the_validatio
 
     workdir = str(tmp_path / "calibrated")
     assert train.main(CONVERT + ["--init-from", classifier_run, "--workdir", workdir, "--density-head", "16",
-                                 "--temperature-scaling", "true", "--epochs", "1"]) == 0
+                                 "--density-head-finetune", "false", "--temperature-scaling", "true",
+                                 "--epochs", "1"]) == 0
     config = load_run_config(workdir)
     splits = run_splits(config, load_run_dataset(config=config))
     source = load_classifier(classifier_run, image_shape=(8, 8, 1), num_classes=10)
