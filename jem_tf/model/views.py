@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from jem_tf.choices import TEST_TIME_AUGMENTATIONS
@@ -40,13 +39,19 @@ _VIEWS = {
 _FEATURES_SUFFIX = "_single_view_features"
 
 
+def _views(mode: str) -> tuple:
+    """``mode``'s ``(flip, (dy, dx), weight)`` views; ``ValueError`` naming an unknown mode."""
+    if mode not in _VIEWS:
+        raise ValueError(f"`mode` must be one of {tuple(_VIEWS)}; received {mode!r}")
+    return _VIEWS[mode]
+
+
 class _ViewsLayer(keras.layers.Layer):
     """A layer of one test-time augmentation ``mode`` (its views and weights in ``_VIEWS``)."""
 
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
-        if mode not in _VIEWS:
-            raise ValueError(f"`mode` must be one of {tuple(_VIEWS)}; received {mode!r}")
+        _views(mode)
         self.mode = mode
 
     @property
@@ -121,8 +126,9 @@ def with_test_time_augmentation(network: keras.Model, mode: str) -> keras.Model:
         raise ValueError(f"`mode` must be one of {TEST_TIME_AUGMENTATIONS}; received {mode!r}")
     if mode == "none":
         return network
-    if views_of(network) != "none":
-        raise ValueError(f"{network.name!r} already averages over the {views_of(network)!r} views")
+    wrapped = views_of(network)
+    if wrapped != "none":
+        raise ValueError(f"{network.name!r} already averages over the {wrapped!r} views")
     head = linear_head(network, "test-time augmentation")
     if isinstance(network, keras.Sequential):
         features = keras.Sequential([keras.Input(shape=tuple(network.input_shape[1:]))] + network.layers[:-1],
@@ -147,9 +153,7 @@ def without_test_time_augmentation(network: keras.Model) -> keras.Model:
 
 def view_weights(mode: str) -> Sequence[float]:
     """The views' weights of ``mode`` (they sum to 1)."""
-    if mode not in _VIEWS:
-        raise ValueError(f"`mode` must be one of {tuple(_VIEWS)}; received {mode!r}")
-    return tuple(float(np.float64(weight)) for _, _, weight in _VIEWS[mode])
+    return tuple(float(weight) for _, _, weight in _views(mode))
 
 
 def jem_with_views(model, mode: str):

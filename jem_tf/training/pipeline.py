@@ -230,7 +230,7 @@ def _train(config: TrainConfig, model, layout: RunLayout, splits: RunSplits, *, 
         # Calibrated on the validation split, folded into the trained model's linear head (the predictions unchanged).
         with stage("temperature_scaling"):
             temperature = metrics_lib.fit_temperature(model.predict(validation.images, batch_size=256, verbose=0),
-                                          validation.labels)
+                                                      validation.labels)
             with_temperature(model.backbone, temperature, in_place=True)
     refinement = None
     if config.choose_refinement and validation is not None and len(validation.images) > 0:
