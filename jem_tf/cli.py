@@ -189,11 +189,15 @@ def handle_ctrl_c_while_starting() -> None:
 def exit_process(code: int) -> None:
     """Ends ``python -m jem_tf.<command>`` with ``code``. After a Ctrl-C (130) the streams are flushed and the process
     ends at once: the interpreter's teardown of an interrupted TensorFlow could otherwise end it by SIGINT (status
-    -2 instead of 130; seen in 2 of 12 runs of the Ctrl-C test)."""
+    -2 instead of 130; seen in 2 of 12 runs of the Ctrl-C test). Otherwise the work is done and its code decided, so
+    a Ctrl-C during the teardown (about a second with TensorFlow loaded) is ignored: Python resets a SIGINT handler
+    to the default action before it tears down, which would end a finished command by SIGINT (status -2, no line)."""
     if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIG_IGN is the one disposition the teardown keeps
     sys.exit(code)
 
 

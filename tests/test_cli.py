@@ -215,6 +215,21 @@ def test_another_keras_backend_is_named_at_import():
     assert "ImportError: jem-tf needs Keras's TensorFlow backend, but KERAS_BACKEND='jax'" in result.stderr
 
 
+@pytest.mark.parametrize("code", [0, 1])
+def test_a_ctrl_c_in_the_teardown_after_a_finished_command_keeps_its_exit_code(code):
+    """Python resets SIGINT to the default action before it tears down; a finished command's Ctrl-C there would end
+    it by SIGINT (status -2, no line). An object that sends SIGINT to its own process when the teardown collects it."""
+    script = ("import os, signal, sys\n"
+              "from jem_tf.cli import exit_process\n"
+              "class Late:\n"
+              "    def __del__(self):\n"
+              "        os.kill(os.getpid(), signal.SIGINT)\n"
+              "sys.modules['__main__'].late = Late()\n"
+              f"exit_process({code})\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=CLI_ENV, timeout=120)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["export", "evaluate", "tune"])
 @pytest.mark.parametrize("delay_s", [3.0, 8.0])
