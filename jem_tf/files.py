@@ -5,6 +5,7 @@ removed on any failure, and the clean-up of temporaries that killed processes le
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -161,3 +162,12 @@ def remove_stale_temporaries(directory: str, *patterns: re.Pattern) -> list:
             remove_path(os.path.join(directory, name))
             removed.append(os.path.join(directory, name))
     return removed
+
+
+def file_sha256(path: str, *, chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 of a file's contents, as hex (recorded for a converted run's source)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

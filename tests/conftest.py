@@ -171,6 +171,26 @@ def two_small_cnns():
     return tuple(small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, stages=1, seed=seed) for seed in (0, 1))
 
 
+def functional_cnn(head="softmax"):
+    """A small Functional classifier on 8x8x1 images, 3 classes, fixed random weights; ``head``: its last Dense
+    layer's activation."""
+    import keras
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(6, activation="relu")(x)
+    outputs = keras.layers.Dense(3, activation=head)(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(1)
+    model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in model.get_weights()])
+    return model
+
+
+def images_8x8(n=16, seed=2):
+    """``n`` uniform [-1, 1] images of 8x8x1 (float32)."""
+    return np.random.default_rng(seed).uniform(-1, 1, (n, 8, 8, 1)).astype("float32")
+
+
 def users_cnn(head=None, input_shape=(8, 8, 1), num_classes=3, name=None):
     """A Sequential CNN as users write it; ``head``: None (logits), "softmax" (Dense activation), "layer"
     (a Softmax layer), "activation" (an Activation layer) or "log_softmax"."""

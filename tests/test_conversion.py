@@ -5,33 +5,12 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import _segmenter, users_cnn
+from conftest import _segmenter, functional_cnn, images_8x8, users_cnn
 
 from jem_tf import JEM, SGLDSampler
-from jem_tf.model.conversion import (
-    LastRowOfOnes,
-    check_classifier,
-    check_logits,
-    logits_network,
-    mean_energy,
-    softmax_head,
-    with_density_head,
-    with_temperature,
-)
+from jem_tf.model.conversion import check_classifier, check_logits, logits_network, mean_energy, softmax_head
 
-
-def functional_cnn(head="softmax"):
-    inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Flatten()(inputs)
-    x = keras.layers.Dense(6, activation="relu")(x)
-    outputs = keras.layers.Dense(3, activation=head)(x)
-    model = keras.Model(inputs, outputs)
-    rng = np.random.default_rng(1)
-    model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in model.get_weights()])
-    return model
-
-
-IMAGES = np.random.default_rng(2).uniform(-1, 1, (16, 8, 8, 1)).astype("float32")
+IMAGES = images_8x8()
 
 
 def test_mean_energy_is_the_mean_negative_logsumexp_in_inference_mode():
@@ -210,89 +189,3 @@ def test_what_is_not_a_classifier_of_the_data_is_refused(make, kwargs, message):
         check_classifier(make(), **kwargs)
     with pytest.raises(ValueError, match=message):
         JEM.from_classifier(make(), buffer_size=16, **kwargs)
-
-
-@pytest.mark.parametrize("kind", ["functional", "sequential"])
-def test_a_density_head_keeps_the_classifiers_probabilities_exactly_and_trains_alone(kind):
-    classifier = functional_cnn(head=None) if kind == "functional" else users_cnn()
-    logits = classifier.predict(IMAGES, verbose=0)
-    features = classifier.layers[-1].input.shape[-1]
-    network = with_density_head(logits_network(classifier)[0], units=4, seed=0)
-    np.testing.assert_array_equal(network.predict(IMAGES, verbose=0), logits)  # the offset starts at 0
-    assert [layer.name for layer in network.layers if layer.trainable_weights] == ["density_hidden", "density_offset"]
-    assert network.layers[-1].input.shape[-1] == features + 1  # a linear head on [features, g]
-    rng = np.random.default_rng(0)
-    network.get_layer("density_offset").set_weights([rng.normal(size=(4, 1)).astype("float32"), np.ones(1, "float32")])
-    shifted = network.predict(IMAGES, verbose=0)
-    offsets = shifted - logits  # the same g(x) added to every logit of a row
-    np.testing.assert_allclose(offsets - offsets[:, :1], 0.0, atol=1e-5)
-    assert np.ptp(offsets[:, 0]) > 1e-3
-    np.testing.assert_allclose(keras.ops.softmax(shifted), keras.ops.softmax(logits), atol=1e-6)
-
-
-@pytest.mark.integration  # trains and saves a JEM: about 3 s
-def test_a_density_head_conversion_changes_only_the_energy_and_survives_saving(tmp_path):
-    classifier = functional_cnn(head="softmax")
-    probabilities = classifier.predict(IMAGES, verbose=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the softmax head is taken off, with a warning
-        jem = JEM.from_classifier(classifier, density_head=8, buffer_size=16, sampler=SGLDSampler(n_steps=2),
-                                  px_weight=1.0, seed=0)
-    jem.compile(optimizer=keras.optimizers.Adam(1e-2))
-    before = jem.energy(IMAGES)
-    jem.fit(IMAGES, np.arange(16) % 3, batch_size=8, epochs=2, verbose=0)
-    np.testing.assert_allclose(keras.ops.softmax(jem.predict(IMAGES, verbose=0)), probabilities, atol=1e-5)
-    assert np.abs(jem.energy(IMAGES) - before).max() > 1e-3  # the density moved
-    path = str(tmp_path / "jem.keras")
-    jem.save(path)
-    loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(loaded.energy(IMAGES), jem.energy(IMAGES), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("units, message", [(0, "units >= 1"), (True, "units >= 1")])
-def test_a_density_head_refuses_bad_units_and_networks_without_a_linear_head(units, message):
-    network = logits_network(functional_cnn(head=None))[0]
-    with pytest.raises(ValueError, match=message):
-        with_density_head(network, units=units)
-    inputs = keras.Input((8, 8, 1))
-    pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inputs)))
-    with pytest.raises(ValueError, match=r"ends in a linear Dense layer on \[batch, features\]; 'functional.*' ends"):
-        with_density_head(pooled, units=2)
-
-
-def test_a_temperature_divides_the_logits_of_a_copy():
-    network = logits_network(functional_cnn(head=None))[0]
-    head = network.layers[-1]
-    head.bias.assign(np.linspace(-1, 1, head.bias.shape[0]).astype("float32"))
-    scaled = with_temperature(network, 2.5)
-    np.testing.assert_allclose(scaled(IMAGES).numpy(), network(IMAGES).numpy() / 2.5, rtol=1e-5, atol=1e-6)
-    assert scaled is not network and not {id(v) for v in scaled.weights} & {id(v) for v in network.weights}
-    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2"):
-        with pytest.raises(ValueError, match="finite temperature > 0; received temperature="):
-            with_temperature(network, bad)
-    inputs = keras.Input((8, 8, 1))
-    pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inputs)))
-    with pytest.raises(ValueError, match="a temperature needs a network that ends in a linear Dense layer"):
-        with_temperature(pooled, 2.0)
-
-
-def test_a_density_head_over_a_trained_classifier_keeps_its_row_of_ones(tmp_path):
-    """`train_classifier=True`: the classifier and its head train with the density head; the row that adds g(x) to
-    every logit stays ones through the optimizer's updates and weight decay, and saving."""
-    from jem_tf.model.jem import JEM as JEMClass
-
-    network = with_density_head(logits_network(functional_cnn(head=None))[0], units=4, seed=0, train_classifier=True)
-    head = network.layers[-1]
-    assert head.trainable and len([layer for layer in network.layers if layer.trainable_weights]) > 3
-    jem = JEMClass(network, buffer_size=16, sampler=SGLDSampler(n_steps=2), px_weight=1.0, seed=0)
-    jem.compile(optimizer=keras.optimizers.AdamW(1e-2, weight_decay=0.5))
-    kernel_before = head.kernel.numpy().copy()
-    jem.fit(IMAGES, np.arange(16) % 3, batch_size=8, epochs=2, verbose=0)
-    kernel = head.kernel.numpy()
-    np.testing.assert_array_equal(kernel[-1], np.ones_like(kernel[-1]))
-    assert np.abs(kernel[:-1] - kernel_before[:-1]).max() > 1e-3  # the classifier's own head trained
-    path = str(tmp_path / "jem.keras")
-    jem.save(path)
-    loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(loaded.energy(IMAGES), jem.energy(IMAGES), rtol=1e-5, atol=1e-5)
-    assert isinstance(loaded.backbone.layers[-1].kernel_constraint, LastRowOfOnes)

@@ -22,7 +22,6 @@ for users; :func:`jem_tf.run.model_files.load_classifier` reads a classifier fro
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -30,12 +29,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from jem_tf.keras_workarounds import all_layers
 from jem_tf.model import energy as energy_lib
+from jem_tf.model.heads import LOGIT_ACTIVATIONS, activation_name, is_graph_network
 
 # Activations of a last layer whose pre-activation values are the logits.
 _SOFTMAX_ACTIVATIONS = ("softmax", "log_softmax")
-_LOGIT_ACTIVATIONS = ("linear", None)
 # keras.ops called on a Functional model's tensors: softmax heads, and outputs that are not logits.
 _SOFTMAX_OPS = ("Softmax", "LogSoftmax")
 _BOUNDED_OPS = ("Relu", "Relu6", "Sigmoid", "Tanh", "Softplus", "Softsign", "Elu", "Selu", "Gelu", "Silu",
@@ -61,17 +59,12 @@ class Head(NamedTuple):
     node: int = 0
 
 
-def _activation_name(layer) -> Optional[str]:
-    activation = getattr(layer, "activation", None)
-    return None if activation is None else getattr(activation, "__name__", str(activation))
-
-
 def _passes_values_through(op) -> bool:
     if isinstance(op, _PASS_THROUGH):
         return True
     if isinstance(op, keras.layers.Rescaling):
         return bool(np.all(np.asarray(op.scale) == 1) and np.all(np.asarray(op.offset) == 0))
-    return isinstance(op, keras.layers.Activation) and _activation_name(op) in _LOGIT_ACTIVATIONS
+    return isinstance(op, keras.layers.Activation) and activation_name(op) in LOGIT_ACTIVATIONS
 
 
 def _judge(op, node: int, trailing: tuple) -> Head:
@@ -93,10 +86,10 @@ def _judge(op, node: int, trailing: tuple) -> Head:
         return Head("logits", op, trailing, f"operation {name!r}", node)
     if isinstance(op, _RECTIFIER_LAYERS):
         return Head("bounded", op, trailing, f"layer {name!r} is a {type(op).__name__}", node)
-    activation = _activation_name(op)
+    activation = activation_name(op)
     if activation in _SOFTMAX_ACTIVATIONS:
         return Head("softmax", op, trailing, f"layer {name!r} has activation={activation!r}", node)
-    if activation not in _LOGIT_ACTIVATIONS:
+    if activation not in LOGIT_ACTIVATIONS:
         return Head("bounded", op, trailing, f"layer {name!r} has activation={activation!r}", node)
     return Head("logits", op, trailing, f"layer {name!r}", node)
 
@@ -124,7 +117,7 @@ def find_head(model: keras.Model) -> Head:
     followed by a ``Rescaling`` that changes values is ``"bounded"`` (scaled probabilities are not logits);
     rescaled logits (a temperature) end at that ``Rescaling``. A subclassed model is judged by its last layer
     (its call order is not known)."""
-    if not (_is_graph_network(model) and getattr(model, "outputs", None)):
+    if not (is_graph_network(model) and getattr(model, "outputs", None)):
         layers = getattr(model, "layers", None) or []
         return _judge(layers[-1], 0, ()) if layers else Head("logits", None, (), "no layers")
     passed = []  # (op, node) walked through, nearest the output first
@@ -171,11 +164,6 @@ def check_logits(network: keras.Model, images: np.ndarray, *, max_images: int = 
     if np.allclose(energy_lib.log_px(tf.constant(outputs)).numpy(), 0.0, atol=1e-3):
         raise ValueError("its outputs on the training images are log-probabilities (logsumexp 0 on every image, so "
                          "every energy would be 0), not logits: return the values that enter the log-softmax")
-
-
-def _is_graph_network(model: keras.Model) -> bool:
-    """Plain Functional and Sequential models (whose layer graph ``clone_model`` copies), not subclasses."""
-    return type(model) is keras.Sequential or type(model).__name__ == "Functional"
 
 
 def check_classifier(model, *, image_shape: Optional[Sequence[int]] = None,
@@ -243,7 +231,7 @@ def logits_network(classifier: keras.Model, *, image_shape: Optional[Sequence[in
     """
     check_classifier(classifier, image_shape=image_shape, num_classes=num_classes)
     head = find_head(classifier)
-    if not _is_graph_network(classifier):
+    if not is_graph_network(classifier):
         if head.kind == "softmax":
             raise ValueError(f"the classifier ends in a softmax ({head.where}) and is a subclassed model whose head "
                              "cannot be edited: return logits from its call() (and use from_logits losses)")
@@ -313,99 +301,6 @@ def backbone_from_classifier(classifier: keras.Model, *, image_shape: Optional[S
     return backbone
 
 
-def linear_head(network: keras.Model, what: str) -> keras.layers.Dense:
-    """The last layer of a Functional or Sequential ``network`` when it is a linear ``Dense`` layer on ``[batch, D]``
-    features (the head that :func:`with_density_head`, :func:`with_temperature` and test-time augmentation build on);
-    ``ValueError`` saying that ``what`` needs one otherwise."""
-    head = network.layers[-1] if _is_graph_network(network) and network.layers else None
-    if not isinstance(head, keras.layers.Dense) or _activation_name(head) not in _LOGIT_ACTIVATIONS \
-            or len(head.input.shape) != 2:
-        raise ValueError(f"{what} needs a network that ends in a linear Dense layer on [batch, features]; "
-                         f"{network.name!r} ends in {getattr(head, 'name', None)!r} ({type(head).__name__})")
-    return head
-
-
-def with_temperature(network: keras.Model, temperature: float, *, in_place: bool = False) -> keras.Model:
-    """A copy of ``network`` whose logits are ``f(x) / temperature``: its linear ``Dense`` head's kernel and bias
-    divided by ``temperature`` (:func:`linear_head`). The same predictions; ``p(y|x) = softmax(f / T)``, calibrated when
-    ``T`` is fitted on held-out data (:func:`jem_tf.metrics.fit_temperature`, Guo et al., 2017), and the energy
-    ``-logsumexp(f / T)``. ``network`` is unchanged, unless ``in_place`` (then its head is divided and it is returned:
-    e.g. a trained JEM's ``backbone``).
-
-    Raises:
-        ValueError: ``temperature`` is not a finite number > 0, or ``network`` has no linear ``Dense`` head.
-    """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"with_temperature needs a finite temperature > 0; received temperature={temperature!r}")
-    linear_head(network, "a temperature")
-    if not in_place:
-        network, source = keras.models.clone_model(network), network
-        network.set_weights(source.get_weights())
-    head = network.layers[-1]
-    head.kernel.assign(head.kernel / float(temperature))
-    if head.use_bias:
-        head.bias.assign(head.bias / float(temperature))
-    return network
-
-
-@keras.saving.register_keras_serializable(package="jem_tf")
-class LastRowOfOnes(keras.constraints.Constraint):
-    """Keeps a kernel's last row at ones: the row that adds a density head's offset ``g(x)`` to every logit
-    (:func:`with_density_head` with ``train_classifier=True``), whatever the optimizer and its weight decay do."""
-
-    def __call__(self, kernel):
-        return keras.ops.concatenate([kernel[:-1], keras.ops.ones_like(kernel[-1:])], axis=0)
-
-
-def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] = None,
-                      train_classifier: bool = False) -> keras.Model:
-    """``network`` with its classifier fixed and a trainable energy offset: logits ``f(x) + g(x)``, where ``f`` is
-    ``network``'s logits and ``g(x)`` a scalar from a small MLP (``units`` GELU units, then one linear unit,
-    initialised to 0) on its penultimate features, added to every logit.
-
-    ``softmax(f + g) = softmax(f)``: ``p(y|x)``, hence accuracy and calibration, are exactly the classifier's, and
-    the cross-entropy gives ``g`` no gradient; the JEM's ``p(x)`` term trains ``g`` alone (``log p(x) =
-    logsumexp f(x) + g(x) + const``). A conversion that must keep everything its classifier had.
-
-    Every layer of ``network`` is frozen (``trainable = False``; batch norm then runs in inference mode), in place.
-    The last layer is rebuilt as a frozen ``Dense`` over ``[features, g]`` whose kernel is the head's with a row of
-    ones for ``g``, so the model still ends in a linear head on (now ``D + 1``) penultimate features (what the OOD
-    detector's ``mahalanobis`` and the Fréchet features read).
-
-    ``train_classifier=True``: a fine-tune with a density head. ``network``'s layers keep their ``trainable`` flags
-    and the last ``Dense`` trains too, its row of ones held by a :class:`LastRowOfOnes` constraint: the cross-entropy
-    trains the classifier, the ``p(x)`` term trains both, and ``p(y|x)`` is no longer the classifier's as it was.
-
-    Raises:
-        ValueError: ``units`` is not a positive int, or ``network`` does not end in a linear ``Dense`` layer on
-            ``[batch, D]`` features.
-    """
-    if not (isinstance(units, int) and not isinstance(units, bool) and units >= 1):
-        raise ValueError(f"with_density_head needs units >= 1; received units={units!r}")
-    head = linear_head(network, "a density head")
-    if not train_classifier:
-        for layer in all_layers(network):
-            layer.trainable = False
-    if isinstance(network, keras.Sequential):  # its layers, called on a new input: a Functional graph to extend
-        inputs = features = keras.Input(shape=tuple(network.input_shape[1:]))
-        for layer in network.layers[:-1]:
-            features = layer(features)
-    else:
-        inputs, features = network.inputs, head.input
-    hidden = keras.layers.Dense(units, activation="gelu", kernel_initializer=keras.initializers.HeNormal(seed),
-                                name="density_hidden")(features)
-    offset = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)
-    joined = keras.layers.Concatenate(name="density_features")([features, offset])
-    num_classes = int(head.units)
-    logits = keras.layers.Dense(num_classes, use_bias=head.use_bias, trainable=bool(train_classifier),
-                                kernel_constraint=LastRowOfOnes() if train_classifier else None, name=head.name)
-    logits.build(joined.shape)
-    kernel = np.concatenate([head.kernel.numpy(), np.ones((1, num_classes), np.float32)])
-    logits.set_weights([kernel] + ([head.bias.numpy()] if head.use_bias else []))
-    return keras.Model(inputs, logits(joined), name=network.name)
-
-
 def mean_energy(network: keras.Model, images: np.ndarray, *, max_images: int = 2048, batch_size: int = 256) -> float:
     """The mean energy ``-logsumexp_y f(x)[y]`` of a logits ``network`` (inference mode, float32) on the first
     ``max_images`` of ``images``: where a converted classifier's energies sit before fine-tuning, the centre of
@@ -428,12 +323,3 @@ def mean_energy(network: keras.Model, images: np.ndarray, *, max_images: int = 2
     if not np.isfinite(value):
         raise ValueError(f"the classifier's mean energy on the training images is {value}: its logits are not finite")
     return value
-
-
-def file_sha256(path: str, *, chunk_bytes: int = 1 << 20) -> str:
-    """The SHA-256 of a file's contents, as hex (recorded for a converted run's source)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -13,7 +13,8 @@ from jem_tf.data import inputs
 from jem_tf.model import energy as energy_lib
 from jem_tf.model import generation
 from jem_tf.model.chains import TrainingChains
-from jem_tf.model.conversion import backbone_from_classifier, with_density_head
+from jem_tf.model.conversion import backbone_from_classifier
+from jem_tf.model.heads import with_density_head
 from jem_tf.model.jem_arguments import check_compile_arguments, check_jem_arguments
 from jem_tf.model.objective import jem_objective
 from jem_tf.model.refinement import RefinementSettings
@@ -130,7 +131,7 @@ class JEM(inputs.CheckedInputs, keras.Model):
                 [batch, num_classes]`` (logits or softmax probabilities); a subclassed one must end in logits.
             density_head: 0 (default) trains the classifier's weights; ``N > 0`` keeps them fixed and trains an
                 energy offset of ``N`` hidden units instead, so ``p(y|x)`` stays exactly the classifier's
-                (:func:`jem_tf.model.conversion.with_density_head`).
+                (:func:`jem_tf.model.heads.with_density_head`).
             **kwargs: The :class:`JEM` arguments (``sampler``, ``chain_init``, ``px_weight``, ...).
 
         Example:

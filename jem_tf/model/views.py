@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from jem_tf.choices import TEST_TIME_AUGMENTATIONS
-from jem_tf.model.conversion import linear_head
+from jem_tf.model.heads import linear_head
 
 # (flip, (dy, dx), weight) per view.
 _VIEWS = {

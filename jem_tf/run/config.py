@@ -63,13 +63,13 @@ class TrainConfig:
     frozen_layers: List[str] = dataclasses.field(default_factory=list)
     # Conversion only: 0 fine-tunes the classifier; N > 0 keeps it fixed and trains a density head instead: an energy
     # offset g(x), an MLP of N GELU units on its penultimate features, added to every logit, so that p(y|x) stays
-    # exactly the classifier's and only the p(x) term trains (jem_tf.model.conversion.with_density_head).
+    # exactly the classifier's and only the p(x) term trains (jem_tf.model.heads.with_density_head).
     density_head: int = 0
     # With density_head: also fine-tune the classifier under the head (its cross-entropy and the p(x) term train it;
     # the offset's row of ones stays fixed). p(y|x) then changes, as in a fine-tune.
     density_head_finetune: bool = False
     # Divide the model's logits by the temperature that minimises their NLL on the validation split (Guo et al.,
-    # 2017; jem_tf.model.conversion.with_temperature): calibrated p(y|x), the same predictions. Under a frozen
+    # 2017; jem_tf.model.heads.with_temperature): calibrated p(y|x), the same predictions. Under a frozen
     # classifier's density head it is fitted to the classifier before training (the head trains on the calibrated
     # logits and keeps them); otherwise to the trained model (after test_time_augmentation), folded into its head.
     temperature_scaling: bool = False

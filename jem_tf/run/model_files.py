@@ -12,9 +12,10 @@ import keras
 import numpy as np
 
 from jem_tf.errors import UsageError
-from jem_tf.files import zip_member_is_forged
+from jem_tf.files import file_sha256, zip_member_is_forged
 from jem_tf.metrics import fit_temperature
-from jem_tf.model.conversion import check_logits, file_sha256, logits_network, mean_energy, with_temperature
+from jem_tf.model.conversion import check_logits, logits_network, mean_energy
+from jem_tf.model.heads import with_temperature
 from jem_tf.model.jem import JEM
 from jem_tf.model.views import views_of, with_test_time_augmentation, without_test_time_augmentation
 from jem_tf.run.config import TrainConfig
@@ -118,7 +119,7 @@ def with_validation_temperature(config: TrainConfig, source: Optional[Classifier
                                 ) -> Optional[ClassifierSource]:
     """``source`` with its logits divided by the temperature that minimises their NLL on the run's ``validation``
     split (:class:`jem_tf.run.splits.Split`; :func:`jem_tf.metrics.fit_temperature`,
-    :func:`jem_tf.model.conversion.with_temperature`) when ``config.temperature_scaling`` is on and a frozen
+    :func:`jem_tf.model.heads.with_temperature`) when ``config.temperature_scaling`` is on and a frozen
     classifier's density head will train on it (:func:`calibrates_source`); unchanged otherwise (the config rules
     require a validation split for it)."""
     if source is None or not calibrates_source(config):

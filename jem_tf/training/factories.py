@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from jem_tf.data import make_dataset, make_epochs_dataset, make_semi_supervised_dataset
 from jem_tf.errors import UsageError
-from jem_tf.model.conversion import with_density_head
+from jem_tf.model.heads import with_density_head
 from jem_tf.model.jem import JEM
 from jem_tf.networks import build_backbone, freeze_batch_norm, freeze_layers, whiten_stem, with_precision
 from jem_tf.run.config import TrainConfig

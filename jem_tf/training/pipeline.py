@@ -20,9 +20,9 @@ from jem_tf import metrics as metrics_lib
 from jem_tf.data import ImageDataset, preprocessing_of
 from jem_tf.errors import as_usage_error
 from jem_tf.evaluation.refinement_choice import choose_refinement
-from jem_tf.files import atomic_write_json, remove_path
+from jem_tf.files import atomic_write_json, file_sha256, remove_path
 from jem_tf.model import energy as energy_lib
-from jem_tf.model.conversion import file_sha256, with_temperature
+from jem_tf.model.heads import with_temperature
 from jem_tf.model.views import jem_with_views
 from jem_tf.ood import fit_ood_detector
 from jem_tf.run.config import TrainConfig
