@@ -32,6 +32,7 @@ from conftest import umount as _umount
 
 from jem_tf import JEM, train
 from jem_tf.model.conversion import mean_energy
+from jem_tf.model.heads import with_temperature
 from jem_tf.run.model_files import load_classifier
 from jem_tf.run.splits import load_run_dataset, run_splits
 from jem_tf.run.workdir import RunLayout, load_run_config
@@ -821,14 +822,18 @@ def test_cli_converts_a_trained_run(classifier_run, tmp_path, capsys):
     digest = _sha256(RunLayout(classifier_run).model)
     config = json.load(open(RunLayout(workdir).config))
     assert config["init_from"] == classifier_run and config["init_from_sha256"] == digest and config["finetune"]
-    # The energy L2 term is centred on the classifier's mean energy on the run's training images (recorded).
+    # The energy L2 term is centred on the classifier's mean energy on the run's training images (recorded), the
+    # classifier as the recipe trains on it: divided by its validation temperature under the frozen density head.
     run_config = load_run_config(workdir)
     splits = run_splits(run_config, load_run_dataset(config=run_config))
     source = load_classifier(classifier_run, image_shape=(8, 8, 1), num_classes=10)
-    assert config["energy_l2_center"] == pytest.approx(mean_energy(source.network, splits.train.images), rel=1e-5)
     metrics = json.load(open(RunLayout(workdir).metrics))
+    temperature = metrics["init_from"]["temperature"]
+    assert temperature != 1.0 and metrics["temperature"]["fitted_to"] == "the source classifier, before training"
+    calibrated = with_temperature(source.network, temperature)
+    assert config["energy_l2_center"] == pytest.approx(mean_energy(calibrated, splits.train.images), rel=1e-5)
     assert metrics["init_from"] == {"path": os.path.abspath(RunLayout(classifier_run).model), "sha256": digest,
-                                    "kind": "jem-tf model", "changes": [], "temperature": 1.0}
+                                    "kind": "jem-tf model", "changes": [], "temperature": temperature}
     assert metrics["steps"] == 2 * 6 and np.isfinite(metrics["buffer_energy_mean"])  # 1,293 images / 256
     model = keras.models.load_model(RunLayout(workdir).model)
     assert isinstance(model, JEM) and model.chain_init is not None and model.samples_contrastive
