@@ -4,7 +4,7 @@ divides (:func:`with_temperature`), that a density head extends with an energy o
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import keras
 import numpy as np
@@ -35,6 +35,18 @@ def linear_head(network: keras.Model, what: str) -> keras.layers.Dense:
         raise ValueError(f"{what} needs a network that ends in a linear Dense layer on [batch, features]; "
                          f"{network.name!r} ends in {getattr(head, 'name', None)!r} ({type(head).__name__})")
     return head
+
+
+def head_input(network: keras.Model, head: keras.layers.Dense) -> Tuple[object, keras.KerasTensor]:
+    """``(inputs, features)``: graph tensors of ``network``'s input and of the ``[batch, D]`` features its linear
+    ``head`` (:func:`linear_head`) reads, to build a model on. A Functional network's own (its one image input); a
+    Sequential one's layers but the head, called on a new input (its layers have no graph to extend)."""
+    if not isinstance(network, keras.Sequential):
+        return network.input, head.input
+    inputs = features = keras.Input(shape=tuple(network.input_shape[1:]))
+    for layer in network.layers[:-1]:
+        features = layer(features)
+    return inputs, features
 
 
 def with_temperature(network: keras.Model, temperature: float, *, in_place: bool = False) -> keras.Model:
@@ -99,12 +111,7 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     if not train_classifier:
         for layer in all_layers(network):
             layer.trainable = False
-    if isinstance(network, keras.Sequential):  # its layers, called on a new input: a Functional graph to extend
-        inputs = features = keras.Input(shape=tuple(network.input_shape[1:]))
-        for layer in network.layers[:-1]:
-            features = layer(features)
-    else:
-        inputs, features = network.inputs, head.input
+    inputs, features = head_input(network, head)
     hidden = keras.layers.Dense(units, activation="gelu", kernel_initializer=keras.initializers.HeNormal(seed),
                                 name="density_hidden")(features)
     offset = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)

@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 
 from jem_tf.choices import TEST_TIME_AUGMENTATIONS
-from jem_tf.model.heads import linear_head
+from jem_tf.model.heads import head_input, linear_head
 
 # (flip, (dy, dx), weight) per view.
 _VIEWS = {
@@ -130,11 +130,7 @@ def with_test_time_augmentation(network: keras.Model, mode: str) -> keras.Model:
     if wrapped != "none":
         raise ValueError(f"{network.name!r} already averages over the {wrapped!r} views")
     head = linear_head(network, "test-time augmentation")
-    if isinstance(network, keras.Sequential):
-        features = keras.Sequential([keras.Input(shape=tuple(network.input_shape[1:]))] + network.layers[:-1],
-                                    name=network.name + _FEATURES_SUFFIX)
-    else:
-        features = keras.Model(network.input, head.input, name=network.name + _FEATURES_SUFFIX)
+    features = keras.Model(*head_input(network, head), name=network.name + _FEATURES_SUFFIX)
     images = keras.Input(shape=tuple(network.input_shape[1:]), name="images")
     stacked = ImageViews(mode, name="test_time_views")(images)
     averaged = ViewAverage(mode, name="view_average")(features(stacked))
