@@ -24,7 +24,7 @@ EVALUATION_ONLY_DATASETS = ("mnist_5k",)
 
 # Export (jem_tf.serving, jem_tf.run.splits, jem_tf.ood.outliers).
 CALIBRATION_SPLITS = ("validation", "test")
-OUTLIER_KINDS = ("inverted", "patch_shuffled", "noised", "outlined", "mosaic")
+OUTLIER_KINDS = ("inverted", "patch_shuffled", "noised", "outlined", "mosaic", "coarse")
 ACCEPTED_SHIFTS = ("blurred", "low_contrast", "translated")
 MAX_N_STEPS_LIMIT = 100_000  # the sample signature's hardest bound on n_steps
 DEFAULT_MAX_BATCH_SIZE = 1024  # images per classify / energy request

@@ -27,8 +27,9 @@ STEP_DATA_NOISE, STEP_DRAW, STEP_SGLD, STEP_DRAW_CONDITIONAL, STEP_SGLD_CONDITIO
 SAMPLE_SGLD = STEP_SGLD
 # ReplayBuffer.draw: which chains, which restart, the restart noise, uint8 dequantisation.
 DRAW_INDEX, DRAW_RESTART, DRAW_NOISE, DRAW_DEQUANTIZE = 11, 12, 13, 14
-# ReplayBuffer fresh chains with a uniform_fraction: which chains start from noise, and their noise.
-FRESH_PICK_UNIFORM, FRESH_UNIFORM = 15, 16
+# ReplayBuffer fresh chains with a uniform_fraction / flat_fraction: which chains start from noise (or a flat
+# field), their noise, the flat fields' colours and their spread.
+FRESH_PICK_UNIFORM, FRESH_UNIFORM, FRESH_FLAT, FRESH_FLAT_SPREAD = 15, 16, 17, 18
 # ClassGaussian.sample: the class of each chain, the latent Gaussian, the per-pixel residual.
 INIT_CLASS, INIT_LATENT, INIT_RESIDUAL = 21, 22, 23
 # data.augment_images: the crop offsets and the flips of a batch.
@@ -73,7 +74,8 @@ SALT_GROUPS = {
                                   "STEP_SGLD_CONDITIONAL"),
     "sample/refine call": ("SAMPLE_SGLD",),
     "replay-buffer draw": ("DRAW_INDEX", "DRAW_RESTART", "DRAW_NOISE", "DRAW_DEQUANTIZE"),
-    "fresh chain start": ("FRESH_PICK_UNIFORM", "FRESH_UNIFORM", "INIT_CLASS", "INIT_LATENT", "INIT_RESIDUAL"),
+    "fresh chain start": ("FRESH_PICK_UNIFORM", "FRESH_UNIFORM", "FRESH_FLAT", "FRESH_FLAT_SPREAD", "INIT_CLASS",
+                          "INIT_LATENT", "INIT_RESIDUAL"),
     "augmentation of a batch": ("AUGMENT_CROP", "AUGMENT_FLIP"),
     "semi-supervised batch": ("BATCH_PICK_LABELLED", "BATCH_SHUFFLE_ROWS", "BATCH_AUGMENT"),
     "PGD batch": ("PGD_FIRST_STEP", "PGD_START_RADIUS"),

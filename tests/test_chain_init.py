@@ -12,7 +12,7 @@ import tensorflow as tf
 from conftest import separable_data, tiny_jem
 
 from jem_tf import SGLDSampler, seeds
-from jem_tf.sampling.chain_init import ClassGaussian, start_chains
+from jem_tf.sampling.chain_init import ClassGaussian, flat_fields, start_chains
 from jem_tf.sampling.replay_buffer import ReplayBuffer
 from jem_tf.serving import METADATA_FILE, export_saved_model
 
@@ -155,6 +155,45 @@ def test_a_uniform_fraction_of_fresh_chains_starts_from_noise(tiny_data):
         ReplayBuffer(image_shape=(8, 8, 1), size=10, uniform_fraction=0.5)
 
 
+def test_flat_fields_are_flat_low_frequency_images_in_range_and_seeded():
+    fields = flat_fields([500, 8, 8, 3], [1, 2], value_range=(-1.0, 2.0)).numpy()
+    assert fields.shape == (500, 8, 8, 3) and fields.min() >= -1.0 and fields.max() <= 2.0
+    np.testing.assert_array_equal(fields, flat_fields([500, 8, 8, 3], [1, 2], value_range=(-1.0, 2.0)).numpy())
+    # No detail: neighbouring pixels differ by at most a seventh of the range (a blend of four corner colours).
+    assert np.abs(np.diff(fields, axis=1)).max() <= 3.0 / 7 + 1e-5
+    assert np.abs(np.diff(fields, axis=2)).max() <= 3.0 / 7 + 1e-5
+    spread = fields.std(axis=(1, 2))  # from one colour everywhere to a full blend
+    assert spread.min() < 0.02 and spread.max() > 0.5
+
+
+def test_a_flat_fraction_of_starts_are_flat_fields_and_the_uniform_rows_keep_their_seeds():
+    x, y = separable_data(90)
+    init = ClassGaussian.fit(x, y, num_classes=3, rank=4)
+    kwargs = dict(image_shape=(8, 8, 1), value_range=(-1.0, 1.0), init=init)
+    SEED = tf.constant([9, 0], tf.int64)
+    uniform = start_chains(2000, SEED, uniform_fraction=0.2, **kwargs).numpy()
+    mixed = start_chains(2000, SEED, uniform_fraction=0.2, flat_fraction=0.3, **kwargs).numpy()
+    noise = uniform.reshape(2000, -1).std(axis=1) > 0.45
+    np.testing.assert_array_equal(mixed[noise], uniform[noise])  # the uniform rows and their noise unchanged
+    smooth = np.abs(np.diff(mixed, axis=1)).max(axis=(1, 2, 3)) <= 2.0 / 7 + 1e-5
+    changed = np.any(mixed != uniform, axis=(1, 2, 3))
+    assert abs(changed.mean() - 0.3) < 0.04 and smooth[changed].all()
+    plain = start_chains(2000, SEED, image_shape=(8, 8, 1), value_range=(-1.0, 1.0), flat_fraction=0.5).numpy()
+    assert abs((plain.reshape(2000, -1).std(axis=1) < 0.45).mean() - 0.5) < 0.04  # without init: noise + fields
+    with pytest.raises(ValueError, match="must be at most 1; received 0.8 \\+ 0.3"):
+        start_chains(4, SEED, uniform_fraction=0.8, flat_fraction=0.3, **kwargs)
+    with pytest.raises(ValueError, match="needs images \\[H, W, C\\]"):
+        start_chains(4, SEED, image_shape=(4,), value_range=(-1.0, 1.0), flat_fraction=0.3)
+    buffer = ReplayBuffer(image_shape=(8, 8, 1), size=40, seed=0, init=init, uniform_fraction=0.2, flat_fraction=0.3)
+    assert ReplayBuffer.from_config(buffer.get_config()).flat_fraction == 0.3
+    np.testing.assert_array_equal(buffer._fresh_chains(40, SEED).numpy(),
+                                  start_chains(40, SEED, uniform_fraction=0.2, flat_fraction=0.3, **kwargs).numpy())
+    with pytest.raises(ValueError, match="flat_fraction` must be in \\[0, 1\\]; received flat_fraction=-1"):
+        ReplayBuffer(image_shape=(8, 8, 1), size=10, flat_fraction=-1)
+    with pytest.raises(ValueError, match="must be at most 1"):
+        ReplayBuffer(image_shape=(8, 8, 1), size=10, init=init, uniform_fraction=0.8, flat_fraction=0.3)
+
+
 @pytest.mark.integration
 def test_jem_with_class_gaussians_saves_restores_bit_exactly_and_samples_from_them(tiny_data, tmp_path):
     x, y = tiny_data
@@ -262,17 +301,21 @@ def test_class_gaussian_start_of_given_labels_and_of_prior_drawn_ones():
 @pytest.mark.integration
 def test_one_start_distribution_for_buffer_sample_and_serving(tmp_path):
     """The replay buffer's fresh chains, JEM.sample's default start and the served `sample` signature's are one
-    function (start_chains, with the model's uniform share): the same seed gives the same images."""
+    function (start_chains, with the model's uniform and flat shares): the same seed gives the same images."""
     images, labels = separable_data(90)
     init = ClassGaussian.fit(images, labels, num_classes=3, rank=4)
-    model = tiny_jem(chain_init=init, chain_init_uniform_fraction=0.5, buffer_size=60)
+    model = tiny_jem(chain_init=init, chain_init_uniform_fraction=0.5, chain_init_flat_fraction=0.25, buffer_size=60)
     seed = tf.constant([5, 0], tf.int64)
-    starts = start_chains(40, seed, image_shape=(8, 8, 1), value_range=(-1.0, 1.0), init=init, uniform_fraction=0.5)
+    starts = start_chains(40, seed, image_shape=(8, 8, 1), value_range=(-1.0, 1.0), init=init, uniform_fraction=0.5,
+                          flat_fraction=0.25)
     np.testing.assert_array_equal(model.replay_buffer._fresh_chains(40, seed).numpy(), starts.numpy())
     np.testing.assert_array_equal(model.sample(40, seed=5, n_steps=0), starts.numpy())
-    # About half of the starts are uniform noise (no class Gaussian reaches +-1 pixels this often).
-    saturated = np.mean(np.abs(starts.numpy()) > 0.9, axis=(1, 2, 3))
-    assert 0.25 < np.mean(saturated > 0.03) < 0.75
+    # About half of the starts are uniform noise (i.i.d. pixels: large jumps between neighbours), a quarter flat
+    # fields (neighbours within 2/7), the rest class Gaussians.
+    jumps = np.abs(np.diff(starts.numpy(), axis=2)).max(axis=(1, 2, 3))
+    assert 0.25 < np.mean(jumps > 1.0) < 0.75 and 0.05 < np.mean(jumps <= 2.0 / 7 + 1e-5) < 0.45
+    model.save(str(tmp_path / "m.keras"))
+    assert keras.models.load_model(str(tmp_path / "m.keras")).replay_buffer.flat_fraction == 0.25
     served = tf.saved_model.load(export_saved_model(model, str(tmp_path / "jem"), ood_threshold=0.0,
                                                     max_num_samples=8, max_n_steps=20))
     request = dict(num_samples=tf.constant(8), seed=tf.constant(5, tf.int64), class_label=tf.constant(-1),

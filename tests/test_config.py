@@ -53,6 +53,9 @@ def test_finetune_recipes_need_a_classifier_and_keep_their_datasets_sampler():
     ({"chain_init_uniform_fraction": 0.5},
      "chain_init_uniform_fraction must be 0 unless chain_init is 'class_gaussian'"),
     ({"chain_init": "class_gaussian", "chain_init_uniform_fraction": 1.5}, "chain_init_uniform_fraction must be in"),
+    ({"chain_init_flat_fraction": -0.1}, r"chain_init_flat_fraction must be in \[0, 1 - chain_init_uniform_fraction\]"),
+    ({"chain_init": "class_gaussian", "chain_init_uniform_fraction": 0.5, "chain_init_flat_fraction": 0.6},
+     "chain_init_flat_fraction must be in"),
     ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
     ({"label_smoothing": -0.1}, r"label_smoothing must be in \[0, 1\)"),
 ])

@@ -30,7 +30,8 @@ def test_the_values_that_fix_every_seeded_number():
     assert (seeds.STEP_DATA_NOISE, seeds.STEP_DRAW, seeds.STEP_SGLD, seeds.STEP_DRAW_CONDITIONAL,
             seeds.STEP_SGLD_CONDITIONAL, seeds.SAMPLE_SGLD) == (1, 2, 3, 4, 5, 3)
     assert (seeds.DRAW_INDEX, seeds.DRAW_RESTART, seeds.DRAW_NOISE, seeds.DRAW_DEQUANTIZE,
-            seeds.FRESH_PICK_UNIFORM, seeds.FRESH_UNIFORM) == (11, 12, 13, 14, 15, 16)
+            seeds.FRESH_PICK_UNIFORM, seeds.FRESH_UNIFORM, seeds.FRESH_FLAT, seeds.FRESH_FLAT_SPREAD) == \
+        (11, 12, 13, 14, 15, 16, 17, 18)
     assert (seeds.INIT_CLASS, seeds.INIT_LATENT, seeds.INIT_RESIDUAL) == (21, 22, 23)
     assert (seeds.AUGMENT_CROP, seeds.AUGMENT_FLIP, seeds.BATCH_PICK_LABELLED, seeds.BATCH_SHUFFLE_ROWS,
             seeds.BATCH_AUGMENT, seeds.MAKE_DATASET_AUGMENT) == (1, 2, 1, 2, 3, 7)

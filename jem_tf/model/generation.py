@@ -130,6 +130,7 @@ class Generator:
             x = start_chains(num_samples, seed, image_shape=model.image_shape, value_range=model.value_range,
                              init=model.chain_init if init in ("default", "class_gaussian") else None,
                              uniform_fraction=model.replay_buffer.uniform_fraction if init == "default" else 0.0,
+                             flat_fraction=model.replay_buffer.flat_fraction if init == "default" else 0.0,
                              labels=context[0] if context else None)
         return self._run_sgld(model.sampler, x, seed, n_steps, step_size, noise_std, context)
 

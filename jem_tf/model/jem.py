@@ -59,6 +59,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
             paper's JEM) or a fitted :class:`~jem_tf.sampling.chain_init.ClassGaussian` (JEM++). Default ``None``.
         chain_init_uniform_fraction: With ``chain_init``, the share of fresh chains that start from uniform
             noise instead. Default 0.
+        chain_init_flat_fraction: The share of fresh chains that start from flat, low-frequency fields
+            (:func:`~jem_tf.sampling.chain_init.flat_fields`), with or without ``chain_init``. Default 0.
         energy_start_step: Optimizer step from which the energy terms and SGLD are on. Default 0.
         refinement: The :class:`~jem_tf.model.refinement.RefinementSettings` of :meth:`refine` (usually chosen by
             :func:`jem_tf.evaluation.refinement_choice.choose_refinement`). Default ``None``: see
@@ -82,7 +84,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
                  validate_inputs: bool = True, seed: int = 0,
                  buffer_storage: str = "float32", image_shape: Optional[Sequence[int]] = None,
                  num_classes: Optional[int] = None, chain_init: Optional[ClassGaussian] = None,
-                 chain_init_uniform_fraction: float = 0.0, energy_start_step: int = 0,
+                 chain_init_uniform_fraction: float = 0.0, chain_init_flat_fraction: float = 0.0,
+                 energy_start_step: int = 0,
                  refinement: Optional[RefinementSettings] = None, **kwargs):
         super().__init__(**kwargs)
         args = check_jem_arguments(
@@ -103,7 +106,7 @@ class JEM(inputs.CheckedInputs, keras.Model):
             image_shape=self.image_shape, size=buffer_size, restart_prob=restart_prob,
             num_classes=self.num_classes if self.class_conditional_buffer else None, value_range=self.value_range,
             seed=seed, storage=buffer_storage, init=chain_init, uniform_fraction=chain_init_uniform_fraction,
-            name="replay_buffer")
+            flat_fraction=chain_init_flat_fraction, name="replay_buffer")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.ce_tracker = keras.metrics.Mean(name="ce")
         self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
@@ -392,6 +395,7 @@ class JEM(inputs.CheckedInputs, keras.Model):
             "num_classes": self.num_classes,
             "chain_init": None if self.chain_init is None else serialize(self.chain_init),
             "chain_init_uniform_fraction": self.replay_buffer.uniform_fraction,
+            "chain_init_flat_fraction": self.replay_buffer.flat_fraction,
             "energy_start_step": self.energy_start_step,
             "refinement": None if self.refinement is None else serialize(self.refinement),
         })

@@ -116,9 +116,27 @@ def _mosaic(images, *, value_range, rng):
     return out
 
 
+def _coarse(images, *, value_range, rng):
+    """Four of the image's own pixel colours (picked at random) in its corners, pulled towards the first of them
+    by a random factor in [0, 1] (0: that one colour everywhere) and blended bilinearly from corner to corner:
+    the data's colours with no detail at all (flat and low-frequency inputs, which a density can rank as the
+    most typical of all)."""
+    n, h, w, c = images.shape
+    pixels = images.reshape(n, h * w, c)
+    grid = np.take_along_axis(pixels, rng.integers(0, h * w, size=(n, 4, 1)), axis=1).reshape(n, 2, 2, c)
+    first = grid[:, :1, :1]
+    grid = first + rng.uniform(0.0, 1.0, size=(n, 1, 1, 1)) * (grid - first)
+    rows = np.linspace(0.0, 1.0, h)[None, :, None, None]
+    cols = np.linspace(0.0, 1.0, w)[None, None, :, None]
+    top = grid[:, :1, :1] * (1 - cols) + grid[:, :1, 1:] * cols
+    bottom = grid[:, 1:, :1] * (1 - cols) + grid[:, 1:, 1:] * cols
+    return top * (1 - rows) + bottom * rows
+
+
 KINDS: Dict[str, KindFunction] = {
     "blurred": _blurred, "low_contrast": _low_contrast, "translated": _translated, "inverted": _inverted,
     "patch_shuffled": _patch_shuffled, "noised": _noised, "outlined": _outlined, "mosaic": _mosaic,
+    "coarse": _coarse,
 }
 
 

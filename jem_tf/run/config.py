@@ -137,6 +137,10 @@ class TrainConfig:
     # With class_gaussian: the share of the buffer's fresh chains (fill, restarts) started from uniform noise
     # instead, so that the model also sees images far from the data (its log p(x) can stay blind there).
     chain_init_uniform_fraction: float = 0.0
+    # The share of fresh chains (with either chain_init) started from flat, low-frequency fields (one colour
+    # everywhere up to a smooth 2x2 blend; jem_tf.sampling.chain_init.flat_fields): images without any detail,
+    # which a density never shown them can rank as the most typical of all.
+    chain_init_flat_fraction: float = 0.0
     # Run. strategy: default | mirrored | multi_worker (reads TF_CONFIG) | tpu (untested).
     seed: int = 0
     strategy: str = "default"

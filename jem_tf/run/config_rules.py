@@ -235,6 +235,8 @@ def _check_sampler(config: TrainConfig) -> None:
         _fail(config, "chain_init_uniform_fraction", "in [0, 1]")
     if config.chain_init_uniform_fraction > 0 and config.chain_init != "class_gaussian":
         _fail(config, "chain_init_uniform_fraction", "0 unless chain_init is 'class_gaussian'")
+    if not 0.0 <= config.chain_init_flat_fraction <= 1.0 - config.chain_init_uniform_fraction:
+        _fail(config, "chain_init_flat_fraction", "in [0, 1 - chain_init_uniform_fraction]")
 
 
 def _check_run(config: TrainConfig) -> None:

@@ -196,8 +196,29 @@ class ClassGaussian(keras.layers.Layer):
         return config
 
 
+def flat_fields(shape, seed, *, value_range: Sequence[float]) -> tf.Tensor:
+    """Low-frequency images ``shape`` = ``[N, H, W, C]``: per image, a 2x2 grid of uniform random colours on
+    ``value_range``, pulled towards its mean colour by a uniform random factor in [0, 1] (0: one colour
+    everywhere) and bilinearly stretched to ``H x W``. Images with no detail at all: a density that only ever
+    sees chains near the data (or pixel noise) never learns that they are unlikely."""
+    low, high = value_range
+    shape = tf.cast(shape, tf.int32)
+    num, channels = shape[0], shape[-1]
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+    grid = tf.random.stateless_uniform(tf.stack([num, 2, 2, channels]), seed=seed, minval=low, maxval=high)
+    spread = tf.random.stateless_uniform(tf.stack([num, 1, 1, 1]), seed=seeds.fold(seed, seeds.FRESH_FLAT_SPREAD))
+    mean = tf.reduce_mean(grid, axis=[1, 2], keepdims=True)
+    grid = mean + spread * (grid - mean)
+    # align_corners-style stretch: the four colours sit in the corners, every pixel between is interpolated.
+    rows = tf.linspace(0.0, 1.0, shape[1])[None, :, None, None]
+    cols = tf.linspace(0.0, 1.0, shape[2])[None, None, :, None]
+    top = grid[:, :1, :1] * (1 - cols) + grid[:, :1, 1:] * cols
+    bottom = grid[:, 1:, :1] * (1 - cols) + grid[:, 1:, 1:] * cols
+    return top * (1 - rows) + bottom * rows
+
+
 def start_chains(num, seed, *, image_shape: Sequence[int], value_range: Sequence[float],
-                 init: Optional[ClassGaussian] = None, uniform_fraction: float = 0.0,
+                 init: Optional[ClassGaussian] = None, uniform_fraction: float = 0.0, flat_fraction: float = 0.0,
                  labels: Optional[tf.Tensor] = None, position: Optional[BatchPosition] = None) -> tf.Tensor:
     """``num`` float32 chain starts ``[num, *image_shape]``: the one start distribution of every SGLD chain, the
     replay buffer's fills and restarts in training, :meth:`jem_tf.JEM.sample` and the served ``sample`` signature
@@ -205,27 +226,44 @@ def start_chains(num, seed, *, image_shape: Sequence[int], value_range: Sequence
 
     Uniform noise on ``value_range`` without ``init`` (the paper's JEM); with a fitted :class:`ClassGaussian`,
     its Gaussians of ``labels`` (a row of -1, or ``labels=None``: a class drawn with the class prior), of which a
-    ``uniform_fraction`` share of rows (picked at random) is replaced by uniform noise. ``position``: the random
-    numbers of the global batch, of which this replica keeps its rows (:mod:`jem_tf.sampling.distribution`).
+    ``uniform_fraction`` share of rows (picked at random) is replaced by uniform noise. A ``flat_fraction`` share
+    of rows (with or without ``init``; images ``[H, W, C]`` only) starts from :func:`flat_fields` instead.
+    ``position``: the random numbers of the global batch, of which this replica keeps its rows
+    (:mod:`jem_tf.sampling.distribution`).
 
     Example:
         >>> x0 = start_chains(16, tf.constant([0, 0], tf.int64), image_shape=(8, 8, 1), value_range=(-1, 1))
     """
     low, high = value_range
+    if flat_fraction > 0 and len(image_shape) != 3:
+        raise ValueError(f"`flat_fraction` > 0 needs images [H, W, C]; received image_shape={tuple(image_shape)}")
+    if flat_fraction > 0 and init is not None and uniform_fraction + flat_fraction > 1:
+        raise ValueError(f"`uniform_fraction` + `flat_fraction` must be at most 1; received {uniform_fraction} + "
+                         f"{flat_fraction}")
     shape = tf.concat([tf.reshape(tf.cast(num, tf.int32), [1]), tf.constant(list(image_shape), tf.int32)], axis=0)
 
     def uniform_noise(shape, seed):
         return tf.random.stateless_uniform(shape, seed=seed, minval=low, maxval=high)
 
     if init is None:
-        return replica_random(uniform_noise, shape, position, seed=seed)
-    if labels is not None:  # -1 rows: the class ClassGaussian.sample would draw for the row without labels
-        drawn = init.draw_labels(num, seeds.fold(tf.cast(seed, tf.int64), seeds.INIT_CLASS), position=position)
-        labels = tf.where(labels >= 0, labels, drawn)
-    chains = init.sample(num, seed, labels=labels, position=position)
-    if uniform_fraction == 0:
+        chains, uniform_fraction = replica_random(uniform_noise, shape, position, seed=seed), 0.0
+    else:
+        if labels is not None:  # -1 rows: the class ClassGaussian.sample would draw for the row without labels
+            drawn = init.draw_labels(num, seeds.fold(tf.cast(seed, tf.int64), seeds.INIT_CLASS), position=position)
+            labels = tf.where(labels >= 0, labels, drawn)
+        chains = init.sample(num, seed, labels=labels, position=position)
+    if uniform_fraction == 0 and flat_fraction == 0:
         return chains
-    noise = replica_random(uniform_noise, shape, position, seed=seeds.fold(seed, seeds.FRESH_UNIFORM))
-    picked = replica_random(tf.random.stateless_uniform, shape[:1], position,
-                            seed=seeds.fold(seed, seeds.FRESH_PICK_UNIFORM)) < uniform_fraction
-    return tf.where(tf.reshape(picked, [-1] + [1] * len(image_shape)), noise, chains)
+    pick = replica_random(tf.random.stateless_uniform, shape[:1], position,
+                          seed=seeds.fold(seed, seeds.FRESH_PICK_UNIFORM))
+    row = [-1] + [1] * len(image_shape)
+    if uniform_fraction > 0:
+        noise = replica_random(uniform_noise, shape, position, seed=seeds.fold(seed, seeds.FRESH_UNIFORM))
+        chains = tf.where(tf.reshape(pick < uniform_fraction, row), noise, chains)
+    if flat_fraction > 0:
+        flat = replica_random(lambda shape, seed: flat_fields(shape, seed, value_range=value_range), shape, position,
+                              seed=seeds.fold(seed, seeds.FRESH_FLAT))
+        # The rows after the uniform ones: the same pick, so that a uniform share keeps its rows and seeds.
+        picked = (pick >= uniform_fraction) & (pick < uniform_fraction + flat_fraction)
+        chains = tf.where(tf.reshape(picked, row), flat, chains)
+    return chains

@@ -66,6 +66,10 @@ class ReplayBuffer(keras.layers.Layer):
         uniform_fraction: With ``init``, the share of fresh chains (fill and restarts) that start from
             uniform noise on ``value_range`` instead: chains that only ever start near the data never show
             the model images far from it, so its density can stay blind there. Default 0.
+        flat_fraction: The share of fresh chains (with or without ``init``) that start from low-frequency
+            fields instead (:func:`~jem_tf.sampling.chain_init.flat_fields`: one colour everywhere up to a
+            smooth 2x2 blend), so that the density also learns that images without detail are unlikely.
+            Default 0.
         storage: ``"float32"`` (default) or ``"uint8"``: chains stored as 256 levels of
             ``value_range`` (4x less memory, as IGEBM does). Written chains are clipped to the range and
             quantised; drawn chains are dequantised with uniform noise within their level, so stored
@@ -88,6 +92,7 @@ class ReplayBuffer(keras.layers.Layer):
         storage: str = "float32",
         init: Optional[ClassGaussian] = None,
         uniform_fraction: float = 0.0,
+        flat_fraction: float = 0.0,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")  # The chains stay float32 under mixed precision.
@@ -118,8 +123,15 @@ class ReplayBuffer(keras.layers.Layer):
             raise ValueError(f"`uniform_fraction` must be in [0, 1]; received uniform_fraction={uniform_fraction!r}")
         if uniform_fraction > 0 and init is None:
             raise ValueError("`uniform_fraction` > 0 needs an `init` (without one every fresh chain is uniform noise).")
+        if not (isinstance(flat_fraction, (int, float)) and 0.0 <= flat_fraction <= 1.0):
+            raise ValueError(f"`flat_fraction` must be in [0, 1]; received flat_fraction={flat_fraction!r}")
+        if flat_fraction > 0 and len(image_shape) != 3:
+            raise ValueError(f"`flat_fraction` > 0 needs images [H, W, C]; received image_shape={image_shape}")
+        if uniform_fraction + flat_fraction > 1:
+            raise ValueError(f"`uniform_fraction` + `flat_fraction` must be at most 1; received "
+                             f"{uniform_fraction} + {flat_fraction}")
         self.init = init
-        self.uniform_fraction = float(uniform_fraction)
+        self.uniform_fraction, self.flat_fraction = float(uniform_fraction), float(flat_fraction)
         self.storage = storage
         self.image_shape = image_shape
         self.size = size
@@ -198,10 +210,11 @@ class ReplayBuffer(keras.layers.Layer):
 
     def _fresh_chains(self, num, seed, labels=None, position: Optional[BatchPosition] = None) -> tf.Tensor:
         """``num`` float32 chains from the start distribution (:func:`jem_tf.sampling.chain_init.start_chains`: uniform
-        noise, or ``init``'s Gaussians of ``labels`` with a ``uniform_fraction`` of uniform noise). ``position`` as
-        in :meth:`draw`."""
+        noise, or ``init``'s Gaussians of ``labels`` with a ``uniform_fraction`` of uniform noise; a ``flat_fraction``
+        of flat fields). ``position`` as in :meth:`draw`."""
         return start_chains(num, seed, image_shape=self.image_shape, value_range=self.value_range, init=self.init,
-                            uniform_fraction=self.uniform_fraction, labels=labels, position=position)
+                            uniform_fraction=self.uniform_fraction, flat_fraction=self.flat_fraction, labels=labels,
+                            position=position)
 
     def _init_fill(self, size, seed) -> tf.Tensor:
         """A whole buffer's worth of fresh chains (slot blocks per class for a ``ClassGaussian`` start)."""
@@ -296,6 +309,7 @@ class ReplayBuffer(keras.layers.Layer):
                 "storage": self.storage,
                 "init": None if self.init is None else keras.saving.serialize_keras_object(self.init),
                 "uniform_fraction": self.uniform_fraction,
+                "flat_fraction": self.flat_fraction,
             }
         )
         return config

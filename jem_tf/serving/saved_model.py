@@ -138,7 +138,9 @@ def export_saved_model(model: JEM, export_dir: str, *, version: Optional[int] = 
                              f"{model.chain_init.dim}"
                              f"{', full' if model.chain_init.is_full_rank else ' + per-pixel residual'}"
                              f"), {model.replay_buffer.uniform_fraction:g} of them replaced by uniform noise as in "
-                             "training; class_label -1 draws the class with the training class frequencies"),
+                             "training; class_label -1 draws the class with the training class frequencies")
+                            + (f"; {model.replay_buffer.flat_fraction:g} of them replaced by flat low-frequency fields"
+                               if model.replay_buffer.flat_fraction else ""),
                    "defaults": "class_label -1 = unconditional; step_size <= 0 or noise_std < 0 = trained sampler's",
                    "bounds": "requests above max_num_samples, max_n_steps, max_step_size or max_noise_std are rejected "
                              "before any sampling; samples are clipped to input.value_range"},

@@ -37,7 +37,8 @@ def serving_model(model: JEM, serving_precision: str = "float32") -> JEM:
     return JEM(with_precision(model.backbone, "float32"), sampler=model.sampler, buffer_size=1,
                value_range=model.value_range, seed=model.seed, image_shape=model.image_shape,
                num_classes=model.num_classes, chain_init=model.chain_init,
-               chain_init_uniform_fraction=model.replay_buffer.uniform_fraction, refinement=model.refinement,
+               chain_init_uniform_fraction=model.replay_buffer.uniform_fraction,
+               chain_init_flat_fraction=model.replay_buffer.flat_fraction, refinement=model.refinement,
                name=f"{model.name}_float32")
 
 
@@ -87,7 +88,7 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
         raise ValueError(f"The OOD detector needs a finite threshold; received {detector.threshold!r}")
     ood_components = sorted(set(detector.components) | {"logits"})
     backbone, chain_init = model.backbone, model.chain_init
-    uniform_fraction = model.replay_buffer.uniform_fraction
+    uniform_fraction, flat_fraction = model.replay_buffer.uniform_fraction, model.replay_buffer.flat_fraction
     image_shape, value_range, num_classes = model.image_shape, model.value_range, model.num_classes
     # The sampler's settings without XLA: a portable graph for any TF Serving build.
     sampler = SGLDSampler.from_config({**model.sampler.get_config(), "jit_compile": False})
@@ -150,9 +151,11 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
         stateless_seed = tf.stack([seed, tf.constant(0, tf.int64)])  # JEM.sample's seed s is [s, 0] too
         labels = tf.fill([num_samples], class_label)
         # Where training chains start (chain_init.start_chains): the model's class Gaussians (of class_label, or of
-        # classes drawn with the class prior) with its share of uniform noise, else uniform noise.
+        # classes drawn with the class prior) with its share of uniform noise, else uniform noise; its share of flat
+        # fields.
         x0 = start_chains(num_samples, stateless_seed, image_shape=image_shape, value_range=value_range,
-                          init=chain_init, uniform_fraction=uniform_fraction, labels=labels)
+                          init=chain_init, uniform_fraction=uniform_fraction, flat_fraction=flat_fraction,
+                          labels=labels)
         samples, _ = sampler.sample(
             sampling_energy, x0, seeds.fold(stateless_seed, seeds.SAMPLE_SGLD),
             context=(labels,), n_steps=n_steps, step_size=step_size, noise_std=noise_std)

@@ -111,6 +111,7 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
         seed=config.seed,
         chain_init=chain_init,
         chain_init_uniform_fraction=config.chain_init_uniform_fraction,
+        chain_init_flat_fraction=config.chain_init_flat_fraction,
         energy_start_step=config.classifier_epochs * steps_per_epoch if config.classifier_epochs else 0,
         name="jem",
     )
