@@ -170,6 +170,9 @@ def test_every_command_reports_a_full_disk_and_ctrl_c_in_one_line(command, failu
 def test_a_swallowed_ctrl_c_is_raised_again_and_a_second_one_waits_for_the_clean_up(capsys):
     import signal
 
+    # A command owns Ctrl-C only where Python's own handler is installed: not where the process started with SIGINT
+    # ignored (a background job of a non-interactive shell, as a CI runner may start the suite).
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
     def body():
         try:
             signal.raise_signal(signal.SIGINT)
@@ -178,9 +181,12 @@ def test_a_swallowed_ctrl_c_is_raised_again_and_a_second_one_waits_for_the_clean
         signal.raise_signal(signal.SIGINT)  # a second Ctrl-C during the clean-up: ignored
         return 0
 
-    assert cli.run_command("prog", body) == 130
-    assert capsys.readouterr().err == "prog: interrupted\n"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        assert cli.run_command("prog", body) == 130
+        assert capsys.readouterr().err == "prog: interrupted\n"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, started_with)
 
 
 @pytest.mark.integration
