@@ -217,6 +217,19 @@ def flat_fields(shape, seed, *, value_range: Sequence[float]) -> tf.Tensor:
     return top * (1 - rows) + bottom * rows
 
 
+def check_flat_fraction(flat_fraction, *, uniform_fraction: float, image_shape: Sequence[int]) -> None:
+    """Raises ``ValueError`` unless ``flat_fraction`` is a share in [0, 1] that, with ``uniform_fraction``, leaves
+    at most every row, for images ``[H, W, C]`` when it is above 0 (the one rule of :func:`start_chains` and
+    :class:`~jem_tf.sampling.replay_buffer.ReplayBuffer`)."""
+    if not (isinstance(flat_fraction, (int, float)) and 0.0 <= flat_fraction <= 1.0):
+        raise ValueError(f"`flat_fraction` must be in [0, 1]; received flat_fraction={flat_fraction!r}")
+    if flat_fraction > 0 and len(image_shape) != 3:
+        raise ValueError(f"`flat_fraction` > 0 needs images [H, W, C]; received image_shape={tuple(image_shape)}")
+    if uniform_fraction + flat_fraction > 1:
+        raise ValueError(f"`uniform_fraction` + `flat_fraction` must be at most 1; received {uniform_fraction} + "
+                         f"{flat_fraction}")
+
+
 def start_chains(num, seed, *, image_shape: Sequence[int], value_range: Sequence[float],
                  init: Optional[ClassGaussian] = None, uniform_fraction: float = 0.0, flat_fraction: float = 0.0,
                  labels: Optional[tf.Tensor] = None, position: Optional[BatchPosition] = None) -> tf.Tensor:
@@ -235,11 +248,9 @@ def start_chains(num, seed, *, image_shape: Sequence[int], value_range: Sequence
         >>> x0 = start_chains(16, tf.constant([0, 0], tf.int64), image_shape=(8, 8, 1), value_range=(-1, 1))
     """
     low, high = value_range
-    if flat_fraction > 0 and len(image_shape) != 3:
-        raise ValueError(f"`flat_fraction` > 0 needs images [H, W, C]; received image_shape={tuple(image_shape)}")
-    if flat_fraction > 0 and init is not None and uniform_fraction + flat_fraction > 1:
-        raise ValueError(f"`uniform_fraction` + `flat_fraction` must be at most 1; received {uniform_fraction} + "
-                         f"{flat_fraction}")
+    # Without init every row is uniform noise and uniform_fraction is moot.
+    check_flat_fraction(flat_fraction, uniform_fraction=0.0 if init is None else uniform_fraction,
+                        image_shape=image_shape)
     shape = tf.concat([tf.reshape(tf.cast(num, tf.int32), [1]), tf.constant(list(image_shape), tf.int32)], axis=0)
 
     def uniform_noise(shape, seed):

@@ -13,7 +13,7 @@ import tensorflow as tf
 from jem_tf import seeds
 from jem_tf.choices import BUFFER_STORAGES as STORAGES
 from jem_tf.data.inputs import check_value_range
-from jem_tf.sampling.chain_init import ClassGaussian, start_chains
+from jem_tf.sampling.chain_init import ClassGaussian, check_flat_fraction, start_chains
 from jem_tf.sampling.distribution import BatchPosition, all_gather_rows, replica_random
 
 # A buffer larger than this gets a warning with its size before it is allocated.
@@ -123,13 +123,7 @@ class ReplayBuffer(keras.layers.Layer):
             raise ValueError(f"`uniform_fraction` must be in [0, 1]; received uniform_fraction={uniform_fraction!r}")
         if uniform_fraction > 0 and init is None:
             raise ValueError("`uniform_fraction` > 0 needs an `init` (without one every fresh chain is uniform noise).")
-        if not (isinstance(flat_fraction, (int, float)) and 0.0 <= flat_fraction <= 1.0):
-            raise ValueError(f"`flat_fraction` must be in [0, 1]; received flat_fraction={flat_fraction!r}")
-        if flat_fraction > 0 and len(image_shape) != 3:
-            raise ValueError(f"`flat_fraction` > 0 needs images [H, W, C]; received image_shape={image_shape}")
-        if uniform_fraction + flat_fraction > 1:
-            raise ValueError(f"`uniform_fraction` + `flat_fraction` must be at most 1; received "
-                             f"{uniform_fraction} + {flat_fraction}")
+        check_flat_fraction(flat_fraction, uniform_fraction=uniform_fraction, image_shape=image_shape)
         self.init = init
         self.uniform_fraction, self.flat_fraction = float(uniform_fraction), float(flat_fraction)
         self.storage = storage
