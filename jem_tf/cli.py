@@ -211,7 +211,6 @@ def run_command(prog: str, body: Callable[[], int], *, interrupted: Optional[Cal
                   and signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupted_while_starting))
     unraisablehook = sys.unraisablehook
     if own_sigint:
-        INTERRUPTS.interrupted = False
         signal.signal(signal.SIGINT, INTERRUPTS.handle)
         # A Ctrl-C raised inside a finalizer or weakref callback is "ignored" by Python, which prints its traceback:
         # it is remembered and raised again (above), so only that printout is left out.
@@ -236,3 +235,6 @@ def run_command(prog: str, body: Callable[[], int], *, interrupted: Optional[Cal
         if own_sigint:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             sys.unraisablehook = unraisablehook
+            # The Ctrl-C was this command's: a later command in the process (one that does not own SIGINT, say,
+            # because the process ignores it) must not find it remembered.
+            INTERRUPTS.interrupted = False

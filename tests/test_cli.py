@@ -185,6 +185,9 @@ def test_a_swallowed_ctrl_c_is_raised_again_and_a_second_one_waits_for_the_clean
         assert cli.run_command("prog", body) == 130
         assert capsys.readouterr().err == "prog: interrupted\n"
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # That Ctrl-C was the command's own: the next command, here in a process that ignores SIGINT, succeeds.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert cli.run_command("prog", lambda: 0) == 0
     finally:
         signal.signal(signal.SIGINT, started_with)
 
