@@ -78,6 +78,12 @@ def test_a_density_head_is_added_to_a_converted_classifier_and_refused_without_a
     pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inputs)))
     with pytest.raises(UsageError, match="density_head 5: a density head needs a network that ends in a linear Dense"):
         build_jem(config, image_shape=(8, 8, 1), num_classes=3, backbone=pooled)
+    tapped = build_jem(config.replace(density_head_layers=["stem_act"]), image_shape=(8, 8, 1), num_classes=3,
+                       backbone=small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, seed=0))
+    assert tapped.backbone.get_layer("density_hidden").kernel.shape[0] == 2 * 4 + 16  # stem stats + pooled features
+    with pytest.raises(UsageError, match=r"density_head 5 with density_head_layers \['stem'\]: no layer of .* named"):
+        build_jem(config.replace(density_head_layers=["stem"]), image_shape=(8, 8, 1), num_classes=3,
+                  backbone=small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, seed=0))
 
 
 @pytest.mark.parametrize("overrides, kwargs, message", [

@@ -10,6 +10,7 @@ from conftest import functional_cnn, images_8x8, users_cnn
 from jem_tf import JEM, SGLDSampler
 from jem_tf.model.conversion import logits_network
 from jem_tf.model.heads import LastRowOfOnes, with_density_head, with_temperature
+from jem_tf.model.views import with_test_time_augmentation, without_test_time_augmentation
 
 IMAGES = images_8x8()
 
@@ -60,6 +61,63 @@ def test_a_density_head_refuses_bad_units_and_networks_without_a_linear_head(uni
     pooled = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(inputs)))
     with pytest.raises(ValueError, match=r"ends in a linear Dense layer on \[batch, features\]; 'functional.*' ends"):
         with_density_head(pooled, units=2)
+
+
+def conv_classifier():
+    """A Functional 8x8x1 CNN with logits, fixed random weights: ``conv`` ([B, 8, 8, 4]) then ``pool``."""
+    inputs = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(conv)
+    network = keras.Model(inputs, keras.layers.Dense(3, name="logits")(pooled))
+    rng = np.random.default_rng(3)
+    network.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in network.get_weights()])
+    return network
+
+
+def test_a_density_head_reads_an_earlier_layers_channel_means_and_deviations(tmp_path):
+    classifier = conv_classifier()
+    logits = classifier.predict(IMAGES, verbose=0)
+    # Taken out of test-time views first: the tapped layer's first call then lies in another graph.
+    single_view = without_test_time_augmentation(with_test_time_augmentation(classifier, "flip"))
+    network = with_density_head(single_view, units=4, seed=0, layers=["conv"])
+    np.testing.assert_array_equal(network.predict(IMAGES, verbose=0), logits)  # the offset starts at 0
+    assert [layer.name for layer in network.layers if layer.trainable_weights] == ["density_hidden", "density_offset"]
+    maps = keras.Model(classifier.input, classifier.get_layer("conv").output).predict(IMAGES, verbose=0)
+    read = keras.Model(network.input, network.get_layer("density_inputs").output).predict(IMAGES, verbose=0)
+    np.testing.assert_allclose(read[:, :4], maps.mean(axis=(1, 2)), atol=1e-5)
+    np.testing.assert_allclose(read[:, 4:8], np.sqrt(maps.var(axis=(1, 2)) + 1e-6), atol=1e-5)
+    np.testing.assert_allclose(read[:, 8:], maps.mean(axis=(1, 2)), atol=1e-5)  # the pooled features last
+    hidden = network.get_layer("density_hidden")
+    assert hidden.kernel.shape == (12, 4)
+    rng = np.random.default_rng(0)
+    network.get_layer("density_offset").set_weights([rng.normal(size=(4, 1)).astype("float32"), np.ones(1, "float32")])
+    kernel = hidden.kernel.numpy()
+    kernel[8:] = 0.0  # the offset now depends on the conv layer's statistics alone
+    hidden.kernel.assign(kernel)
+    shifted = network.predict(IMAGES, verbose=0)
+    assert np.ptp((shifted - logits)[:, 0]) > 1e-3
+    np.testing.assert_allclose(keras.ops.softmax(shifted), keras.ops.softmax(logits), atol=1e-6)
+    wrapped = with_test_time_augmentation(network, "flip")  # what a CIFAR-10 conversion serves
+    path = str(tmp_path / "head.keras")
+    wrapped.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path).predict(IMAGES, verbose=0),
+                               wrapped.predict(IMAGES, verbose=0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers, message", [
+    (["pool2"], r"no layer of .* is named 'pool2'; its layers: conv, pool"),
+    (["logits"], "is named 'logits'"), ("conv", "a list of distinct layer names"),
+    (["conv", "conv"], "a list of distinct layer names")])
+def test_a_density_head_refuses_layers_it_cannot_read(layers, message):
+    with pytest.raises(ValueError, match=message):
+        with_density_head(conv_classifier(), units=2, layers=layers)
+    with pytest.raises(ValueError, match="`layers` needs a Functional network; received a Sequential one"):
+        with_density_head(users_cnn(), units=2, layers=["conv"])
+
+
+def test_from_classifier_refuses_density_head_layers_without_a_density_head():
+    with pytest.raises(ValueError, match=r"density_head_layers \['conv'\] needs a density head"):
+        JEM.from_classifier(conv_classifier(), density_head_layers=["conv"])
 
 
 def test_a_temperature_divides_the_logits_of_a_copy():

@@ -4,10 +4,11 @@ divides (:func:`with_temperature`), that a density head extends with an energy o
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from jem_tf.keras_workarounds import all_layers
 
@@ -82,11 +83,66 @@ class LastRowOfOnes(keras.constraints.Constraint):
         return keras.ops.concatenate([kernel[:-1], keras.ops.ones_like(kernel[-1:])], axis=0)
 
 
+@keras.saving.register_keras_serializable(package="jem_tf")
+class FeatureStatistics(keras.layers.Layer):
+    """``[B, H, W, C]`` feature maps -> ``[B, 2C]``: each channel's mean and standard deviation over the positions,
+    in float32 (what a density head reads from an early layer, :func:`with_density_head`'s ``layers``: how much of
+    each low-level pattern an image holds, and how unevenly); ``[B, D]`` features pass through as float32."""
+
+    def call(self, features):
+        features = tf.cast(features, tf.float32)
+        if len(features.shape) == 2:
+            return features
+        axes = list(range(1, len(features.shape) - 1))
+        mean, variance = tf.nn.moments(features, axes=axes)
+        return tf.concat([mean, tf.sqrt(variance + 1e-6)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        channels = input_shape[-1]
+        return (input_shape[0], channels if len(input_shape) == 2 else 2 * channels)
+
+    def compute_output_spec(self, features):
+        return keras.KerasTensor(self.compute_output_shape(features.shape), "float32")
+
+
+def tapped_graph(network: keras.Model, head: keras.layers.Dense, names: Sequence[str]
+                 ) -> Tuple[object, keras.KerasTensor, list]:
+    """``(inputs, features, taps)``: :func:`head_input`'s graph tensors of a Functional ``network`` together with the
+    outputs of its layers named in ``names`` (each ``[B, H, W, C]`` or ``[B, D]``), all in one graph: ``network``'s
+    graph traced again through its own layers (shared, not copied), since a layer's ``output`` is that of its first
+    call, which for a network taken out of another (:mod:`jem_tf.model.views`) lies in a graph of its own.
+
+    Raises:
+        ValueError: an entry of ``names`` is not such a layer of ``network`` (the message lists those there are).
+    """
+    layers = {layer.name: layer for layer in network.layers[1:-1]}
+    usable = [name for name, layer in layers.items() if len(layer.output.shape) in (2, 4)]
+    for name in names:
+        if name not in usable:
+            raise ValueError(f"no layer of {network.name!r} with [batch, H, W, C] or [batch, D] outputs is named "
+                             f"{name!r}; its layers: {', '.join(usable)}")
+    outputs = {}
+
+    def call(layer, *args, **kwargs):
+        result = layer(*args, **kwargs)
+        if layer is head:
+            outputs[head.name] = args[0]
+        elif layer.name in names:
+            outputs[layer.name] = result
+        return result
+
+    traced = keras.models.clone_model(network, clone_function=lambda layer: layer, call_function=call)
+    return traced.input, outputs[head.name], [outputs[name] for name in names]
+
+
 def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] = None,
-                      train_classifier: bool = False) -> keras.Model:
+                      train_classifier: bool = False, layers: Sequence[str] = ()) -> keras.Model:
     """``network`` with its classifier fixed and a trainable energy offset: logits ``f(x) + g(x)``, where ``f`` is
     ``network``'s logits and ``g(x)`` a scalar from a small MLP (``units`` GELU units, then one linear unit,
-    initialised to 0) on its penultimate features, added to every logit.
+    initialised to 0) on its penultimate features, added to every logit. ``layers``: names of earlier layers whose
+    outputs the MLP reads as well, as per-channel means and standard deviations (:class:`FeatureStatistics`; e.g.
+    ``["stem_act"]``): low-level statistics that penultimate features, pooled for classification, may not keep
+    (flat or pixel-shuffled images). Needs a Functional network (a Sequential one's layers are called anew).
 
     ``softmax(f + g) = softmax(f)``: ``p(y|x)``, hence accuracy and calibration, are exactly the classifier's, and
     the cross-entropy gives ``g`` no gradient; the JEM's ``p(x)`` term trains ``g`` alone (``log p(x) =
@@ -102,18 +158,30 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     trains the classifier, the ``p(x)`` term trains both, and ``p(y|x)`` is no longer the classifier's as it was.
 
     Raises:
-        ValueError: ``units`` is not a positive int, or ``network`` does not end in a linear ``Dense`` layer on
-            ``[batch, D]`` features.
+        ValueError: ``units`` is not a positive int, ``network`` does not end in a linear ``Dense`` layer on
+            ``[batch, D]`` features, or ``layers`` names a layer it does not have (or ``network`` is Sequential).
     """
     if not (isinstance(units, int) and not isinstance(units, bool) and units >= 1):
         raise ValueError(f"with_density_head needs units >= 1; received units={units!r}")
     head = linear_head(network, "a density head")
+    if isinstance(layers, str) or len(set(layers)) != len(layers):
+        raise ValueError(f"with_density_head needs `layers` as a list of distinct layer names; received {layers!r}")
+    if layers and isinstance(network, keras.Sequential):
+        raise ValueError("with_density_head's `layers` needs a Functional network; received a Sequential one "
+                         f"({network.name!r})")
+    if layers:
+        inputs, features, taps = tapped_graph(network, head, layers)
+    else:
+        (inputs, features), taps = head_input(network, head), []
     if not train_classifier:
         for layer in all_layers(network):
             layer.trainable = False
-    inputs, features = head_input(network, head)
+    read = features
+    if taps:
+        statistics = [FeatureStatistics(name=f"density_statistics_{name}")(tap) for name, tap in zip(layers, taps)]
+        read = keras.layers.Concatenate(name="density_inputs")(statistics + [features])
     hidden = keras.layers.Dense(units, activation="gelu", kernel_initializer=keras.initializers.HeNormal(seed),
-                                name="density_hidden")(features)
+                                name="density_hidden")(read)
     offset = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)
     joined = keras.layers.Concatenate(name="density_features")([features, offset])
     num_classes = int(head.units)

@@ -125,7 +125,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
         self.build((None,) + self.image_shape)
 
     @classmethod
-    def from_classifier(cls, classifier: keras.Model, *, density_head: int = 0, **kwargs) -> "JEM":
+    def from_classifier(cls, classifier: keras.Model, *, density_head: int = 0, density_head_layers=(),
+                        **kwargs) -> "JEM":
         """A JEM made from a trained Keras classifier, ready for ``compile`` and ``fit`` (fine-tuning): it trains a copy
         whose softmax head gives its logits (:func:`jem_tf.model.conversion.backbone_from_classifier`, with a warning).
 
@@ -135,6 +136,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
             density_head: 0 (default) trains the classifier's weights; ``N > 0`` keeps them fixed and trains an
                 energy offset of ``N`` hidden units instead, so ``p(y|x)`` stays exactly the classifier's
                 (:func:`jem_tf.model.heads.with_density_head`).
+            density_head_layers: Names of the classifier's earlier layers the density head reads as well (their
+                per-channel means and standard deviations), e.g. ``["stem_act"]``.
             **kwargs: The :class:`JEM` arguments (``sampler``, ``chain_init``, ``px_weight``, ...).
 
         Example:
@@ -143,8 +146,12 @@ class JEM(inputs.CheckedInputs, keras.Model):
         """
         backbone = backbone_from_classifier(classifier, image_shape=kwargs.get("image_shape"),
                                             num_classes=kwargs.get("num_classes"))
+        if density_head_layers and not density_head:
+            raise ValueError(f"density_head_layers {list(density_head_layers)!r} needs a density head "
+                             "(density_head > 0)")
         if density_head:
-            backbone = with_density_head(backbone, units=density_head, seed=kwargs.get("seed"))
+            backbone = with_density_head(backbone, units=density_head, seed=kwargs.get("seed"),
+                                         layers=density_head_layers)
         return cls(backbone, **kwargs)
 
     # ----------------------------------------------------------------------------- model API

@@ -68,6 +68,10 @@ class TrainConfig:
     # With density_head: also fine-tune the classifier under the head (its cross-entropy and the p(x) term train it;
     # the offset's row of ones stays fixed). p(y|x) then changes, as in a fine-tune.
     density_head_finetune: bool = False
+    # With density_head: earlier layers of the classifier (exact names, e.g. "stem_act") whose outputs the head reads
+    # as well, as per-channel means and standard deviations: low-level statistics the pooled penultimate features
+    # may not keep (flat or pixel-shuffled images; jem_tf.model.heads.FeatureStatistics).
+    density_head_layers: List[str] = dataclasses.field(default_factory=list)
     # Divide the model's logits by the temperature that minimises their NLL on the validation split (Guo et al.,
     # 2017; jem_tf.model.heads.with_temperature): calibrated p(y|x), the same predictions. Under a frozen
     # classifier's density head it is fitted to the classifier before training (the head trains on the calibrated

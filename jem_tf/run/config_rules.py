@@ -28,7 +28,7 @@ RESUME_FIXED_FIELDS = ("dataset", "image_size", "resize_method", "validation_fra
                        "normalization", "precision", "batch_size", "optimizer", "buffer_size", "buffer_storage",
                        "chain_init", "chain_init_rank", "pxy_weight", "labels_per_class", "labelled_batch_size",
                        "init_from", "init_from_sha256", "freeze_batch_norm", "frozen_layers", "density_head",
-                       "density_head_finetune", "temperature_scaling")
+                       "density_head_finetune", "density_head_layers", "temperature_scaling")
 
 
 def choices() -> Dict[str, tuple]:
@@ -168,6 +168,10 @@ def _check_conversion(config: TrainConfig, *, complete: bool) -> None:
     if config.density_head_finetune and not config.density_head:
         _fail(config, "density_head_finetune", "false with density_head 0 (it fine-tunes the classifier under a "
                                                "density head)")
+    if config.density_head_layers and not config.density_head:
+        _fail(config, "density_head_layers", "empty with density_head 0 (they are what a density head reads)")
+    if len(set(config.density_head_layers)) != len(config.density_head_layers):
+        _fail(config, "density_head_layers", "distinct layer names")
     if config.temperature_scaling and config.validation_fraction <= 0:
         _fail(config, "temperature_scaling", "false with validation_fraction 0 (the temperature is fitted on the "
                                              "validation split)")

@@ -77,9 +77,11 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
     elif config.density_head:
         try:
             backbone = with_density_head(backbone, units=config.density_head, seed=config.seed,
-                                         train_classifier=config.density_head_finetune)
+                                         train_classifier=config.density_head_finetune,
+                                         layers=config.density_head_layers)
         except ValueError as error:  # the user's classifier has no linear head to extend
-            raise UsageError(f"density_head {config.density_head}: {error}") from error
+            layers = f" with density_head_layers {config.density_head_layers}" if config.density_head_layers else ""
+            raise UsageError(f"density_head {config.density_head}{layers}: {error}") from error
     if config.freeze_batch_norm:
         freeze_batch_norm(backbone)
     if config.frozen_layers:
