@@ -186,7 +186,7 @@ def test_a_flat_fraction_of_starts_are_flat_fields_and_the_uniform_rows_keep_the
         start_chains(4, SEED, image_shape=(4,), value_range=(-1.0, 1.0), flat_fraction=0.3)
     buffer = ReplayBuffer(image_shape=(8, 8, 1), size=40, seed=0, init=init, uniform_fraction=0.2, flat_fraction=0.3)
     assert ReplayBuffer.from_config(buffer.get_config()).flat_fraction == 0.3
-    np.testing.assert_array_equal(buffer._fresh_chains(40, SEED).numpy(),
+    np.testing.assert_array_equal(buffer.fresh_chains(40, SEED).numpy(),
                                   start_chains(40, SEED, uniform_fraction=0.2, flat_fraction=0.3, **kwargs).numpy())
     with pytest.raises(ValueError, match="flat_fraction` must be in \\[0, 1\\]; received flat_fraction=-1"):
         ReplayBuffer(image_shape=(8, 8, 1), size=10, flat_fraction=-1)
@@ -308,7 +308,7 @@ def test_one_start_distribution_for_buffer_sample_and_serving(tmp_path):
     seed = tf.constant([5, 0], tf.int64)
     starts = start_chains(40, seed, image_shape=(8, 8, 1), value_range=(-1.0, 1.0), init=init, uniform_fraction=0.5,
                           flat_fraction=0.25)
-    np.testing.assert_array_equal(model.replay_buffer._fresh_chains(40, seed).numpy(), starts.numpy())
+    np.testing.assert_array_equal(model.replay_buffer.fresh_chains(40, seed).numpy(), starts.numpy())
     np.testing.assert_array_equal(model.sample(40, seed=5, n_steps=0), starts.numpy())
     # About half of the starts are uniform noise (i.i.d. pixels: large jumps between neighbours), a quarter flat
     # fields (neighbours within 2/7), the rest class Gaussians.

@@ -4,9 +4,9 @@ behind :meth:`jem_tf.JEM.sample` and :meth:`jem_tf.JEM.refine`.
 One home for what the model and its export share: :func:`sgld_energy` is the target of the training
 chains, of :meth:`~jem_tf.JEM.sample` and of :meth:`~jem_tf.JEM.refine`; :func:`sgld_energy_per_row` is the
 exported ``sample`` signature's (:mod:`jem_tf.serving`); both start where training chains start
-(:func:`jem_tf.sampling.chain_init.start_chains`), and with the same seed salt, so ``JEM.sample(seed=s)`` and a served
-``sample`` request with seed ``s`` draw the same images from a float32 model. :class:`Generator` is what a
-model's ``sample`` and ``refine`` delegate to.
+(:meth:`jem_tf.sampling.replay_buffer.ReplayBuffer.fresh_chains`), and with the same seed salt, so
+``JEM.sample(seed=s)`` and a served ``sample`` request with seed ``s`` draw the same images from a float32 model.
+:class:`Generator` is what a model's ``sample`` and ``refine`` delegate to.
 
 The module sees a model only through its attributes (``logits``, ``sampler``, ``replay_buffer``,
 ``chain_init``, ``class_conditional_buffer``, ``refinement_settings``, ``image_shape``, ``num_classes``,
@@ -125,12 +125,11 @@ class Generator:
             draw_labels = context[0] if context and model.class_conditional_buffer else None
             indices = model.replay_buffer.draw(num_samples, seed, labels=draw_labels).indices
             x = model.replay_buffer.read(indices)
-        else:
-            # The training chains' start ("default"), or one part of it.
+        elif init == "default":  # the training chains' start
+            x = model.replay_buffer.fresh_chains(num_samples, seed, labels=context[0] if context else None)
+        else:  # one part of it
             x = start_chains(num_samples, seed, image_shape=model.image_shape, value_range=model.value_range,
-                             init=model.chain_init if init in ("default", "class_gaussian") else None,
-                             uniform_fraction=model.replay_buffer.uniform_fraction if init == "default" else 0.0,
-                             flat_fraction=model.replay_buffer.flat_fraction if init == "default" else 0.0,
+                             init=model.chain_init if init == "class_gaussian" else None,
                              labels=context[0] if context else None)
         return self._run_sgld(model.sampler, x, seed, n_steps, step_size, noise_std, context)
 

@@ -202,17 +202,18 @@ class ReplayBuffer(keras.layers.Layer):
             return tf.minimum(slot, classes - 1)
         return tf.range(self.size) * classes // self.size
 
-    def _fresh_chains(self, num, seed, labels=None, position: Optional[BatchPosition] = None) -> tf.Tensor:
+    def fresh_chains(self, num, seed, labels=None, position: Optional[BatchPosition] = None) -> tf.Tensor:
         """``num`` float32 chains from the start distribution (:func:`jem_tf.sampling.chain_init.start_chains`: uniform
         noise, or ``init``'s Gaussians of ``labels`` with a ``uniform_fraction`` of uniform noise; a ``flat_fraction``
-        of flat fields). ``position`` as in :meth:`draw`."""
+        of flat fields): where restarts and the fill start, and what ``JEM.sample`` and the served ``sample``
+        signature start from. ``position`` as in :meth:`draw`."""
         return start_chains(num, seed, image_shape=self.image_shape, value_range=self.value_range, init=self.init,
                             uniform_fraction=self.uniform_fraction, flat_fraction=self.flat_fraction, labels=labels,
                             position=position)
 
     def _init_fill(self, size, seed) -> tf.Tensor:
         """A whole buffer's worth of fresh chains (slot blocks per class for a ``ClassGaussian`` start)."""
-        return self._fresh_chains(size, seed, labels=None if self.init is None else self.slot_labels())
+        return self.fresh_chains(size, seed, labels=None if self.init is None else self.slot_labels())
 
     def draw(self, batch_size, seed, labels: Optional[tf.Tensor] = None,
              position: Optional[BatchPosition] = None) -> BufferDraw:
@@ -249,7 +250,7 @@ class ReplayBuffer(keras.layers.Layer):
             x = self._decode(x, replica_random(tf.random.stateless_uniform, tf.shape(x), position,
                                                seed=dequantize_seed))
         restarted = uniform(restart_seed) < self.restart_prob
-        noise = self._fresh_chains(batch_size, noise_seed, labels=labels, position=position)
+        noise = self.fresh_chains(batch_size, noise_seed, labels=labels, position=position)
         mask = tf.reshape(restarted, [-1] + [1] * len(self.image_shape))
         x = tf.where(mask, noise, x)
         return BufferDraw(x=x, indices=indices, restarted=restarted)

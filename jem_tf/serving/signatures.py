@@ -17,7 +17,6 @@ from jem_tf.model import generation
 from jem_tf.model.jem import JEM
 from jem_tf.networks import compute_precision, with_precision
 from jem_tf.ood import SOURCE, FittedDetector
-from jem_tf.sampling.chain_init import start_chains
 from jem_tf.sampling.sgld import SGLDSampler
 from jem_tf.serving.limits import check_max_batch_size, sample_limits
 
@@ -87,8 +86,7 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
     if detector.threshold is None or not np.isfinite(detector.threshold):
         raise ValueError(f"The OOD detector needs a finite threshold; received {detector.threshold!r}")
     ood_components = sorted(set(detector.components) | {"logits"})
-    backbone, chain_init = model.backbone, model.chain_init
-    uniform_fraction, flat_fraction = model.replay_buffer.uniform_fraction, model.replay_buffer.flat_fraction
+    backbone, replay_buffer = model.backbone, model.replay_buffer
     image_shape, value_range, num_classes = model.image_shape, model.value_range, model.num_classes
     # The sampler's settings without XLA: a portable graph for any TF Serving build.
     sampler = SGLDSampler.from_config({**model.sampler.get_config(), "jit_compile": False})
@@ -150,12 +148,10 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
         noise_std = tf.where(noise_std >= 0, noise_std, sampler.noise_std)
         stateless_seed = tf.stack([seed, tf.constant(0, tf.int64)])  # JEM.sample's seed s is [s, 0] too
         labels = tf.fill([num_samples], class_label)
-        # Where training chains start (chain_init.start_chains): the model's class Gaussians (of class_label, or of
-        # classes drawn with the class prior) with its share of uniform noise, else uniform noise; its share of flat
-        # fields.
-        x0 = start_chains(num_samples, stateless_seed, image_shape=image_shape, value_range=value_range,
-                          init=chain_init, uniform_fraction=uniform_fraction, flat_fraction=flat_fraction,
-                          labels=labels)
+        # Where training chains start (ReplayBuffer.fresh_chains): the model's class Gaussians (of class_label, or
+        # of classes drawn with the class prior) with its share of uniform noise, else uniform noise; its share of
+        # flat fields.
+        x0 = replay_buffer.fresh_chains(num_samples, stateless_seed, labels=labels)
         samples, _ = sampler.sample(
             sampling_energy, x0, seeds.fold(stateless_seed, seeds.SAMPLE_SGLD),
             context=(labels,), n_steps=n_steps, step_size=step_size, noise_std=noise_std)
@@ -169,8 +165,8 @@ def build_serving_module(model: JEM, *, ood: FittedDetector, max_num_samples: in
     if scorer.source is not None and any(name.startswith(SOURCE) for name in detector.components):
         # The converted model's detector is (partly) its source classifier's: that network is served too.
         module.source_variables = [variable.value for variable in scorer.source.backbone.variables]
-    if chain_init is not None:  # the class Gaussians the sample signature starts from
-        module.chain_init_variables = [variable.value for variable in chain_init.variables]
+    if replay_buffer.init is not None:  # the class Gaussians the sample signature starts from
+        module.chain_init_variables = [variable.value for variable in replay_buffer.init.variables]
     classify_fn = tf.function(classify, input_signature=[images_spec]).get_concrete_function()
     extra = {}
     if uint8_inputs:
