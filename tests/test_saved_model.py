@@ -53,6 +53,7 @@ def test_versions_are_never_overwritten_and_increment(trained):
         export_saved_model(model, base)
 
 
+@pytest.mark.integration  # two whole exports: about 1 s on an idle 2-core machine, past 2 s in a full run
 def test_two_exports_at_once_never_collide(trained, tmp_path, monkeypatch):
     """Another export writes the chosen version between the check and the rename: the next free version is taken
     (its metadata says which), or, for a version asked for, one error; nothing is overwritten or left behind."""
