@@ -171,15 +171,14 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
                          f"({network.name!r})")
     if layers:
         inputs, features, taps = tapped_graph(network, head, layers)
+        statistics = [FeatureStatistics(name=f"density_statistics_{name}")(tap) for name, tap in zip(layers, taps)]
+        read = keras.layers.Concatenate(name="density_inputs")(statistics + [features])
     else:
-        (inputs, features), taps = head_input(network, head), []
+        inputs, features = head_input(network, head)
+        read = features
     if not train_classifier:
         for layer in all_layers(network):
             layer.trainable = False
-    read = features
-    if taps:
-        statistics = [FeatureStatistics(name=f"density_statistics_{name}")(tap) for name, tap in zip(layers, taps)]
-        read = keras.layers.Concatenate(name="density_inputs")(statistics + [features])
     hidden = keras.layers.Dense(units, activation="gelu", kernel_initializer=keras.initializers.HeNormal(seed),
                                 name="density_hidden")(read)
     offset = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)

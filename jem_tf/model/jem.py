@@ -14,7 +14,6 @@ from jem_tf.model import energy as energy_lib
 from jem_tf.model import generation
 from jem_tf.model.chains import TrainingChains
 from jem_tf.model.conversion import backbone_from_classifier
-from jem_tf.model.heads import with_density_head
 from jem_tf.model.jem_arguments import check_compile_arguments, check_jem_arguments
 from jem_tf.model.objective import jem_objective
 from jem_tf.model.refinement import RefinementSettings
@@ -145,13 +144,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
             >>> jem.compile(optimizer=keras.optimizers.Adam(1e-4))
         """
         backbone = backbone_from_classifier(classifier, image_shape=kwargs.get("image_shape"),
-                                            num_classes=kwargs.get("num_classes"))
-        if density_head_layers and not density_head:
-            raise ValueError(f"density_head_layers {list(density_head_layers)!r} needs a density head "
-                             "(density_head > 0)")
-        if density_head:
-            backbone = with_density_head(backbone, units=density_head, seed=kwargs.get("seed"),
-                                         layers=density_head_layers)
+                                            num_classes=kwargs.get("num_classes"), density_head=density_head,
+                                            density_head_layers=density_head_layers, seed=kwargs.get("seed"))
         return cls(backbone, **kwargs)
 
     # ----------------------------------------------------------------------------- model API

@@ -79,7 +79,7 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
             backbone = with_density_head(backbone, units=config.density_head, seed=config.seed,
                                          train_classifier=config.density_head_finetune,
                                          layers=config.density_head_layers)
-        except ValueError as error:  # the user's classifier has no linear head to extend
+        except ValueError as error:  # no linear head to extend, or no layer of a name in density_head_layers
             layers = f" with density_head_layers {config.density_head_layers}" if config.density_head_layers else ""
             raise UsageError(f"density_head {config.density_head}{layers}: {error}") from error
     if config.freeze_batch_norm:
