@@ -54,14 +54,10 @@ def _rows(images):
     return {row.tobytes() for row in np.asarray(images, np.float32)}
 
 
-def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them(tmp_path):
-    from jem_tf.evaluation import evaluate_ood
-
+def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them():
     rng = np.random.default_rng(0)
     backbone = gaussian_backbone()
     validation = rng.normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
-    test = rng.normal(0, 0.5, (30, 4, 4, 1)).astype(np.float32)
-    ood_sets = {"wide": rng.normal(0, 2.0, (30, 4, 4, 1)).astype(np.float32)}
     scorer = SpyScorer(backbone, value_range=(-4.0, 4.0))
     detector, report = ood.select_detector(scorer, validation, seed=0)
     kinds = names.OUTLIER_KINDS + names.ACCEPTED_SHIFTS
@@ -71,8 +67,21 @@ def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them(t
     assert report["chosen"] == detector.name and report["outlier_kinds"] == list(names.OUTLIER_KINDS)
     assert report["accepted_shifts"] == list(names.ACCEPTED_SHIFTS)
 
-    # Inside the evaluation, the selection gets the validation images only: changing the test images and the
-    # OOD sets does not change the choice or its threshold; the evaluation then reports it on those sets.
+
+def test_inside_the_evaluation_the_selection_gets_the_validation_images_only(tmp_path):
+    # Changing the test images and the OOD sets does not change the choice or its threshold; the evaluation then
+    # reports it on those sets.
+    from jem_tf.evaluation import evaluate_ood
+
+    rng = np.random.default_rng(0)
+    backbone = gaussian_backbone()
+    validation = rng.normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
+    test = rng.normal(0, 0.5, (30, 4, 4, 1)).astype(np.float32)
+    ood_sets = {"wide": rng.normal(0, 2.0, (30, 4, 4, 1)).astype(np.float32)}
+    kinds = names.OUTLIER_KINDS + names.ACCEPTED_SHIFTS
+    made = [outliers.make(kind, validation, value_range=(-4.0, 4.0), seed=1 + i) for i, kind in enumerate(kinds)]
+    allowed = _rows(validation).union(*(_rows(m) for m in made))
+
     class FakeModel:
         value_range = (-4.0, 4.0)
 
