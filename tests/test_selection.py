@@ -124,11 +124,42 @@ def test_fit_ood_detector_of_a_converted_model_chooses_among_both_origins(tiny_d
     origins = {name: row["origin"] for name, row in table.items()}
     assert set(origins.values()) == {"this model", "source classifier", "both"}
     assert origins["source_mahalanobis"] == "source classifier" and origins["mahalanobis"] == "this model"
-    # Ranked by one rule: the chosen candidate has the best worst AUROC up to the tie tolerance.
-    best = max(row["worst"] for row in table.values())
-    chosen = fitted.calibration["selection"]["chosen"]
-    assert table[chosen]["worst"] >= best - fitted.calibration["selection"]["tie_tolerance"]
+    # Ranked by one rule: the source classifier's own choice is the incumbent, and the chosen candidate has the
+    # best worst AUROC among those no worse than it on any kind, up to the tie tolerance.
+    selection = fitted.calibration["selection"]
+    assert selection["incumbent"] == ood.choose({name: row for name, row in table.items()
+                                                 if row["origin"] == "source classifier"},
+                                                selection["outlier_kinds"], 48)["chosen"]
+    assert selection["incumbent"] in selection["eligible"] and selection["chosen"] in selection["eligible"]
+    best = max(table[name]["worst"] for name in selection["eligible"])
+    assert table[selection["chosen"]]["worst"] >= best - selection["tie_tolerance"]
     assert fitted.scorer.source is not None and fitted.metadata()["parameters"]["source"]["network"] == "small_cnn"
     plain = ood.fit_ood_detector(model, x[:48], calibration_split="validation", calibration_labels=y[:48],
                                  train_images=x[48:], train_labels=y[48:])
     assert {row["origin"] for row in plain.calibration["selection"]["candidates"].values()} == {"this model"}
+    assert plain.calibration["selection"]["incumbent"] is None
+
+
+def _row(origin, **aurocs):
+    return {"origin": origin, "worst": min(aurocs.values()), "mean": float(np.mean(list(aurocs.values()))),
+            "mean_accepted": None, **aurocs}
+
+
+def test_a_converted_models_detector_is_never_worse_than_its_classifiers_on_any_kind():
+    """The JEM's candidate with the better worst AUROC loses a kind to the classifier's own choice by more than
+    the standard error: the classifier's stays. One no worse anywhere and better on the worst kind wins."""
+    kinds = ["edges", "flat"]
+    table = {"source_a": _row("source classifier", edges=0.929, flat=0.989),
+             "source_b": _row("source classifier", edges=0.900, flat=0.999),
+             "jem": _row("this model", edges=0.941, flat=0.972),
+             "both": _row("both", edges=0.935, flat=0.9885)}
+    choice = ood.choose(table, kinds, 6000)
+    assert choice["incumbent"] == "source_a"
+    assert choice["eligible"] == ["source_a", "both"]  # 0.9885 is within flat's standard error (1e-3 here)
+    assert choice["chosen"] == "both"
+    table["both"] = _row("both", edges=0.935, flat=0.986)
+    choice = ood.choose(table, kinds, 6000)
+    assert choice["eligible"] == ["source_a"] and choice["chosen"] == "source_a"
+    # Without the classifier's candidates (a model trained as a JEM) the rule ranks every candidate.
+    plain = ood.choose({"jem": table["jem"], "other": _row("this model", edges=0.93, flat=0.99)}, kinds, 6000)
+    assert plain["incumbent"] is None and plain["chosen"] == "jem" and plain["eligible"] == ["jem", "other"]

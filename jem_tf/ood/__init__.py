@@ -9,7 +9,7 @@ that **higher = more in-distribution**. One concept per module:
 * :mod:`~jem_tf.ood.detectors`: :class:`OODDetector`, a named combination of components, and the
   candidates (:func:`default_candidates`);
 * :mod:`~jem_tf.ood.selection`: the rule that picks a candidate on the validation split and outliers made
-  from it (:func:`select_detector`, :data:`SELECTION_RULE`) and the detector an export carries
+  from it (:func:`select_detector`, :data:`SELECTION_RULE`, :func:`choose`) and the detector an export carries
   (:func:`fit_ood_detector`).
 
 The AUROC and its standard error are the metrics of :mod:`jem_tf.metrics`; the evaluation mode that
@@ -19,7 +19,7 @@ reports every detector on OOD sets is :mod:`jem_tf.evaluation.ood_benchmark`.
 from jem_tf.metrics import auroc, auroc_standard_error
 from jem_tf.ood.detectors import REDUCTIONS, OODDetector, Term, default_candidates, origin, single
 from jem_tf.ood.scorer import COMPONENTS, SOURCE, OODScorer, describe, penultimate_model, png_bits, tied_gaussian
-from jem_tf.ood.selection import SELECTION_RULE, FittedDetector, fit_ood_detector, select_detector
+from jem_tf.ood.selection import SELECTION_RULE, FittedDetector, choose, fit_ood_detector, select_detector
 
 __all__ = [
     "COMPONENTS",
@@ -33,6 +33,7 @@ __all__ = [
     "auroc",
     "auroc_standard_error",
     "default_candidates",
+    "choose",
     "describe",
     "fit_ood_detector",
     "origin",

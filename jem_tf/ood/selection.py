@@ -7,6 +7,11 @@ validation split and images :mod:`jem_tf.ood.outliers` makes from it, in two rol
 reported with the share each candidate accepts. None of them is a reported OOD set. The threshold is set
 so that a fraction ``tpr`` (default 95 %) of the validation images is called in-distribution.
 
+A converted model (:func:`jem_tf.JEM.from_classifier`) also has its source classifier's candidates. Their own
+choice, by the same rule, is the *incumbent*: the flag the user already had. A candidate of the JEM replaces it
+only when it is no worse on any outlier kind (:func:`choose`), so that conversion never trades one kind of
+outlier for another on validation.
+
 A likelihood ratio against a background model trained on perturbed inputs (Ren et al., NeurIPS 2019) was
 considered and not built: it needs a second EBM trained per dataset, doubling the training cost that the
 fast recipe exists to cut; the compressor plays the background model's part at no training cost (Serrà et
@@ -32,7 +37,11 @@ SELECTION_RULE = ("max over candidates of the worst AUROC of the validation imag
                   "made from them; candidates within the sampling error of the best worst AUROC (its Hanley-McNeil "
                   "standard error, at least 1e-3) are tied and the tie goes to the higher mean outlier AUROC, "
                   "then the larger share of accepted-shift images accepted at the threshold; accepted shifts never "
-                  "count against a candidate; threshold at the TPR on the validation split")
+                  "count against a candidate; for a converted model, the source classifier's candidates are ranked "
+                  "the same way first and their choice is the incumbent: only candidates at least as good as the "
+                  "incumbent on every outlier kind (within that AUROC's standard error, at least 1e-3) stay in the "
+                  "running, so that conversion never makes the flag worse on validation; threshold at the TPR on "
+                  "the validation split")
 
 
 def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Optional[Sequence[OODDetector]] = None,
@@ -90,15 +99,41 @@ def select_detector(scorer: OODScorer, val_images: np.ndarray, *, candidates: Op
             "accepted_shifts": {kind: {"auroc": auroc(scores_in, scores[kind]), "accepted": accepted[kind]}
                                 for kind in shift_names},
             "mean_accepted": float(np.mean(list(accepted.values()))) if accepted else None}
-    best_worst = max(row["worst"] for row in table.values())
-    tolerance = max(1e-3, auroc_standard_error(best_worst, len(val_images), len(val_images)))
-    finalists = [name for name, row in table.items() if row["worst"] >= best_worst - tolerance]
+    choice = choose(table, outlier_names, len(val_images))
+    report = {"rule": SELECTION_RULE, "outlier_kinds": list(outlier_names), "accepted_shifts": list(shift_names),
+              "num_validation_images": int(len(val_images)), "tpr": tpr, "seed": seed, **choice,
+              "candidates": table}
+    return fitted[choice["chosen"]], report
+
+
+def choose(table: Mapping[str, dict], outlier_kinds: Sequence[str], num_images: int) -> dict:
+    """The choice of :data:`SELECTION_RULE` from a selection table (``{name: {"origin", "worst", "mean",
+    "mean_accepted", kind: AUROC, ...}}`` over ``num_images`` validation images and as many of each kind):
+    ``{"incumbent", "eligible", "tie_tolerance", "finalists", "chosen"}``. ``incumbent`` is the choice among the
+    source classifier's candidates (None without any) and ``eligible`` the candidates no worse than it on any
+    kind: its AUROC there minus that AUROC's Hanley-McNeil standard error, at least 1e-3."""
+    incumbent, eligible = None, list(table)
+    source_side = [name for name, row in table.items() if row["origin"] == "source classifier"]
+    if source_side:
+        incumbent = _ranked(table, source_side, num_images)[0]
+        floors = {kind: table[incumbent][kind] - max(1e-3, auroc_standard_error(table[incumbent][kind], num_images,
+                                                                                num_images))
+                  for kind in outlier_kinds}
+        eligible = [name for name, row in table.items() if all(row[kind] >= floors[kind] for kind in outlier_kinds)]
+    chosen, finalists, tolerance = _ranked(table, eligible, num_images)
+    return {"incumbent": incumbent, "eligible": eligible, "tie_tolerance": tolerance, "finalists": finalists,
+            "chosen": chosen}
+
+
+def _ranked(table: Mapping[str, dict], names: Sequence[str], num_images: int):
+    """``(chosen, finalists, tolerance)`` among ``names`` by the rule: the best worst AUROC, ties within its
+    standard error going to the higher mean, then the larger share of accepted shifts accepted."""
+    best_worst = max(table[name]["worst"] for name in names)
+    tolerance = max(1e-3, auroc_standard_error(best_worst, num_images, num_images))
+    finalists = [name for name in names if table[name]["worst"] >= best_worst - tolerance]
     chosen = max(finalists, key=lambda name: (table[name]["mean"], table[name]["mean_accepted"] or 0.0,
                                               table[name]["worst"]))
-    report = {"rule": SELECTION_RULE, "outlier_kinds": list(outlier_names), "accepted_shifts": list(shift_names),
-              "num_validation_images": int(len(val_images)), "tpr": tpr, "seed": seed, "tie_tolerance": tolerance,
-              "finalists": finalists, "chosen": chosen, "candidates": table}
-    return fitted[chosen], report
+    return chosen, finalists, tolerance
 
 
 @dataclasses.dataclass(frozen=True)
