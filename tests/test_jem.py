@@ -196,10 +196,8 @@ def test_keras_round_trip_keeps_buffer_optimizer_and_resumes_identically(tiny_da
     np.testing.assert_array_equal(loaded.replay_buffer.samples.numpy(), model.replay_buffer.samples.numpy())
 
 
-def test_sample_is_deterministic_and_lowers_energy(tiny_data):
-    x, y = tiny_data
-    model = tiny_jem()
-    model.fit(x, y, batch_size=32, epochs=3, verbose=0)
+def test_sample_is_deterministic_and_lowers_energy(evaluation_jem):
+    model = evaluation_jem[0]  # conftest's tiny JEM, trained once per test run; sampling leaves it unchanged
     a = model.sample(16, seed=3, n_steps=10)
     np.testing.assert_array_equal(a, model.sample(16, seed=3, n_steps=10))
     start = model.sample(16, seed=3, n_steps=0)
