@@ -74,7 +74,7 @@ def too_slow_message(nodeid, marks, wall_seconds, cpu_seconds, limit, gc_seconds
 
 
 class CollectionClock:
-    """Seconds the garbage collector has run since ``start()``, from ``gc.callbacks``."""
+    """A ``gc.callbacks`` entry: ``seconds`` is the garbage collector's run time while it is registered."""
 
     def __init__(self):
         self.seconds = 0.0

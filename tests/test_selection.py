@@ -54,15 +54,19 @@ def _rows(images):
     return {row.tobytes() for row in np.asarray(images, np.float32)}
 
 
-def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them():
-    rng = np.random.default_rng(0)
-    backbone = gaussian_backbone()
+def _validation_and_what_selection_makes(rng):
+    """40 validation images drawn from ``rng`` and the rows the selection may see: them and every kind it makes."""
     validation = rng.normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
-    scorer = SpyScorer(backbone, value_range=(-4.0, 4.0))
-    detector, report = ood.select_detector(scorer, validation, seed=0)
     kinds = names.OUTLIER_KINDS + names.ACCEPTED_SHIFTS
     made = [outliers.make(kind, validation, value_range=(-4.0, 4.0), seed=1 + i) for i, kind in enumerate(kinds)]
-    allowed = _rows(validation).union(*(_rows(m) for m in made))
+    return validation, len(kinds), _rows(validation).union(*(_rows(m) for m in made))
+
+
+def test_selection_sees_only_the_validation_images_and_what_it_makes_from_them():
+    backbone = gaussian_backbone()
+    validation, _, allowed = _validation_and_what_selection_makes(np.random.default_rng(0))
+    scorer = SpyScorer(backbone, value_range=(-4.0, 4.0))
+    detector, report = ood.select_detector(scorer, validation, seed=0)
     assert all(_rows(batch) <= allowed for batch in scorer.seen)
     assert report["chosen"] == detector.name and report["outlier_kinds"] == list(names.OUTLIER_KINDS)
     assert report["accepted_shifts"] == list(names.ACCEPTED_SHIFTS)
@@ -75,12 +79,9 @@ def test_inside_the_evaluation_the_selection_gets_the_validation_images_only(tmp
 
     rng = np.random.default_rng(0)
     backbone = gaussian_backbone()
-    validation = rng.normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
+    validation, num_kinds, allowed = _validation_and_what_selection_makes(rng)
     test = rng.normal(0, 0.5, (30, 4, 4, 1)).astype(np.float32)
     ood_sets = {"wide": rng.normal(0, 2.0, (30, 4, 4, 1)).astype(np.float32)}
-    kinds = names.OUTLIER_KINDS + names.ACCEPTED_SHIFTS
-    made = [outliers.make(kind, validation, value_range=(-4.0, 4.0), seed=1 + i) for i, kind in enumerate(kinds)]
-    allowed = _rows(validation).union(*(_rows(m) for m in made))
 
     class FakeModel:
         value_range = (-4.0, 4.0)
@@ -92,7 +93,7 @@ def test_inside_the_evaluation_the_selection_gets_the_validation_images_only(tmp
         result = evaluate_ood(FakeModel(), test + shift, {k: v + shift for k, v in ood_sets.items()},
                               out_dir=str(tmp_path), scorer=spy, val_images=validation)
         chosen.append((result["detector"]["chosen"], result["detector"]["detector"]["threshold"]))
-        selection_batches = spy.seen[:1 + len(kinds)]
+        selection_batches = spy.seen[:1 + num_kinds]
         assert all(_rows(batch) <= allowed for batch in selection_batches)
         assert result["detector"]["chosen"] in result["metrics"]
     assert chosen[0] == chosen[1]

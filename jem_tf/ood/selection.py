@@ -116,8 +116,7 @@ def choose(table: Mapping[str, dict], outlier_kinds: Sequence[str], num_images: 
     source_side = [name for name, row in table.items() if row["origin"] == "source classifier"]
     if source_side:
         incumbent = _ranked(table, source_side, num_images)[0]
-        floors = {kind: table[incumbent][kind] - max(1e-3, auroc_standard_error(table[incumbent][kind], num_images,
-                                                                                num_images))
+        floors = {kind: table[incumbent][kind] - _sampling_error(table[incumbent][kind], num_images)
                   for kind in outlier_kinds}
         eligible = [name for name, row in table.items() if all(row[kind] >= floors[kind] for kind in outlier_kinds)]
     chosen, finalists, tolerance = _ranked(table, eligible, num_images)
@@ -125,11 +124,17 @@ def choose(table: Mapping[str, dict], outlier_kinds: Sequence[str], num_images: 
             "chosen": chosen}
 
 
+def _sampling_error(value: float, num_images: int) -> float:
+    """The rule's margin for an AUROC of ``value`` over ``num_images`` in and out: its Hanley-McNeil standard
+    error, at least 1e-3."""
+    return max(1e-3, auroc_standard_error(value, num_images, num_images))
+
+
 def _ranked(table: Mapping[str, dict], names: Sequence[str], num_images: int):
     """``(chosen, finalists, tolerance)`` among ``names`` by the rule: the best worst AUROC, ties within its
     standard error going to the higher mean, then the larger share of accepted shifts accepted."""
     best_worst = max(table[name]["worst"] for name in names)
-    tolerance = max(1e-3, auroc_standard_error(best_worst, num_images, num_images))
+    tolerance = _sampling_error(best_worst, num_images)
     finalists = [name for name in names if table[name]["worst"] >= best_worst - tolerance]
     chosen = max(finalists, key=lambda name: (table[name]["mean"], table[name]["mean_accepted"] or 0.0,
                                               table[name]["worst"]))
