@@ -16,6 +16,7 @@ AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")  # jem_tf.data.pipelines
 TEST_TIME_AUGMENTATIONS = ("none", "flip", "flip_shift")  # jem_tf.model.views
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "lanczos", "box", "area")  # jem_tf.data.image_files
 SERVING_PRECISIONS = ("float32", "trained")  # jem_tf.serving
+DENSITY_HEAD_OFFSETS = ("free", "nonpositive")  # jem_tf.model.heads.with_density_head
 
 # Data sets by name (jem_tf.data).
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")

@@ -119,6 +119,8 @@ def test_load_recipe_from_a_path_and_unknown_fields(tmp_path):
     ({"density_head_finetune": True, "init_from": "run"}, "density_head_finetune"),  # no density head
     ({"density_head_layers": ["stem_act"], "init_from": "run"}, "density_head_layers"),  # no density head
     ({"density_head": 8, "init_from": "run", "density_head_layers": ["a", "a"]}, "density_head_layers"),
+    ({"density_head_offset": "nonpositive", "init_from": "run"}, "density_head_offset"),  # no density head
+    ({"density_head": 8, "init_from": "run", "density_head_offset": "positive"}, "density_head_offset"),
     ({"temperature_scaling": True, "init_from": "run", "validation_fraction": 0.0}, "temperature_scaling"),
     ({"test_time_augmentation": "rotate"}, "test_time_augmentation"),
 ])

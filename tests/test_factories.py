@@ -81,6 +81,9 @@ def test_a_density_head_is_added_to_a_converted_classifier_and_refused_without_a
     tapped = build_jem(config.replace(density_head_layers=["stem_act"]), image_shape=(8, 8, 1), num_classes=3,
                        backbone=small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, seed=0))
     assert tapped.backbone.get_layer("density_hidden").kernel.shape[0] == 2 * 4 + 16  # stem stats + pooled features
+    bounded = build_jem(config.replace(density_head_offset="nonpositive"), image_shape=(8, 8, 1), num_classes=3,
+                        backbone=small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, seed=0))
+    np.testing.assert_allclose(bounded.backbone(images), classifier(images) - np.log(2.0), atol=1e-5)  # -softplus(0)
     with pytest.raises(UsageError, match=r"density_head 5 with density_head_layers \['stem'\]: no layer of .* named"):
         build_jem(config.replace(density_head_layers=["stem"]), image_shape=(8, 8, 1), num_classes=3,
                   backbone=small_cnn(num_classes=3, input_shape=(8, 8, 1), width=4, seed=0))

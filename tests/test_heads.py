@@ -115,9 +115,40 @@ def test_a_density_head_refuses_layers_it_cannot_read(layers, message):
         with_density_head(users_cnn(), units=2, layers=["conv"])
 
 
-def test_from_classifier_refuses_density_head_layers_without_a_density_head():
-    with pytest.raises(ValueError, match=r"density_head_layers \['conv'\] needs a density head"):
-        JEM.from_classifier(conv_classifier(), density_head_layers=["conv"])
+def test_a_nonpositive_offset_can_only_lower_log_px_and_survives_saving(tmp_path):
+    classifier = conv_classifier()
+    logits = classifier.predict(IMAGES, verbose=0)
+    network = with_density_head(classifier, units=4, seed=0, layers=["conv"], offset="nonpositive")
+    np.testing.assert_allclose(network.predict(IMAGES, verbose=0) - logits, -np.log(2.0), atol=1e-6)  # -softplus(0)
+    offset = network.get_layer("density_offset")
+    kernel = np.random.default_rng(1).normal(0, 5, (4, 1)).astype("float32")
+    for bias, low, high in ((-20.0, -1e-3, 0.0), (0.0, -np.inf, 0.0), (20.0, -np.inf, -10.0)):
+        offset.set_weights([kernel, np.full(1, bias, "float32")])  # pre-activations far below, around, far above 0
+        g = (network.predict(IMAGES, verbose=0) - logits)[:, 0]
+        assert np.all((g >= low) & (g <= high)), (bias, g)
+        assert bias < 0 or np.ptp(g) > 1e-3
+    np.testing.assert_allclose(keras.ops.softmax(network.predict(IMAGES, verbose=0)), keras.ops.softmax(logits),
+                               atol=1e-6)
+    path = str(tmp_path / "head.keras")
+    network.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path).predict(IMAGES, verbose=0),
+                               network.predict(IMAGES, verbose=0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"offset in \('free', 'nonpositive'\); received offset='negative'"):
+        with_density_head(classifier, units=4, offset="negative")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"density_head_layers": ["conv"]}, r"density_head_layers \['conv'\] needs a density head"),
+    ({"density_head_offset": "nonpositive"}, "density_head_offset 'nonpositive' needs a density head")])
+def test_from_classifier_refuses_density_head_settings_without_a_density_head(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        JEM.from_classifier(conv_classifier(), **kwargs)
+
+
+def test_from_classifier_builds_the_offset_it_is_given():
+    jem = JEM.from_classifier(conv_classifier(), density_head=4, density_head_offset="nonpositive", buffer_size=8,
+                              seed=0)
+    assert jem.backbone.get_layer("density_offset_nonpositive") is not None
 
 
 def test_a_temperature_divides_the_logits_of_a_copy():

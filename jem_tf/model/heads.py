@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from jem_tf.choices import DENSITY_HEAD_OFFSETS
 from jem_tf.keras_workarounds import all_layers
 
 LOGIT_ACTIVATIONS = ("linear", None)
@@ -84,6 +85,15 @@ class LastRowOfOnes(keras.constraints.Constraint):
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")
+class NonPositive(keras.layers.Layer):
+    """``z -> -softplus(z) = -log(1 + e^z)``: a density head's offset bounded above by 0 (:func:`with_density_head`
+    with ``offset="nonpositive"``), smooth, with gradient ``-sigmoid(z)`` everywhere."""
+
+    def call(self, z):
+        return -keras.ops.softplus(z)
+
+
+@keras.saving.register_keras_serializable(package="jem_tf")
 class FeatureStatistics(keras.layers.Layer):
     """``[B, H, W, C]`` feature maps -> ``[B, 2C]``: each channel's mean and standard deviation over the positions,
     in float32 (what a density head reads from an early layer, :func:`with_density_head`'s ``layers``: how much of
@@ -136,13 +146,18 @@ def tapped_graph(network: keras.Model, head: keras.layers.Dense, names: Sequence
 
 
 def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] = None,
-                      train_classifier: bool = False, layers: Sequence[str] = ()) -> keras.Model:
+                      train_classifier: bool = False, layers: Sequence[str] = (), offset: str = "free"
+                      ) -> keras.Model:
     """``network`` with its classifier fixed and a trainable energy offset: logits ``f(x) + g(x)``, where ``f`` is
     ``network``'s logits and ``g(x)`` a scalar from a small MLP (``units`` GELU units, then one linear unit,
     initialised to 0) on its penultimate features, added to every logit. ``layers``: names of earlier layers whose
     outputs the MLP reads as well, as per-channel means and standard deviations (:class:`FeatureStatistics`; e.g.
     ``["stem_act"]``): low-level statistics that penultimate features, pooled for classification, may not keep
     (flat or pixel-shuffled images). Needs a Functional network (a Sequential one's layers are called anew).
+    ``offset``: ``"free"`` (any real ``g``), or ``"nonpositive"``: ``g = -softplus(.) <= 0`` (:class:`NonPositive`,
+    ``-log 2`` everywhere at the start), so that the head can only make an input *less* likely than the classifier's
+    ``logsumexp f`` has it: inputs unlike anything the chains visited (flat images, say) keep at most the
+    classifier's own score instead of whatever the MLP extrapolates to.
 
     ``softmax(f + g) = softmax(f)``: ``p(y|x)``, hence accuracy and calibration, are exactly the classifier's, and
     the cross-entropy gives ``g`` no gradient; the JEM's ``p(x)`` term trains ``g`` alone (``log p(x) =
@@ -158,11 +173,14 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     trains the classifier, the ``p(x)`` term trains both, and ``p(y|x)`` is no longer the classifier's as it was.
 
     Raises:
-        ValueError: ``units`` is not a positive int, ``network`` does not end in a linear ``Dense`` layer on
-            ``[batch, D]`` features, or ``layers`` names a layer it does not have (or ``network`` is Sequential).
+        ValueError: ``units`` is not a positive int, ``offset`` is neither ``"free"`` nor ``"nonpositive"``,
+            ``network`` does not end in a linear ``Dense`` layer on ``[batch, D]`` features, or ``layers`` names a
+            layer it does not have (or ``network`` is Sequential).
     """
     if not (isinstance(units, int) and not isinstance(units, bool) and units >= 1):
         raise ValueError(f"with_density_head needs units >= 1; received units={units!r}")
+    if offset not in DENSITY_HEAD_OFFSETS:
+        raise ValueError(f"with_density_head needs offset in {DENSITY_HEAD_OFFSETS}; received offset={offset!r}")
     head = linear_head(network, "a density head")
     if isinstance(layers, str) or len(set(layers)) != len(layers):
         raise ValueError(f"with_density_head needs `layers` as a list of distinct layer names; received {layers!r}")
@@ -181,8 +199,10 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
             layer.trainable = False
     hidden = keras.layers.Dense(units, activation="gelu", kernel_initializer=keras.initializers.HeNormal(seed),
                                 name="density_hidden")(read)
-    offset = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)
-    joined = keras.layers.Concatenate(name="density_features")([features, offset])
+    g = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)
+    if offset == "nonpositive":
+        g = NonPositive(name="density_offset_nonpositive")(g)
+    joined = keras.layers.Concatenate(name="density_features")([features, g])
     num_classes = int(head.units)
     logits = keras.layers.Dense(num_classes, use_bias=head.use_bias, trainable=bool(train_classifier),
                                 kernel_constraint=LastRowOfOnes() if train_classifier else None, name=head.name)

@@ -125,7 +125,7 @@ class JEM(inputs.CheckedInputs, keras.Model):
 
     @classmethod
     def from_classifier(cls, classifier: keras.Model, *, density_head: int = 0, density_head_layers=(),
-                        **kwargs) -> "JEM":
+                        density_head_offset: str = "free", **kwargs) -> "JEM":
         """A JEM made from a trained Keras classifier, ready for ``compile`` and ``fit`` (fine-tuning): it trains a copy
         whose softmax head gives its logits (:func:`jem_tf.model.conversion.backbone_from_classifier`, with a warning).
 
@@ -137,6 +137,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
                 (:func:`jem_tf.model.heads.with_density_head`).
             density_head_layers: Names of the classifier's earlier layers the density head reads as well (their
                 per-channel means and standard deviations), e.g. ``["stem_act"]``.
+            density_head_offset: ``"free"`` (default) or ``"nonpositive"``: an offset ``g(x) <= 0`` that can only
+                make an input less likely than the classifier's ``logsumexp`` has it.
             **kwargs: The :class:`JEM` arguments (``sampler``, ``chain_init``, ``px_weight``, ...).
 
         Example:
@@ -145,7 +147,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
         """
         backbone = backbone_from_classifier(classifier, image_shape=kwargs.get("image_shape"),
                                             num_classes=kwargs.get("num_classes"), density_head=density_head,
-                                            density_head_layers=density_head_layers, seed=kwargs.get("seed"))
+                                            density_head_layers=density_head_layers,
+                                            density_head_offset=density_head_offset, seed=kwargs.get("seed"))
         return cls(backbone, **kwargs)
 
     # ----------------------------------------------------------------------------- model API

@@ -72,6 +72,10 @@ class TrainConfig:
     # as well, as per-channel means and standard deviations: low-level statistics the pooled penultimate features
     # may not keep (flat or pixel-shuffled images; jem_tf.model.heads.FeatureStatistics).
     density_head_layers: List[str] = dataclasses.field(default_factory=list)
+    # With density_head: "free" lets the offset g(x) take any value; "nonpositive" makes it -softplus(.) <= 0, so
+    # the head can only make an input less likely than the classifier's logsumexp has it, never more (inputs
+    # unlike anything the chains visit, e.g. flat images, keep the classifier's ranking).
+    density_head_offset: str = "free"
     # Divide the model's logits by the temperature that minimises their NLL on the validation split (Guo et al.,
     # 2017; jem_tf.model.heads.with_temperature): calibrated p(y|x), the same predictions. Under a frozen
     # classifier's density head it is fitted to the classifier before training (the head trains on the calibrated

@@ -28,7 +28,8 @@ RESUME_FIXED_FIELDS = ("dataset", "image_size", "resize_method", "validation_fra
                        "normalization", "precision", "batch_size", "optimizer", "buffer_size", "buffer_storage",
                        "chain_init", "chain_init_rank", "pxy_weight", "labels_per_class", "labelled_batch_size",
                        "init_from", "init_from_sha256", "freeze_batch_norm", "frozen_layers", "density_head",
-                       "density_head_finetune", "density_head_layers", "temperature_scaling")
+                       "density_head_finetune", "density_head_layers", "density_head_offset",
+                       "temperature_scaling")
 
 
 def choices() -> Dict[str, tuple]:
@@ -38,7 +39,8 @@ def choices() -> Dict[str, tuple]:
             "strategy": names.STRATEGIES,
             "precision": names.PRECISIONS + ("auto",), "buffer_storage": names.BUFFER_STORAGES,
             "chain_init": names.CHAIN_INITS, "serving_precision": names.SERVING_PRECISIONS,
-            "test_time_augmentation": names.TEST_TIME_AUGMENTATIONS}
+            "test_time_augmentation": names.TEST_TIME_AUGMENTATIONS,
+            "density_head_offset": names.DENSITY_HEAD_OFFSETS}
 
 
 def check_config(config: TrainConfig, *, complete: bool = True) -> None:
@@ -172,6 +174,9 @@ def _check_conversion(config: TrainConfig, *, complete: bool) -> None:
         _fail(config, "density_head_layers", "empty with density_head 0 (they are what a density head reads)")
     if len(set(config.density_head_layers)) != len(config.density_head_layers):
         _fail(config, "density_head_layers", "distinct layer names")
+    _one_of(config, "density_head_offset")
+    if config.density_head_offset != "free" and not config.density_head:
+        _fail(config, "density_head_offset", "'free' with density_head 0 (it bounds a density head's offset)")
     if config.temperature_scaling and config.validation_fraction <= 0:
         _fail(config, "temperature_scaling", "false with validation_fraction 0 (the temperature is fitted on the "
                                              "validation split)")
