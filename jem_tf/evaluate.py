@@ -40,6 +40,10 @@ def build_parser() -> OneLineErrorParser:
                              "(an image folder's test/, class subfolders, or images; resized to the model's size)")
     parser.add_argument("--ood-data-dir", default=None, help="data directory of the named OOD datasets")
     parser.add_argument("--max-ood-images", type=int, default=None, help="cap on images per OOD set")
+    parser.add_argument("--detectors", nargs="+", default=None, metavar="NAME",
+                        help="mode ood: report and select among these candidate detectors only (e.g. log_px: "
+                             "compare recipes by their density, at a fraction of the full selection's cost; "
+                             "default: all, jem_tf.ood.default_candidates)")
     parser.add_argument("--out", required=True, help="output directory for report.json and PNG figures")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(defaults.modes), metavar="MODE",
                         help=f"some of {', '.join(MODES)} (default: {' '.join(defaults.modes)})")
@@ -104,7 +108,7 @@ def evaluation_config_from_args(args: argparse.Namespace) -> EvaluationConfig:
         frechet_images=args.frechet_images, pgd_eps={"linf": tuple(args.pgd_linf_eps), "l2": tuple(args.pgd_l2_eps)},
         pgd_steps=args.pgd_steps, robustness_examples=args.robustness_examples,
         robustness_refine_steps=args.robustness_refine_steps, bpda_eot_samples=args.bpda_eot_samples,
-        batch_size=args.batch_size)
+        detectors=None if args.detectors is None else tuple(args.detectors), batch_size=args.batch_size)
 
 
 def _load_ood_sets(args: argparse.Namespace, x_test, model) -> dict:
@@ -119,6 +123,18 @@ def _load_ood_sets(args: argparse.Namespace, x_test, model) -> dict:
             raise UsageError(f"OOD set {name!r} has images of shape {tuple(images.shape[1:])}; the model takes "
                              f"{tuple(model.image_shape)}.")
     return ood_sets
+
+
+def _named_detectors(parser: OneLineErrorParser, config: EvaluationConfig) -> list:
+    """The candidates ``--detectors`` names (empty without the flag); a one-line error for a name that is none."""
+    from jem_tf.ood import named_candidates
+
+    if config.detectors is None:
+        return []
+    try:
+        return named_candidates(config.detectors)
+    except ValueError as error:
+        parser.error(f"--detectors: {error}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -136,12 +152,14 @@ def _main(argv: Optional[List[str]] = None) -> int:
     # After the flags: TensorFlow, the library (what saved models name) and the evaluation's modules.
     import_library()
     from jem_tf.evaluation import REPORT_FILE, evaluate, load_feature_network, summary_lines
+    from jem_tf.ood import SOURCE
     from jem_tf.run.model_files import load_trained_model, source_classifier_network
     from jem_tf.run.splits import dataset_splits, load_run_dataset
     from jem_tf.run.workdir import check_output_dir, load_run_metrics
 
     with parser.usage_errors():
         check_output_dir(args.out, "--out")
+        detectors = _named_detectors(parser, config)
         model, train_config = load_trained_model(args.model)
         training = load_run_metrics(args.model) if os.path.isdir(args.model) else None
         dataset = args.dataset or (train_config.dataset if train_config else None)
@@ -172,6 +190,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if "ood" in config.modes:
             source_network = source_classifier_network(train_config, image_shape=model.image_shape,
                                                        num_classes=model.num_classes)
+        needs_source = [d.name for d in detectors if any(n.startswith(SOURCE) for n in d.components)]
+        if needs_source and source_network is None:
+            parser.error(f"--detectors {' '.join(needs_source)}: the source classifier's detectors need a "
+                         f"converted run (trained with --init-from); {args.model!r} is not one")
     report = evaluate(
         model, test_images=x_test, test_labels=y_test, out_dir=args.out, config=config, val_images=x_val,
         val_labels=y_val, train_images=x_train, train_labels=y_train, ood_sets=ood_sets, feature_network=network,

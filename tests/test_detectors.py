@@ -85,3 +85,16 @@ def test_the_candidates_of_a_converted_model_include_every_one_of_its_classifier
             (t.weight, t.two_sided, t.standardized) for t in detector.terms]
     assert ood.origin(everything["log_px+source_mahalanobis"]) == "both"
     assert len(everything) == 2 * len(own) + 1
+
+
+def test_named_candidates_are_the_default_ones_in_the_order_asked_and_refuse_unknown_names():
+    chosen = ood.named_candidates(["log_px+0.5*complexity_typicality", "source_log_px", "log_px"])
+    assert [c.name for c in chosen] == ["log_px+0.5*complexity_typicality", "source_log_px", "log_px"]
+    everything = {c.name: c for c in ood.default_candidates(list(ood.COMPONENTS) + ["source_" + c for c in
+                                                                                    ood.COMPONENTS])}
+    assert chosen == [everything[c.name] for c in chosen]
+    for names, message in ((["log_px", "log_pz"], r"\(unknown: log_pz\); the candidates: log_px, max_softmax"),
+                           (["log_px", "log_px"], "distinct candidate names"), ([], "distinct"),
+                           ("log_px", "received 'log_px'")):
+        with pytest.raises(ValueError, match=message):
+            ood.named_candidates(names)

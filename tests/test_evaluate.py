@@ -49,6 +49,8 @@ def test_cli_on_a_training_workdir(digits_run, tmp_path, capsys):
     (["--num-bins", "0"], "--num-bins must be >= 1"),
     (["--refine-steps", "-1"], "--refine-steps"),
     (["--ood", "mnist_5k"], "mnist_5k"),  # 28x28 images for an 8x8 model, or the file is missing
+    (["--detectors", "log_px", "logpx"], "--detectors: detectors must be distinct candidate names"),
+    (["--detectors", "source_log_px"], "need a converted run"),
 ])
 def test_cli_errors_are_one_line(digits_run, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:

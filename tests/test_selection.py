@@ -99,6 +99,31 @@ def test_inside_the_evaluation_the_selection_gets_the_validation_images_only(tmp
     assert chosen[0] == chosen[1]
 
 
+def test_an_evaluation_restricted_to_named_candidates_reports_and_selects_among_them_alone(tmp_path):
+    from jem_tf.evaluation import evaluate_ood
+
+    rng = np.random.default_rng(0)
+    backbone = gaussian_backbone()
+    validation = rng.normal(0, 0.5, (40, 4, 4, 1)).astype(np.float32)
+    test = rng.normal(0, 0.5, (30, 4, 4, 1)).astype(np.float32)
+
+    class FakeModel:
+        value_range = (-4.0, 4.0)
+
+    FakeModel.backbone = backbone
+    scorer = SpyScorer(backbone, value_range=(-4.0, 4.0))
+    result = evaluate_ood(FakeModel(), test, {"wide": rng.normal(0, 2.0, (30, 4, 4, 1)).astype(np.float32)},
+                          out_dir=str(tmp_path), scorer=scorer, val_images=validation,
+                          candidates=ood.named_candidates(["max_softmax", "log_px"]))
+    assert set(result["metrics"]) == {"max_softmax", "log_px"}
+    assert set(result["detector"]["selection"]["candidates"]) == {"max_softmax", "log_px"}
+    assert result["settings"]["candidates"] == ["max_softmax", "log_px"]
+    assert result["detector"]["chosen"] in ("max_softmax", "log_px")
+    with pytest.raises(ValueError, match="mahalanobis needs mahalanobis .*the scorer has log_px"):
+        evaluate_ood(FakeModel(), test, {"wide": test}, out_dir=str(tmp_path), scorer=scorer,
+                     candidates=ood.named_candidates(["mahalanobis"]))
+
+
 def test_auroc_standard_error_and_the_tie_tolerance():
     # Hanley & McNeil's worked example: AUROC 0.8 with 50 and 50 cases has a standard error of about 0.043.
     assert abs(metrics.auroc_standard_error(0.8, 50, 50) - 0.043) < 0.002

@@ -18,7 +18,7 @@ from jem_tf import figures, metrics, seeds
 from jem_tf.data import is_image_folder_name, load_dataset, load_image_folder_images
 from jem_tf.evaluation.settings import SYNTHETIC_OOD
 from jem_tf.model.jem import JEM
-from jem_tf.ood import COMPONENTS, OODScorer, default_candidates, outliers, select_detector
+from jem_tf.ood import COMPONENTS, OODDetector, OODScorer, default_candidates, outliers, select_detector
 
 # The single scores (components that are scores by themselves); mode ``ood`` also reports the combined
 # detectors of jem_tf.ood.default_candidates.
@@ -84,7 +84,8 @@ def ood_scores(model: JEM, images: np.ndarray, *, temperature: float = 1.0,
 
 def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.ndarray], *, out_dir: str,
                  scorer: Optional[OODScorer] = None, val_images: Optional[np.ndarray] = None,
-                 temperature_source: str = "given", tpr: float = 0.95, seed: int = 0,
+                 candidates: Optional[Sequence[OODDetector]] = None, temperature_source: str = "given",
+                 tpr: float = 0.95, seed: int = 0,
                  outlier_kinds: outliers.Kinds = names.OUTLIER_KINDS,
                  accepted_shifts: outliers.Kinds = names.ACCEPTED_SHIFTS, batch_size: int = 256) -> dict:
     """OOD detection metrics of every candidate detector of :mod:`jem_tf.ood` (each component alone and the
@@ -95,6 +96,12 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
     made from them alone (:mod:`jem_tf.ood.outliers`), and reported as
     ``detector`` (``chosen``, its threshold, the selection table, and how it does on each OOD set here).
     ``scorer``: a fitted :class:`~jem_tf.ood.OODScorer` (default: temperature 1, no Mahalanobis).
+    ``candidates``: the detectors to report and select among (default: every one of
+    :func:`jem_tf.ood.default_candidates` the scorer can compute; e.g. :func:`jem_tf.ood.named_candidates`).
+
+    Raises:
+        ValueError: no OOD set, a set of another image shape, or a candidate needing a component ``scorer``
+            cannot compute.
     """
     if not ood_sets:
         raise ValueError("`ood_sets` is empty; name at least one OOD set.")
@@ -103,7 +110,14 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
             raise ValueError(f"OOD set {name!r} has images of shape {tuple(images.shape[1:])}; the model takes "
                              f"{tuple(in_images.shape[1:])}.")
     scorer = scorer or OODScorer(model.backbone, value_range=model.value_range)
-    candidates = default_candidates(scorer.available)
+    if candidates is None:
+        candidates = default_candidates(scorer.available)
+    missing = {c.name: sorted(set(c.components) - set(scorer.available)) for c in candidates}
+    if not candidates or any(missing.values()):
+        raise ValueError("evaluate_ood's candidates must be computable by its scorer; "
+                         + ("none given" if not candidates else "; ".join(
+                             f"{name} needs {', '.join(parts)}" for name, parts in missing.items() if parts))
+                         + f" (the scorer has {', '.join(scorer.available)})")
     components = sorted({name for candidate in candidates for name in candidate.components})
     chosen, selection, reference = None, None, None
     if val_images is not None and len(val_images) >= 20:
@@ -141,7 +155,7 @@ def evaluate_ood(model: JEM, in_images: np.ndarray, ood_sets: Mapping[str, np.nd
                       **{f"{set_name}_mean": float(np.mean(part(score, i + 1))) for i, set_name in enumerate(names)}}
                for name, score in scores.items()}
     report = {"metrics": results, "score_means": summary, "histograms": histograms,
-              "settings": {"positive_class": "in-distribution",
+              "settings": {"positive_class": "in-distribution", "candidates": [c.name for c in candidates],
                            "scores": {name: detector.description for name, detector in detectors.items()},
                            "temperature": float(scorer.temperature), "temperature_source": temperature_source,
                            "scorer": scorer.parameters(), "tpr": tpr, "num_in": int(len(in_images)),

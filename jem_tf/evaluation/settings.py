@@ -47,6 +47,9 @@ class EvaluationConfig:
             ``robustness``); ``None``: the refinement settings' number.
         bpda_eot_samples: Noise draws averaged per step of the adaptive (BPDA) attack when the refinement
             is random (mode ``robustness``).
+        detectors: Names of the candidate detectors mode ``ood`` reports and selects among
+            (:func:`jem_tf.ood.named_candidates`, e.g. ``("log_px",)``: a recipe's density alone, without the
+            other candidates' cost); ``None``: all of them.
         batch_size: Batch size of the forward and backward passes.
     """
 
@@ -66,6 +69,7 @@ class EvaluationConfig:
     robustness_examples: int = 500
     robustness_refine_steps: Optional[int] = None
     bpda_eot_samples: int = DEFAULT_EOT_SAMPLES
+    detectors: Optional[Sequence[str]] = None
     batch_size: int = 256
 
     @classmethod

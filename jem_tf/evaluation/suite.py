@@ -23,7 +23,7 @@ from jem_tf.evaluation.settings import DEFAULT_PGD_EPS, EvaluationConfig
 from jem_tf.files import atomic_write_json
 from jem_tf.model.jem import JEM
 from jem_tf.model.refinement import RefinementSettings
-from jem_tf.ood import OODScorer
+from jem_tf.ood import SOURCE, OODScorer, named_candidates
 
 REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1
@@ -68,15 +68,21 @@ def _ood(run: ModeContext) -> dict:
     # Temperature from the validation split (the one mode calibration fitted, when it ran), Mahalanobis
     # statistics from the training split (when given).
     fitted = run.report.get("calibration", {}).get("temperature_scaled", {}).get("temperature")
-    scorer = OODScorer.fit(run.model, train_images=run.train_images, train_labels=run.train_labels,
-                           val_images=run.val_images, val_labels=run.val_labels, temperature=fitted,
-                           batch_size=c.batch_size, source_network=run.source_network)
-    source = "1 (no validation split to fit it on)"
+    # Named detectors: only what they read is fitted (the training split's features, the source classifier).
+    candidates = None if c.detectors is None else named_candidates(c.detectors)
+    needed = None if candidates is None else {name for candidate in candidates for name in candidate.components}
+    mahalanobis = needed is None or bool({"mahalanobis", SOURCE + "mahalanobis"} & needed)
+    source = needed is None or any(name.startswith(SOURCE) for name in needed)
+    scorer = OODScorer.fit(run.model, train_images=run.train_images if mahalanobis else None,
+                           train_labels=run.train_labels, val_images=run.val_images, val_labels=run.val_labels,
+                           temperature=fitted, batch_size=c.batch_size,
+                           source_network=run.source_network if source else None)
+    temperature_source = "1 (no validation split to fit it on)"
     if run.val_images is not None and len(run.val_images) > 0:
-        source = "fitted on the validation split"
+        temperature_source = "fitted on the validation split"
     return evaluate_ood(run.model, run.test_images, run.ood_sets, out_dir=run.out_dir, scorer=scorer,
-                        val_images=run.val_images, temperature_source=source, seed=c.seed,
-                        batch_size=c.batch_size)
+                        val_images=run.val_images, candidates=candidates, temperature_source=temperature_source,
+                        seed=c.seed, batch_size=c.batch_size)
 
 
 def _samples(run: ModeContext) -> dict:

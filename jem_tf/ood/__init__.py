@@ -7,7 +7,7 @@ that **higher = more in-distribution**. One concept per module:
 * :mod:`~jem_tf.ood.scorer`: the score components (``log_px``, ``max_softmax``, ``grad_norm``,
   ``energy_t``, ``mahalanobis``, ``png_bits``), computed in TensorFlow by :class:`OODScorer`;
 * :mod:`~jem_tf.ood.detectors`: :class:`OODDetector`, a named combination of components, and the
-  candidates (:func:`default_candidates`);
+  candidates (:func:`default_candidates`, or some of them by name: :func:`named_candidates`);
 * :mod:`~jem_tf.ood.selection`: the rule that picks a candidate on the validation split and outliers made
   from it (:func:`select_detector`, :data:`SELECTION_RULE`, :func:`choose`) and the detector an export carries
   (:func:`fit_ood_detector`).
@@ -17,7 +17,7 @@ reports every detector on OOD sets is :mod:`jem_tf.evaluation.ood_benchmark`.
 """
 
 from jem_tf.metrics import auroc, auroc_standard_error
-from jem_tf.ood.detectors import REDUCTIONS, OODDetector, Term, default_candidates, origin, single
+from jem_tf.ood.detectors import REDUCTIONS, OODDetector, Term, default_candidates, named_candidates, origin, single
 from jem_tf.ood.scorer import COMPONENTS, SOURCE, OODScorer, describe, penultimate_model, png_bits, tied_gaussian
 from jem_tf.ood.selection import SELECTION_RULE, FittedDetector, choose, fit_ood_detector, select_detector
 
@@ -36,6 +36,7 @@ __all__ = [
     "default_candidates",
     "describe",
     "fit_ood_detector",
+    "named_candidates",
     "origin",
     "penultimate_model",
     "png_bits",

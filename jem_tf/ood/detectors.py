@@ -21,7 +21,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from jem_tf.ood.scorer import SOURCE, describe
+from jem_tf.ood.scorer import COMPONENTS, SOURCE, describe
 
 REDUCTIONS = ("sum", "min")
 _LN2 = math.log(2.0)
@@ -140,6 +140,24 @@ def default_candidates(available: Sequence[str]) -> List[OODDetector]:
         "z(log p(x)) + z(the source classifier's Mahalanobis score): the JEM's density and the original features' "
         "distance"))
     return [c for c in candidates if set(c.components) <= set(available)]
+
+
+def named_candidates(names: Sequence[str]) -> List[OODDetector]:
+    """The candidates of :func:`default_candidates` named ``names``, in that order, whatever a scorer can compute
+    (a converted model's ``source_...`` ones included): a selection restricted to them, e.g. ``["log_px"]`` to
+    compare training recipes by their density alone at a fraction of the full selection's cost.
+
+    Raises:
+        ValueError: ``names`` is empty, repeats a name or names no candidate (the message lists them all).
+    """
+    every = {candidate.name: candidate
+             for candidate in default_candidates(tuple(COMPONENTS) + tuple(SOURCE + n for n in COMPONENTS))}
+    unknown = [name for name in names if name not in every]
+    if isinstance(names, str) or not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"detectors must be distinct candidate names; received {names!r}"
+                         + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                         + f"; the candidates: {', '.join(every)}")
+    return [every[name] for name in names]
 
 
 def _own_candidates() -> List[OODDetector]:
