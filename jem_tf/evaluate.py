@@ -152,7 +152,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     # After the flags: TensorFlow, the library (what saved models name) and the evaluation's modules.
     import_library()
     from jem_tf.evaluation import REPORT_FILE, evaluate, load_feature_network, summary_lines
-    from jem_tf.ood import SOURCE
+    from jem_tf.ood import origin
     from jem_tf.run.model_files import load_trained_model, source_classifier_network
     from jem_tf.run.splits import dataset_splits, load_run_dataset
     from jem_tf.run.workdir import check_output_dir, load_run_metrics
@@ -190,7 +190,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if "ood" in config.modes:
             source_network = source_classifier_network(train_config, image_shape=model.image_shape,
                                                        num_classes=model.num_classes)
-        needs_source = [d.name for d in detectors if any(n.startswith(SOURCE) for n in d.components)]
+        needs_source = [d.name for d in detectors if origin(d) != "this model"]
         if needs_source and source_network is None:
             parser.error(f"--detectors {' '.join(needs_source)}: the source classifier's detectors need a "
                          f"converted run (trained with --init-from); {args.model!r} is not one")

@@ -23,7 +23,7 @@ from jem_tf.evaluation.settings import DEFAULT_PGD_EPS, EvaluationConfig
 from jem_tf.files import atomic_write_json
 from jem_tf.model.jem import JEM
 from jem_tf.model.refinement import RefinementSettings
-from jem_tf.ood import SOURCE, OODScorer, named_candidates
+from jem_tf.ood import OODScorer, named_candidates, origin
 
 REPORT_FILE = "report.json"
 SCHEMA_VERSION = 1
@@ -70,9 +70,8 @@ def _ood(run: ModeContext) -> dict:
     fitted = run.report.get("calibration", {}).get("temperature_scaled", {}).get("temperature")
     # Named detectors: only what they read is fitted (the training split's features, the source classifier).
     candidates = None if c.detectors is None else named_candidates(c.detectors)
-    needed = None if candidates is None else {name for candidate in candidates for name in candidate.components}
-    mahalanobis = needed is None or bool({"mahalanobis", SOURCE + "mahalanobis"} & needed)
-    source = needed is None or any(name.startswith(SOURCE) for name in needed)
+    mahalanobis = candidates is None or any(name.endswith("mahalanobis") for d in candidates for name in d.components)
+    source = candidates is None or any(origin(d) != "this model" for d in candidates)
     scorer = OODScorer.fit(run.model, train_images=run.train_images if mahalanobis else None,
                            train_labels=run.train_labels, val_images=run.val_images, val_labels=run.val_labels,
                            temperature=fitted, batch_size=c.batch_size,
