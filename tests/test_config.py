@@ -122,6 +122,11 @@ def test_load_recipe_from_a_path_and_unknown_fields(tmp_path):
     ({"density_head_offset": "nonpositive", "init_from": "run"}, "density_head_offset"),  # no density head
     ({"density_head": 8, "init_from": "run", "density_head_offset": "positive"}, "density_head_offset"),
     ({"temperature_scaling": True, "init_from": "run", "validation_fraction": 0.0}, "temperature_scaling"),
+    ({"density_temperature": 2.0, "init_from": "run"}, "density_temperature"),  # no density head
+    ({"density_head": 8, "init_from": "run", "density_head_finetune": True, "density_temperature": 2.0},
+     "density_temperature"),  # the classifier trains
+    ({"density_head": 8, "init_from": "run", "density_temperature": 0.0}, "density_temperature"),
+    ({"density_head": 8, "init_from": "run", "density_temperature": float("inf")}, "density_temperature"),
     ({"test_time_augmentation": "rotate"}, "test_time_augmentation"),
 ])
 def test_validate_names_the_bad_field(overrides, field):

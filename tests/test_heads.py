@@ -151,6 +151,37 @@ def test_from_classifier_builds_the_offset_it_is_given():
     assert jem.backbone.get_layer("density_offset_nonpositive") is not None
 
 
+@pytest.mark.parametrize("calibration, density", [(1.0, 0.5), (2.0, 1.0), (0.7, 3.0)])
+def test_a_density_temperature_sets_log_px_alone_and_survives_saving(tmp_path, calibration, density):
+    """A classifier calibrated by ``with_temperature(T)`` under a head of ``temperature=tau / T``: ``softmax`` is the
+    calibrated ``p(y|x)`` and ``log p(x) = logsumexp(f / tau) + g`` of the classifier's own logits ``f``."""
+    classifier = conv_classifier()
+    raw = classifier.predict(IMAGES, verbose=0).astype(np.float64)
+    network = with_density_head(with_temperature(classifier, calibration), units=4, seed=0,
+                                temperature=density / calibration)
+    network.get_layer("density_offset").set_weights([np.random.default_rng(2).normal(0, 1, (4, 1)).astype("float32"),
+                                                     np.full(1, 0.3, "float32")])
+    g = keras.Model(network.input, network.get_layer("density_offset").output).predict(IMAGES, verbose=0)[:, 0]
+    assert np.ptp(g) > 1e-3
+    logits = network.predict(IMAGES, verbose=0).astype(np.float64)
+    np.testing.assert_allclose(keras.ops.softmax(logits), keras.ops.softmax(raw / calibration), atol=1e-5)
+    lse = lambda z: np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)  # noqa: E731
+    np.testing.assert_allclose(lse(logits), lse(raw / density) + g, rtol=1e-5, atol=1e-4)
+    assert np.abs(lse(raw / calibration) - lse(raw / density)).max() > 1e-2  # the calibration alone would differ
+    path = str(tmp_path / "head.keras")
+    network.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path).predict(IMAGES, verbose=0), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0.0}, "with_density_head needs a finite temperature > 0; received temperature=0.0"),
+    ({"temperature": float("nan")}, "received temperature=nan"),
+    ({"temperature": 2.0, "train_classifier": True}, "temperature=2.0 needs train_classifier=False")])
+def test_a_density_head_refuses_a_temperature_it_cannot_use(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        with_density_head(conv_classifier(), units=2, **kwargs)
+
+
 def test_a_temperature_divides_the_logits_of_a_copy():
     network = logits_network(functional_cnn(head=None))[0]
     head = network.layers[-1]

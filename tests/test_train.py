@@ -884,6 +884,35 @@ def test_cli_temperature_scaling_divides_the_classifiers_logits_by_the_validatio
 
 
 @pytest.mark.integration
+def test_cli_density_temperature_sets_log_px_under_the_calibrated_predictions(classifier_run, tmp_path):
+    """`--density-temperature 2` under `--temperature-scaling true`: p(y|x) is the classifier's divided by the
+    validation temperature T, log p(x) the logsumexp of its logits divided by 2T plus the head's offset, and the
+    energy L2 centre is the mean of those energies."""
+    workdir = str(tmp_path / "calibrated")
+    assert train.main(CONVERT + ["--init-from", classifier_run, "--workdir", workdir, "--density-head", "16",
+                                 "--density-head-finetune", "false", "--temperature-scaling", "true",
+                                 "--density-temperature", "2", "--epochs", "1"]) == 0
+    metrics = json.load(open(RunLayout(workdir).metrics))
+    temperature = metrics["init_from"]["temperature"]
+    config = load_run_config(workdir)
+    assert temperature != 1.0 and config.density_temperature == 2.0
+    splits = run_splits(config, load_run_dataset(config=config))
+    source = load_classifier(classifier_run, image_shape=(8, 8, 1), num_classes=10)
+    assert config.energy_l2_center == pytest.approx(
+        mean_energy(with_temperature(source.network, 2.0 * temperature), splits.train.images), rel=1e-5)
+    model = keras.models.load_model(RunLayout(workdir).model)
+    images = splits.test.images[:64]
+    raw = source.network.predict(images, verbose=0).astype(np.float64)
+    np.testing.assert_allclose(keras.ops.softmax(model.predict(images, verbose=0)),
+                               keras.ops.softmax(raw / temperature), atol=1e-5)
+    offset = keras.Model(model.backbone.input, model.backbone.get_layer("density_offset").output)
+    tau = 2.0 * temperature
+    lse = np.log(np.exp((raw - raw.max(1, keepdims=True)) / tau).sum(1)) + raw.max(1) / tau
+    np.testing.assert_allclose(-model.energy(images), lse + offset.predict(images, verbose=0)[:, 0], rtol=1e-4,
+                               atol=1e-3)
+
+
+@pytest.mark.integration
 def test_temperature_scaling_of_a_trained_model_folds_the_validation_temperature_into_its_head(tmp_path):
     """Without a frozen density head, `--temperature-scaling true` fits the temperature to the trained model on the
     validation split and divides its head by it: the saved model's validation logits need no further temperature."""

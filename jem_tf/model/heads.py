@@ -61,9 +61,7 @@ def with_temperature(network: keras.Model, temperature: float, *, in_place: bool
     Raises:
         ValueError: ``temperature`` is not a finite number > 0, or ``network`` has no linear ``Dense`` head.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"with_temperature needs a finite temperature > 0; received temperature={temperature!r}")
+    _check_temperature(temperature, "with_temperature")
     linear_head(network, "a temperature")
     if not in_place:
         network, source = keras.models.clone_model(network), network
@@ -73,6 +71,12 @@ def with_temperature(network: keras.Model, temperature: float, *, in_place: bool
     if head.use_bias:
         head.bias.assign(head.bias / float(temperature))
     return network
+
+
+def _check_temperature(temperature, what: str) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{what} needs a finite temperature > 0; received temperature={temperature!r}")
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")
@@ -91,6 +95,32 @@ class NonPositive(keras.layers.Layer):
 
     def call(self, z):
         return -keras.ops.softplus(z)
+
+
+@keras.saving.register_keras_serializable(package="jem_tf")
+class TemperatureOffset(keras.layers.Layer):
+    """Logits ``z`` -> ``[B, 1]``: ``logsumexp(z / temperature) - logsumexp(z)``, in float32. Added to a density
+    head's offset (:func:`with_density_head` with ``temperature``) it makes the density that of ``z / temperature``:
+    ``logsumexp(z + g + this) = logsumexp(z / temperature) + g``, while ``softmax(z)``, ``p(y|x)``, is unchanged.
+    No weights; ``temperature`` is saved in the config."""
+
+    def __init__(self, temperature: float, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = float(temperature)
+
+    def call(self, logits):
+        logits = tf.cast(logits, tf.float32)
+        return (tf.reduce_logsumexp(logits / self.temperature, axis=-1, keepdims=True)
+                - tf.reduce_logsumexp(logits, axis=-1, keepdims=True))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 1)
+
+    def compute_output_spec(self, logits):
+        return keras.KerasTensor((logits.shape[0], 1), "float32")
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
 
 
 @keras.saving.register_keras_serializable(package="jem_tf")
@@ -146,8 +176,8 @@ def tapped_graph(network: keras.Model, head: keras.layers.Dense, names: Sequence
 
 
 def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] = None,
-                      train_classifier: bool = False, layers: Sequence[str] = (), offset: str = "free"
-                      ) -> keras.Model:
+                      train_classifier: bool = False, layers: Sequence[str] = (), offset: str = "free",
+                      temperature: Optional[float] = None) -> keras.Model:
     """``network`` with its classifier fixed and a trainable energy offset: logits ``f(x) + g(x)``, where ``f`` is
     ``network``'s logits and ``g(x)`` a scalar from a small MLP (``units`` GELU units, then one linear unit,
     initialised to 0) on its penultimate features, added to every logit. ``layers``: names of earlier layers whose
@@ -157,7 +187,10 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     ``offset``: ``"free"`` (any real ``g``), or ``"nonpositive"``: ``g = -softplus(.) <= 0`` (:class:`NonPositive`,
     ``-log 2`` everywhere at the start), so that the head can only make an input *less* likely than the classifier's
     ``logsumexp f`` has it: inputs unlike anything the chains visited (flat images, say) keep at most the
-    classifier's own score instead of whatever the MLP extrapolates to.
+    classifier's own score instead of whatever the MLP extrapolates to. ``temperature``: the density's own temperature
+    ``tau``, ``log p(x) = logsumexp(f / tau) + g(x)`` (:class:`TemperatureOffset` joins ``g``), while ``p(y|x) =
+    softmax(f)`` (e.g. ``1 / T`` keeps the density of a classifier whose logits :func:`with_temperature` divided by
+    ``T`` for calibration); ``None`` (default): ``tau = 1``, no extra layers.
 
     ``softmax(f + g) = softmax(f)``: ``p(y|x)``, hence accuracy and calibration, are exactly the classifier's, and
     the cross-entropy gives ``g`` no gradient; the JEM's ``p(x)`` term trains ``g`` alone (``log p(x) =
@@ -174,6 +207,8 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
 
     Raises:
         ValueError: ``units`` is not a positive int, ``offset`` is neither ``"free"`` nor ``"nonpositive"``,
+            ``temperature`` is not a finite number > 0 or comes with ``train_classifier`` (the classifier's logits
+            must be fixed for the density's temperature to be its own),
             ``network`` does not end in a linear ``Dense`` layer on ``[batch, D]`` features, or ``layers`` names a
             layer it does not have (or ``network`` is Sequential).
     """
@@ -181,6 +216,11 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
         raise ValueError(f"with_density_head needs units >= 1; received units={units!r}")
     if offset not in DENSITY_HEAD_OFFSETS:
         raise ValueError(f"with_density_head needs offset in {DENSITY_HEAD_OFFSETS}; received offset={offset!r}")
+    if temperature is not None:
+        _check_temperature(temperature, "with_density_head")
+        if train_classifier:
+            raise ValueError(f"with_density_head's temperature={temperature!r} needs train_classifier=False (a "
+                             "frozen classifier)")
     head = linear_head(network, "a density head")
     if isinstance(layers, str) or len(set(layers)) != len(layers):
         raise ValueError(f"with_density_head needs `layers` as a list of distinct layer names; received {layers!r}")
@@ -202,6 +242,13 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     g = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)
     if offset == "nonpositive":
         g = NonPositive(name="density_offset_nonpositive")(g)
+    if temperature is not None:
+        tempered = keras.layers.Dense(head.units, use_bias=head.use_bias, trainable=False,
+                                      name="density_tempered_logits")
+        tempered.build(features.shape)
+        tempered.set_weights(head.get_weights())
+        correction = TemperatureOffset(temperature, name="density_temperature_offset")(tempered(features))
+        g = keras.layers.Add(name="density_offset_untempered")([g, correction])
     joined = keras.layers.Concatenate(name="density_features")([features, g])
     num_classes = int(head.units)
     logits = keras.layers.Dense(num_classes, use_bias=head.use_bias, trainable=bool(train_classifier),

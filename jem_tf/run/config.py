@@ -81,6 +81,10 @@ class TrainConfig:
     # classifier's density head it is fitted to the classifier before training (the head trains on the calibrated
     # logits and keeps them); otherwise to the trained model (after test_time_augmentation), folded into its head.
     temperature_scaling: bool = False
+    # With a density head over a frozen classifier: a temperature of the density's own, log p(x) = logsumexp(z / tau)
+    # + g(x) where z are the logits (the classifier's, divided by temperature_scaling's temperature when it is on);
+    # p(y|x) = softmax(z) is unaffected (jem_tf.model.heads.TemperatureOffset). 1: the logits' own density.
+    density_temperature: float = 1.0
     # Backbone (ignored with init_from): "small_cnn", "fast_cnn" (colour images) or "wrn-DEPTH-WIDTH" ("wrn-28-10").
     backbone: str = "small_cnn"
     width: int = 32  # small_cnn: channels of the stem; fast_cnn: channels of the first block.

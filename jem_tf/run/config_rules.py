@@ -29,7 +29,7 @@ RESUME_FIXED_FIELDS = ("dataset", "image_size", "resize_method", "validation_fra
                        "chain_init", "chain_init_rank", "pxy_weight", "labels_per_class", "labelled_batch_size",
                        "init_from", "init_from_sha256", "freeze_batch_norm", "frozen_layers", "density_head",
                        "density_head_finetune", "density_head_layers", "density_head_offset",
-                       "temperature_scaling")
+                       "temperature_scaling", "density_temperature")
 
 
 def choices() -> Dict[str, tuple]:
@@ -180,6 +180,11 @@ def _check_conversion(config: TrainConfig, *, complete: bool) -> None:
     if config.temperature_scaling and config.validation_fraction <= 0:
         _fail(config, "temperature_scaling", "false with validation_fraction 0 (the temperature is fitted on the "
                                              "validation split)")
+    if not (math.isfinite(config.density_temperature) and config.density_temperature > 0):
+        _fail(config, "density_temperature", "a finite number > 0")
+    if config.density_temperature != 1 and (not config.density_head or config.density_head_finetune):
+        _fail(config, "density_temperature", "1 unless a density head keeps the classifier frozen (density_head > 0, "
+                                             "density_head_finetune false)")
 
 
 def _check_network(config: TrainConfig) -> None:

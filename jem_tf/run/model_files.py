@@ -102,10 +102,13 @@ class ClassifierSource(NamedTuple):
 def with_energy_l2_center(config: TrainConfig, source: Optional[ClassifierSource], images: np.ndarray) -> TrainConfig:
     """``config`` with ``energy_l2_center`` measured when it is unset for a conversion: the source classifier's mean
     energy on the training ``images`` (:func:`jem_tf.model.conversion.mean_energy`), so that the L2 term pulls energies
-    towards where the classifier has them, not towards an arbitrary 0. Unchanged otherwise (0 is used)."""
+    towards where the classifier has them, not towards an arbitrary 0 (with a ``density_temperature``, the energies
+    of its logits divided by that). Unchanged otherwise (0 is used)."""
     if source is None or config.energy_l2_center is not None:
         return config
-    return config.replace(energy_l2_center=mean_energy(source.network, images))
+    network = source.network if config.density_temperature == 1 else with_temperature(
+        source.network, config.density_temperature)
+    return config.replace(energy_l2_center=mean_energy(network, images))
 
 
 def calibrates_source(config: TrainConfig) -> bool:
