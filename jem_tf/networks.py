@@ -344,13 +344,18 @@ def compute_precision(model: keras.Model) -> str:
     return "float32"
 
 
+# Layers that stay float32 under a 16-bit precision, besides the logits head: a density temperature's correction
+# (jem_tf.model.heads.with_density_head), a difference of two logsumexps that 16 bits would not keep.
+FLOAT32_LAYERS = ("density_temperature_logits", "density_temperature_offset", "density_offset_with_temperature")
+
+
 def with_precision(model: keras.Model, precision: str) -> keras.Model:
     """A copy of a functional or sequential ``model`` whose layers compute in ``precision``, with the
     same weights (``model`` itself when it already computes in ``precision``).
 
     ``"mixed_bfloat16"`` / ``"mixed_float16"``: every layer computes in 16 bits with float32 weights
-    (Keras mixed precision), except the last layer (the logits head), which stays float32 so that
-    ``logsumexp`` energies keep their resolution. Inputs stay float32: a JEM's SGLD chains and their
+    (Keras mixed precision), except the last layer (the logits head) and :data:`FLOAT32_LAYERS`, which stay
+    float32 so that ``logsumexp`` energies keep their resolution. Inputs stay float32: a JEM's SGLD chains and their
     gradients remain float32 and the first layer casts. ``"float32"``: every layer computes in float32 (a model
     trained in mixed precision, for serving; its weights are float32 already, so nothing is rounded).
     """
@@ -363,7 +368,8 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
     def clone_layer(layer):
         config = layer.get_config()
         if not isinstance(layer, keras.layers.InputLayer):
-            config["dtype"] = "float32" if layer.name == head or precision == "float32" else precision
+            float32 = layer.name == head or layer.name in FLOAT32_LAYERS or precision == "float32"
+            config["dtype"] = "float32" if float32 else precision
         return layer.__class__.from_config(config)
 
     # recursive: the layers of nested models too (a test-time-augmented network nests its single-view network).

@@ -11,6 +11,7 @@ from jem_tf import JEM, SGLDSampler
 from jem_tf.model.conversion import logits_network
 from jem_tf.model.heads import LastRowOfOnes, with_density_head, with_temperature
 from jem_tf.model.views import with_test_time_augmentation, without_test_time_augmentation
+from jem_tf.networks import FLOAT32_LAYERS, with_precision
 
 IMAGES = images_8x8()
 
@@ -139,7 +140,8 @@ def test_a_nonpositive_offset_can_only_lower_log_px_and_survives_saving(tmp_path
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"density_head_layers": ["conv"]}, r"density_head_layers \['conv'\] needs a density head"),
-    ({"density_head_offset": "nonpositive"}, "density_head_offset 'nonpositive' needs a density head")])
+    ({"density_head_offset": "nonpositive"}, "density_head_offset 'nonpositive' needs a density head"),
+    ({"density_temperature": 2.0}, "density_temperature 2.0 needs a density head")])
 def test_from_classifier_refuses_density_head_settings_without_a_density_head(kwargs, message):
     with pytest.raises(ValueError, match=message):
         JEM.from_classifier(conv_classifier(), **kwargs)
@@ -147,8 +149,33 @@ def test_from_classifier_refuses_density_head_settings_without_a_density_head(kw
 
 def test_from_classifier_builds_the_offset_it_is_given():
     jem = JEM.from_classifier(conv_classifier(), density_head=4, density_head_offset="nonpositive", buffer_size=8,
-                              seed=0)
+                              seed=0, density_temperature=2.0)
     assert jem.backbone.get_layer("density_offset_nonpositive") is not None
+    assert jem.backbone.get_layer("density_temperature_offset").temperature == 2.0
+
+
+def _logsumexp(z):
+    return np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "layers", "mixed_bfloat16"])
+def test_a_density_temperature_holds_on_every_way_a_head_is_built(kind):
+    """A Sequential classifier, a head that reads an earlier layer, and a 16-bit copy (whose temperature layers stay
+    float32, so the identity holds to the 16-bit rounding of ``g`` alone)."""
+    classifier = users_cnn() if kind == "sequential" else conv_classifier()
+    raw = classifier.predict(IMAGES, verbose=0).astype(np.float64)
+    network = with_density_head(classifier, units=4, seed=0, temperature=0.5,
+                                layers=["conv"] if kind == "layers" else ())
+    network.get_layer("density_offset").set_weights([np.random.default_rng(2).normal(0, 1, (4, 1)).astype("float32"),
+                                                     np.full(1, 0.3, "float32")])
+    tolerance = 1e-4
+    if kind == "mixed_bfloat16":
+        network, tolerance = with_precision(network, "mixed_bfloat16"), 0.05
+        assert all(network.get_layer(name).dtype_policy.name == "float32" for name in FLOAT32_LAYERS)
+    g = keras.Model(network.input, network.get_layer("density_offset").output).predict(IMAGES, verbose=0)[:, 0]
+    logits = network.predict(IMAGES, verbose=0).astype(np.float64)
+    np.testing.assert_allclose(_logsumexp(logits), _logsumexp(raw / 0.5) + g.astype(np.float64), atol=tolerance)
+    assert np.abs(_logsumexp(raw / 0.5) - _logsumexp(raw)).max() > 0.1
 
 
 @pytest.mark.parametrize("calibration, density", [(1.0, 0.5), (2.0, 1.0), (0.7, 3.0)])
@@ -165,9 +192,8 @@ def test_a_density_temperature_sets_log_px_alone_and_survives_saving(tmp_path, c
     assert np.ptp(g) > 1e-3
     logits = network.predict(IMAGES, verbose=0).astype(np.float64)
     np.testing.assert_allclose(keras.ops.softmax(logits), keras.ops.softmax(raw / calibration), atol=1e-5)
-    lse = lambda z: np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)  # noqa: E731
-    np.testing.assert_allclose(lse(logits), lse(raw / density) + g, rtol=1e-5, atol=1e-4)
-    assert np.abs(lse(raw / calibration) - lse(raw / density)).max() > 1e-2  # the calibration alone would differ
+    np.testing.assert_allclose(_logsumexp(logits), _logsumexp(raw / density) + g, rtol=1e-5, atol=1e-4)
+    assert np.abs(_logsumexp(raw / calibration) - _logsumexp(raw / density)).max() > 1e-2  # calibration alone differs
     path = str(tmp_path / "head.keras")
     network.save(path)
     np.testing.assert_allclose(keras.models.load_model(path).predict(IMAGES, verbose=0), logits, rtol=1e-5, atol=1e-5)

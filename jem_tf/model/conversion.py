@@ -288,18 +288,20 @@ def logits_network(classifier: keras.Model, *, image_shape: Optional[Sequence[in
 def backbone_from_classifier(classifier: keras.Model, *, image_shape: Optional[Sequence[int]] = None,
                              num_classes: Optional[int] = None, density_head: int = 0,
                              density_head_layers: Sequence[str] = (), density_head_offset: str = "free",
-                             seed: Optional[int] = None) -> keras.Model:
+                             density_temperature: float = 1.0, seed: Optional[int] = None) -> keras.Model:
     """The backbone :meth:`jem_tf.JEM.from_classifier` trains: :func:`logits_network` of ``classifier``, with a
     ``UserWarning`` that says what was changed (none when nothing was); with ``density_head`` > 0, that network
     frozen under a density head of that many units reading ``density_head_layers`` too, its offset
-    ``density_head_offset`` (:func:`jem_tf.model.heads.with_density_head`, initialised with ``seed``).
+    ``density_head_offset`` and log p(x) at ``density_temperature`` (:func:`jem_tf.model.heads.with_density_head`'s
+    ``temperature``, initialised with ``seed``).
 
     The JEM trains a copy (weights copied exactly; the user's model is never changed). Nothing else carries
     over: the optimizer state is the new ``compile``'s, and the replay buffer starts from the JEM's
     ``chain_init`` (or uniform noise).
 
     Raises:
-        ValueError: ``density_head_layers`` or a ``density_head_offset`` other than ``"free"`` without a density
+        ValueError: ``density_head_layers``, a ``density_head_offset`` other than ``"free"`` or a
+            ``density_temperature`` other than 1 without a density
             head, or what :func:`logits_network` and
             :func:`~jem_tf.model.heads.with_density_head` refuse.
     """
@@ -308,13 +310,16 @@ def backbone_from_classifier(classifier: keras.Model, *, image_shape: Optional[S
                          "(density_head > 0)")
     if density_head_offset != "free" and not density_head:
         raise ValueError(f"density_head_offset {density_head_offset!r} needs a density head (density_head > 0)")
+    if density_temperature != 1 and not density_head:
+        raise ValueError(f"density_temperature {density_temperature!r} needs a density head (density_head > 0)")
     backbone, changes = logits_network(classifier, image_shape=image_shape, num_classes=num_classes)
     if changes:
         # stacklevel: the warning points at the caller of JEM.from_classifier.
         warnings.warn(f"JEM.from_classifier: {'; '.join(changes)}.", UserWarning, stacklevel=3)
     if density_head:
         backbone = with_density_head(backbone, units=density_head, seed=seed, layers=density_head_layers,
-                                     offset=density_head_offset)
+                                     offset=density_head_offset,
+                                     temperature=None if density_temperature == 1 else density_temperature)
     return backbone
 
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from jem_tf.choices import DENSITY_HEAD_OFFSETS
 from jem_tf.keras_workarounds import all_layers
+from jem_tf.networks import FLOAT32_LAYERS
 
 LOGIT_ACTIVATIONS = ("linear", None)
 
@@ -106,6 +107,7 @@ class TemperatureOffset(keras.layers.Layer):
 
     def __init__(self, temperature: float, **kwargs):
         super().__init__(**kwargs)
+        _check_temperature(temperature, "TemperatureOffset")
         self.temperature = float(temperature)
 
     def call(self, logits):
@@ -186,11 +188,15 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     (flat or pixel-shuffled images). Needs a Functional network (a Sequential one's layers are called anew).
     ``offset``: ``"free"`` (any real ``g``), or ``"nonpositive"``: ``g = -softplus(.) <= 0`` (:class:`NonPositive`,
     ``-log 2`` everywhere at the start), so that the head can only make an input *less* likely than the classifier's
-    ``logsumexp f`` has it: inputs unlike anything the chains visited (flat images, say) keep at most the
-    classifier's own score instead of whatever the MLP extrapolates to. ``temperature``: the density's own temperature
+    ``logsumexp f`` (``logsumexp(f / tau)`` with ``temperature``) has it: inputs unlike anything the chains visited
+    (flat images, say) keep at most the classifier's own score instead of whatever the MLP extrapolates to.
+    ``temperature``: the density's own temperature
     ``tau``, ``log p(x) = logsumexp(f / tau) + g(x)`` (:class:`TemperatureOffset` joins ``g``), while ``p(y|x) =
     softmax(f)`` (e.g. ``1 / T`` keeps the density of a classifier whose logits :func:`with_temperature` divided by
-    ``T`` for calibration); ``None`` (default): ``tau = 1``, no extra layers.
+    ``T`` for calibration); ``None`` (default): ``tau = 1``, no extra layers. Its layers stay float32 under a 16-bit
+    precision (:data:`jem_tf.networks.FLOAT32_LAYERS`). A test-time-augmented model (:mod:`jem_tf.model.views`)
+    averages the logits of its views, so its log p(x) is ``logsumexp`` of the averaged logits plus the averaged
+    ``g(x) + logsumexp(z / tau) - logsumexp(z)``, close to but not exactly ``logsumexp(mean z / tau) + mean g``.
 
     ``softmax(f + g) = softmax(f)``: ``p(y|x)``, hence accuracy and calibration, are exactly the classifier's, and
     the cross-entropy gives ``g`` no gradient; the JEM's ``p(x)`` term trains ``g`` alone (``log p(x) =
@@ -242,13 +248,13 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     g = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)
     if offset == "nonpositive":
         g = NonPositive(name="density_offset_nonpositive")(g)
-    if temperature is not None:
-        tempered = keras.layers.Dense(head.units, use_bias=head.use_bias, trainable=False,
-                                      name="density_tempered_logits")
-        tempered.build(features.shape)
-        tempered.set_weights(head.get_weights())
-        correction = TemperatureOffset(temperature, name="density_temperature_offset")(tempered(features))
-        g = keras.layers.Add(name="density_offset_untempered")([g, correction])
+    if temperature is not None:  # float32 layers (FLOAT32_LAYERS): the head's logits, their correction, g + it
+        logits_name, correction_name, offset_name = FLOAT32_LAYERS
+        classifier_logits = keras.layers.Dense(head.units, use_bias=head.use_bias, trainable=False, name=logits_name)
+        classifier_logits.build(features.shape)
+        classifier_logits.set_weights(head.get_weights())
+        correction = TemperatureOffset(temperature, name=correction_name)(classifier_logits(features))
+        g = keras.layers.Add(name=offset_name)([g, correction])
     joined = keras.layers.Concatenate(name="density_features")([features, g])
     num_classes = int(head.units)
     logits = keras.layers.Dense(num_classes, use_bias=head.use_bias, trainable=bool(train_classifier),

@@ -125,7 +125,7 @@ class JEM(inputs.CheckedInputs, keras.Model):
 
     @classmethod
     def from_classifier(cls, classifier: keras.Model, *, density_head: int = 0, density_head_layers=(),
-                        density_head_offset: str = "free", **kwargs) -> "JEM":
+                        density_head_offset: str = "free", density_temperature: float = 1.0, **kwargs) -> "JEM":
         """A JEM made from a trained Keras classifier, ready for ``compile`` and ``fit`` (fine-tuning): it trains a copy
         whose softmax head gives its logits (:func:`jem_tf.model.conversion.backbone_from_classifier`, with a warning).
 
@@ -139,6 +139,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
                 per-channel means and standard deviations), e.g. ``["stem_act"]``.
             density_head_offset: ``"free"`` (default) or ``"nonpositive"``: an offset ``g(x) <= 0`` that can only
                 make an input less likely than the classifier's ``logsumexp`` has it.
+            density_temperature: The density's own temperature ``tau``: ``log p(x) = logsumexp(f / tau) + g(x)``,
+                ``p(y|x) = softmax(f)`` unchanged. Default 1.
             **kwargs: The :class:`JEM` arguments (``sampler``, ``chain_init``, ``px_weight``, ...).
 
         Example:
@@ -148,7 +150,8 @@ class JEM(inputs.CheckedInputs, keras.Model):
         backbone = backbone_from_classifier(classifier, image_shape=kwargs.get("image_shape"),
                                             num_classes=kwargs.get("num_classes"), density_head=density_head,
                                             density_head_layers=density_head_layers,
-                                            density_head_offset=density_head_offset, seed=kwargs.get("seed"))
+                                            density_head_offset=density_head_offset,
+                                            density_temperature=density_temperature, seed=kwargs.get("seed"))
         return cls(backbone, **kwargs)
 
     # ----------------------------------------------------------------------------- model API
