@@ -318,8 +318,7 @@ def backbone_from_classifier(classifier: keras.Model, *, image_shape: Optional[S
         warnings.warn(f"JEM.from_classifier: {'; '.join(changes)}.", UserWarning, stacklevel=3)
     if density_head:
         backbone = with_density_head(backbone, units=density_head, seed=seed, layers=density_head_layers,
-                                     offset=density_head_offset,
-                                     temperature=None if density_temperature == 1 else density_temperature)
+                                     offset=density_head_offset, temperature=density_temperature)
     return backbone
 
 

@@ -179,7 +179,7 @@ def tapped_graph(network: keras.Model, head: keras.layers.Dense, names: Sequence
 
 def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] = None,
                       train_classifier: bool = False, layers: Sequence[str] = (), offset: str = "free",
-                      temperature: Optional[float] = None) -> keras.Model:
+                      temperature: float = 1.0) -> keras.Model:
     """``network`` with its classifier fixed and a trainable energy offset: logits ``f(x) + g(x)``, where ``f`` is
     ``network``'s logits and ``g(x)`` a scalar from a small MLP (``units`` GELU units, then one linear unit,
     initialised to 0) on its penultimate features, added to every logit. ``layers``: names of earlier layers whose
@@ -193,7 +193,7 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     ``temperature``: the density's own temperature
     ``tau``, ``log p(x) = logsumexp(f / tau) + g(x)`` (:class:`TemperatureOffset` joins ``g``), while ``p(y|x) =
     softmax(f)`` (e.g. ``1 / T`` keeps the density of a classifier whose logits :func:`with_temperature` divided by
-    ``T`` for calibration); ``None`` (default): ``tau = 1``, no extra layers. Its layers stay float32 under a 16-bit
+    ``T`` for calibration); 1 (default): no extra layers. Its layers stay float32 under a 16-bit
     precision (:data:`jem_tf.networks.FLOAT32_LAYERS`). A test-time-augmented model (:mod:`jem_tf.model.views`)
     averages the logits of its views, so its log p(x) is ``logsumexp`` of the averaged logits plus the averaged
     ``g(x) + logsumexp(z / tau) - logsumexp(z)``, close to but not exactly ``logsumexp(mean z / tau) + mean g``.
@@ -222,8 +222,8 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
         raise ValueError(f"with_density_head needs units >= 1; received units={units!r}")
     if offset not in DENSITY_HEAD_OFFSETS:
         raise ValueError(f"with_density_head needs offset in {DENSITY_HEAD_OFFSETS}; received offset={offset!r}")
-    if temperature is not None:
-        _check_temperature(temperature, "with_density_head")
+    _check_temperature(temperature, "with_density_head")
+    if temperature != 1:
         if train_classifier:
             raise ValueError(f"with_density_head's temperature={temperature!r} needs train_classifier=False (a "
                              "frozen classifier)")
@@ -248,7 +248,7 @@ def with_density_head(network: keras.Model, *, units: int, seed: Optional[int] =
     g = keras.layers.Dense(1, kernel_initializer="zeros", name="density_offset")(hidden)
     if offset == "nonpositive":
         g = NonPositive(name="density_offset_nonpositive")(g)
-    if temperature is not None:  # float32 layers (FLOAT32_LAYERS): the head's logits, their correction, g + it
+    if temperature != 1:  # float32 layers (FLOAT32_LAYERS): the head's logits, their correction, g + it
         logits_name, correction_name, offset_name = FLOAT32_LAYERS
         classifier_logits = keras.layers.Dense(head.units, use_bias=head.use_bias, trainable=False, name=logits_name)
         classifier_logits.build(features.shape)

@@ -180,8 +180,7 @@ def _check_conversion(config: TrainConfig, *, complete: bool) -> None:
     if config.temperature_scaling and config.validation_fraction <= 0:
         _fail(config, "temperature_scaling", "false with validation_fraction 0 (the temperature is fitted on the "
                                              "validation split)")
-    if not (math.isfinite(config.density_temperature) and config.density_temperature > 0):
-        _fail(config, "density_temperature", "a finite number > 0")
+    _positive(config, "density_temperature")
     if config.density_temperature != 1 and (not config.density_head or config.density_head_finetune):
         _fail(config, "density_temperature", "1 unless a density head keeps the classifier frozen (density_head > 0, "
                                              "density_head_finetune false)")

@@ -79,8 +79,7 @@ def build_jem(config: TrainConfig, *, image_shape, num_classes: int,
             backbone = with_density_head(backbone, units=config.density_head, seed=config.seed,
                                          train_classifier=config.density_head_finetune,
                                          layers=config.density_head_layers, offset=config.density_head_offset,
-                                         temperature=None if config.density_temperature == 1
-                                         else config.density_temperature)
+                                         temperature=config.density_temperature)
         except ValueError as error:  # no linear head to extend, or no layer of a name in density_head_layers
             layers = f" with density_head_layers {config.density_head_layers}" if config.density_head_layers else ""
             raise UsageError(f"density_head {config.density_head}{layers}: {error}") from error
